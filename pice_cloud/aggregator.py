@@ -1,0 +1,174 @@
+"""Collects candidates per point, validates and de-duplicates them, and picks one per point.
+
+Every inbound candidate goes through `Aggregator.handle_candidate`, which rejects (and counts):
+malformed payloads, ids that do not match the topic (a device publishing as another),
+unknown requests or points, devices the point was not assigned to, duplicates (QoS 1
+re-delivery) and late candidates for a point already settled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from pice_edge.errors import ProtocolError
+from pice_edge.protocol import Candidate, decode, topic_level
+from pice_edge.rejects import Rejections
+from pice_edge.transport import Message
+
+log = logging.getLogger(__name__)
+
+Source = Literal["edge", "cloud"]
+
+
+@dataclass(frozen=True)
+class ChosenPoint:
+    """The text that goes into the answer for one point."""
+
+    index: int
+    text: str
+    source: Source
+    device_id: str | None = None
+    tokens: int = 0
+    #: How many usable candidates the choice was made among.
+    candidates: int = 0
+
+
+class Selector(Protocol):
+    """Chooses one of a point's candidates (the ensemble)."""
+
+    def select(self, candidates: Sequence[Candidate]) -> Candidate: ...
+
+
+class ConfidenceSelector:
+    """Picks the candidate its own model was most confident in (highest mean log-prob)."""
+
+    def select(self, candidates: Sequence[Candidate]) -> Candidate:
+        return max(candidates, key=lambda c: (c.mean_logprob, -len(c.text), c.device_id))
+
+
+@dataclass
+class PointState:
+    index: int
+    expected: frozenset[str]
+    received: dict[str, Candidate] = field(default_factory=dict)
+    future: asyncio.Future[ChosenPoint] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+    @property
+    def settled(self) -> bool:
+        return self.future.done()
+
+    def usable(self) -> list[Candidate]:
+        return [c for c in self.received.values() if c.text.strip()]
+
+
+class PendingRequest:
+    """Points of one request in flight."""
+
+    def __init__(self, request_id: str, assignments: Sequence[Sequence[str]], selector: Selector) -> None:
+        self.request_id = request_id
+        self.points = [PointState(i, frozenset(devs)) for i, devs in enumerate(assignments)]
+        self._selector = selector
+        #: Set when a point has heard from all its edges and none wrote anything usable, so
+        #: the service can fall back to the cloud before the deadline.
+        self.wakeup = asyncio.Event()
+
+    def settle(self, chosen: ChosenPoint) -> bool:
+        """Fix the text of a point; False if it was settled already."""
+        state = self.points[chosen.index]
+        if state.settled:
+            return False
+        state.future.set_result(chosen)
+        return True
+
+    def settle_from_candidates(self, index: int) -> bool:
+        """Settle a point with the best of its usable candidates; False if it has none."""
+        state = self.points[index]
+        usable = state.usable()
+        if state.settled or not usable:
+            return False
+        best = self._selector.select(usable)
+        return self.settle(ChosenPoint(index, best.text, "edge", best.device_id, best.token_count, len(usable)))
+
+    def cancel(self) -> None:
+        for state in self.points:
+            if not state.settled:
+                state.future.cancel()
+
+
+class Aggregator:
+    """Routes candidates to pending requests."""
+
+    def __init__(self, *, rejections: Rejections | None = None, selector: Selector | None = None,
+                 max_payload_bytes: int = 64 * 1024) -> None:
+        self.rejections = rejections or Rejections()
+        self.selector: Selector = selector or ConfidenceSelector()
+        self._max_payload = max_payload_bytes
+        self._pending: dict[str, PendingRequest] = {}
+        self._on_candidate: list[_CandidateListener] = []
+        self.accepted = 0
+
+    def open(self, request_id: str, assignments: Sequence[Sequence[str]]) -> PendingRequest:
+        pending = PendingRequest(request_id, assignments, self.selector)
+        self._pending[request_id] = pending
+        return pending
+
+    def close(self, request_id: str) -> None:
+        pending = self._pending.pop(request_id, None)
+        if pending is not None:
+            pending.cancel()
+
+    def add_listener(self, listener: _CandidateListener) -> None:
+        """Called with each accepted candidate (the service uses it to track edge load)."""
+        self._on_candidate.append(listener)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    def handle_candidate(self, message: Message) -> None:
+        """Transport handler for ``pice/v1/candidates/+/+``."""
+        try:
+            cand = decode(Candidate, message.payload, max_bytes=self._max_payload)
+        except ProtocolError as exc:
+            self.rejections.record("candidate", exc.kind, str(exc))
+            return
+        topic_request, topic_device = topic_level(message.topic, -2), topic_level(message.topic, -1)
+        if cand.device_id != topic_device or cand.request_id != topic_request:
+            self.rejections.record(
+                "candidate", "identity",
+                f"candidate claims {cand.device_id}/{cand.request_id} but was published on {message.topic}",
+            )
+            return
+        pending = self._pending.get(cand.request_id)
+        if pending is None:
+            self.rejections.record("candidate", "unknown_request", f"no request {cand.request_id} in flight")
+            return
+        if cand.point_index >= len(pending.points):
+            self.rejections.record("candidate", "unknown_point", f"{cand.request_id} has no point {cand.point_index}")
+            return
+        state = pending.points[cand.point_index]
+        if cand.device_id not in state.expected:
+            self.rejections.record("candidate", "unassigned", f"{cand.device_id} was not asked for this point")
+            return
+        if cand.device_id in state.received:
+            self.rejections.record("candidate", "duplicate", f"{cand.device_id} already answered this point")
+            return
+        state.received[cand.device_id] = cand
+        self.accepted += 1
+        for listener in self._on_candidate:
+            listener(cand)
+        if state.settled:
+            self.rejections.record("candidate", "late", "point already settled")
+            return
+        if state.expected.issubset(state.received):
+            if not pending.settle_from_candidates(cand.point_index):
+                log.debug("all candidates of %s/%d are empty", cand.request_id, cand.point_index)
+                pending.wakeup.set()
+
+
+class _CandidateListener(Protocol):
+    def __call__(self, candidate: Candidate) -> None: ...

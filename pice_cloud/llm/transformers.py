@@ -1,0 +1,44 @@
+"""Cloud LLM backend on a local Hugging Face model (default: the bundled SmolLM2)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from pice_cloud.llm.base import ChatRequest, Completion
+from pice_edge.runtimes.base import GenerationRequest
+from pice_edge.runtimes.transformers import TransformersRuntime
+
+
+class TransformersBackend:
+    """Runs the model on one worker thread: requests are serialised (batched by the caller),
+    so the event loop never blocks and two generations never fight for the same cores."""
+
+    name = "transformers"
+
+    def __init__(self, model: str | Path = "smollm2-135m-instruct", *, device: str = "cpu",
+                 dtype: str = "float32", threads: int | None = None) -> None:
+        self.runtime = TransformersRuntime(model, device=device, dtype=dtype, threads=threads)
+        self.model_id = self.runtime.model_id
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pice-cloud-llm")
+
+    async def complete(self, requests: Sequence[ChatRequest]) -> list[Completion]:
+        if not requests:
+            return []
+        gen = [
+            GenerationRequest(
+                prompt=self.runtime.format_chat(r.messages, r.prefill),
+                max_new_tokens=r.max_tokens,
+                temperature=r.temperature,
+                seed=r.seed,
+            )
+            for r in requests
+        ]
+        loop = asyncio.get_running_loop()
+        results = await loop.run_in_executor(self._executor, self.runtime.generate, gen)
+        return [Completion(text=x.text, tokens=x.token_count, mean_logprob=x.mean_logprob) for x in results]
+
+    async def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,273 @@
+"""EdgeNode: MQTT tasks -> queue -> batcher -> runtime (worker thread) -> candidates.
+
+Tasks that arrive together are generated together in one batch (the edge's parallelism).
+While a batch runs, newly arrived tasks wait in the queue and form the next batch as soon as
+the runtime is free; a short gathering window lets points of one request that arrive a few
+milliseconds apart share a batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from pice_edge.errors import ProtocolError
+from pice_edge.prompts import clean_expansion, expansion_messages
+from pice_edge.protocol import (
+    Candidate,
+    EdgeStatus,
+    ExpandTask,
+    candidate_topic,
+    decode,
+    edge_status_topic,
+    edge_tasks_topic,
+    encode,
+    is_valid_id,
+)
+from pice_edge.rejects import Rejections
+from pice_edge.runtimes.base import GenerationRequest, Runtime
+from pice_edge.transport import BrokerSettings, Message, MqttTransport
+
+log = logging.getLogger(__name__)
+
+_SEEN_TASKS = 4096  # remembered (request, point) pairs, to drop QoS 1 re-deliveries
+
+
+@dataclass
+class NodeStats:
+    """Counters an operator (or a test) can read from a running node."""
+
+    tasks_received: int = 0
+    tasks_expired: int = 0
+    tasks_duplicate: int = 0
+    tasks_refused: int = 0
+    candidates_published: int = 0
+    batches: int = 0
+    batch_sizes: list[int] = field(default_factory=list)
+    tokens_generated: int = 0
+    tokens_per_s: float = 0.0
+
+
+@dataclass
+class _Queued:
+    task: ExpandTask
+    received: float
+
+
+class EdgeNode:
+    """An edge device's serving loop.
+
+    Args:
+        runtime: the local model (any `Runtime`).
+        device_id: this device's id; also its MQTT client id and the last level of the topics
+            it publishes on.
+        broker: how to reach the MQTT broker.
+        profile: device profile name, reported in status.
+        max_batch: most tasks generated together.
+        batch_window_s: how long to wait for more tasks after the first one of a batch.
+        heartbeat_s: interval of status messages; the cloud expires the node after a few
+            missed ones.
+        max_queue: tasks beyond this many waiting are refused (the cloud's deadline covers them).
+    """
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        device_id: str,
+        broker: BrokerSettings,
+        profile: str = "",
+        max_batch: int = 4,
+        batch_window_s: float = 0.02,
+        heartbeat_s: float = 2.0,
+        max_queue: int = 256,
+        rejections: Rejections | None = None,
+    ) -> None:
+        if not is_valid_id(device_id):
+            raise ValueError(f"device id {device_id!r} must be 1-64 characters of A-Z a-z 0-9 . _ : -")
+        self.runtime = runtime
+        self.device_id = device_id
+        self.profile = profile
+        self.max_batch = max_batch
+        self.batch_window_s = batch_window_s
+        self.heartbeat_s = heartbeat_s
+        self.stats = NodeStats()
+        self.rejections = rejections or Rejections()
+        self._max_payload = broker.max_payload_bytes
+        self._queue: asyncio.Queue[_Queued] = asyncio.Queue(maxsize=max_queue)
+        self._running = 0
+        self._seen: OrderedDict[tuple[str, int], None] = OrderedDict()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"pice-edge-{device_id}")
+        self._tasks: list[asyncio.Task[None]] = []
+        offline = EdgeStatus(device_id=device_id, online=False, profile=profile, runtime=runtime.name,
+                             model_id=runtime.model_id, max_batch=max_batch, heartbeat_s=heartbeat_s)
+        self.transport = MqttTransport(
+            broker,
+            client_id=device_id,
+            will=(edge_status_topic(device_id), encode(offline)),
+            rejections=self.rejections,
+        )
+        self.transport.subscribe(edge_tasks_topic(device_id), self._on_task)
+        self.transport.on_connect(self.publish_status)
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def start(self, connect_timeout: float = 10.0) -> None:
+        """Connect to the broker and start serving."""
+        await self.transport.connect(connect_timeout)
+        self._tasks = [
+            asyncio.create_task(self._batch_loop(), name=f"{self.device_id}-batcher"),
+            asyncio.create_task(self._heartbeat_loop(), name=f"{self.device_id}-heartbeat"),
+        ]
+
+    async def stop(self) -> None:
+        """Publish an offline status, disconnect and stop the worker."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        if self.transport.connected:
+            await self.transport.publish_and_wait(
+                edge_status_topic(self.device_id), encode(self._status(online=False)), retain=True, timeout=2.0
+            )
+        await self.transport.close()
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    async def __aenter__(self) -> EdgeNode:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # --- status ----------------------------------------------------------------------------
+
+    def _status(self, *, online: bool = True) -> EdgeStatus:
+        depth = self._queue.qsize()
+        return EdgeStatus(
+            device_id=self.device_id,
+            online=online,
+            profile=self.profile,
+            runtime=self.runtime.name,
+            model_id=self.runtime.model_id,
+            max_batch=self.max_batch,
+            free_slots=max(0, self.max_batch - depth - self._running),
+            queue_depth=depth + self._running,
+            tokens_per_s=round(self.stats.tokens_per_s, 2),
+            heartbeat_s=self.heartbeat_s,
+        )
+
+    def publish_status(self) -> None:
+        """Publish this node's retained status now."""
+        try:
+            self.transport.publish(edge_status_topic(self.device_id), encode(self._status()), retain=True)
+        except Exception:
+            log.exception("could not publish status")
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_s)
+            if self.transport.connected:
+                self.publish_status()
+
+    # --- inbound ---------------------------------------------------------------------------
+
+    def _on_task(self, message: Message) -> None:
+        try:
+            task = decode(ExpandTask, message.payload, max_bytes=self._max_payload)
+        except ProtocolError as exc:
+            self.rejections.record("task", exc.kind, str(exc))
+            return
+        key = (task.request_id, task.point_index)
+        if key in self._seen:
+            self.stats.tasks_duplicate += 1
+            return
+        self._seen[key] = None
+        if len(self._seen) > _SEEN_TASKS:
+            self._seen.popitem(last=False)
+        self.stats.tasks_received += 1
+        try:
+            self._queue.put_nowait(_Queued(task, time.monotonic()))
+        except asyncio.QueueFull:
+            self.stats.tasks_refused += 1
+            self.rejections.record("task", "queue_full", f"queue of {self._queue.maxsize} is full")
+
+    # --- batching --------------------------------------------------------------------------
+
+    async def _next_batch(self) -> list[_Queued]:
+        batch = [await self._queue.get()]
+        deadline = time.monotonic() + self.batch_window_s
+        while len(batch) < self.max_batch:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 and self._queue.empty():
+                break
+            try:
+                batch.append(await asyncio.wait_for(self._queue.get(), timeout=max(remaining, 0.0)))
+            except asyncio.TimeoutError:
+                break
+        now = time.time()
+        live = [q for q in batch if q.task.deadline > now]
+        self.stats.tasks_expired += len(batch) - len(live)
+        return live
+
+    async def _batch_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._next_batch()
+            if not batch:
+                continue
+            requests = [self._request(q.task) for q in batch]
+            self._running = len(batch)
+            started = time.perf_counter()
+            try:
+                results = await loop.run_in_executor(self._executor, self.runtime.generate, requests)
+            except Exception:
+                log.exception("runtime failed on a batch of %d; the cloud will expand these points", len(batch))
+                self._running = 0
+                continue
+            elapsed = time.perf_counter() - started
+            self._running = 0
+            tokens = sum(r.token_count for r in results)
+            self._account(len(batch), tokens, elapsed)
+            for queued, req, result in zip(batch, requests, results):
+                text = clean_expansion(result.text, truncated=result.token_count >= req.max_new_tokens)
+                candidate = Candidate(
+                    request_id=queued.task.request_id,
+                    point_index=queued.task.point_index,
+                    device_id=self.device_id,
+                    text=text,
+                    token_count=result.token_count,
+                    mean_logprob=max(-1e4, min(0.0, result.mean_logprob)),
+                    latency_s=time.monotonic() - queued.received,
+                    model_id=self.runtime.model_id,
+                )
+                try:
+                    self.transport.publish(candidate_topic(candidate.request_id, self.device_id), encode(candidate))
+                    self.stats.candidates_published += 1
+                except Exception:
+                    log.exception("could not publish candidate for %s/%d", candidate.request_id, candidate.point_index)
+            self.publish_status()
+
+    def _request(self, task: ExpandTask) -> GenerationRequest:
+        prompt = self.runtime.format_chat(expansion_messages(task.question, task.sketch, task.point_index))
+        return GenerationRequest(
+            prompt=prompt,
+            max_new_tokens=task.max_new_tokens,
+            temperature=task.sampling.temperature,
+            top_p=task.sampling.top_p,
+            seed=task.sampling.seed,
+        )
+
+    def _account(self, batch_size: int, tokens: int, elapsed: float) -> None:
+        stats = self.stats
+        stats.batches += 1
+        stats.batch_sizes.append(batch_size)
+        del stats.batch_sizes[:-100]
+        stats.tokens_generated += tokens
+        if elapsed > 0 and tokens:
+            rate = tokens / elapsed
+            stats.tokens_per_s = rate if stats.tokens_per_s == 0 else 0.7 * stats.tokens_per_s + 0.3 * rate

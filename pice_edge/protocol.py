@@ -1,0 +1,232 @@
+"""The PICE wire protocol, version 1: MQTT topics and the JSON messages sent on them.
+
+Both sides import this module; it is the only place where topics and payloads are defined.
+
+=========================================== ============ =========================
+topic                                       direction    payload
+=========================================== ============ =========================
+``pice/v1/edge/{device_id}/status``         edge->cloud  `EdgeStatus` (retained; last will)
+``pice/v1/edge/{device_id}/tasks``          cloud->edge  `ExpandTask`
+``pice/v1/candidates/{request_id}/{device}`` edge->cloud `Candidate`
+``pice/v1/cloud/status``                    cloud->all   `CloudStatus` (retained)
+=========================================== ============ =========================
+
+The candidate topic carries the publishing device's id as its last level (DESIGN.md names
+``pice/v1/candidates/{request_id}``): a broker ACL such as Mosquitto's
+``pattern write pice/v1/candidates/+/%u`` can then stop a device from publishing as another,
+and the cloud checks that the id in the payload matches the topic on any broker.
+
+Every message is validated strictly: unknown fields, wrong types (no silent coercion of
+``"3"`` to ``3``), out-of-range numbers and oversized text are rejected with `ProtocolError`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+
+from pice_edge.errors import PayloadTooLargeError, ProtocolError
+
+PROTOCOL_VERSION = 1
+TOPIC_ROOT = f"pice/v{PROTOCOL_VERSION}"
+
+#: Default refusal threshold for one MQTT payload, in bytes. A task carries the question
+#: and the whole sketch, so it must fit both with room to spare.
+DEFAULT_MAX_PAYLOAD_BYTES = 64 * 1024
+MAX_QUESTION_CHARS = 16_000
+MAX_SKETCH_POINTS = 32
+MAX_POINT_CHARS = 500
+MAX_CANDIDATE_CHARS = 16_000
+MAX_NEW_TOKENS = 4096
+
+# Ids travel inside topic names, so they must not contain MQTT wildcards or separators.
+_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"
+Identifier = Annotated[str, StringConstraints(pattern=_ID_PATTERN)]
+_ID_RE = re.compile(_ID_PATTERN)
+
+
+def is_valid_id(value: str) -> bool:
+    """Whether ``value`` can be used as a device or request id (and so inside a topic)."""
+    return bool(_ID_RE.match(value))
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    v: Literal[1] = PROTOCOL_VERSION
+
+
+class Sampling(BaseModel):
+    """How an edge should sample its expansion. ``temperature == 0`` means greedy."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
+
+
+class ExpandTask(_Message):
+    """Cloud -> one edge: expand point ``point_index`` of ``sketch`` for ``question``."""
+
+    request_id: Identifier
+    point_index: int = Field(ge=0, lt=MAX_SKETCH_POINTS)
+    question: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS)
+    sketch: list[Annotated[str, StringConstraints(min_length=1, max_length=MAX_POINT_CHARS)]] = Field(
+        min_length=1, max_length=MAX_SKETCH_POINTS
+    )
+    max_new_tokens: int = Field(ge=1, le=MAX_NEW_TOKENS)
+    #: Absolute wall-clock time (Unix seconds) after which the cloud no longer wants an answer.
+    deadline: float = Field(gt=0)
+    sampling: Sampling = Field(default_factory=Sampling)
+
+    @model_validator(mode="after")
+    def _point_in_sketch(self) -> ExpandTask:
+        if self.point_index >= len(self.sketch):
+            raise ValueError(f"point_index {self.point_index} is outside a sketch of {len(self.sketch)} points")
+        return self
+
+    @property
+    def point(self) -> str:
+        """The text of the point to expand."""
+        return self.sketch[self.point_index]
+
+
+class Candidate(_Message):
+    """Edge -> cloud: one expansion of one point."""
+
+    request_id: Identifier
+    point_index: int = Field(ge=0, lt=MAX_SKETCH_POINTS)
+    device_id: Identifier
+    text: str = Field(max_length=MAX_CANDIDATE_CHARS)
+    token_count: int = Field(ge=0, le=MAX_NEW_TOKENS)
+    #: Mean natural-log probability of the generated tokens under the edge's model (<= 0).
+    mean_logprob: float = Field(le=0.0, ge=-1e4)
+    #: Seconds from receiving the task to publishing the candidate.
+    latency_s: float = Field(ge=0.0, le=86_400.0)
+    model_id: str = Field(default="", max_length=200)
+
+
+class EdgeStatus(_Message):
+    """Edge -> cloud, retained; the last will sends the same with ``online=False``."""
+
+    device_id: Identifier
+    online: bool
+    profile: str = Field(default="", max_length=100)
+    runtime: str = Field(default="", max_length=100)
+    model_id: str = Field(default="", max_length=200)
+    max_batch: int = Field(default=1, ge=1, le=1024)
+    free_slots: int = Field(default=0, ge=0, le=100_000)
+    queue_depth: int = Field(default=0, ge=0, le=1_000_000)
+    #: Decode throughput measured on this device's recent batches (0 when not yet measured).
+    tokens_per_s: float = Field(default=0.0, ge=0.0, le=1e7)
+    #: Interval between heartbeats; the cloud expires an edge after a few missed ones.
+    heartbeat_s: float = Field(default=2.0, gt=0.0, le=3600.0)
+    sent_at: float = Field(default_factory=time.time, gt=0)
+
+
+class CloudStatus(_Message):
+    """Cloud -> all, retained."""
+
+    cloud_id: Identifier
+    online: bool
+    api_url: str = Field(default="", max_length=500)
+    load: float = Field(default=0.0, ge=0.0, le=1e6)
+    sent_at: float = Field(default_factory=time.time, gt=0)
+
+
+# --- topics -----------------------------------------------------------------------------
+
+def edge_status_topic(device_id: str) -> str:
+    return f"{TOPIC_ROOT}/edge/{device_id}/status"
+
+
+def edge_tasks_topic(device_id: str) -> str:
+    return f"{TOPIC_ROOT}/edge/{device_id}/tasks"
+
+
+def candidate_topic(request_id: str, device_id: str) -> str:
+    return f"{TOPIC_ROOT}/candidates/{request_id}/{device_id}"
+
+
+CLOUD_STATUS_TOPIC = f"{TOPIC_ROOT}/cloud/status"
+EDGE_STATUS_FILTER = f"{TOPIC_ROOT}/edge/+/status"
+CANDIDATES_FILTER = f"{TOPIC_ROOT}/candidates/+/+"
+
+
+def topic_level(topic: str, index: int) -> str:
+    """The ``index``-th level of a topic (negative counts from the end); '' when absent."""
+    parts = topic.split("/")
+    try:
+        return parts[index]
+    except IndexError:
+        return ""
+
+
+# --- encoding -----------------------------------------------------------------------------
+
+M = TypeVar("M", bound=_Message)
+
+
+def encode(message: _Message) -> bytes:
+    """Serialise a message to the JSON bytes sent on the wire."""
+    return message.model_dump_json().encode()
+
+
+def decode(model: type[M], payload: bytes, *, max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> M:
+    """Parse and validate ``payload`` as ``model``.
+
+    Raises:
+        PayloadTooLargeError: ``payload`` is longer than ``max_bytes`` (checked before parsing).
+        ProtocolError: not UTF-8 JSON, not an object, or not a valid ``model``.
+    """
+    if len(payload) > max_bytes:
+        raise PayloadTooLargeError(len(payload), max_bytes)
+    try:
+        data: Any = json.loads(payload)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(f"{model.__name__}: payload is not UTF-8 JSON ({exc})", kind="json") from exc
+    if not isinstance(data, dict):
+        raise ProtocolError(f"{model.__name__}: payload must be a JSON object", kind="schema")
+    version = data.get("v", PROTOCOL_VERSION)
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"{model.__name__}: protocol version {version!r} is not supported (this build speaks "
+            f"v{PROTOCOL_VERSION}); upgrade the older side",
+            kind="version",
+        )
+    try:
+        # JSON mode: strict types, but JSON numbers map to float fields as expected.
+        return model.model_validate_json(payload)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(root)"
+        raise ProtocolError(
+            f"{model.__name__}: field '{where}': {first['msg']} ({exc.error_count()} error(s))", kind="schema"
+        ) from exc
+
+
+__all__ = [
+    "CANDIDATES_FILTER",
+    "CLOUD_STATUS_TOPIC",
+    "DEFAULT_MAX_PAYLOAD_BYTES",
+    "EDGE_STATUS_FILTER",
+    "PROTOCOL_VERSION",
+    "TOPIC_ROOT",
+    "Candidate",
+    "CloudStatus",
+    "EdgeStatus",
+    "ExpandTask",
+    "Sampling",
+    "candidate_topic",
+    "decode",
+    "edge_status_topic",
+    "edge_tasks_topic",
+    "encode",
+    "is_valid_id",
+    "topic_level",
+]

@@ -1,0 +1,62 @@
+"""The interface every edge inference runtime implements.
+
+A runtime turns a batch of fully formatted prompts into continuations, with the token count
+and mean token log-probability of each (the edge's own confidence, used by the cloud's
+ensemble). It is synchronous: the node runs it on a worker thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One prompt to continue. ``temperature == 0`` means greedy decoding."""
+
+    prompt: str
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """The continuation of one prompt."""
+
+    text: str
+    token_count: int
+    #: Mean natural-log probability of the generated tokens under the model (0 when empty).
+    mean_logprob: float
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@runtime_checkable
+class Runtime(Protocol):
+    """A local model that generates text for batches of prompts."""
+
+    #: Short runtime name, e.g. ``"transformers"`` or ``"onnxruntime"``.
+    name: str
+    #: Identifier of the loaded model, reported in status and candidates.
+    model_id: str
+
+    def format_chat(self, messages: Sequence[ChatMessage], prefill: str = "") -> str:
+        """Render a conversation with the model's chat template, opening the assistant's turn
+        and pre-filling it with ``prefill``."""
+        ...
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Continue every prompt of the batch; results are in request order."""
+        ...
+
+    def close(self) -> None:
+        """Release the model's memory."""
+        ...

@@ -1,0 +1,173 @@
+"""Runtime on Hugging Face transformers + torch (CPU or CUDA).
+
+Prompts of a batch are left-padded and generated together: on a small model the cost of a
+decode step grows far slower than the batch, which is where the edge's parallelism comes from.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from itertools import groupby
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from pice_edge.errors import ModelError
+from pice_edge.model_store import resolve
+from pice_edge.runtimes.base import ChatMessage, GenerationRequest, GenerationResult
+
+log = logging.getLogger(__name__)
+
+# Several in-process nodes (the single-host demo) share one copy of the weights: inference
+# under no_grad only reads them.
+_SHARED: dict[tuple[str, str, str], tuple[PreTrainedModel, PreTrainedTokenizerBase]] = {}
+_SHARED_LOCK = threading.Lock()
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def load_model(
+    model: str | Path, *, device: str = "cpu", dtype: str = "float32"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Path]:
+    """Load (or reuse) a causal LM and its tokenizer from a model name or folder."""
+    path = resolve(model)
+    key = (str(path.resolve()), device, dtype)
+    with _SHARED_LOCK:
+        if key not in _SHARED:
+            started = time.perf_counter()
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(path)
+                lm = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype]).to(device).eval()
+            except (OSError, ValueError, KeyError) as exc:
+                raise ModelError(f"cannot load model from {path}: {exc}") from exc
+            tokenizer.padding_side = "left"
+            if tokenizer.pad_token_id is None:
+                tokenizer.pad_token = tokenizer.eos_token
+            _SHARED[key] = (lm, tokenizer)
+            log.info("loaded %s on %s (%s) in %.2fs", path, device, dtype, time.perf_counter() - started)
+        lm, tokenizer = _SHARED[key]
+    return lm, tokenizer, path
+
+
+class TransformersRuntime:
+    """`Runtime` on transformers. ``threads`` sets torch's intra-op threads (process-wide)."""
+
+    name = "transformers"
+
+    def __init__(
+        self,
+        model: str | Path = "smollm2-135m-instruct",
+        *,
+        device: str = "cpu",
+        dtype: str = "float32",
+        threads: int | None = None,
+    ) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = device
+        self.model, self.tokenizer, self.path = load_model(model, device=device, dtype=dtype)
+        self.model_id = self.path.name
+        eos = self.model.generation_config.eos_token_id
+        ids = eos if isinstance(eos, list) else [eos if eos is not None else self.tokenizer.eos_token_id]
+        self._eos_ids = {int(i) for i in ids if i is not None}
+
+    def format_chat(self, messages: Sequence[ChatMessage], prefill: str = "") -> str:
+        rendered = self.tokenizer.apply_chat_template(
+            [{"role": m.role, "content": m.content} for m in messages],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        return str(rendered) + prefill
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    @torch.inference_mode()
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        results: dict[int, GenerationResult] = {}
+        # One generate() call per sampling setting; in practice a batch shares one.
+        order = sorted(range(len(requests)), key=lambda i: (requests[i].temperature, requests[i].top_p))
+        for _, group in groupby(order, key=lambda i: (requests[i].temperature, requests[i].top_p)):
+            idx = list(group)
+            for i, res in zip(idx, self._generate_group([requests[i] for i in idx])):
+                results[i] = res
+        return [results[i] for i in range(len(requests))]
+
+    def _generate_group(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        first = requests[0]
+        enc = self.tokenizer([r.prompt for r in requests], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = {k: v.to(self.device) for k, v in enc.items()}
+        sample = first.temperature > 0
+        kwargs: dict[str, Any] = {"do_sample": sample}
+        if sample:
+            kwargs.update(temperature=first.temperature, top_p=first.top_p)
+            if first.seed is not None:
+                torch.manual_seed(first.seed)
+        else:
+            # Silence generation_config's sampling defaults when decoding greedily.
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        out = self.model.generate(
+            **enc,
+            max_new_tokens=max(r.max_new_tokens for r in requests),
+            pad_token_id=self.tokenizer.pad_token_id,
+            return_dict_in_generate=True,
+            output_logits=True,
+            **kwargs,
+        )
+        prompt_len = enc["input_ids"].shape[1]
+        new_tokens = out.sequences[:, prompt_len:]
+        # Raw logits -> log-probs of the tokens actually chosen: the model's own confidence,
+        # independent of the sampling temperature.
+        logits = torch.stack(out.logits, dim=1).float()
+        chosen = torch.log_softmax(logits, dim=-1).gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
+        results = []
+        for row, req in enumerate(requests):
+            ids = new_tokens[row].tolist()[: req.max_new_tokens]
+            length = len(ids)
+            for pos, tok in enumerate(ids):
+                if tok in self._eos_ids:
+                    length = pos
+                    break
+            text = self.tokenizer.decode(ids[:length], skip_special_tokens=True)
+            # The EOS token itself counts toward confidence when the model chose to stop.
+            scored = min(length + (1 if length < len(ids) else 0), len(ids))
+            mean = float(chosen[row, :scored].mean()) if scored else 0.0
+            results.append(GenerationResult(text=text, token_count=length, mean_logprob=min(0.0, mean)))
+        return results
+
+    @torch.inference_mode()
+    def score(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[float]:
+        """Mean log-probability of each continuation given its prompt, in one batched prefill."""
+        if not prompts:
+            return []
+        tok = self.tokenizer
+        prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        cont_ids = [tok(c, add_special_tokens=False)["input_ids"] for c in continuations]
+        seqs = [p + c for p, c in zip(prompt_ids, cont_ids)]
+        width = max(len(s) for s in seqs)
+        pad = int(tok.pad_token_id)
+        input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            input_ids[i, width - len(s):] = torch.tensor(s)
+            mask[i, width - len(s):] = 1
+        logits = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)).logits.float()
+        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
+        targets = input_ids[:, 1:].to(self.device)
+        token_lp = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        scores = []
+        for i, c in enumerate(cont_ids):
+            if not c:
+                scores.append(0.0)
+                continue
+            scores.append(float(token_lp[i, width - 1 - len(c):].mean()))
+        return scores
+
+    def close(self) -> None:
+        # Weights may be shared with other nodes in this process; drop our references only.
+        del self.model

@@ -1,0 +1,288 @@
+"""MQTT transport shared by edges and the cloud (paho-mqtt 2.x, VERSION2 callbacks).
+
+paho runs its network loop in its own thread. Nothing heavy happens there: every inbound
+message is size-checked and handed to the owning asyncio loop with ``call_soon_threadsafe``;
+handlers run on that loop and must only parse and enqueue. No exception may escape a paho
+callback (paho's thread would die silently), so each callback is wrapped.
+
+Reconnection is paho's own (``reconnect_delay_set`` gives the back-off); on every (re)connect
+we re-make the subscriptions and run the registered on-connect hooks, which is how an edge
+re-announces itself after a broker restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as mqtt
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+from pice_edge.errors import TransportError
+from pice_edge.protocol import DEFAULT_MAX_PAYLOAD_BYTES
+from pice_edge.rejects import Rejections
+
+log = logging.getLogger(__name__)
+
+QOS = 1
+_DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+
+
+class BrokerSettings(BaseModel):
+    """Where and how to reach the MQTT broker."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(default="mqtt://127.0.0.1:1883", description="mqtt://host:port or mqtts://host:port")
+    username: str | None = None
+    password: SecretStr | None = None
+    ca_file: str | None = Field(default=None, description="CA bundle to verify the broker (TLS)")
+    cert_file: str | None = Field(default=None, description="client certificate (mutual TLS)")
+    key_file: str | None = Field(default=None, description="client private key (mutual TLS)")
+    keepalive_s: int = Field(default=15, ge=5, le=3600)
+    reconnect_min_s: float = Field(default=0.5, gt=0, le=60)
+    reconnect_max_s: float = Field(default=10.0, gt=0, le=600)
+    max_payload_bytes: int = Field(default=DEFAULT_MAX_PAYLOAD_BYTES, ge=1024, le=256 * 1024 * 1024)
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        parse_broker_url(value)
+        return value
+
+    @property
+    def host(self) -> str:
+        return parse_broker_url(self.url)[1]
+
+    @property
+    def port(self) -> int:
+        return parse_broker_url(self.url)[2]
+
+    @property
+    def tls(self) -> bool:
+        return parse_broker_url(self.url)[0] == "mqtts" or self.ca_file is not None
+
+
+def parse_broker_url(url: str) -> tuple[str, str, int]:
+    """Split ``mqtt://host:port`` into (scheme, host, port); raise ValueError when malformed."""
+    parts = urlsplit(url)
+    if parts.scheme not in _DEFAULT_PORTS:
+        raise ValueError(f"broker URL {url!r} must start with mqtt:// or mqtts://")
+    if not parts.hostname:
+        raise ValueError(f"broker URL {url!r} has no host")
+    try:
+        port = parts.port or _DEFAULT_PORTS[parts.scheme]
+    except ValueError as exc:
+        raise ValueError(f"broker URL {url!r} has an invalid port") from exc
+    return parts.scheme, parts.hostname, port
+
+
+@dataclass(frozen=True)
+class Message:
+    """An inbound MQTT message, as handed to a handler on the asyncio loop."""
+
+    topic: str
+    payload: bytes
+    retain: bool
+
+
+Handler = Callable[[Message], None]
+
+
+class MqttTransport:
+    """One MQTT connection: QoS 1, last will, automatic reconnect, size-limited inbound payloads.
+
+    Handlers are plain callables run on the asyncio loop that called `connect`; they must not
+    block. Exceptions they raise are logged and counted, never propagated.
+    """
+
+    def __init__(
+        self,
+        settings: BrokerSettings,
+        *,
+        client_id: str | None = None,
+        will: tuple[str, bytes] | None = None,
+        rejections: Rejections | None = None,
+    ) -> None:
+        self.settings = settings
+        self.client_id = client_id or f"pice-{uuid.uuid4().hex[:12]}"
+        self.rejections = rejections or Rejections()
+        self._subscriptions: dict[str, Handler] = {}
+        self._connect_hooks: list[Callable[[], None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._connected = threading.Event()
+        self._closing = False
+        self._last_error: str | None = None
+        self.connect_count = 0
+
+        client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=mqtt.MQTTv311,
+            clean_session=True,
+        )
+        if will is not None:
+            client.will_set(will[0], will[1], qos=QOS, retain=True)
+        if settings.username is not None:
+            password = settings.password.get_secret_value() if settings.password else None
+            client.username_pw_set(settings.username, password)
+        if settings.tls:
+            client.tls_set(
+                ca_certs=settings.ca_file,
+                certfile=settings.cert_file,
+                keyfile=settings.key_file,
+                cert_reqs=ssl.CERT_REQUIRED,
+            )
+        client.reconnect_delay_set(
+            min_delay=max(1, round(settings.reconnect_min_s)), max_delay=max(1, round(settings.reconnect_max_s))
+        )
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        self._client = client
+
+    # --- public API ---------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def on_connect(self, hook: Callable[[], None]) -> None:
+        """Run ``hook`` on the asyncio loop after every successful (re)connection."""
+        self._connect_hooks.append(hook)
+
+    def subscribe(self, topic_filter: str, handler: Handler) -> None:
+        """Deliver messages matching ``topic_filter`` to ``handler`` (re-made on reconnect)."""
+        self._subscriptions[topic_filter] = handler
+        if self.connected:
+            self._client.subscribe(topic_filter, qos=QOS)
+
+    def unsubscribe(self, topic_filter: str) -> None:
+        if self._subscriptions.pop(topic_filter, None) is not None and self.connected:
+            self._client.unsubscribe(topic_filter)
+
+    async def connect(self, timeout: float = 10.0) -> None:
+        """Connect and wait for the broker's CONNACK.
+
+        Raises:
+            TransportError: the broker could not be reached or refused the connection within
+                ``timeout`` seconds. The message says which broker and why.
+        """
+        self._loop = asyncio.get_running_loop()
+        self._closing = False
+        try:
+            self._client.connect_async(self.settings.host, self.settings.port, keepalive=self.settings.keepalive_s)
+        except (OSError, ValueError) as exc:
+            raise TransportError(f"cannot connect to MQTT broker {self.settings.url}: {exc}") from exc
+        self._client.loop_start()
+        ok = await asyncio.get_running_loop().run_in_executor(None, self._connected.wait, timeout)
+        if not ok:
+            self._client.loop_stop()
+            reason = self._last_error or "no answer"
+            raise TransportError(
+                f"cannot connect to MQTT broker {self.settings.url} within {timeout:.0f}s ({reason}); "
+                "check that the broker runs and the URL, credentials and TLS files are right"
+            )
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        """Queue a QoS 1 publish; paho sends it now or after the next reconnect."""
+        if len(payload) > self.settings.max_payload_bytes:
+            raise TransportError(
+                f"refusing to publish {len(payload)} bytes on {topic}: over max_payload_bytes "
+                f"({self.settings.max_payload_bytes})"
+            )
+        info = self._client.publish(topic, payload, qos=QOS, retain=retain)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            raise TransportError(f"publish on {topic} failed: {mqtt.error_string(info.rc)}")
+
+    async def publish_and_wait(self, topic: str, payload: bytes, *, retain: bool = False, timeout: float = 5.0) -> bool:
+        """Publish and wait for the broker's PUBACK; False when it did not come in time."""
+        if len(payload) > self.settings.max_payload_bytes:
+            raise TransportError(f"refusing to publish {len(payload)} bytes on {topic}: over max_payload_bytes")
+        info = self._client.publish(topic, payload, qos=QOS, retain=retain)
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(None, info.wait_for_publish, timeout)
+        except (RuntimeError, ValueError):
+            return False
+        return info.is_published()
+
+    async def close(self) -> None:
+        """Disconnect cleanly (no last will is sent) and stop paho's thread."""
+        self._closing = True
+        try:
+            self._client.disconnect()
+        except Exception:  # noqa: BLE001 — closing must not fail
+            log.debug("disconnect failed", exc_info=True)
+        await asyncio.get_running_loop().run_in_executor(None, self._client.loop_stop)
+        self._connected.clear()
+
+    # --- paho callbacks (network thread) ------------------------------------------------
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        try:
+            if reason_code.is_failure:
+                self._last_error = f"broker refused: {reason_code}"
+                log.error("MQTT broker %s refused connection: %s", self.settings.url, reason_code)
+                if str(reason_code) in ("Not authorized", "Bad user name or password"):
+                    # Retrying with the same credentials cannot succeed.
+                    client.disconnect()
+                return
+            self.connect_count += 1
+            for topic_filter in self._subscriptions:
+                client.subscribe(topic_filter, qos=QOS)
+            self._connected.set()
+            log.info("connected to MQTT broker %s as %s", self.settings.url, self.client_id)
+            if self._loop is not None and not self._loop.is_closed():
+                for hook in self._connect_hooks:
+                    self._loop.call_soon_threadsafe(self._run_hook, hook)
+        except Exception:
+            log.exception("error in MQTT on_connect")
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        try:
+            self._connected.clear()
+            if not self._closing:
+                self._last_error = f"disconnected: {reason_code}"
+                log.warning("lost MQTT broker %s (%s); reconnecting", self.settings.url, reason_code)
+        except Exception:
+            log.exception("error in MQTT on_disconnect")
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            payload = bytes(msg.payload)
+            if len(payload) > self.settings.max_payload_bytes:
+                self.rejections.record(
+                    "mqtt", "too_large", f"{len(payload)} bytes on {msg.topic} (limit {self.settings.max_payload_bytes})"
+                )
+                return
+            message = Message(topic=msg.topic, payload=payload, retain=bool(msg.retain))
+            loop = self._loop
+            if loop is not None and not loop.is_closed():
+                loop.call_soon_threadsafe(self._dispatch, message)
+        except Exception:
+            log.exception("error in MQTT on_message")
+
+    # --- asyncio loop side --------------------------------------------------------------
+
+    def _dispatch(self, message: Message) -> None:
+        for topic_filter, handler in list(self._subscriptions.items()):
+            if mqtt.topic_matches_sub(topic_filter, message.topic):
+                try:
+                    handler(message)
+                except Exception as exc:  # noqa: BLE001 — a handler bug must not stop the others
+                    self.rejections.record("handler", type(exc).__name__, f"{message.topic}: {exc!r}")
+                    log.debug("handler for %s failed", topic_filter, exc_info=True)
+
+    def _run_hook(self, hook: Callable[[], None]) -> None:
+        try:
+            hook()
+        except Exception:
+            log.exception("on-connect hook failed")
