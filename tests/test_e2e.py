@@ -1,0 +1,163 @@
+"""The whole path over real brokers: cloud service + edge nodes + a real model.
+
+- tiny random model over a real Mosquitto (fast, runs everywhere .ci/run runs);
+- an edge that registers but never answers: the deadline hands its points to the cloud;
+- the real SmolLM2 over the embedded broker (slow marker).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from pice_cloud.llm.base import ChatRequest
+from pice_cloud.llm.transformers import TransformersBackend
+from pice_cloud.local import local_system
+from pice_cloud.scheduler import Budget
+from pice_cloud.service import AnswerEvent, PointEvent, ServiceSettings, SketchEvent
+from pice_edge.prompts import expansion_messages
+from pice_edge.protocol import EdgeStatus, edge_status_topic, edge_tasks_topic, encode
+from pice_edge.transport import BrokerSettings, Message, MqttTransport
+from tests.conftest import Mosquitto
+
+QUESTION = "How can I improve my time management skills?"
+
+
+async def collect(events: AsyncIterator[object]) -> tuple[list[str], list[PointEvent], AnswerEvent]:
+    sketch: list[str] = []
+    points: list[PointEvent] = []
+    final: AnswerEvent | None = None
+    async for event in events:
+        if isinstance(event, SketchEvent):
+            assert not points and final is None, "the sketch comes first"
+            sketch = event.points
+        elif isinstance(event, PointEvent):
+            points.append(event)
+        elif isinstance(event, AnswerEvent):
+            final = event
+    assert final is not None
+    return sketch, points, final
+
+
+@pytest.fixture
+async def tiny_llm(tiny_model: Path) -> AsyncIterator[TransformersBackend]:
+    llm = TransformersBackend(tiny_model, threads=1)
+    yield llm
+    await llm.close()
+
+
+@pytest.mark.mosquitto
+async def test_cloud_and_two_edges_over_mosquitto(mosquitto: Mosquitto, tiny_model: Path,
+                                                  tiny_llm: TransformersBackend) -> None:
+    settings = ServiceSettings(budget=Budget(max_points=4, tokens_per_point=12, sketch_tokens=40))
+    async with local_system(tiny_llm, broker_url=mosquitto.url, edges=2, edge_model=tiny_model,
+                            edge_threads=1, settings=settings) as system:
+        live = {e.device_id for e in system.service.fleet.live()}
+        assert live == {"local-edge-1", "local-edge-2"}
+        sketch, points, final = await collect(system.service.answer(QUESTION, mode="progressive"))
+
+        assert 1 <= len(sketch) <= 4
+        assert [p.point.index for p in points] == list(range(len(sketch)))
+        # Every point was expanded at the edge (they are idle and fast), spread over both.
+        assert final.stats.points_edge == len(sketch) and final.stats.points_cloud == 0
+        used = {p.point.device_id for p in points}
+        assert used == ({"local-edge-1", "local-edge-2"} if len(sketch) > 1 else used & live)
+        assert sum(n.stats.candidates_published for n in system.edges) == len(sketch)
+        # Points of one request that land on one edge share a batch.
+        assert max(max(n.stats.batch_sizes, default=0) for n in system.edges) == (len(sketch) + 1) // 2
+        for p in points:
+            assert p.point.text and p.point.text in final.text
+        assert final.text.index(points[0].point.text) < final.text.index(points[-1].point.text) or len(points) == 1
+
+
+async def _silent_edge(url: str, device_id: str, tokens_per_s: float = 1000.0) -> tuple[MqttTransport, list[Message]]:
+    """An edge that registers, receives its tasks and never answers them."""
+    received: list[Message] = []
+    transport = MqttTransport(BrokerSettings(url=url), client_id=device_id)
+    transport.subscribe(edge_tasks_topic(device_id), received.append)
+    await transport.connect()
+    status = EdgeStatus(device_id=device_id, online=True, max_batch=4, tokens_per_s=tokens_per_s,
+                        heartbeat_s=30)
+    await transport.publish_and_wait(edge_status_topic(device_id), encode(status), retain=True)
+    return transport, received
+
+
+@pytest.mark.mosquitto
+async def test_dead_edge_points_fall_back_to_cloud_within_deadline(
+    mosquitto: Mosquitto, tiny_llm: TransformersBackend
+) -> None:
+    deadline = 1.0
+    settings = ServiceSettings(budget=Budget(max_points=3, tokens_per_point=10, sketch_tokens=30),
+                               deadline_floor_s=deadline, deadline_cap_s=deadline)
+    silent, received = await _silent_edge(mosquitto.url, "silent-1")
+    try:
+        async with local_system(tiny_llm, broker_url=mosquitto.url, edges=0, settings=settings) as system:
+            assert await system.service.fleet.wait_for(1, 5.0)
+            # Time a batched cloud expansion of the same size, to bound the fallback.
+            points_guess = ["Plan the day", "Set goals", "Take breaks"]
+            t0 = time.perf_counter()
+            await tiny_llm.complete([ChatRequest(expansion_messages(QUESTION, points_guess, i), max_tokens=10)
+                                     for i in range(3)])
+            expansion_s = time.perf_counter() - t0
+
+            sketch, points, final = await collect(system.service.answer(QUESTION, mode="progressive"))
+            assert len(received) == len(sketch), "the silent edge did get every task"
+            assert [p.point.index for p in points] == list(range(len(sketch)))
+            assert all(p.point.source == "cloud" for p in points)
+            assert final.stats.points_cloud == len(sketch)
+            # After the sketch: the deadline, then one batched cloud expansion (slack for CI noise).
+            after_sketch = final.stats.total_s - final.stats.sketch_s
+            assert deadline * 0.9 <= after_sketch < deadline + 2 * expansion_s + 1.0
+    finally:
+        await silent.close()
+
+
+@pytest.mark.mosquitto
+async def test_mixed_fleet_dead_and_live_edge(mosquitto: Mosquitto, tiny_model: Path,
+                                              tiny_llm: TransformersBackend) -> None:
+    settings = ServiceSettings(budget=Budget(max_points=4, tokens_per_point=10, sketch_tokens=40),
+                               deadline_floor_s=1.5, deadline_cap_s=1.5)
+    # As fast as the live edge looks before it measured itself: points split between them.
+    silent, _ = await _silent_edge(mosquitto.url, "silent-2", tokens_per_s=20.0)
+    try:
+        async with local_system(tiny_llm, broker_url=mosquitto.url, edges=1, edge_model=tiny_model,
+                                edge_threads=1, settings=settings) as system:
+            assert await system.service.fleet.wait_for(2, 5.0)
+            sketch, points, final = await asyncio.wait_for(
+                collect(system.service.answer(QUESTION, mode="progressive")), 60
+            )
+            assert [p.point.index for p in points] == list(range(len(sketch)))
+            sources = {p.point.device_id or "cloud" for p in points}
+            assert "silent-2" not in sources
+            if len(sketch) > 1:
+                assert {"local-edge-1", "cloud"} <= sources
+    finally:
+        await silent.close()
+
+
+@pytest.mark.slow
+async def test_smollm2_answer_over_embedded_broker(smollm2: Path) -> None:
+    llm = TransformersBackend(smollm2, threads=1)
+    settings = ServiceSettings(budget=Budget(max_points=4, tokens_per_point=48))
+    try:
+        async with local_system(llm, edges=2, edge_model=smollm2, edge_threads=1, settings=settings) as system:
+            assert system.broker_url.startswith("mqtt://127.0.0.1:")
+            sketch, points, final = await collect(system.service.answer(QUESTION, mode="progressive"))
+    finally:
+        await llm.close()
+    assert 2 <= len(sketch) <= 4
+    assert [p.point.index for p in points] == list(range(len(sketch)))
+    assert final.stats.points_edge >= 1
+    for p, heading in zip(points, sketch):
+        assert p.heading == heading
+        text = p.point.text.strip()
+        assert len(text.split()) >= 3, f"point {p.point.index + 1} barely expanded: {text!r}"
+        assert text.lower().rstrip(".") != heading.lower().rstrip(".")
+    # Paragraphs appear in point order.
+    positions = [final.text.index(p.point.text) for p in points]
+    assert positions == sorted(positions)
+    assert final.text.count("\n\n") == len(sketch) - 1
