@@ -164,10 +164,9 @@ class Aggregator:
         if state.settled:
             self.rejections.record("candidate", "late", "point already settled")
             return
-        if state.expected.issubset(state.received):
-            if not pending.settle_from_candidates(cand.point_index):
-                log.debug("all candidates of %s/%d are empty", cand.request_id, cand.point_index)
-                pending.wakeup.set()
+        if state.expected.issubset(state.received) and not pending.settle_from_candidates(cand.point_index):
+            log.debug("all candidates of %s/%d are empty", cand.request_id, cand.point_index)
+            pending.wakeup.set()
 
 
 class _CandidateListener(Protocol):

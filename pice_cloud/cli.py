@@ -13,16 +13,18 @@ import sys
 from dataclasses import asdict
 
 from pice_edge.errors import PiceError
-from pice_edge.logs import LEVELS, setup_logging
+from pice_edge.logs import log_level_option, setup_logging
 
 log = logging.getLogger("pice_cloud.cli")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pice-cloud", description="PICE cloud service")
-    parser.add_argument("--log-level", choices=LEVELS, default="warning")
+    parser = argparse.ArgumentParser(prog="pice-cloud", description="PICE cloud service",
+                                     parents=[log_level_option("warning")])
+    common = [log_level_option()]
+
     sub = parser.add_subparsers(dest="command", required=True)
-    ask = sub.add_parser("ask", help="answer one question (single host by default)")
+    ask = sub.add_parser("ask", help="answer one question (single host by default)", parents=common)
     ask.add_argument("question")
     ask.add_argument("--broker", default=None,
                      help="use this external broker (mqtt://host:port) and the edges registered there")

@@ -9,6 +9,7 @@ will delivered) is not taken for live.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -108,8 +109,6 @@ class Fleet:
             if remaining <= 0:
                 return False
             self._changed.clear()
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), timeout=min(remaining, 0.5))
-            except asyncio.TimeoutError:
-                pass
         return True

@@ -14,7 +14,6 @@ cheaper per token but slower per point than spreading them.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -22,9 +21,10 @@ from typing import Literal
 Mode = Literal["cloud", "progressive"]
 RequestedMode = Literal["auto", "cloud", "progressive"]
 
-#: Decode speed assumed for an edge that has not reported one yet (tokens/s, SmolLM2-135M on
-#: one CPU core at batch 1 measures ~20).
-DEFAULT_EDGE_TOKENS_PER_S = 20.0
+#: Decode speed assumed for an edge that has not reported one yet (tokens/s). SmolLM2-135M on
+#: one free CPU core measures ~20 at batch 1; half that covers a shared or slower core, so a
+#: fresh edge is not timed out before its first measurement.
+DEFAULT_EDGE_TOKENS_PER_S = 10.0
 BATCH_EXPONENT = 0.35
 
 
@@ -78,7 +78,7 @@ def predicted_seconds(edge: EdgeView, extra_load: int, tokens: int) -> float:
     ahead = edge.load + extra_load  # tasks queued before this one
     full_batches, in_last = divmod(ahead, size)
     step = tokens / rate  # seconds for one sequence decoded alone
-    return full_batches * step * size**BATCH_EXPONENT + step * (in_last + 1) ** BATCH_EXPONENT
+    return float(full_batches * step * size**BATCH_EXPONENT + step * (in_last + 1) ** BATCH_EXPONENT)
 
 
 def place(

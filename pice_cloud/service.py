@@ -11,12 +11,12 @@ Cloud-only mode: the cloud LLM answers the question directly.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 from pice_cloud.aggregator import Aggregator, ChosenPoint, PendingRequest
 from pice_cloud.fleet import Fleet
@@ -166,7 +166,7 @@ class PiceService:
         supervisor = asyncio.create_task(self._supervise(question, points, pending, placement.deadlines_s))
         try:
             self._dispatch(request_id, question, points, placement.devices, placement.deadlines_s)
-            parts = []
+            parts: list[str] = []
             for state in pending.points:
                 chosen = await asyncio.shield(state.future)
                 if not parts:
@@ -192,7 +192,7 @@ class PiceService:
     def _dispatch(self, request_id: str, question: str, points: list[str],
                   devices: Sequence[Sequence[str]], deadlines_s: Sequence[float]) -> None:
         now = time.time()
-        for index, (targets, wait) in enumerate(zip(devices, deadlines_s)):
+        for index, (targets, wait) in enumerate(zip(devices, deadlines_s, strict=False)):
             for device_id in targets:
                 task = ExpandTask(
                     request_id=request_id, point_index=index, question=question, sketch=points,
@@ -212,25 +212,23 @@ class PiceService:
         while True:
             now = time.monotonic()
             missing = []
-            for state, when in zip(pending.points, due):
+            for state, when in zip(pending.points, due, strict=False):
                 if state.settled:
                     continue
                 exhausted = state.expected and state.expected.issubset(state.received)
-                if not state.expected or now >= when or exhausted:
-                    # Take what arrived in time before giving up on the edges.
-                    if not pending.settle_from_candidates(state.index):
-                        missing.append(state.index)
+                due_now = not state.expected or now >= when or exhausted
+                # Take what arrived in time before giving up on the edges.
+                if due_now and not pending.settle_from_candidates(state.index):
+                    missing.append(state.index)
             if missing:
                 await self._cloud_expand(question, points, pending, missing)
                 continue
-            open_due = [when for state, when in zip(pending.points, due) if not state.settled]
+            open_due = [when for state, when in zip(pending.points, due, strict=False) if not state.settled]
             if not open_due:
                 return
             pending.wakeup.clear()
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(pending.wakeup.wait(), timeout=max(0.0, min(open_due) - time.monotonic()))
-            except asyncio.TimeoutError:
-                pass
 
     async def _cloud_expand(self, question: str, points: list[str], pending: PendingRequest,
                             indices: list[int]) -> None:
@@ -238,7 +236,7 @@ class PiceService:
         log.info("request %s: cloud expands point(s) %s", pending.request_id, [i + 1 for i in indices])
         requests = [ChatRequest(expansion_messages(question, points, i), max_tokens=budget) for i in indices]
         results = await self.llm.complete(requests)
-        for index, res in zip(indices, results):
+        for index, res in zip(indices, results, strict=False):
             text = clean_expansion(res.text, truncated=res.tokens >= budget) or points[index]
             pending.settle(ChosenPoint(index, text, "cloud", None, res.tokens, 0))
 

@@ -18,17 +18,18 @@ import socket
 import sys
 
 from pice_edge.errors import PiceError
-from pice_edge.logs import LEVELS, setup_logging
+from pice_edge.logs import log_level_option, setup_logging
 
 log = logging.getLogger("pice_edge.cli")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pice-edge", description="PICE edge node")
-    parser.add_argument("--log-level", choices=LEVELS, default="info")
+    parser = argparse.ArgumentParser(prog="pice-edge", description="PICE edge node", parents=[log_level_option("info")])
+    common = [log_level_option()]
+
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="serve expansion tasks from the broker")
+    run = sub.add_parser("run", help="serve expansion tasks from the broker", parents=common)
     run.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="mqtt://host:port (default %(default)s)")
     run.add_argument("--device-id", default=socket.gethostname().split(".")[0], help="default: host name")
     run.add_argument("--model", default="smollm2-135m-instruct", help="model name or Hugging Face folder")
@@ -37,9 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=int, default=None, help="CPU threads for the runtime")
     run.add_argument("--heartbeat", type=float, default=2.0, help="status interval in seconds")
 
-    models = sub.add_parser("models", help="fetch, list and verify models")
+    models = sub.add_parser("models", help="fetch, list and verify models", parents=common)
     msub = models.add_subparsers(dest="models_command", required=True)
-    fetch = msub.add_parser("fetch", help="download, verify and convert a model")
+    fetch = msub.add_parser("fetch", help="download, verify and convert a model", parents=common)
     fetch.add_argument("name", nargs="?", default="smollm2-135m-instruct")
     fetch.add_argument("--force", action="store_true", help="convert again even if present")
     msub.add_parser("list", help="known models and whether they are here")

@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import warnings
 
 LEVELS = ("debug", "info", "warning", "error")
+
+
+def log_level_option(default: str | None = None) -> argparse.ArgumentParser:
+    """A parent parser with ``--log-level``, so the flag works before or after a sub-command.
+
+    The top-level parser passes the ``default``; sub-commands pass none so that their copy of
+    the flag does not overwrite a value given before the sub-command.
+    """
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--log-level", choices=LEVELS, default=default if default else argparse.SUPPRESS,
+                        help="logging verbosity" + (" (default %(default)s)" if default else ""))
+    return parent
 
 
 def setup_logging(level: str = "warning") -> None:

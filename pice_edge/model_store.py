@@ -206,7 +206,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     except ImportError as exc:
-        raise ModelError(f"converting a GGUF model needs torch and transformers: pip install 'pice[convert]' ({exc})") from exc
+        raise ModelError(
+            f"converting a GGUF model needs torch and transformers: pip install 'pice[convert]' ({exc})"
+        ) from exc
     folder, file = str(gguf_path.parent), gguf_path.name
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)

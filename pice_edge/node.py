@@ -233,7 +233,7 @@ class EdgeNode:
             self._running = 0
             tokens = sum(r.token_count for r in results)
             self._account(len(batch), tokens, elapsed)
-            for queued, req, result in zip(batch, requests, results):
+            for queued, req, result in zip(batch, requests, results, strict=False):
                 text = clean_expansion(result.text, truncated=result.token_count >= req.max_new_tokens)
                 candidate = Candidate(
                     request_id=queued.task.request_id,

@@ -4,8 +4,11 @@ Both sides must build the same prompt so that a point expanded in the cloud read
 expanded at the edge, and so that the cloud can score an edge's candidate under its own
 model with the exact context the edge saw.
 
-The question and the whole sketch go first (in the system turn) and the point last: every
-point of a request then shares one long prefix, which prefix caching can reuse.
+A fixed system turn, then the question and the whole sketch, and the point last: every point
+of a request shares one long prefix, which prefix caching can reuse. This layout was chosen by
+trying variants on SmolLM2-135M over twelve points of three questions: with the outline in the
+system turn the model parroted the prompt back on some points; with a role-setting system
+turn and the outline in the user turn every point was expanded.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ _SENTENCE_END = re.compile(r"[.!?)\]\"'](?=\s|$)")
 _NEXT_POINT = re.compile(r"\n\s*(?:\d{1,2}[.)]|[-*•])\s")
 
 
-_ECHOES = ("The user asked:", "The answer's outline is:")
+SYSTEM_PROMPT = "You are a helpful assistant. You expand one point of an outline into two sentences."
+_ECHOES = ("Question:", "Outline:", SYSTEM_PROMPT[:30])
 
 
 def format_sketch(points: Sequence[str]) -> str:
@@ -31,13 +35,11 @@ def expansion_messages(question: str, sketch: Sequence[str], point_index: int) -
     """Chat messages asking for point ``point_index`` (0-based) of ``sketch`` and nothing else."""
     point = sketch[point_index]
     return [
-        ChatMessage(
-            "system",
-            f"The user asked: {question}\nThe answer's outline is:\n{format_sketch(sketch)}",
-        ),
+        ChatMessage("system", SYSTEM_PROMPT),
         ChatMessage(
             "user",
-            f"Explain point {point_index + 1}, \"{point}\", in two sentences. Write only about this point.",
+            f"Question: {question}\nOutline:\n{format_sketch(sketch)}\n\n"
+            f"Expand point {point_index + 1}, \"{point}\", in two sentences.",
         ),
     ]
 

@@ -25,13 +25,13 @@ from __future__ import annotations
 import json
 import re
 import time
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Final, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from pice_edge.errors import PayloadTooLargeError, ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION: Final = 1
 TOPIC_ROOT = f"pice/v{PROTOCOL_VERSION}"
 
 #: Default refusal threshold for one MQTT payload, in bytes. A task carries the question

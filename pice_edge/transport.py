@@ -212,14 +212,14 @@ class MqttTransport:
             await loop.run_in_executor(None, info.wait_for_publish, timeout)
         except (RuntimeError, ValueError):
             return False
-        return info.is_published()
+        return bool(info.is_published())
 
     async def close(self) -> None:
         """Disconnect cleanly (no last will is sent) and stop paho's thread."""
         self._closing = True
         try:
             self._client.disconnect()
-        except Exception:  # noqa: BLE001 — closing must not fail
+        except Exception:
             log.debug("disconnect failed", exc_info=True)
         await asyncio.get_running_loop().run_in_executor(None, self._client.loop_stop)
         self._connected.clear()
@@ -260,7 +260,8 @@ class MqttTransport:
             payload = bytes(msg.payload)
             if len(payload) > self.settings.max_payload_bytes:
                 self.rejections.record(
-                    "mqtt", "too_large", f"{len(payload)} bytes on {msg.topic} (limit {self.settings.max_payload_bytes})"
+                    "mqtt", "too_large",
+                    f"{len(payload)} bytes on {msg.topic} (limit {self.settings.max_payload_bytes})",
                 )
                 return
             message = Message(topic=msg.topic, payload=payload, retain=bool(msg.retain))
@@ -277,7 +278,7 @@ class MqttTransport:
             if mqtt.topic_matches_sub(topic_filter, message.topic):
                 try:
                     handler(message)
-                except Exception as exc:  # noqa: BLE001 — a handler bug must not stop the others
+                except Exception as exc:
                     self.rejections.record("handler", type(exc).__name__, f"{message.topic}: {exc!r}")
                     log.debug("handler for %s failed", topic_filter, exc_info=True)
 

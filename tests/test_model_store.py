@@ -37,7 +37,7 @@ def test_missing_known_model_names_the_fix(store: Path) -> None:
 def test_unknown_name_or_path(store: Path, tmp_path: Path) -> None:
     with pytest.raises(ModelNotFoundError, match="neither a known model name"):
         model_store.resolve("no-such-model")
-    with pytest.raises(ModelNotFoundError, match="no config.json"):
+    with pytest.raises(ModelNotFoundError, match=r"no config\.json"):
         model_store.resolve(tmp_path)
     with pytest.raises(ModelError, match="unknown model 'gpt-9'"):
         model_store.fetch("gpt-9")

@@ -18,7 +18,8 @@ def test_points_spread_over_idle_equal_edges() -> None:
     edges = [EdgeView("a", max_batch=4, tokens_per_s=20), EdgeView("b", max_batch=4, tokens_per_s=20)]
     plan = place(6, edges, tokens_per_point=80)
     flat = [d for (d,) in plan.devices]
-    assert flat.count("a") == 3 and flat.count("b") == 3
+    assert flat.count("a") == 3
+    assert flat.count("b") == 3
 
 
 def test_busy_edge_gets_fewer_points() -> None:

@@ -94,7 +94,7 @@ class TransformersRuntime:
         order = sorted(range(len(requests)), key=lambda i: (requests[i].temperature, requests[i].top_p))
         for _, group in groupby(order, key=lambda i: (requests[i].temperature, requests[i].top_p)):
             idx = list(group)
-            for i, res in zip(idx, self._generate_group([requests[i] for i in idx])):
+            for i, res in zip(idx, self._generate_group([requests[i] for i in idx]), strict=False):
                 results[i] = res
         return [results[i] for i in range(len(requests))]
 
@@ -148,7 +148,7 @@ class TransformersRuntime:
         tok = self.tokenizer
         prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
         cont_ids = [tok(c, add_special_tokens=False)["input_ids"] for c in continuations]
-        seqs = [p + c for p, c in zip(prompt_ids, cont_ids)]
+        seqs = [p + c for p, c in zip(prompt_ids, cont_ids, strict=False)]
         width = max(len(s) for s in seqs)
         pad = int(tok.pad_token_id)
         input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
