@@ -1,0 +1,36 @@
+"""PICE cloud service: sketch with the cloud LLM, expand at the edge, assemble the answer."""
+
+from pice_cloud.aggregator import Aggregator, ChosenPoint, ConfidenceSelector, Selector
+from pice_cloud.errors import CloudError
+from pice_cloud.fleet import Fleet
+from pice_cloud.llm.base import ChatRequest, Completion, LLMBackend
+from pice_cloud.local import LocalSystem, local_system
+from pice_cloud.scheduler import Budget, EdgeView, Placement, choose_mode, place
+from pice_cloud.service import AnswerEvent, AnswerStats, PiceService, PointEvent, ServiceSettings, SketchEvent
+from pice_cloud.sketch import parse_sketch
+
+__all__ = [
+    "Aggregator",
+    "AnswerEvent",
+    "AnswerStats",
+    "Budget",
+    "ChatRequest",
+    "ChosenPoint",
+    "CloudError",
+    "Completion",
+    "ConfidenceSelector",
+    "EdgeView",
+    "Fleet",
+    "LLMBackend",
+    "LocalSystem",
+    "PiceService",
+    "Placement",
+    "PointEvent",
+    "Selector",
+    "ServiceSettings",
+    "SketchEvent",
+    "choose_mode",
+    "local_system",
+    "parse_sketch",
+    "place",
+]

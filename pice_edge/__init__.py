@@ -1,0 +1,49 @@
+"""PICE edge SDK: serve expansion tasks from the cloud with a local small model.
+
+The edge core (protocol, transport, node) needs only pydantic and paho-mqtt; model runtimes
+import their libraries (torch, onnxruntime, TensorRT-LLM) only when created.
+"""
+
+from pice_edge.errors import (
+    ConfigError,
+    ModelError,
+    ModelNotFoundError,
+    PayloadTooLargeError,
+    PiceError,
+    ProtocolError,
+    RuntimeUnavailableError,
+    TransportError,
+)
+from pice_edge.node import EdgeNode, NodeStats
+from pice_edge.protocol import PROTOCOL_VERSION, Candidate, CloudStatus, EdgeStatus, ExpandTask
+from pice_edge.runtimes import available_runtimes, create_runtime
+from pice_edge.runtimes.base import ChatMessage, GenerationRequest, GenerationResult, Runtime
+from pice_edge.transport import BrokerSettings, MqttTransport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "BrokerSettings",
+    "Candidate",
+    "ChatMessage",
+    "CloudStatus",
+    "ConfigError",
+    "EdgeNode",
+    "EdgeStatus",
+    "ExpandTask",
+    "GenerationRequest",
+    "GenerationResult",
+    "ModelError",
+    "ModelNotFoundError",
+    "MqttTransport",
+    "NodeStats",
+    "PayloadTooLargeError",
+    "PiceError",
+    "ProtocolError",
+    "Runtime",
+    "RuntimeUnavailableError",
+    "TransportError",
+    "available_runtimes",
+    "create_runtime",
+]
