@@ -1,6 +1,7 @@
 """PICE cloud service: sketch with the cloud LLM, expand at the edge, assemble the answer."""
 
-from pice_cloud.aggregator import Aggregator, ChosenPoint, ConfidenceSelector, Selector
+from pice_cloud.aggregator import Aggregator, ChosenPoint
+from pice_cloud.ensemble import ConfidenceSelector, EnsembleWeights, LearnedSelector, Selector
 from pice_cloud.errors import CloudError
 from pice_cloud.fleet import Fleet
 from pice_cloud.llm.base import ChatRequest, Completion, LLMBackend
@@ -20,8 +21,10 @@ __all__ = [
     "Completion",
     "ConfidenceSelector",
     "EdgeView",
+    "EnsembleWeights",
     "Fleet",
     "LLMBackend",
+    "LearnedSelector",
     "LocalSystem",
     "PiceService",
     "Placement",

@@ -1,4 +1,8 @@
-"""Collects candidates per point, validates and de-duplicates them, and picks one per point.
+"""Collects candidates per point, validates and de-duplicates them.
+
+A point with exactly one usable candidate once all its edges answered is settled here, at
+once; a point with several is left to the service, which runs the (async, batched) ensemble
+selector of `pice_cloud.ensemble` over it.
 
 Every inbound candidate goes through `Aggregator.handle_candidate`, which rejects (and counts):
 malformed payloads, ids that do not match the topic (a device publishing as another),
@@ -37,17 +41,9 @@ class ChosenPoint:
     candidates: int = 0
 
 
-class Selector(Protocol):
-    """Chooses one of a point's candidates (the ensemble)."""
-
-    def select(self, candidates: Sequence[Candidate]) -> Candidate: ...
-
-
-class ConfidenceSelector:
-    """Picks the candidate its own model was most confident in (highest mean log-prob)."""
-
-    def select(self, candidates: Sequence[Candidate]) -> Candidate:
-        return max(candidates, key=lambda c: (c.mean_logprob, -len(c.text), c.device_id))
+    @classmethod
+    def from_candidate(cls, cand: Candidate, among: int = 1) -> ChosenPoint:
+        return cls(cand.point_index, cand.text, "edge", cand.device_id, cand.token_count, among)
 
 
 @dataclass
@@ -61,19 +57,24 @@ class PointState:
     def settled(self) -> bool:
         return self.future.done()
 
+    @property
+    def ready(self) -> bool:
+        """Every assigned edge has answered."""
+        return bool(self.expected) and self.expected.issubset(self.received)
+
     def usable(self) -> list[Candidate]:
-        return [c for c in self.received.values() if c.text.strip()]
+        """Non-empty candidates, in a stable order (by device id)."""
+        return sorted((c for c in self.received.values() if c.text.strip()), key=lambda c: c.device_id)
 
 
 class PendingRequest:
     """Points of one request in flight."""
 
-    def __init__(self, request_id: str, assignments: Sequence[Sequence[str]], selector: Selector) -> None:
+    def __init__(self, request_id: str, assignments: Sequence[Sequence[str]]) -> None:
         self.request_id = request_id
         self.points = [PointState(i, frozenset(devs)) for i, devs in enumerate(assignments)]
-        self._selector = selector
-        #: Set when a point has heard from all its edges and none wrote anything usable, so
-        #: the service can fall back to the cloud before the deadline.
+        #: Set when a point has heard from all its edges but was not settled here (several
+        #: candidates to choose from, or none usable), so the service acts before the deadline.
         self.wakeup = asyncio.Event()
 
     def settle(self, chosen: ChosenPoint) -> bool:
@@ -84,14 +85,13 @@ class PendingRequest:
         state.future.set_result(chosen)
         return True
 
-    def settle_from_candidates(self, index: int) -> bool:
-        """Settle a point with the best of its usable candidates; False if it has none."""
+    def settle_single(self, index: int) -> bool:
+        """Settle a point that has exactly one usable candidate; False otherwise."""
         state = self.points[index]
         usable = state.usable()
-        if state.settled or not usable:
+        if state.settled or len(usable) != 1:
             return False
-        best = self._selector.select(usable)
-        return self.settle(ChosenPoint(index, best.text, "edge", best.device_id, best.token_count, len(usable)))
+        return self.settle(ChosenPoint.from_candidate(usable[0]))
 
     def cancel(self) -> None:
         for state in self.points:
@@ -102,17 +102,15 @@ class PendingRequest:
 class Aggregator:
     """Routes candidates to pending requests."""
 
-    def __init__(self, *, rejections: Rejections | None = None, selector: Selector | None = None,
-                 max_payload_bytes: int = 64 * 1024) -> None:
+    def __init__(self, *, rejections: Rejections | None = None, max_payload_bytes: int = 64 * 1024) -> None:
         self.rejections = rejections or Rejections()
-        self.selector: Selector = selector or ConfidenceSelector()
         self._max_payload = max_payload_bytes
         self._pending: dict[str, PendingRequest] = {}
         self._on_candidate: list[_CandidateListener] = []
         self.accepted = 0
 
     def open(self, request_id: str, assignments: Sequence[Sequence[str]]) -> PendingRequest:
-        pending = PendingRequest(request_id, assignments, self.selector)
+        pending = PendingRequest(request_id, assignments)
         self._pending[request_id] = pending
         return pending
 
@@ -164,8 +162,8 @@ class Aggregator:
         if state.settled:
             self.rejections.record("candidate", "late", "point already settled")
             return
-        if state.expected.issubset(state.received) and not pending.settle_from_candidates(cand.point_index):
-            log.debug("all candidates of %s/%d are empty", cand.request_id, cand.point_index)
+        if state.ready and not pending.settle_single(cand.point_index):
+            log.debug("%s/%d: all edges answered; choosing among candidates", cand.request_id, cand.point_index)
             pending.wakeup.set()
 
 

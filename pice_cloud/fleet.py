@@ -33,6 +33,8 @@ class EdgeInfo:
     #: Tasks sent to this edge whose candidates have not come back yet (cloud-side view,
     #: fresher than the edge's last reported queue depth).
     outstanding: int = 0
+    #: Network share of a task's round trip (seconds), measured from candidates.
+    link_delay_s: float = 0.0
 
     @property
     def device_id(self) -> str:

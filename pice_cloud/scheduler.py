@@ -14,6 +14,7 @@ cheaper per token but slower per point than spreading them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -37,10 +38,28 @@ class EdgeView:
     queue_depth: int = 0
     outstanding: int = 0
     tokens_per_s: float = 0.0
+    #: Measured network delay to the edge and back (task out, candidate in), seconds.
+    link_delay_s: float = 0.0
 
     @property
     def load(self) -> int:
         return max(self.queue_depth, self.outstanding)
+
+    @property
+    def free_slots(self) -> int:
+        return max(0, self.max_batch - self.load)
+
+
+@dataclass(frozen=True)
+class CloudView:
+    """The scheduler's snapshot of the cloud LLM."""
+
+    #: Requests being served or waiting for the cloud LLM (this one excluded).
+    queue_depth: int = 0
+    #: Measured cloud decode speed at batch 1 (0 when not yet measured).
+    tokens_per_s: float = 0.0
+    #: Requests the cloud LLM can batch together.
+    max_batch: int = 1
 
 
 @dataclass(frozen=True)
@@ -62,6 +81,47 @@ class Placement:
     deadlines_s: tuple[float, ...]
 
 
+def plan_budget(base: Budget, cloud: CloudView, edges: Sequence[EdgeView]) -> Budget:
+    """The sketch and expansion budget for one request under the current load.
+
+    Cost model: a progressive request costs the cloud the sketch (about ``max_points *
+    (max_words * 1.4 + 2)`` decode tokens) plus a cheap prefill to score candidates, and
+    costs the fleet ``max_points * tokens_per_point`` decode tokens. A cloud-only answer costs
+    the cloud all of it. So:
+
+    - a loaded cloud (requests queued beyond what it batches) writes shorter sketches: one
+      point fewer and shorter points per queued batch, never below 3 points of 4 words,
+      because sketch tokens are the only decode work it cannot hand to the edges;
+    - a fleet without enough free slots for every point gets a smaller expansion budget per
+      point (down to half), so queued points still finish within their deadlines, instead
+      of the request waiting for whole extra batches at the edges.
+    """
+    overload = max(0, cloud.queue_depth - max(1, cloud.max_batch) + 1)
+    steps = math.ceil(overload / max(1, cloud.max_batch))
+    max_points = max(3, base.max_points - steps)
+    max_words = max(4, base.max_words - steps)
+    free = sum(e.free_slots for e in edges)
+    tokens = base.tokens_per_point
+    if edges and free < max_points:
+        # Points beyond the free slots wait for a second batch: shrink each so two batches
+        # take about as long as one full-length batch would.
+        tokens = max(base.tokens_per_point // 2, int(base.tokens_per_point * (0.5 + 0.5 * free / max_points)))
+    return Budget(max_points=max_points, max_words=max_words, sketch_tokens=base.sketch_tokens,
+                  tokens_per_point=tokens)
+
+
+def ensemble_width(n_points: int, edges: Sequence[EdgeView], max_width: int) -> int:
+    """Replicate each point to as many edges as free capacity allows (1 .. ``max_width``).
+
+    Replicas only use slots that are free now: an ensemble never delays a request by
+    queueing behind other requests' work.
+    """
+    if n_points <= 0 or not edges:
+        return 1
+    free = sum(e.free_slots for e in edges)
+    return max(1, min(max_width, len(edges), free // n_points))
+
+
 def choose_mode(requested: RequestedMode, live_edges: int) -> Mode:
     """Cloud-only when asked, or when no edge is live; progressive otherwise."""
     if requested == "cloud":
@@ -78,7 +138,15 @@ def predicted_seconds(edge: EdgeView, extra_load: int, tokens: int) -> float:
     ahead = edge.load + extra_load  # tasks queued before this one
     full_batches, in_last = divmod(ahead, size)
     step = tokens / rate  # seconds for one sequence decoded alone
-    return float(full_batches * step * size**BATCH_EXPONENT + step * (in_last + 1) ** BATCH_EXPONENT)
+    compute = full_batches * step * size**BATCH_EXPONENT + step * (in_last + 1) ** BATCH_EXPONENT
+    return float(compute + edge.link_delay_s)
+
+
+def predicted_cloud_seconds(cloud: CloudView, extra_points: int, tokens: int) -> float:
+    """Predicted time for the cloud to expand one more point itself (after ``extra_points``)."""
+    rate = cloud.tokens_per_s if cloud.tokens_per_s > 0 else DEFAULT_EDGE_TOKENS_PER_S
+    batch = extra_points + 1 + cloud.queue_depth
+    return float(tokens / rate * batch**BATCH_EXPONENT)
 
 
 def place(
@@ -90,8 +158,18 @@ def place(
     deadline_floor_s: float = 5.0,
     deadline_factor: float = 3.0,
     deadline_cap_s: float = 60.0,
+    cloud: CloudView | None = None,
+    cloud_takeover_factor: float = 2.0,
 ) -> Placement:
     """Assign each point to ``width`` distinct edges (fewer when the fleet is smaller).
+
+    Points are placed one by one on the edges predicted to finish them soonest, so the
+    slowest point of the request finishes as early as the fleet allows. An empty assignment
+    means the cloud expands the point itself: that happens when there are no edges, or when
+    even the best edge has no free slot left and an idle ``cloud`` would finish the point
+    ``cloud_takeover_factor`` times sooner (a busy fleet and an idle cloud: the cloud does
+    more itself). A cloud with requests queued never takes points: its capacity is what
+    PICE saves.
 
     The deadline of a point is ``deadline_factor`` times the slowest predicted finish among its
     edges, clamped to [deadline_floor_s, deadline_cap_s]: generous enough for a noisy device,
@@ -101,10 +179,20 @@ def place(
         return Placement(devices=tuple(() for _ in range(n_points)), deadlines_s=tuple(0.0 for _ in range(n_points)))
     width = max(1, min(width, len(edges)))
     extra = {e.device_id: 0 for e in edges}
+    in_cloud = 0
     devices: list[tuple[str, ...]] = []
     deadlines: list[float] = []
     for _ in range(n_points):
         ranked = sorted(edges, key=lambda e: (predicted_seconds(e, extra[e.device_id], tokens_per_point), e.device_id))
+        first = ranked[0]
+        fleet_full = first.load + extra[first.device_id] >= first.max_batch
+        best = predicted_seconds(first, extra[first.device_id], tokens_per_point)
+        if (cloud is not None and cloud.queue_depth == 0 and fleet_full
+                and best > cloud_takeover_factor * predicted_cloud_seconds(cloud, in_cloud, tokens_per_point)):
+            in_cloud += 1
+            devices.append(())
+            deadlines.append(0.0)
+            continue
         chosen = ranked[:width]
         slowest = max(predicted_seconds(e, extra[e.device_id], tokens_per_point) for e in chosen)
         for e in chosen:

@@ -18,10 +18,21 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
-from pice_cloud.aggregator import Aggregator, ChosenPoint, PendingRequest
+from pice_cloud.aggregator import Aggregator, ChosenPoint, PendingRequest, PointState
+from pice_cloud.ensemble import ConfidenceSelector, SelectionItem, Selector
 from pice_cloud.fleet import Fleet
-from pice_cloud.llm.base import ChatRequest, LLMBackend
-from pice_cloud.scheduler import Budget, EdgeView, Mode, RequestedMode, choose_mode, place
+from pice_cloud.llm.base import ChatRequest, Completion, LLMBackend
+from pice_cloud.scheduler import (
+    Budget,
+    CloudView,
+    EdgeView,
+    Mode,
+    RequestedMode,
+    choose_mode,
+    ensemble_width,
+    place,
+    plan_budget,
+)
 from pice_cloud.sketch import SKETCH_PREFILL, parse_sketch, sketch_messages
 from pice_edge.prompts import clean_expansion, expansion_messages
 from pice_edge.protocol import (
@@ -82,10 +93,16 @@ Event = SketchEvent | PointEvent | AnswerEvent
 class ServiceSettings:
     """Knobs of the request path (the CLI and config map onto these)."""
 
+    #: The budget of an idle system; `plan_budget` shortens it under load.
     budget: Budget = field(default_factory=Budget)
+    #: Adapt the budget to the load (`plan_budget`); off gives ``budget`` exactly.
+    adaptive_budget: bool = True
     #: Most tokens of a cloud-only answer.
     max_answer_tokens: int = 400
+    #: Most edges expanding one point (the ensemble); replicas only use free edge slots.
     ensemble_width: int = 1
+    #: Requests the cloud LLM batches together (for the scheduler's load estimate).
+    cloud_max_batch: int = 1
     deadline_floor_s: float = 5.0
     deadline_factor: float = 3.0
     deadline_cap_s: float = 60.0
@@ -101,10 +118,17 @@ class PiceService:
     """Answers questions using the cloud LLM and the edge fleet reachable through ``transport``."""
 
     def __init__(self, llm: LLMBackend, transport: MqttTransport, *, settings: ServiceSettings | None = None,
-                 fleet: Fleet | None = None, aggregator: Aggregator | None = None) -> None:
+                 fleet: Fleet | None = None, aggregator: Aggregator | None = None,
+                 selector: Selector | None = None) -> None:
         self.llm = llm
         self.transport = transport
         self.settings = settings or ServiceSettings()
+        self.selector: Selector = selector or ConfidenceSelector()
+        #: Requests currently using the cloud LLM, and its measured decode speed.
+        self._cloud_busy = 0
+        self._cloud_tokens_per_s = 0.0
+        #: (request, point, device) -> time.monotonic() of dispatch, for link-delay estimates.
+        self._sent_at: dict[tuple[str, int, str], float] = {}
         max_payload = transport.settings.max_payload_bytes
         self.fleet = fleet or Fleet(rejections=transport.rejections, max_payload_bytes=max_payload)
         self.aggregator = aggregator or Aggregator(rejections=transport.rejections, max_payload_bytes=max_payload)
@@ -123,7 +147,7 @@ class PiceService:
         stats = AnswerStats(mode=chosen_mode)
         if chosen_mode == "cloud":
             limit = min(max_tokens or self.settings.max_answer_tokens, self.settings.max_answer_tokens)
-            [done] = await self.llm.complete([ChatRequest([ChatMessage("user", question)], max_tokens=limit)])
+            [done] = await self._complete([ChatRequest([ChatMessage("user", question)], max_tokens=limit)])
             stats.cloud_tokens = done.tokens
             stats.total_s = stats.first_token_s = time.perf_counter() - started
             yield AnswerEvent(done.text.strip(), stats)
@@ -145,27 +169,34 @@ class PiceService:
     async def _progressive(self, question: str, edges: list[EdgeView], stats: AnswerStats,
                            started: float) -> AsyncIterator[Event]:
         budget = self.settings.budget
+        if self.settings.adaptive_budget:
+            budget = plan_budget(budget, self._cloud_view(), edges)
         sketch_request = ChatRequest(
             sketch_messages(question, max_points=budget.max_points, max_words=budget.max_words),
             max_tokens=budget.sketch_tokens,
             prefill=SKETCH_PREFILL,
         )
-        [raw] = await self.llm.complete([sketch_request])
+        [raw] = await self._complete([sketch_request])
         stats.cloud_tokens += raw.tokens
         points = parse_sketch(raw.text, max_points=budget.max_points, max_words=budget.max_words)
         stats.sketch_s = time.perf_counter() - started
         yield SketchEvent(points)
 
         request_id = uuid.uuid4().hex[:16]
+        edges = self._edge_views()  # fresher than before the sketch
+        width = ensemble_width(len(points), edges, self.settings.ensemble_width)
         placement = place(
-            len(points), edges, tokens_per_point=budget.tokens_per_point, width=self.settings.ensemble_width,
+            len(points), edges, tokens_per_point=budget.tokens_per_point, width=width,
             deadline_floor_s=self.settings.deadline_floor_s, deadline_factor=self.settings.deadline_factor,
-            deadline_cap_s=self.settings.deadline_cap_s,
+            deadline_cap_s=self.settings.deadline_cap_s, cloud=self._cloud_view(),
         )
         pending = self.aggregator.open(request_id, placement.devices)
-        supervisor = asyncio.create_task(self._supervise(question, points, pending, placement.deadlines_s))
+        supervisor = asyncio.create_task(
+            self._supervise(question, points, pending, placement.deadlines_s, budget.tokens_per_point)
+        )
         try:
-            self._dispatch(request_id, question, points, placement.devices, placement.deadlines_s)
+            self._dispatch(request_id, question, points, placement.devices, placement.deadlines_s,
+                           budget.tokens_per_point)
             parts: list[str] = []
             for state in pending.points:
                 chosen = await asyncio.shield(state.future)
@@ -190,38 +221,48 @@ class PiceService:
             self.aggregator.close(request_id)
 
     def _dispatch(self, request_id: str, question: str, points: list[str],
-                  devices: Sequence[Sequence[str]], deadlines_s: Sequence[float]) -> None:
+                  devices: Sequence[Sequence[str]], deadlines_s: Sequence[float], tokens_per_point: int) -> None:
         now = time.time()
+        sent = time.monotonic()
         for index, (targets, wait) in enumerate(zip(devices, deadlines_s, strict=False)):
             for device_id in targets:
                 task = ExpandTask(
                     request_id=request_id, point_index=index, question=question, sketch=points,
-                    max_new_tokens=self.settings.budget.tokens_per_point, deadline=now + wait,
+                    max_new_tokens=tokens_per_point, deadline=now + wait,
                     sampling=self.settings.sampling,
                 )
                 info = self.fleet.get(device_id)
                 if info is not None:
                     info.outstanding += 1
+                self._sent_at[(request_id, index, device_id)] = sent
                 self.transport.publish(edge_tasks_topic(device_id), encode(task))
 
     async def _supervise(self, question: str, points: list[str], pending: PendingRequest,
-                         deadlines_s: Sequence[float]) -> None:
-        """Settle points whose edges missed the deadline (or wrote nothing) by cloud expansion."""
+                         deadlines_s: Sequence[float], tokens_per_point: int) -> None:
+        """Settle points once all their edges answered or their deadline passed: by the ensemble
+        when there are several candidates, by cloud expansion when there is none."""
         start = time.monotonic()
         due = [start + d for d in deadlines_s]
         while True:
             now = time.monotonic()
-            missing = []
-            for state, when in zip(pending.points, due, strict=False):
-                if state.settled:
+            missing: list[int] = []
+            to_choose: list[PointState] = []
+            for state, when in zip(pending.points, due, strict=True):
+                if state.settled or not (not state.expected or now >= when or state.ready):
                     continue
-                exhausted = state.expected and state.expected.issubset(state.received)
-                due_now = not state.expected or now >= when or exhausted
                 # Take what arrived in time before giving up on the edges.
-                if due_now and not pending.settle_from_candidates(state.index):
+                usable = state.usable()
+                if not usable:
                     missing.append(state.index)
+                elif len(usable) == 1:
+                    pending.settle_single(state.index)
+                else:
+                    to_choose.append(state)
+            if to_choose:
+                await self._choose(question, points, pending, to_choose, tokens_per_point)
             if missing:
-                await self._cloud_expand(question, points, pending, missing)
+                await self._cloud_expand(question, points, pending, missing, tokens_per_point)
+            if to_choose or missing:
                 continue
             open_due = [when for state, when in zip(pending.points, due, strict=False) if not state.settled]
             if not open_due:
@@ -230,33 +271,75 @@ class PiceService:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(pending.wakeup.wait(), timeout=max(0.0, min(open_due) - time.monotonic()))
 
+    async def _choose(self, question: str, points: list[str], pending: PendingRequest,
+                      states: list[PointState], tokens_per_point: int) -> None:
+        """Run the ensemble selector over every point that has several candidates."""
+        items = [SelectionItem(question, points, s.index, s.usable(), tokens_per_point) for s in states]
+        try:
+            picks = await self.selector.choose(items)
+        except Exception:
+            # A broken scorer must not lose the answer: fall back to the edges' own confidence.
+            log.exception("request %s: ensemble selection failed; using edge confidence", pending.request_id)
+            picks = await ConfidenceSelector().choose(items)
+        for item, pick in zip(items, picks, strict=True):
+            pending.settle(ChosenPoint.from_candidate(item.candidates[pick], len(item.candidates)))
+
     async def _cloud_expand(self, question: str, points: list[str], pending: PendingRequest,
-                            indices: list[int]) -> None:
-        budget = self.settings.budget.tokens_per_point
+                            indices: list[int], tokens_per_point: int) -> None:
+        budget = tokens_per_point
         log.info("request %s: cloud expands point(s) %s", pending.request_id, [i + 1 for i in indices])
         requests = [ChatRequest(expansion_messages(question, points, i), max_tokens=budget) for i in indices]
-        results = await self.llm.complete(requests)
-        for index, res in zip(indices, results, strict=False):
+        results = await self._complete(requests)
+        for index, res in zip(indices, results, strict=True):
             text = clean_expansion(res.text, truncated=res.tokens >= budget) or points[index]
             pending.settle(ChosenPoint(index, text, "cloud", None, res.tokens, 0))
 
-    # --- fleet bookkeeping -----------------------------------------------------------------
+    # --- cloud and fleet bookkeeping ---------------------------------------------------------
+
+    async def _complete(self, requests: list[ChatRequest]) -> list[Completion]:
+        """Run the cloud LLM, keeping the load and speed figures the scheduler reads."""
+        self._cloud_busy += 1
+        started = time.perf_counter()
+        try:
+            results = await self.llm.complete(requests)
+        finally:
+            self._cloud_busy -= 1
+        elapsed = time.perf_counter() - started
+        longest = max((r.tokens for r in results), default=0)
+        if elapsed > 0 and longest >= 8:
+            rate = longest / elapsed  # per-sequence decode speed, as edges report theirs
+            prev = self._cloud_tokens_per_s
+            self._cloud_tokens_per_s = rate if prev == 0 else 0.7 * prev + 0.3 * rate
+        return results
+
+    def _cloud_view(self) -> CloudView:
+        return CloudView(queue_depth=self._cloud_busy, tokens_per_s=self._cloud_tokens_per_s,
+                         max_batch=self.settings.cloud_max_batch)
 
     def _edge_views(self) -> list[EdgeView]:
         return [
             EdgeView(device_id=e.device_id, max_batch=e.status.max_batch, queue_depth=e.status.queue_depth,
-                     outstanding=e.outstanding, tokens_per_s=e.status.tokens_per_s)
+                     outstanding=e.outstanding, tokens_per_s=e.status.tokens_per_s, link_delay_s=e.link_delay_s)
             for e in self.fleet.live()
         ]
 
     def _on_candidate(self, candidate: Candidate) -> None:
         info = self.fleet.get(candidate.device_id)
-        if info is not None and info.outstanding > 0:
+        sent = self._sent_at.pop((candidate.request_id, candidate.point_index, candidate.device_id), None)
+        if info is None:
+            return
+        if info.outstanding > 0:
             info.outstanding -= 1
+        if sent is not None:
+            # Round trip minus the edge's own time (queue + generation) is the link's share.
+            delay = max(0.0, time.monotonic() - sent - candidate.latency_s)
+            info.link_delay_s = delay if info.link_delay_s == 0 else 0.8 * info.link_delay_s + 0.2 * delay
 
     def _release(self, pending: PendingRequest) -> None:
         # Tasks that never came back no longer count against their edges.
         for state in pending.points:
+            for device_id in state.expected:
+                self._sent_at.pop((pending.request_id, state.index, device_id), None)
             for device_id in state.expected - state.received.keys():
                 info = self.fleet.get(device_id)
                 if info is not None and info.outstanding > 0:

@@ -66,3 +66,64 @@ def test_batching_is_cheaper_than_serial() -> None:
 def test_no_edges_gives_empty_assignment() -> None:
     plan = place(3, [], tokens_per_point=80)
     assert plan.devices == ((), (), ())
+
+
+# --- load-aware budget, ensemble width, cloud takeover, link delay --------------------------
+
+from pice_cloud.scheduler import Budget, CloudView, ensemble_width, plan_budget  # noqa: E402
+
+BASE = Budget(max_points=6, max_words=6, tokens_per_point=80)
+
+
+def test_idle_system_keeps_the_full_budget() -> None:
+    edges = [EdgeView("a", max_batch=4), EdgeView("b", max_batch=4)]
+    assert plan_budget(BASE, CloudView(queue_depth=0, max_batch=4), edges) == BASE
+
+
+def test_loaded_cloud_writes_shorter_sketches() -> None:
+    edges = [EdgeView("a", max_batch=8), EdgeView("b", max_batch=8)]
+    light = plan_budget(BASE, CloudView(queue_depth=4, max_batch=4), edges)
+    heavy = plan_budget(BASE, CloudView(queue_depth=40, max_batch=4), edges)
+    assert light.max_points < BASE.max_points
+    assert heavy.max_points == 3
+    assert heavy.max_words == 4
+    assert heavy.tokens_per_point == BASE.tokens_per_point  # the edges are free: full expansions
+
+
+def test_busy_fleet_gets_shorter_expansions() -> None:
+    busy = [EdgeView("a", max_batch=4, queue_depth=4), EdgeView("b", max_batch=4, queue_depth=3)]
+    budget = plan_budget(BASE, CloudView(), busy)
+    assert BASE.tokens_per_point // 2 <= budget.tokens_per_point < BASE.tokens_per_point
+    # Empty fleet: nothing to size for (the cloud answers alone).
+    assert plan_budget(BASE, CloudView(), []) == BASE
+
+
+def test_ensemble_width_only_uses_free_slots() -> None:
+    idle = [EdgeView(x, max_batch=4) for x in "abc"]
+    assert ensemble_width(4, idle, max_width=3) == 3
+    assert ensemble_width(6, idle, max_width=3) == 2
+    busy = [EdgeView(x, max_batch=4, queue_depth=4) for x in "abc"]
+    assert ensemble_width(2, busy, max_width=3) == 1
+    assert ensemble_width(2, [], max_width=3) == 1
+
+
+def test_idle_cloud_takes_points_only_from_a_full_fleet() -> None:
+    fast_idle_cloud = CloudView(queue_depth=0, tokens_per_s=200)
+    full = [EdgeView("a", max_batch=1, queue_depth=3, tokens_per_s=10)]
+    plan = place(2, full, tokens_per_point=80, cloud=fast_idle_cloud)
+    assert plan.devices == ((), ())
+    free = [EdgeView("a", max_batch=4, tokens_per_s=10)]
+    assert place(2, free, tokens_per_point=80, cloud=fast_idle_cloud).devices == (("a",), ("a",))
+    busy_cloud = CloudView(queue_depth=2, tokens_per_s=200)
+    assert place(2, full, tokens_per_point=80, cloud=busy_cloud).devices == (("a",), ("a",))
+
+
+def test_one_slow_edge_and_link_delay() -> None:
+    near = EdgeView("near", max_batch=4, tokens_per_s=20, link_delay_s=0.01)
+    far = EdgeView("far", max_batch=4, tokens_per_s=20, link_delay_s=5.0)
+    slow = EdgeView("slow", max_batch=4, tokens_per_s=2)
+    plan = place(3, [near, far, slow], tokens_per_point=80)
+    flat = [d for (d,) in plan.devices]
+    assert "slow" not in flat
+    assert flat.count("near") >= flat.count("far")
+    assert predicted_seconds(far, 0, 80) - predicted_seconds(near, 0, 80) == pytest.approx(4.99)

@@ -40,5 +40,14 @@ class TransformersBackend:
         results = await loop.run_in_executor(self._executor, self.runtime.generate, gen)
         return [Completion(text=x.text, tokens=x.token_count, mean_logprob=x.mean_logprob) for x in results]
 
+    async def score(self, requests: Sequence[ChatRequest], continuations: Sequence[str]) -> list[float]:
+        """Mean token log-likelihood of each continuation as the reply to its request (one
+        batched prefill on the model's worker thread; nothing is decoded)."""
+        if not requests:
+            return []
+        prompts = [self.runtime.format_chat(r.messages, r.prefill) for r in requests]
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.runtime.score, prompts, list(continuations))
+
     async def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,144 @@
+"""Ensemble selection: features, fitted weights, and the service choosing among replicas."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from pice_cloud.ensemble import (
+    FEATURES,
+    ConfidenceSelector,
+    EnsembleWeights,
+    LearnedSelector,
+    SelectionItem,
+    compute_features,
+    length_fit,
+)
+from pice_cloud.errors import CloudError
+from pice_cloud.llm.base import ChatRequest
+from pice_cloud.llm.transformers import TransformersBackend
+from pice_cloud.local import local_system
+from pice_cloud.scheduler import Budget
+from pice_cloud.service import AnswerEvent, PointEvent, ServiceSettings
+from pice_edge.prompts import expansion_messages
+from pice_edge.protocol import Candidate
+from tests.conftest import Mosquitto
+
+Q = "How can I sleep better?"
+SKETCH = ["Keep a schedule", "Avoid screens at night"]
+
+
+class BagOfWords:
+    """A deterministic sentence embedder (hashed bag of words, L2-normalised) for logic tests."""
+
+    def encode(self, texts: Sequence[str]) -> list[list[float]]:
+        out = []
+        for text in texts:
+            vec = [0.0] * 64
+            for word in text.lower().replace(".", " ").split():
+                vec[int(hashlib.md5(word.encode()).hexdigest(), 16) % 64] += 1.0
+            norm = math.sqrt(sum(v * v for v in vec)) or 1.0
+            out.append([v / norm for v in vec])
+        return out
+
+
+def cand(device: str, text: str, logprob: float = -1.0, tokens: int = 40, index: int = 0) -> Candidate:
+    return Candidate(request_id="r1", point_index=index, device_id=device, text=text, token_count=tokens,
+                     mean_logprob=logprob, latency_s=1.0)
+
+
+def test_packaged_weights_load_and_bad_files_are_named(tmp_path: Path) -> None:
+    weights = EnsembleWeights.load()
+    assert set(weights.weights) <= set(FEATURES)
+    assert any(weights.vector())
+    bad = tmp_path / "w.json"
+    bad.write_text("{not json")
+    with pytest.raises(CloudError, match=r"w\.json: invalid ensemble weights"):
+        EnsembleWeights.load(bad)
+    bad.write_text('{"weights": {"vibes": 1.0}}')
+    with pytest.raises(CloudError, match="unknown features"):
+        EnsembleWeights.load(bad)
+    with pytest.raises(CloudError, match="cannot read"):
+        EnsembleWeights.load(tmp_path / "missing.json")
+
+
+def test_length_fit_peaks_at_expected_length() -> None:
+    assert length_fit(47, 80) > length_fit(10, 80)
+    assert length_fit(47, 80) > length_fit(80, 80)
+    assert length_fit(47, 80) == pytest.approx(0.0, abs=0.03)
+
+
+async def test_agreement_picks_the_consensus_candidate() -> None:
+    item = SelectionItem(Q, SKETCH, 0, [
+        cand("a", "Go to bed at the same time every night and wake at the same time.", logprob=-0.5),
+        cand("b", "Bananas are yellow fruit grown in warm countries.", logprob=-0.1),
+        cand("c", "Keep the same bed time every night, and wake at the same time too.", logprob=-0.9),
+    ])
+    agree = LearnedSelector(EnsembleWeights(weights={"agreement": 1.0}), embedder=BagOfWords())
+    assert (await agree.choose([item]))[0] in (0, 2)
+    # The edges' own confidence alone would have taken the off-topic one.
+    assert (await ConfidenceSelector().choose([item]))[0] == 1
+    relevance = LearnedSelector(EnsembleWeights(weights={"relevance": 1.0}), embedder=BagOfWords())
+    assert (await relevance.choose([item]))[0] in (0, 2)
+
+
+async def test_cloud_loglik_feature_matches_the_backend_scores(tiny_model: Path) -> None:
+    llm = TransformersBackend(tiny_model, threads=1)
+    try:
+        texts = ["Set clear goals and priorities.", "Sleep well and exercise often.", ": ; , ! ? 1. 2."]
+        item = SelectionItem(Q, SKETCH, 1, [cand(d, t, index=1) for d, t in zip("abc", texts, strict=True)])
+        feats = await compute_features([item], scorer=llm)
+        direct = await llm.score([ChatRequest(expansion_messages(Q, SKETCH, 1), max_tokens=0)] * 3, texts)
+        assert [row[0] for row in feats[0]] == pytest.approx(direct, abs=1e-4)
+        assert len(set(direct)) == 3  # the model does tell them apart
+        chooser = LearnedSelector(EnsembleWeights(weights={"cloud_loglik": 1.0}), scorer=llm)
+        assert (await chooser.choose([item]))[0] == max(range(3), key=lambda i: direct[i])
+    finally:
+        await llm.close()
+
+
+class RecordingSelector(ConfidenceSelector):
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    async def choose(self, items: Sequence[SelectionItem]) -> list[int]:
+        self.seen.extend(len(it.candidates) for it in items)
+        return await super().choose(items)
+
+
+class BrokenSelector:
+    async def choose(self, items: Sequence[SelectionItem]) -> list[int]:
+        raise RuntimeError("scorer crashed")
+
+
+@pytest.mark.mosquitto
+@pytest.mark.parametrize("broken", [False, True])
+async def test_service_replicates_points_and_chooses(mosquitto: Mosquitto, tiny_model: Path, broken: bool) -> None:
+    llm = TransformersBackend(tiny_model, threads=1)
+    settings = ServiceSettings(budget=Budget(max_points=2, tokens_per_point=8, sketch_tokens=30),
+                               ensemble_width=2, adaptive_budget=False)
+    try:
+        async with local_system(llm, broker_url=mosquitto.url, edges=2, edge_model=tiny_model, edge_threads=1,
+                                settings=settings) as system:
+            recorder = RecordingSelector()
+            system.service.selector = BrokenSelector() if broken else recorder
+            points: list[PointEvent] = []
+            final = None
+            async for event in system.service.answer(Q, mode="progressive"):
+                if isinstance(event, PointEvent):
+                    points.append(event)
+                elif isinstance(event, AnswerEvent):
+                    final = event
+            assert final is not None
+            assert final.stats.points_edge == len(points)
+            # Two idle edges with 4 free slots each: every point went to both.
+            assert all(p.point.candidates == 2 for p in points)
+            if not broken:
+                assert recorder.seen == [2] * len(points)
+            assert sum(n.stats.candidates_published for n in system.edges) == 2 * len(points)
+    finally:
+        await llm.close()
