@@ -291,7 +291,7 @@ class PiceService:
         requests = [ChatRequest(expansion_messages(question, points, i), max_tokens=budget) for i in indices]
         results = await self._complete(requests)
         for index, res in zip(indices, results, strict=True):
-            text = clean_expansion(res.text, truncated=res.tokens >= budget) or points[index]
+            text = clean_expansion(res.text, truncated=res.tokens >= budget, point=points[index]) or points[index]
             pending.settle(ChosenPoint(index, text, "cloud", None, res.tokens, 0))
 
     # --- cloud and fleet bookkeeping ---------------------------------------------------------

@@ -234,7 +234,9 @@ class EdgeNode:
             tokens = sum(r.token_count for r in results)
             self._account(len(batch), tokens, elapsed)
             for queued, req, result in zip(batch, requests, results, strict=False):
-                text = clean_expansion(result.text, truncated=result.token_count >= req.max_new_tokens)
+                task = queued.task
+                text = clean_expansion(result.text, truncated=result.token_count >= req.max_new_tokens,
+                                       point=task.sketch[task.point_index])
                 candidate = Candidate(
                     request_id=queued.task.request_id,
                     point_index=queued.task.point_index,

@@ -44,9 +44,24 @@ def expansion_messages(question: str, sketch: Sequence[str], point_index: int) -
     ]
 
 
-def clean_expansion(text: str, *, truncated: bool) -> str:
+_LEADING_NUMBER = re.compile(r"^\s*\d{1,2}[.)]\s+")
+
+
+def clean_expansion(text: str, *, truncated: bool, point: str = "") -> str:
     """Keep the expansion of one point: stop where the model starts the next point, and drop
-    a trailing half sentence when generation was cut by the token budget."""
+    a trailing half sentence when generation was cut by the token budget.
+
+    With ``point``, a leading echo of the point ("2. Plan the day") is removed, and an
+    expansion that is nothing but that echo counts as empty (worthless to the answer).
+    """
+    text = _LEADING_NUMBER.sub("", text, count=1)
+    if point:
+        head = point.strip().rstrip(".:").lower()
+        first, _, rest = text.strip().partition("\n")
+        if first.strip().rstrip(".:*").strip("*").lower() == head:
+            text = rest
+        elif text.lower().startswith(head) and text[len(head):len(head) + 1] in (":", "."):
+            text = text[len(head) + 1:]
     match = _NEXT_POINT.search(text)
     if match:
         text = text[: match.start()]

@@ -6,6 +6,7 @@ import pytest
 
 from pice_cloud.errors import SketchError
 from pice_cloud.sketch import parse_sketch
+from pice_edge.prompts import clean_expansion
 
 CASES = [
     # (continuation after the pre-filled "1.", expected points)
@@ -42,3 +43,18 @@ def test_no_usable_point_is_an_error(raw: str) -> None:
 
 def test_without_prefill() -> None:
     assert parse_sketch("1. One\n2. Two", prefilled="") == ["One", "Two"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "truncated", "expected"),
+    [
+        ("1. Local vs. Tourist", False, ""),  # nothing but an echo of the point
+        ("Local vs. Tourist: locals know the area. They eat well.", False, "locals know the area. They eat well."),
+        ("**Local vs. Tourist**\nLocals know the area.", False, "Locals know the area."),
+        ("Locals know the area. They eat\n2. Next point", False, "Locals know the area. They eat"),
+        ("Locals know the area. They eat where", True, "Locals know the area."),
+        ("Question: where?\nOutline: 1. x", False, ""),  # the prompt parroted back
+    ],
+)
+def test_clean_expansion(raw: str, truncated: bool, expected: str) -> None:
+    assert clean_expansion(raw, truncated=truncated, point="Local vs. Tourist") == expected
