@@ -1,6 +1,6 @@
 """``pice-cloud``: ask a question on a single host (embedded broker + local edges).
 
-    pice-cloud ask "QUESTION" [--edges N] [--broker mqtt://HOST:PORT] [--mode auto|progressive|cloud]
+    pice-cloud ask "QUESTION" [--edges N] [--broker mqtt://HOST:PORT] [--mode auto|progressive|cloud|sot]
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="local edge nodes to start (default: 2, or 0 with --broker)")
     ask.add_argument("--model", default="smollm2-135m-instruct", help="cloud LLM: model name or HF folder")
     ask.add_argument("--edge-model", default=None, help="edge model (default: same as --model)")
-    ask.add_argument("--mode", choices=("auto", "progressive", "cloud"), default="auto")
+    ask.add_argument("--mode", choices=("auto", "progressive", "cloud", "sot"), default="auto",
+                     help="sot: sketch and expansion both in the cloud (Skeleton-of-Thought baseline)")
     ask.add_argument("--max-points", type=int, default=6)
     ask.add_argument("--tokens-per-point", type=int, default=80)
     ask.add_argument("--threads", type=int, default=1,

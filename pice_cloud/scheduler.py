@@ -19,8 +19,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-Mode = Literal["cloud", "progressive"]
-RequestedMode = Literal["auto", "cloud", "progressive"]
+#: "sot" is Skeleton-of-Thought in the cloud alone (sketch, then every point expanded by the
+#: cloud LLM in one batch): the baseline that shows what the edges add.
+Mode = Literal["cloud", "progressive", "sot"]
+RequestedMode = Literal["auto", "cloud", "progressive", "sot"]
 
 #: Decode speed assumed for an edge that has not reported one yet (tokens/s). SmolLM2-135M on
 #: one free CPU core measures ~20 at batch 1; half that covers a shared or slower core, so a
@@ -124,8 +126,8 @@ def ensemble_width(n_points: int, edges: Sequence[EdgeView], max_width: int) -> 
 
 def choose_mode(requested: RequestedMode, live_edges: int) -> Mode:
     """Cloud-only when asked, or when no edge is live; progressive otherwise."""
-    if requested == "cloud":
-        return "cloud"
+    if requested in ("cloud", "sot"):
+        return requested
     if requested == "progressive":
         return "progressive"
     return "progressive" if live_edges > 0 else "cloud"

@@ -152,6 +152,8 @@ class PiceService:
             stats.total_s = stats.first_token_s = time.perf_counter() - started
             yield AnswerEvent(done.text.strip(), stats)
             return
+        if chosen_mode == "sot":
+            edges = []  # every point is then expanded by the cloud itself, in one batch
         async for event in self._progressive(question, edges, stats, started):
             yield event
 
@@ -183,7 +185,8 @@ class PiceService:
         yield SketchEvent(points)
 
         request_id = uuid.uuid4().hex[:16]
-        edges = self._edge_views()  # fresher than before the sketch
+        if edges:
+            edges = self._edge_views()  # fresher than before the sketch
         width = ensemble_width(len(points), edges, self.settings.ensemble_width)
         placement = place(
             len(points), edges, tokens_per_point=budget.tokens_per_point, width=width,

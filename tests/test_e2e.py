@@ -164,3 +164,20 @@ async def test_smollm2_answer_over_embedded_broker(smollm2: Path) -> None:
     positions = [final.text.index(p.point.text) for p in points]
     assert positions == sorted(positions)
     assert final.text.count("\n\n") == len(sketch) - 1
+
+
+@pytest.mark.mosquitto
+async def test_sot_mode_expands_every_point_in_the_cloud(mosquitto: Mosquitto,
+                                                         tiny_llm: TransformersBackend) -> None:
+    settings = ServiceSettings(budget=Budget(max_points=3, tokens_per_point=8, sketch_tokens=30))
+    silent, received = await _silent_edge(mosquitto.url, "silent-3")
+    try:
+        async with local_system(tiny_llm, broker_url=mosquitto.url, edges=0, settings=settings) as system:
+            assert await system.service.fleet.wait_for(1, 5.0)
+            sketch, points, final = await collect(system.service.answer(QUESTION, mode="sot"))
+            assert final.stats.mode == "sot"
+            assert [p.point.source for p in points] == ["cloud"] * len(sketch)
+            await asyncio.sleep(0.2)
+            assert received == [], "no task may reach an edge in cloud-only Skeleton-of-Thought"
+    finally:
+        await silent.close()
