@@ -1,0 +1,455 @@
+#!/usr/bin/env python3
+"""PICE vs cloud-only vs Skeleton-of-Thought, measured side by side in one run.
+
+Real processes on this host: a Mosquitto broker, the cloud (`pice-cloud serve`) pinned to
+``--cloud-cores``, and ``--edges`` edge nodes (`pice-edge run`) pinned to ``--edge-cores``.
+The client drives the cloud's OpenAI-compatible API with the official `openai` client,
+streaming, and picks the mode per request with the ``pice`` extension field:
+
+- ``cloud``: the cloud LLM answers directly;
+- ``sot``: Skeleton-of-Thought in the cloud (sketch, then a batched expansion in the cloud);
+- ``pice``: sketch in the cloud, expansion at the edges, ensemble;
+- ``pice-router``: as ``pice`` with the mode router on (code/math questions go cloud-only).
+
+For every mode: a light-load pass (one request at a time) for latency, time to first token
+and quality, then open-loop Poisson arrivals at each ``--rates`` value for throughput and
+latency under load. The cloud's CPU-seconds per request come from the OS (its process's
+user + system time), so "cloud cost" is measured, not estimated.
+
+Quality: all-MiniLM-L6-v2 cosine similarity of each answer to the GPT-4o answer, and ROUGE-L.
+
+    python tools/bench.py --quick                      # CI: tiny model, two questions
+    python tools/bench.py --questions 20 --json tools/results/bench.json --plot tools/results/bench.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data" / "vicuna_bench"
+MODES = {"cloud": "cloud", "sot": "sot", "pice": "progressive", "pice-router": "auto"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def pinned(cmd: list[str], cores: str | None) -> list[str]:
+    if cores and shutil.which("taskset"):
+        return ["taskset", "-c", cores, *cmd]
+    return cmd
+
+
+@dataclass
+class Outcome:
+    mode: str
+    question_id: int
+    ok: bool
+    status: str = "ok"
+    ttft_s: float = 0.0
+    total_s: float = 0.0
+    text: str = ""
+    completion_tokens: int = 0
+    cloud_tokens: int = 0
+    edge_tokens: int = 0
+
+
+@dataclass
+class Phase:
+    mode: str
+    rate: float  # requests per second offered; 0 = one at a time
+    outcomes: list[Outcome] = field(default_factory=list)
+    wall_s: float = 0.0
+    cloud_cpu_s: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        done = [o for o in self.outcomes if o.ok]
+        lat = sorted(o.total_s for o in done)
+        ttft = sorted(o.ttft_s for o in done)
+
+        def pct(values: list[float], q: float) -> float:
+            if not values:
+                return float("nan")
+            return values[min(len(values) - 1, round(q * (len(values) - 1)))]
+
+        return {
+            "mode": self.mode, "rate_per_s": self.rate, "requests": len(self.outcomes), "completed": len(done),
+            "refused": sum(o.status in ("429", "503") for o in self.outcomes),
+            "failed": sum(not o.ok and o.status not in ("429", "503") for o in self.outcomes),
+            "throughput_per_min": 60 * len(done) / self.wall_s if self.wall_s else 0.0,
+            "latency_p50_s": pct(lat, 0.5), "latency_p95_s": pct(lat, 0.95),
+            "ttft_p50_s": pct(ttft, 0.5), "ttft_p95_s": pct(ttft, 0.95),
+            "cloud_cpu_s_per_request": self.cloud_cpu_s / len(done) if done else float("nan"),
+            "cloud_tokens_per_request": statistics.fmean(o.cloud_tokens for o in done) if done else float("nan"),
+            "edge_tokens_per_request": statistics.fmean(o.edge_tokens for o in done) if done else float("nan"),
+            "wall_s": self.wall_s,
+        }
+
+
+class System:
+    """Broker + cloud + edges as separate, pinned processes."""
+
+    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
+        self.args = args
+        self.workdir = workdir
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.cloud: subprocess.Popen[bytes] | None = None
+        self.api_port = free_port()
+        self.broker_port = free_port()
+
+    def _spawn(self, cmd: list[str], name: str) -> subprocess.Popen[bytes]:
+        log = (self.workdir / f"{name}.log").open("wb")
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        self.procs.append(proc)
+        return proc
+
+    def start(self) -> None:
+        a = self.args
+        mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        conf = self.workdir / "mosquitto.conf"
+        conf.write_text(f"listener {self.broker_port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+        self._spawn([mosquitto, "-c", str(conf)], "mosquitto")
+        wait_port(self.broker_port)
+        broker = f"mqtt://127.0.0.1:{self.broker_port}"
+        py = sys.executable
+        self.cloud = self._spawn(pinned([
+            py, "-m", "pice_cloud.cli", "serve", "--broker", broker, "--edges", "0", "--model", a.model,
+            "--host", "127.0.0.1", "--port", str(self.api_port), "--threads", "1",
+            "--max-points", str(a.max_points), "--tokens-per-point", str(a.tokens_per_point),
+            "--ensemble-width", str(a.ensemble_width),
+        ], a.cloud_cores), "cloud")
+        for i in range(a.edges):
+            self._spawn(pinned([
+                py, "-m", "pice_edge.cli", "run", "--broker", broker, "--device-id", f"bench-edge-{i + 1}",
+                "--model", a.model, "--threads", "1", "--max-batch", str(a.edge_batch), "--heartbeat", "1",
+            ], a.edge_cores), f"edge{i + 1}")
+        wait_port(self.api_port, timeout=120)
+        self._wait_edges()
+
+    def _wait_edges(self) -> None:
+        import httpx
+
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{self.api_port}/health", timeout=5).json()
+                if int(health.get("live_edges", 0)) >= self.args.edges:
+                    return
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"the edges did not register within 120s; see logs in {self.workdir}")
+
+    def cloud_cpu_s(self) -> float:
+        assert self.cloud is not None
+        fields = Path(f"/proc/{self.cloud.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        return (int(fields[11]) + int(fields[12])) / ticks  # utime + stime of the whole process
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in reversed(self.procs):
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+async def one_request(client: Any, mode: str, qid: int, question: str, max_tokens: int) -> Outcome:
+    import openai
+
+    started = time.perf_counter()
+    out = Outcome(mode=mode, question_id=qid, ok=False)
+    parts: list[str] = []
+    try:
+        stream = await client.chat.completions.create(
+            model="pice", messages=[{"role": "user", "content": question}], stream=True, max_tokens=max_tokens,
+            temperature=0, stream_options={"include_usage": True}, extra_body={"pice": {"mode": MODES[mode]}},
+        )
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                if not parts:
+                    out.ttft_s = time.perf_counter() - started
+                parts.append(chunk.choices[0].delta.content)
+            usage = getattr(chunk, "usage", None)
+            if usage is not None:
+                out.completion_tokens = usage.completion_tokens
+                extra = (usage.model_extra or {}).get("pice") or {}
+                out.cloud_tokens = int(extra.get("cloud_tokens", usage.completion_tokens))
+                out.edge_tokens = int(extra.get("edge_tokens", 0))
+        out.ok = True
+    except openai.APIStatusError as exc:
+        out.status = str(exc.status_code)
+    except (openai.APIError, asyncio.TimeoutError) as exc:
+        out.status = type(exc).__name__
+    out.total_s = time.perf_counter() - started
+    out.text = "".join(parts)
+    return out
+
+
+async def run_phase(system: System, mode: str, rate: float, questions: list[dict[str, Any]], count: int,
+                    max_tokens: int, seed: int, progress: Any) -> Phase:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{system.api_port}/v1", api_key="bench",
+                                timeout=600, max_retries=0)
+    phase = Phase(mode=mode, rate=rate)
+    rng = random.Random(seed)
+    cpu0 = system.cloud_cpu_s()
+    started = time.perf_counter()
+    picks = [questions[i % len(questions)] for i in range(count)]
+    if rate <= 0:
+        for q in picks:
+            phase.outcomes.append(await one_request(client, mode, q["id"], q["question"], max_tokens))
+            progress.update(1)
+    else:
+        tasks = []
+        for q in picks:
+            tasks.append(asyncio.create_task(one_request(client, mode, q["id"], q["question"], max_tokens)))
+            tasks[-1].add_done_callback(lambda _t: progress.update(1))
+            await asyncio.sleep(rng.expovariate(rate))
+        phase.outcomes = list(await asyncio.gather(*tasks))
+    phase.wall_s = time.perf_counter() - started
+    phase.cloud_cpu_s = system.cloud_cpu_s() - cpu0
+    await client.close()
+    return phase
+
+
+def load_questions(n: int, include_code: bool) -> list[dict[str, Any]]:
+    qs = [json.loads(line) for line in (DATA / "question.jsonl").read_text().splitlines() if line.strip()]
+    refs = {}
+    for line in (DATA / "model_answer_gpt-4o.jsonl").read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            refs[row["question_id"]] = row["choices"][0]["turns"][0]
+    if not include_code:
+        qs = [q for q in qs if q["category"] not in ("coding", "math")]
+    # Spread over categories.
+    qs.sort(key=lambda q: (q["question_id"] % 10, q["question_id"]))
+    return [{"id": q["question_id"], "category": q["category"], "question": q["turns"][0],
+             "reference": refs[q["question_id"]]} for q in qs[:n]]
+
+
+def quality(phases: list[Phase], questions: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    refs = {q["id"]: q["reference"] for q in questions}
+    out: dict[str, dict[str, float]] = {}
+    try:
+        from pice_cloud.embeddings import Embedder
+
+        embedder: Any = Embedder()
+    except Exception as exc:
+        print(f"[bench] no MiniLM embedder ({exc}); similarity not computed", file=sys.stderr)
+        embedder = None
+    try:
+        from rouge_score import rouge_scorer
+
+        scorer: Any = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    except ImportError:
+        scorer = None
+    for phase in phases:
+        done = [o for o in phase.outcomes if o.ok and o.text.strip()]
+        if not done:
+            continue
+        row: dict[str, float] = {"answers": float(len(done))}
+        if embedder is not None:
+            a = embedder.encode([o.text for o in done])
+            b = embedder.encode([refs[o.question_id] for o in done])
+            sims = [float(sum(float(x) * float(y) for x, y in zip(u, v, strict=True)))
+                    for u, v in zip(a, b, strict=True)]
+            row["similarity"] = statistics.fmean(sims)
+        if scorer is not None:
+            row["rouge_l"] = statistics.fmean(
+                scorer.score(refs[o.question_id], o.text)["rougeL"].fmeasure for o in done
+            )
+        out[phase.mode] = row
+    return out
+
+
+def environment(args: argparse.Namespace) -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {}
+    for pkg in ("torch", "transformers", "paho-mqtt", "fastapi", "openai"):
+        try:
+            from importlib.metadata import version
+
+            versions[pkg] = version(pkg)
+        except Exception:
+            versions[pkg] = "absent"
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(),
+            "cloud_cores": args.cloud_cores, "edge_cores": args.edge_cores, "edges": args.edges,
+            "edge_max_batch": args.edge_batch, "threads_per_process": 1, "model": str(args.model),
+            "max_points": args.max_points, "tokens_per_point": args.tokens_per_point,
+            "max_answer_tokens": args.max_points * args.tokens_per_point, "versions": versions}
+
+
+def ratios(light: dict[str, dict[str, Any]], saturated: dict[str, dict[str, Any]]) -> dict[str, float]:
+    def ratio(a: float, b: float) -> float:
+        return a / b if b else float("nan")
+
+    cloud, pice = light.get("cloud", {}), light.get("pice", {})
+    out = {
+        "cloud_cost": ratio(cloud.get("cloud_cpu_s_per_request", 0), pice.get("cloud_cpu_s_per_request", 0)),
+        "cloud_tokens": ratio(cloud.get("cloud_tokens_per_request", 0), pice.get("cloud_tokens_per_request", 0)),
+        "latency_p50": ratio(pice.get("latency_p50_s", 0), cloud.get("latency_p50_s", 0)),
+        "ttft": ratio(pice.get("ttft_p50_s", 0), cloud.get("ttft_p50_s", 0)),
+    }
+    if "cloud" in saturated and "pice" in saturated:
+        out["throughput"] = ratio(saturated["pice"]["throughput_per_min"], saturated["cloud"]["throughput_per_min"])
+    return out
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        pts = sorted((r for r in rows if r["mode"] == mode and r["rate_per_s"] > 0), key=lambda r: r["rate_per_s"])
+        if not pts:
+            continue
+        x = [60 * r["rate_per_s"] for r in pts]
+        ax1.plot(x, [r["throughput_per_min"] for r in pts], marker="o", label=mode)
+        ax2.plot(x, [r["latency_p50_s"] for r in pts], marker="o", label=f"{mode} p50")
+        ax2.plot(x, [r["latency_p95_s"] for r in pts], marker="x", linestyle="--", label=f"{mode} p95")
+    ax1.set(xlabel="offered load (requests/min)", ylabel="completed requests/min", title="Throughput")
+    ax2.set(xlabel="offered load (requests/min)", ylabel="latency (s)", title="Latency")
+    ax1.legend()
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+async def amain(args: argparse.Namespace) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    questions = load_questions(args.questions, include_code=args.include_code)
+    modes = args.modes
+    total = len(modes) * (len(questions) + len(args.rates) * args.requests_per_rate)
+    workdir = Path(tempfile.mkdtemp(prefix="pice-bench-"))
+    system = System(args, workdir)
+    phases: list[Phase] = []
+    try:
+        system.start()
+        max_tokens = args.max_points * args.tokens_per_point
+        with tqdm(total=total, desc="requests", unit="req", file=sys.stderr) as progress:
+            for mode in modes:
+                phases.append(await run_phase(system, mode, 0.0, questions, len(questions), max_tokens, 0, progress))
+                for rate in args.rates:
+                    phases.append(await run_phase(system, mode, rate, questions, args.requests_per_rate,
+                                                  max_tokens, 1, progress))
+    finally:
+        system.stop()
+
+    rows = [p.summary() for p in phases]
+    light = {r["mode"]: r for r in rows if r["rate_per_s"] == 0}
+    top = max(args.rates) if args.rates else 0.0
+    saturated = {r["mode"]: r for r in rows if r["rate_per_s"] == top and top > 0}
+    qual = quality([p for p in phases if p.rate == 0], questions)
+    result = {"command": " ".join(sys.argv), "environment": environment(args), "rows": rows,
+              "ratios": ratios(light, saturated), "quality": qual,
+              "light_load": [asdict(o) for p in phases if p.rate == 0 for o in p.outcomes]}
+
+    header = (f"{'mode':<12}{'rate/min':>9}{'done':>6}{'refused':>8}{'thru/min':>9}{'p50 s':>8}{'p95 s':>8}"
+              f"{'ttft s':>8}{'cloud cpu s':>12}{'cloud tok':>10}{'edge tok':>9}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['mode']:<12}{60 * r['rate_per_s']:>9.1f}{r['completed']:>6}{r['refused']:>8}"
+              f"{r['throughput_per_min']:>9.2f}{r['latency_p50_s']:>8.2f}{r['latency_p95_s']:>8.2f}"
+              f"{r['ttft_p50_s']:>8.2f}{r['cloud_cpu_s_per_request']:>12.2f}{r['cloud_tokens_per_request']:>10.1f}"
+              f"{r['edge_tokens_per_request']:>9.1f}")
+    print("\nratios:", json.dumps({k: round(v, 3) for k, v in result["ratios"].items()}))
+    print("quality:", json.dumps({m: {k: round(v, 4) for k, v in q.items()} for m, q in qual.items()}))
+    shutil.rmtree(workdir, ignore_errors=True)
+    return result
+
+
+def write_outputs(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot(result["rows"], Path(args.plot))
+        print(f"wrote {args.plot}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny random model, 2 questions, tiny budgets (CI)")
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--questions", type=int, default=10)
+    parser.add_argument("--include-code", action="store_true", help="also coding and math questions")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--rates", type=float, nargs="*", default=[1 / 60, 2 / 60, 4 / 60],
+                        help="offered loads in requests per second (open loop, Poisson)")
+    parser.add_argument("--requests-per-rate", type=int, default=8)
+    parser.add_argument("--max-points", type=int, default=5)
+    parser.add_argument("--tokens-per-point", type=int, default=48)
+    parser.add_argument("--ensemble-width", type=int, default=1)
+    parser.add_argument("--edges", type=int, default=2)
+    parser.add_argument("--edge-batch", type=int, default=4)
+    parser.add_argument("--cloud-cores", default="0")
+    parser.add_argument("--edge-cores", default="1")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--plot", default=None)
+    args = parser.parse_args()
+    if args.quick:
+        from pice_edge.model_store import build_random_model
+
+        args.model = str(build_random_model(Path(tempfile.mkdtemp(prefix="pice-bench-model-")) / "tiny"))
+        args.questions, args.max_points, args.tokens_per_point = 2, 3, 8
+        args.rates, args.requests_per_rate = [0.5], 4
+    result = asyncio.run(amain(args))
+    write_outputs(args, result)
+    # Lost = neither completed nor refused with 429/503: the one outcome that is never fine.
+    lost = sum(r["failed"] for r in result["rows"])
+    if lost:
+        print(f"[bench] {lost} request(s) lost", file=sys.stderr)
+    return 1 if lost else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
