@@ -1,11 +1,13 @@
 """PICE cloud service: sketch with the cloud LLM, expand at the edge, assemble the answer."""
 
 from pice_cloud.aggregator import Aggregator, ChosenPoint
+from pice_cloud.embeddings import Embedder
 from pice_cloud.ensemble import ConfidenceSelector, EnsembleWeights, LearnedSelector, Selector
 from pice_cloud.errors import CloudError
 from pice_cloud.fleet import Fleet
 from pice_cloud.llm.base import ChatRequest, Completion, LLMBackend
 from pice_cloud.local import LocalSystem, local_system
+from pice_cloud.router import EmbeddingRouter, HeuristicRouter, ModeRouter, Route
 from pice_cloud.scheduler import Budget, EdgeView, Placement, choose_mode, place
 from pice_cloud.service import AnswerEvent, AnswerStats, PiceService, PointEvent, ServiceSettings, SketchEvent
 from pice_cloud.sketch import parse_sketch
@@ -21,14 +23,19 @@ __all__ = [
     "Completion",
     "ConfidenceSelector",
     "EdgeView",
+    "Embedder",
+    "EmbeddingRouter",
     "EnsembleWeights",
     "Fleet",
+    "HeuristicRouter",
     "LLMBackend",
     "LearnedSelector",
     "LocalSystem",
+    "ModeRouter",
     "PiceService",
     "Placement",
     "PointEvent",
+    "Route",
     "Selector",
     "ServiceSettings",
     "SketchEvent",

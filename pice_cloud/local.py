@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pice_cloud.broker import EmbeddedBroker
 from pice_cloud.llm.base import LLMBackend
+from pice_cloud.router import ModeRouter
 from pice_cloud.service import PiceService, ServiceSettings
 from pice_edge.node import EdgeNode
 from pice_edge.protocol import CLOUD_STATUS_TOPIC, CloudStatus, encode
@@ -45,6 +46,7 @@ async def local_system(
     settings: ServiceSettings | None = None,
     wait_edges_s: float = 5.0,
     cloud_id: str = "cloud",
+    router: ModeRouter | None = None,
 ) -> AsyncIterator[LocalSystem]:
     """Start a broker (unless ``broker_url`` is given), ``edges`` local nodes and the service.
 
@@ -68,7 +70,7 @@ async def local_system(
                             max_batch=max_batch)
             await node.start()
             nodes.append(node)
-        service = PiceService(llm, transport, settings=settings)
+        service = PiceService(llm, transport, settings=settings, router=router)
         await transport.connect()
         transport.publish(CLOUD_STATUS_TOPIC, encode(CloudStatus(cloud_id=cloud_id, online=True)), retain=True)
         if edges and not await service.fleet.wait_for(edges, wait_edges_s):

