@@ -147,7 +147,9 @@ async def compute_features(
     contexts: list[Sequence[float]] | None = None
     if embedder is not None and flat:
         texts = [c.text for _, c in flat] + [f"{it.question} {it.sketch[it.index]}" for it in items]
-        encoded = await asyncio.get_running_loop().run_in_executor(None, embedder.encode, texts)
+        encoded: Any = await asyncio.get_running_loop().run_in_executor(None, embedder.encode, texts)
+        if hasattr(encoded, "tolist"):  # a tensor or array (pice_cloud.embeddings.Embedder)
+            encoded = encoded.tolist()
         vectors, contexts = list(encoded[: len(flat)]), list(encoded[len(flat):])
     out: list[list[list[float]]] = []
     pos = 0

@@ -134,14 +134,13 @@ def _evaluate(groups: list[dict[str, Any]], weights: list[float]) -> tuple[float
 
 def fit(args: argparse.Namespace) -> None:
     from pice_cloud.embeddings import Embedder
-
     from pice_cloud.ensemble import FEATURES, length_fit
 
     rows = [json.loads(line) for line in CALIBRATION.read_text().splitlines() if line.strip()]
     embedder = Embedder()
     groups: list[dict[str, Any]] = []
     for q in rows:
-        ref = embedder.encode(_chunks(q["reference"]))
+        ref = embedder.encode_lists(_chunks(q["reference"]))
         by_point: dict[int, list[dict[str, Any]]] = {}
         for c in q["candidates"]:
             if c["text"].strip():
@@ -149,8 +148,8 @@ def fit(args: argparse.Namespace) -> None:
         for point, cands in sorted(by_point.items()):
             if len(cands) < 2:
                 continue
-            vecs = embedder.encode([c["text"] for c in cands])
-            ctx = embedder.encode([f"{q['question']} {q['sketch'][point]}"])[0]
+            vecs = embedder.encode_lists([c["text"] for c in cands])
+            ctx = embedder.encode_lists([f"{q['question']} {q['sketch'][point]}"])[0]
             x, y = [], []
             for j, c in enumerate(cands):
                 others = [vecs[m] for m in range(len(cands)) if m != j]
