@@ -39,6 +39,10 @@ Precision = Literal["fp32", "fp16", "bf16", "int8", "int4"]
 ExecutionProvider = Literal["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
+def _cpu_only() -> list[ExecutionProvider]:
+    return ["CPUExecutionProvider"]
+
+
 class DeviceProfile(BaseModel):
     """One device class's settings. Unknown fields are errors (a typo must not pass silently)."""
 
@@ -49,7 +53,7 @@ class DeviceProfile(BaseModel):
     description: str = Field(default="", max_length=500, description="the hardware, in words")
     runtime: RuntimeName = Field(default="transformers", description="inference runtime")
     execution_providers: list[ExecutionProvider] = Field(
-        default_factory=lambda: ["CPUExecutionProvider"],
+        default_factory=_cpu_only,
         min_length=1,
         description="onnxruntime providers in order of preference; the first available one runs",
     )
