@@ -162,16 +162,17 @@ async def _until(stop: asyncio.Event, coro: Coroutine[Any, Any, T]) -> T | None:
 async def _run(args: argparse.Namespace) -> int:
     from pice_edge.discovery import Discovery, EdgeAdvert, check_fleet, parse_interfaces
     from pice_edge.node import EdgeNode
+    from pice_edge.protocol import is_valid_id
     from pice_edge.transport import BrokerSettings
 
     cfg = _config(args)
     interfaces = parse_interfaces(args.interfaces)
     fleet = check_fleet(args.fleet)
+    if not is_valid_id(args.device_id):
+        raise ConfigError(f"--device-id {args.device_id!r} must be 1-64 characters of A-Z a-z 0-9 . _ : -")
     if args.no_zeroconf and args.broker is None:
         raise ConfigError("--no-zeroconf needs --broker mqtt://HOST:PORT (there is nothing else to find it by)")
     broker = BrokerSettings(url=args.broker) if args.broker else None  # a malformed URL fails before the model loads
-    # Load the model before zeroconf starts: loading blocks this loop, which answers mDNS queries.
-    runtime = _create_runtime(cfg)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -190,6 +191,9 @@ async def _run(args: argparse.Namespace) -> int:
                 return 0
             broker = BrokerSettings(url=cloud.broker_url())
             log.info("found cloud %s: broker %s", cloud.id, broker.url)
+        # Found the broker first (fail fast), then load the model on a worker thread: this loop
+        # keeps answering mDNS queries and signals while the weights load.
+        runtime = await loop.run_in_executor(None, _create_runtime, cfg)
         profile_name = cfg.profile.name if cfg.profile else ""
         node = EdgeNode(runtime, device_id=args.device_id, broker=broker, profile=profile_name,
                         max_batch=cfg.max_batch, heartbeat_s=args.heartbeat)
