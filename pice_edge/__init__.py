@@ -4,6 +4,7 @@ The edge core (protocol, transport, discovery, node) needs only pydantic, paho-m
 import their libraries (torch, onnxruntime, TensorRT-LLM) only when created.
 """
 
+from pice_edge.discovery import CloudAdvert, Discovery, DiscoveryError, EdgeAdvert, Peer, TxtRecordError
 from pice_edge.errors import (
     ConfigError,
     ModelError,
@@ -14,7 +15,6 @@ from pice_edge.errors import (
     RuntimeUnavailableError,
     TransportError,
 )
-from pice_edge.discovery import CloudAdvert, Discovery, DiscoveryError, EdgeAdvert, Peer, TxtRecordError
 from pice_edge.node import EdgeNode, NodeStats
 from pice_edge.profiles import DeviceProfile, load_profile
 from pice_edge.protocol import PROTOCOL_VERSION, Candidate, CloudStatus, EdgeStatus, ExpandTask
