@@ -1,6 +1,7 @@
 """``pice-cloud``: ask a question on a single host (embedded broker + local edges).
 
     pice-cloud ask "QUESTION" [--edges N] [--broker mqtt://HOST:PORT] [--mode auto|progressive|cloud|sot]
+    pice-cloud fleet [--broker mqtt://HOST:PORT] [--json]
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--wait-edges", type=float, default=3.0,
                      help="seconds to wait for edges to register (external broker)")
     ask.add_argument("--json", action="store_true", help="print the answer and its statistics as JSON")
+
+    from pice_cloud import fleet_cli
+
+    fleet_cli.add_parser(sub, common)
     return parser
 
 
@@ -89,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_logging(args.log_level)
     try:
+        if args.command == "fleet":
+            from pice_cloud import fleet_cli
+
+            return asyncio.run(fleet_cli.run(args))
         return asyncio.run(_ask(args))
     except PiceError as exc:
         print(f"pice-cloud: error: {exc}", file=sys.stderr)

@@ -1,9 +1,21 @@
-"""Registry of live edges, fed by their retained status messages and last wills.
+"""Registry of edges, fed by their MQTT status messages, last wills and zeroconf.
 
-An edge is live while its last status said ``online`` and arrived less than
-``expiry_heartbeats`` heartbeats ago. Retained statuses replayed by the broker when the cloud
-(re)connects are dated by their own ``sent_at``, so a device that died long ago (with no last
-will delivered) is not taken for live.
+Two sources, two states:
+
+* **live** (schedulable): the edge's last MQTT status said ``online`` and arrived less than
+  ``expiry_heartbeats`` heartbeats ago. Retained statuses replayed by the broker when the cloud
+  (re)connects are dated by their own ``sent_at``, so a device that died long ago (with no last
+  will delivered) is not taken for live. Only live edges are returned by `Fleet.live` and
+  scheduled: a status on the broker proves that the edge is connected to *our* broker and
+  subscribed to its task topic.
+* **seen** (not schedulable): advertised on zeroconf (``_pice-edge._tcp``) but no live MQTT status
+  yet -- typically an edge that is still loading its model or connecting, or one pointed at
+  another broker. `Fleet.snapshot` lists it so that an operator sees it; the scheduler does not.
+  Zeroconf records are cached for their TTL, so zeroconf alone never proves liveness.
+
+An edge leaves the fleet on its last will (``online=False``) or a missed heartbeat; both also
+forget its zeroconf sighting, which comes back only with a new announcement (restart or TXT
+update). A zeroconf goodbye (clean shutdown) or record expiry forgets the sighting.
 """
 
 from __future__ import annotations
@@ -13,12 +25,16 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 from pice_edge.errors import ProtocolError
-from pice_edge.protocol import EdgeStatus, decode, topic_level
+from pice_edge.protocol import EdgeStatus, decode, is_valid_id, topic_level
 from pice_edge.rejects import Rejections
 from pice_edge.transport import Message
+
+if TYPE_CHECKING:
+    from pice_edge.discovery import Discovery, Peer
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +57,35 @@ class EdgeInfo:
         return self.status.device_id
 
 
+@dataclass(frozen=True)
+class FleetEntry:
+    """One row of `Fleet.snapshot`: a live or a zeroconf-only ("seen") edge."""
+
+    device_id: str
+    state: Literal["live", "seen"]
+    profile: str
+    runtime: str
+    model_id: str
+    #: None where only zeroconf has been heard (it does not carry these).
+    tokens_per_s: float | None
+    queue_depth: int | None
+    free_slots: int
+    max_batch: int
+    #: Seconds since the last status (live) or zeroconf announcement (seen).
+    age_s: float
+    sources: tuple[str, ...]
+    addresses: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _Sighting:
+    peer: Peer
+    at: float
+
+
 class Fleet:
     """The cloud's view of the edge fleet."""
 
@@ -51,6 +96,9 @@ class Fleet:
         self._max_payload = max_payload_bytes
         self._clock = clock
         self._edges: dict[str, EdgeInfo] = {}
+        #: Zeroconf sightings by device id, and service name -> device id (goodbyes carry the name).
+        self._sightings: dict[str, _Sighting] = {}
+        self._names: dict[str, str] = {}
         self._changed = asyncio.Event()
 
     def handle_status(self, message: Message) -> None:
@@ -76,6 +124,7 @@ class Fleet:
             seen = now - age
         previous = self._edges.get(status.device_id)
         if not status.online:
+            self._sightings.pop(status.device_id, None)
             if previous is not None:
                 log.info("edge %s went offline", status.device_id)
                 del self._edges[status.device_id]
@@ -98,7 +147,60 @@ class Fleet:
         for device_id in [d for d, info in self._edges.items() if not self._alive(info, now)]:
             log.info("edge %s expired (no heartbeat)", device_id)
             del self._edges[device_id]
+            self._sightings.pop(device_id, None)
         return [self._edges[d] for d in sorted(self._edges)]
+
+    # --- zeroconf ----------------------------------------------------------------------------
+
+    def watch_zeroconf(self, discovery: Discovery, fleet: str) -> None:
+        """Add the edges of ``fleet`` that ``discovery`` (started) sees on zeroconf, as "seen"."""
+        discovery.watch(lambda name, peer: self.handle_peer(name, peer, fleet=fleet), clouds=False)
+
+    def handle_peer(self, name: str, peer: Peer | None, *, fleet: str) -> None:
+        """Zeroconf callback: ``peer`` appeared or changed, or (None) service ``name`` went away."""
+        if peer is None:
+            device_id = self._names.pop(name, None)
+            if device_id is not None and device_id in self._sightings and self._sightings[device_id].peer.name == name:
+                del self._sightings[device_id]
+                log.info("edge %s withdrew its zeroconf record", device_id)
+            return
+        if peer.kind != "edge" or peer.fleet != fleet:
+            return
+        if not peer.compatible or not is_valid_id(peer.id):
+            self.rejections.record("zeroconf", "incompatible", f"{name}: protocol {peer.protocol!r}, id {peer.id!r}")
+            return
+        if peer.id not in self._sightings and peer.id not in self._edges:
+            log.info("edge %s seen on zeroconf (not schedulable until its MQTT status arrives)", peer.id)
+        self._names[name] = peer.id
+        self._sightings[peer.id] = _Sighting(peer=peer, at=self._clock())
+        self._changed.set()
+
+    def snapshot(self) -> list[FleetEntry]:
+        """Every known edge, live ones (MQTT) and zeroconf-only ones, ordered by device id."""
+        now = self._clock()
+        rows = {}
+        for info in self.live():
+            s = info.status
+            sighting = self._sightings.get(s.device_id)
+            rows[s.device_id] = FleetEntry(
+                device_id=s.device_id, state="live", profile=s.profile, runtime=s.runtime, model_id=s.model_id,
+                tokens_per_s=s.tokens_per_s, queue_depth=s.queue_depth, free_slots=s.free_slots,
+                max_batch=s.max_batch, age_s=round(max(0.0, now - info.last_seen), 2),
+                sources=("mqtt", "zeroconf") if sighting else ("mqtt",),
+                addresses=sighting.peer.addresses if sighting else (),
+            )
+        for device_id, sighting in self._sightings.items():
+            if device_id in rows:
+                continue
+            p = sighting.peer
+            rows[device_id] = FleetEntry(
+                device_id=device_id, state="seen", profile=p.properties.get("profile", ""),
+                runtime=p.properties.get("runtime", ""), model_id=p.properties.get("model", ""),
+                tokens_per_s=None, queue_depth=None, free_slots=p.int_property("slots"),
+                max_batch=max(1, p.int_property("batch")), age_s=round(max(0.0, now - sighting.at), 2),
+                sources=("zeroconf",), addresses=p.addresses,
+            )
+        return [rows[d] for d in sorted(rows)]
 
     def get(self, device_id: str) -> EdgeInfo | None:
         return self._edges.get(device_id)

@@ -1,9 +1,10 @@
 """PICE edge SDK: serve expansion tasks from the cloud with a local small model.
 
-The edge core (protocol, transport, node) needs only pydantic and paho-mqtt; model runtimes
+The edge core (protocol, transport, discovery, node) needs only pydantic, paho-mqtt and zeroconf; model runtimes
 import their libraries (torch, onnxruntime, TensorRT-LLM) only when created.
 """
 
+from pice_edge.discovery import CloudAdvert, Discovery, DiscoveryError, EdgeAdvert, Peer, TxtRecordError
 from pice_edge.errors import (
     ConfigError,
     ModelError,
@@ -15,6 +16,7 @@ from pice_edge.errors import (
     TransportError,
 )
 from pice_edge.node import EdgeNode, NodeStats
+from pice_edge.profiles import DeviceProfile, load_profile
 from pice_edge.protocol import PROTOCOL_VERSION, Candidate, CloudStatus, EdgeStatus, ExpandTask
 from pice_edge.runtimes import available_runtimes, create_runtime
 from pice_edge.runtimes.base import ChatMessage, GenerationRequest, GenerationResult, Runtime
@@ -27,8 +29,13 @@ __all__ = [
     "BrokerSettings",
     "Candidate",
     "ChatMessage",
+    "CloudAdvert",
     "CloudStatus",
     "ConfigError",
+    "DeviceProfile",
+    "Discovery",
+    "DiscoveryError",
+    "EdgeAdvert",
     "EdgeNode",
     "EdgeStatus",
     "ExpandTask",
@@ -39,11 +46,14 @@ __all__ = [
     "MqttTransport",
     "NodeStats",
     "PayloadTooLargeError",
+    "Peer",
     "PiceError",
     "ProtocolError",
     "Runtime",
     "RuntimeUnavailableError",
     "TransportError",
+    "TxtRecordError",
     "available_runtimes",
     "create_runtime",
+    "load_profile",
 ]

@@ -1,6 +1,9 @@
-"""``pice-edge``: run an edge node and manage its models.
+"""``pice-edge``: run an edge node, check the device, find peers, manage models.
 
-    pice-edge run --broker mqtt://HOST:PORT [--device-id ID] [--model NAME|PATH]
+    pice-edge run [--broker mqtt://HOST:PORT] [--profile NAME|FILE] [--device-id ID] [--model NAME|PATH]
+    pice-edge doctor [--profile NAME|FILE] [--broker URL] [--json]
+    pice-edge discover [--fleet NAME] [--json]
+    pice-edge profiles
     pice-edge models fetch [NAME] [--force]
     pice-edge models list
     pice-edge models verify [NAME]
@@ -16,9 +19,19 @@ import logging
 import signal
 import socket
 import sys
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from pice_edge.errors import PiceError
+from pice_edge.errors import ConfigError, PiceError
 from pice_edge.logs import log_level_option, setup_logging
+from pice_edge.model_store import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from pice_edge.profiles import DeviceProfile
+    from pice_edge.runtimes.base import Runtime
+
+T = TypeVar("T")
 
 log = logging.getLogger("pice_edge.cli")
 
@@ -29,14 +42,39 @@ def _parser() -> argparse.ArgumentParser:
 
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="serve expansion tasks from the broker", parents=common)
-    run.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="mqtt://host:port (default %(default)s)")
+    # Options shared by `run` and `doctor`: what the edge runs with. Defaults are None so that a
+    # flag given on the command line can be told apart from the profile's value.
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument("--profile", default=None, help="device profile name or YAML file (see `pice-edge profiles`)")
+    config.add_argument("--broker", default=None,
+                        help="mqtt://host:port; default: the broker the cloud of --fleet advertises on zeroconf")
+    config.add_argument("--model", default=None, help=f"model name or Hugging Face folder (default {DEFAULT_MODEL})")
+    config.add_argument("--runtime", default=None, help="inference runtime (default: the profile's, or transformers)")
+    config.add_argument("--fleet", default="default", help="fleet name to join on zeroconf (default %(default)s)")
+    config.add_argument("--interfaces", default="all",
+                        help="zeroconf interfaces: 'all' or comma-separated IP addresses (default %(default)s)")
+
+    run = sub.add_parser("run", help="serve expansion tasks from the broker", parents=[*common, config])
     run.add_argument("--device-id", default=socket.gethostname().split(".")[0], help="default: host name")
-    run.add_argument("--model", default="smollm2-135m-instruct", help="model name or Hugging Face folder")
-    run.add_argument("--runtime", default="transformers")
-    run.add_argument("--max-batch", type=int, default=4)
+    run.add_argument("--max-batch", type=int, default=None, help="default: the profile's, or 4")
     run.add_argument("--threads", type=int, default=None, help="CPU threads for the runtime")
     run.add_argument("--heartbeat", type=float, default=2.0, help="status interval in seconds")
+    run.add_argument("--no-zeroconf", action="store_true", help="neither advertise nor discover (needs --broker)")
+    run.add_argument("--discover-timeout", type=float, default=30.0,
+                     help="seconds to look for the cloud when --broker is not given (default %(default)s)")
+
+    doctor = sub.add_parser("doctor", help="check this device, its model and the broker", parents=[*common, config])
+    doctor.add_argument("--timeout", type=float, default=3.0, help="seconds per network check (default %(default)s)")
+    doctor.add_argument("--json", action="store_true", help="print the checks as JSON")
+
+    discover = sub.add_parser("discover", help="list PICE edges and clouds on the network (zeroconf)",
+                              parents=common)
+    discover.add_argument("--timeout", type=float, default=3.0, help="seconds to listen (default %(default)s)")
+    discover.add_argument("--fleet", default=None, help="only this fleet (default: all)")
+    discover.add_argument("--interfaces", default="all", help="'all' or comma-separated IP addresses")
+    discover.add_argument("--json", action="store_true", help="print the peers as JSON")
+
+    sub.add_parser("profiles", help="list the device profiles", parents=common)
 
     models = sub.add_parser("models", help="fetch, list and verify models", parents=common)
     msub = models.add_subparsers(dest="models_command", required=True)
@@ -49,24 +87,209 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _run(args: argparse.Namespace) -> int:
-    from pice_edge.node import EdgeNode
+@dataclass(frozen=True)
+class _EdgeConfig:
+    """Flags over profile over built-in defaults."""
+
+    profile: DeviceProfile | None
+    model: str
+    runtime: str
+    max_batch: int
+    threads: int | None
+
+
+def _config(args: argparse.Namespace) -> _EdgeConfig:
+    from pice_edge.profiles import load_profile
+
+    profile = load_profile(args.profile) if args.profile else None
+    threads = getattr(args, "threads", None)
+    return _EdgeConfig(
+        profile=profile,
+        model=args.model or (profile.model if profile and profile.model else DEFAULT_MODEL),
+        runtime=args.runtime or (profile.runtime if profile else "transformers"),
+        max_batch=getattr(args, "max_batch", None) or (profile.max_batch if profile else 4),
+        threads=threads if threads is not None else (profile.threads if profile else None),
+    )
+
+
+def _runtime_kwargs(cfg: _EdgeConfig) -> dict[str, Any]:
+    """The profile's settings in the form the chosen runtime's constructor takes."""
+    kwargs: dict[str, Any] = {"model": cfg.model, "threads": cfg.threads}
+    profile = cfg.profile
+    if profile is None:
+        return kwargs
+    if cfg.runtime == "transformers":
+        dtypes = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+        if profile.precision not in dtypes:
+            raise ConfigError(f"profile {profile.name!r}: precision {profile.precision} is not available with the "
+                              "transformers runtime; use --runtime onnxruntime or another profile")
+        kwargs["dtype"] = dtypes[profile.precision]
+        kwargs["device"] = "cuda" if "CUDAExecutionProvider" in profile.execution_providers else "cpu"
+    else:
+        cache = profile.engine_cache_path
+        kwargs.update(providers=list(profile.execution_providers), precision=profile.precision,
+                      engine_cache_dir=str(cache) if cache else None)
+    return kwargs
+
+
+def _create_runtime(cfg: _EdgeConfig) -> Runtime:
     from pice_edge.runtimes import create_runtime
+
+    kwargs = _runtime_kwargs(cfg)
+    try:
+        return create_runtime(cfg.runtime, **kwargs)
+    except TypeError as exc:
+        if "unexpected keyword" not in str(exc):
+            raise
+        raise ConfigError(f"runtime {cfg.runtime!r} does not take a profile setting ({exc}); "
+                          "remove it from the profile or choose another runtime") from exc
+
+
+async def _until(stop: asyncio.Event, coro: Coroutine[Any, Any, T]) -> T | None:
+    """Run ``coro`` unless ``stop`` is set first (then cancel it and return None)."""
+    task = asyncio.ensure_future(coro)
+    stopper = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    stopper.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return None
+    return task.result()
+
+
+async def _run(args: argparse.Namespace) -> int:
+    from pice_edge.discovery import Discovery, EdgeAdvert, check_fleet, parse_interfaces
+    from pice_edge.node import EdgeNode
+    from pice_edge.protocol import is_valid_id
     from pice_edge.transport import BrokerSettings
 
-    runtime = create_runtime(args.runtime, model=args.model, threads=args.threads)
-    node = EdgeNode(runtime, device_id=args.device_id, broker=BrokerSettings(url=args.broker),
-                    max_batch=args.max_batch, heartbeat_s=args.heartbeat)
+    cfg = _config(args)
+    interfaces = parse_interfaces(args.interfaces)
+    fleet = check_fleet(args.fleet)
+    if not is_valid_id(args.device_id):
+        raise ConfigError(f"--device-id {args.device_id!r} must be 1-64 characters of A-Z a-z 0-9 . _ : -")
+    if args.no_zeroconf and args.broker is None:
+        raise ConfigError("--no-zeroconf needs --broker mqtt://HOST:PORT (there is nothing else to find it by)")
+    broker = BrokerSettings(url=args.broker) if args.broker else None  # a malformed URL fails before the model loads
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    await node.start()
-    log.info("edge %s serving %s on %s", args.device_id, runtime.model_id, args.broker)
-    await stop.wait()
-    log.info("shutting down")
-    await node.stop()
+    discovery = None if args.no_zeroconf else Discovery(interfaces)
+    node: EdgeNode | None = None
+    try:
+        if discovery is not None:
+            await discovery.start()
+        if broker is None:
+            assert discovery is not None
+            log.info("no --broker: looking for the cloud of fleet %r on zeroconf", fleet)
+            cloud = await _until(stop, discovery.find_cloud(fleet, args.discover_timeout))
+            if cloud is None:
+                return 0
+            broker = BrokerSettings(url=cloud.broker_url())
+            log.info("found cloud %s: broker %s", cloud.id, broker.url)
+        # Found the broker first (fail fast), then load the model on a worker thread: this loop
+        # keeps answering mDNS queries and signals while the weights load.
+        runtime = await loop.run_in_executor(None, _create_runtime, cfg)
+        profile_name = cfg.profile.name if cfg.profile else ""
+        node = EdgeNode(runtime, device_id=args.device_id, broker=broker, profile=profile_name,
+                        max_batch=cfg.max_batch, heartbeat_s=args.heartbeat)
+        await node.start()
+        if discovery is not None:
+            ad = await discovery.advertise_edge(EdgeAdvert(
+                device_id=args.device_id, fleet=fleet, profile=profile_name, runtime=runtime.name,
+                model_id=runtime.model_id, free_slots=cfg.max_batch, max_batch=cfg.max_batch))
+            node.status_listeners.append(lambda status: ad.set_free_slots(status.free_slots))
+        log.info("edge %s serving %s on %s", args.device_id, runtime.model_id, broker.url)
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        if discovery is not None:
+            await discovery.close()  # goodbye packets first: browsers drop this edge at once
+        if node is not None:
+            await node.stop()
+    return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from pice_edge.discovery import check_fleet, parse_interfaces
+    from pice_edge.doctor import DoctorConfig, failed, format_checks, report_json, run_checks
+
+    cfg = _config(args)
+    doctor_cfg = DoctorConfig(model=cfg.model, runtime=cfg.runtime, profile=cfg.profile, broker_url=args.broker,
+                              fleet=check_fleet(args.fleet), interfaces=parse_interfaces(args.interfaces),
+                              timeout_s=args.timeout)
+    checks = asyncio.run(run_checks(doctor_cfg))
+    if args.json:
+        print(json.dumps(report_json(checks), indent=2))
+    else:
+        what = f"profile {cfg.profile.name}" if cfg.profile else "no profile"
+        print(f"pice-edge doctor ({what}, runtime {cfg.runtime}, model {cfg.model})\n")
+        print(format_checks(checks))
+    return 1 if failed(checks) else 0
+
+
+def _discover(args: argparse.Namespace) -> int:
+    from pice_edge.discovery import Discovery, DiscoveryError, Peer, parse_interfaces
+
+    async def browse() -> list[Peer]:
+        async with Discovery(parse_interfaces(args.interfaces)) as discovery:
+            return await discovery.browse(args.timeout)
+
+    peers = [p for p in asyncio.run(browse()) if args.fleet is None or p.fleet == args.fleet]
+    if args.json:
+        rows = []
+        for peer in peers:
+            row = peer.as_dict()
+            if peer.kind == "cloud":
+                try:
+                    row["broker_url"] = peer.broker_url()
+                except DiscoveryError as exc:
+                    row["broker_url"] = None
+                    row["error"] = str(exc)
+            rows.append(row)
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not peers:
+        print(f"no PICE edges or clouds answered within {args.timeout:.0f}s on interfaces {args.interfaces}",
+              file=sys.stderr)
+        return 0
+    table = [("KIND", "ID", "FLEET", "ADDRESS", "DETAILS")]
+    for peer in peers:
+        props = peer.properties
+        if peer.kind == "cloud":
+            try:
+                details = f"broker {peer.broker_url()}"
+            except DiscoveryError:
+                details = f"broker {props.get('broker', '')!r} (invalid)"
+            if props.get("api"):
+                details += f"  api {props['api']}"
+        else:
+            details = (f"profile {props.get('profile') or '-'}  runtime {props.get('runtime', '')}  "
+                       f"model {props.get('model', '')}  slots {props.get('slots', '?')}/{props.get('batch', '?')}")
+        if not peer.compatible:
+            details += f"  [protocol v{peer.protocol or '?'}: incompatible]"
+        table.append((peer.kind, peer.id, peer.fleet or "-", ",".join(peer.addresses) or "-", details))
+    print(_format_table(table))
+    return 0
+
+
+def _format_table(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1] for r in rows)
+
+
+def _profiles() -> int:
+    from pice_edge.profiles import list_profiles, load_profile
+
+    rows = [("NAME", "RUNTIME", "PRECISION", "BATCH", "MEMORY", "FILE")]
+    for name, path in list_profiles().items():
+        p = load_profile(path)
+        rows.append((name, p.runtime, p.precision, str(p.max_batch), f"{p.memory_budget_mb} MB", str(path)))
+    print(_format_table(rows))
     return 0
 
 
@@ -91,6 +314,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return asyncio.run(_run(args))
+        if args.command == "doctor":
+            return _doctor(args)
+        if args.command == "discover":
+            return _discover(args)
+        if args.command == "profiles":
+            return _profiles()
         return _models(args)
     except PiceError as exc:
         print(f"pice-edge: error: {exc}", file=sys.stderr)

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -103,6 +104,9 @@ class EdgeNode:
         self._seen: OrderedDict[tuple[str, int], None] = OrderedDict()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"pice-edge-{device_id}")
         self._tasks: list[asyncio.Task[None]] = []
+        #: Called with every status this node publishes (discovery uses it to keep its TXT
+        #: record's free slots current); listeners must not block.
+        self.status_listeners: list[Callable[[EdgeStatus], None]] = []
         offline = EdgeStatus(device_id=device_id, online=False, profile=profile, runtime=runtime.name,
                              model_id=runtime.model_id, max_batch=max_batch, heartbeat_s=heartbeat_s)
         self.transport = MqttTransport(
@@ -163,8 +167,14 @@ class EdgeNode:
 
     def publish_status(self) -> None:
         """Publish this node's retained status now."""
+        status = self._status()
+        for listener in self.status_listeners:
+            try:
+                listener(status)
+            except Exception:
+                log.exception("status listener failed")
         try:
-            self.transport.publish(edge_status_topic(self.device_id), encode(self._status()), retain=True)
+            self.transport.publish(edge_status_topic(self.device_id), encode(status), retain=True)
         except Exception:
             log.exception("could not publish status")
 
