@@ -32,9 +32,10 @@ from pice_edge.protocol import (
     Sampling,
     edge_tasks_topic,
     encode,
+    topic_level,
 )
 from pice_edge.runtimes.base import ChatMessage
-from pice_edge.transport import MqttTransport
+from pice_edge.transport import Message, MqttTransport
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,8 @@ class PiceService:
         self.fleet = fleet or Fleet(rejections=transport.rejections, max_payload_bytes=max_payload)
         self.aggregator = aggregator or Aggregator(rejections=transport.rejections, max_payload_bytes=max_payload)
         self.aggregator.add_listener(self._on_candidate)
-        transport.subscribe(EDGE_STATUS_FILTER, self.fleet.handle_status)
+        self._in_flight: set[PendingRequest] = set()
+        transport.subscribe(EDGE_STATUS_FILTER, self._on_status)
         transport.subscribe(CANDIDATES_FILTER, self.aggregator.handle_candidate)
 
     # --- public ----------------------------------------------------------------------------
@@ -163,6 +165,7 @@ class PiceService:
             deadline_cap_s=self.settings.deadline_cap_s,
         )
         pending = self.aggregator.open(request_id, placement.devices)
+        self._in_flight.add(pending)
         supervisor = asyncio.create_task(self._supervise(question, points, pending, placement.deadlines_s))
         try:
             self._dispatch(request_id, question, points, placement.devices, placement.deadlines_s)
@@ -186,6 +189,7 @@ class PiceService:
         finally:
             supervisor.cancel()
             await asyncio.gather(supervisor, return_exceptions=True)
+            self._in_flight.discard(pending)
             self._release(pending)
             self.aggregator.close(request_id)
 
@@ -216,7 +220,9 @@ class PiceService:
                 if state.settled:
                     continue
                 exhausted = state.expected and state.expected.issubset(state.received)
-                due_now = not state.expected or now >= when or exhausted
+                # Edges that went offline (last will) will not answer: no need to wait for the deadline.
+                abandoned = all(self.fleet.get(d) is None for d in state.expected - state.received.keys())
+                due_now = not state.expected or now >= when or exhausted or abandoned
                 # Take what arrived in time before giving up on the edges.
                 if due_now and not pending.settle_from_candidates(state.index):
                     missing.append(state.index)
@@ -248,6 +254,15 @@ class PiceService:
                      outstanding=e.outstanding, tokens_per_s=e.status.tokens_per_s)
             for e in self.fleet.live()
         ]
+
+    def _on_status(self, message: Message) -> None:
+        device_id = topic_level(message.topic, -2)
+        known = self.fleet.get(device_id) is not None
+        self.fleet.handle_status(message)
+        if known and self.fleet.get(device_id) is None:
+            # An edge left (its last will, or a clean shutdown): settle its points now.
+            for pending in self._in_flight:
+                pending.wakeup.set()
 
     def _on_candidate(self, candidate: Candidate) -> None:
         info = self.fleet.get(candidate.device_id)
