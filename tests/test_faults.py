@@ -9,6 +9,7 @@ persistence. Each test checks that no request is lost or hangs past its deadline
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import subprocess
 import sys
@@ -37,6 +38,7 @@ from tests.procs import EdgeProcess
 from tests.test_transport import eventually
 
 pytestmark = pytest.mark.mosquitto
+log = logging.getLogger(__name__)  # the outcome of each fault, for the record (--log-cli-level=INFO)
 
 QUESTION = "How can I improve my time management skills?"  # the tiny model sketches 2 points
 DEADLINE_S = 4.0
@@ -104,6 +106,8 @@ async def test_edge_killed_while_holding_tasks(mosquitto: Mosquitto, tiny_model:
             await asyncio.sleep(0.2)  # the task reaches the edge's queue
             doomed.kill()
             final, took = await request
+            log.info("edge killed holding %d task(s): answered in %.1fs, %d point(s) by the cloud",
+                     len(tasks_seen), took, final.stats.points_cloud)
 
             assert [d for d in final.stats.devices if d == "doomed"] == []
             assert final.stats.points_cloud == len(tasks_seen) >= 1, "the dead edge's points went to the cloud"
@@ -129,7 +133,8 @@ async def test_all_edges_gone_degrades_to_cloud_only(mosquitto: Mosquitto, tiny_
         for proc in procs:
             proc.kill()
         await eventually(lambda: system.service.fleet.live() == [], timeout=10)
-        final, _ = await answer(system, mode="auto")
+        final, took = await answer(system, mode="auto")
+        log.info("all edges gone: mode=%s, answered in %.1fs", final.stats.mode, took)
         assert final.stats.mode == "cloud"
         assert final.text
         assert final.stats.points_edge == 0
@@ -153,6 +158,8 @@ async def test_broker_killed_and_restarted_mid_request(mosquitto: Mosquitto, tin
         mosquitto.start()
         # In flight: it completes (edge candidates, or the cloud after the deadline); no hang.
         final, took = await request
+        log.info("broker restarted mid-request: answered in %.1fs, edge/cloud points %d/%d",
+                 took, final.stats.points_edge, final.stats.points_cloud)
         assert final.stats.points_edge + final.stats.points_cloud == first[0].stats.points_edge
         assert took < DEADLINE_S + SLACK_S + 5
 
@@ -187,6 +194,7 @@ async def test_slow_edge_late_candidates_are_ignored(mosquitto: Mosquitto, tiny_
             await eventually(lambda: rejections.count("candidate", "late") == n)
             assert system.service.aggregator.accepted == 0
             assert rejections.count() == n
+            log.info("slow edge: answered in %.1fs by the cloud, %d late candidate(s) ignored", took, n)
     finally:
         await watcher.close()
 
@@ -210,6 +218,7 @@ async def test_duplicate_candidates_are_deduplicated(mosquitto: Mosquitto, tiny_
             await eventually(lambda: rejections.count("candidate") == n)
             assert rejections.count("candidate", "duplicate") + rejections.count("candidate", "late") == n
             assert system.service.aggregator.accepted == n
+            log.info("duplicating edge: %d point(s), %d duplicate(s) dropped", n, n)
     finally:
         await watcher.close()
 
@@ -261,4 +270,6 @@ async def test_cloud_restarted_while_edges_run(mosquitto: Mosquitto, tiny_model:
         assert final.stats.points_edge >= 1
         assert final.stats.points_cloud == 0
         assert set(final.stats.devices) <= {"r1", "r2"}
+        log.info("cloud restarted: new cloud saw %d edges from retained status, answer by %s",
+                 len(system.service.fleet.live()), final.stats.devices)
     assert final.text.startswith("1. **")
