@@ -7,13 +7,14 @@ selector of `pice_cloud.ensemble` over it.
 Every inbound candidate goes through `Aggregator.handle_candidate`, which rejects (and counts):
 malformed payloads, ids that do not match the topic (a device publishing as another),
 unknown requests or points, devices the point was not assigned to, duplicates (QoS 1
-re-delivery) and late candidates for a point already settled.
+re-delivery) and late candidates for a point already settled (or a request already answered).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -24,6 +25,10 @@ from pice_edge.rejects import Rejections
 from pice_edge.transport import Message
 
 log = logging.getLogger(__name__)
+
+#: Request ids remembered after they close, so that a slow edge's candidate arriving after the
+#: answer went out is counted as ``late`` rather than as an ``unknown_request`` (a sign of bugs).
+_CLOSED_REMEMBERED = 1024
 
 Source = Literal["edge", "cloud"]
 
@@ -107,6 +112,7 @@ class Aggregator:
         self._max_payload = max_payload_bytes
         self._pending: dict[str, PendingRequest] = {}
         self._on_candidate: list[_CandidateListener] = []
+        self._closed: OrderedDict[str, None] = OrderedDict()
         self.accepted = 0
 
     def open(self, request_id: str, assignments: Sequence[Sequence[str]]) -> PendingRequest:
@@ -118,6 +124,9 @@ class Aggregator:
         pending = self._pending.pop(request_id, None)
         if pending is not None:
             pending.cancel()
+            self._closed[request_id] = None
+            if len(self._closed) > _CLOSED_REMEMBERED:
+                self._closed.popitem(last=False)
 
     def add_listener(self, listener: _CandidateListener) -> None:
         """Called with each accepted candidate (the service uses it to track edge load)."""
@@ -143,6 +152,9 @@ class Aggregator:
             return
         pending = self._pending.get(cand.request_id)
         if pending is None:
+            if cand.request_id in self._closed:
+                self.rejections.record("candidate", "late", f"request {cand.request_id} was already answered")
+                return
             self.rejections.record("candidate", "unknown_request", f"no request {cand.request_id} in flight")
             return
         if cand.point_index >= len(pending.points):

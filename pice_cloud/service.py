@@ -44,9 +44,10 @@ from pice_edge.protocol import (
     Sampling,
     edge_tasks_topic,
     encode,
+    topic_level,
 )
 from pice_edge.runtimes.base import ChatMessage
-from pice_edge.transport import MqttTransport
+from pice_edge.transport import Message, MqttTransport
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,8 @@ class PiceService:
         self.fleet = fleet or Fleet(rejections=transport.rejections, max_payload_bytes=max_payload)
         self.aggregator = aggregator or Aggregator(rejections=transport.rejections, max_payload_bytes=max_payload)
         self.aggregator.add_listener(self._on_candidate)
-        transport.subscribe(EDGE_STATUS_FILTER, self.fleet.handle_status)
+        self._in_flight: set[PendingRequest] = set()
+        transport.subscribe(EDGE_STATUS_FILTER, self._on_status)
         transport.subscribe(CANDIDATES_FILTER, self.aggregator.handle_candidate)
 
     # --- public ----------------------------------------------------------------------------
@@ -213,6 +215,7 @@ class PiceService:
             deadline_cap_s=self.settings.deadline_cap_s, cloud=self._cloud_view(),
         )
         pending = self.aggregator.open(request_id, placement.devices)
+        self._in_flight.add(pending)
         supervisor = asyncio.create_task(
             self._supervise(question, points, pending, placement.deadlines_s, budget.tokens_per_point)
         )
@@ -239,6 +242,7 @@ class PiceService:
         finally:
             supervisor.cancel()
             await asyncio.gather(supervisor, return_exceptions=True)
+            self._in_flight.discard(pending)
             self._release(pending)
             self.aggregator.close(request_id)
 
@@ -270,7 +274,9 @@ class PiceService:
             missing: list[int] = []
             to_choose: list[PointState] = []
             for state, when in zip(pending.points, due, strict=True):
-                if state.settled or not (not state.expected or now >= when or state.ready):
+                # Edges that went offline (last will) will not answer: no need to wait for the deadline.
+                abandoned = all(self.fleet.get(d) is None for d in state.expected - state.received.keys())
+                if state.settled or not (not state.expected or now >= when or state.ready or abandoned):
                     continue
                 # Take what arrived in time before giving up on the edges.
                 usable = state.usable()
@@ -344,6 +350,15 @@ class PiceService:
                      outstanding=e.outstanding, tokens_per_s=e.status.tokens_per_s, link_delay_s=e.link_delay_s)
             for e in self.fleet.live()
         ]
+
+    def _on_status(self, message: Message) -> None:
+        device_id = topic_level(message.topic, -2)
+        known = self.fleet.get(device_id) is not None
+        self.fleet.handle_status(message)
+        if known and self.fleet.get(device_id) is None:
+            # An edge left (its last will, or a clean shutdown): settle its points now.
+            for pending in self._in_flight:
+                pending.wakeup.set()
 
     def _on_candidate(self, candidate: Candidate) -> None:
         info = self.fleet.get(candidate.device_id)

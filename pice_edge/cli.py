@@ -1,6 +1,7 @@
 """``pice-edge``: run an edge node, check the device, find peers, manage models.
 
     pice-edge run [--broker mqtt://HOST:PORT] [--profile NAME|FILE] [--device-id ID] [--model NAME|PATH]
+                  [--username U] [--password-file F] [--ca-file F] [--cert-file F --key-file F]
     pice-edge doctor [--profile NAME|FILE] [--broker URL] [--json]
     pice-edge discover [--fleet NAME] [--json]
     pice-edge profiles
@@ -16,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -30,6 +32,7 @@ from pice_edge.model_store import DEFAULT_MODEL
 if TYPE_CHECKING:
     from pice_edge.profiles import DeviceProfile
     from pice_edge.runtimes.base import Runtime
+    from pice_edge.transport import BrokerSettings
 
 T = TypeVar("T")
 
@@ -74,6 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     discover.add_argument("--interfaces", default="all", help="'all' or comma-separated IP addresses")
     discover.add_argument("--json", action="store_true", help="print the peers as JSON")
 
+    _broker_auth_options(run)
+
     sub.add_parser("profiles", help="list the device profiles", parents=common)
 
     models = sub.add_parser("models", help="fetch, list and verify models", parents=common)
@@ -85,6 +90,48 @@ def _parser() -> argparse.ArgumentParser:
     verify = msub.add_parser("verify", help="check every file's SHA-256")
     verify.add_argument("name", nargs="?", default="smollm2-135m-instruct")
     return parser
+
+
+# --- broker credentials and TLS (tools/mosquitto/ makes them) -------------------------------
+# The password never travels on the command line (other users see argv): it comes from
+# PICE_BROKER_PASSWORD or from a file. Each option also reads an environment variable, for
+# systemd units and containers.
+
+def _broker_auth_options(run: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    run.add_argument("--username", default=env("PICE_BROKER_USERNAME"),
+                     help="broker account (default $PICE_BROKER_USERNAME, else the device id when a password is set)")
+    run.add_argument("--password-file", default=env("PICE_BROKER_PASSWORD_FILE"),
+                     help="file holding the broker password (default $PICE_BROKER_PASSWORD_FILE; "
+                          "or put the password itself in $PICE_BROKER_PASSWORD)")
+    run.add_argument("--ca-file", default=env("PICE_BROKER_CA_FILE"),
+                     help="CA certificate that signed the broker's (TLS; default $PICE_BROKER_CA_FILE)")
+    run.add_argument("--cert-file", default=env("PICE_BROKER_CERT_FILE"),
+                     help="this device's client certificate (mutual TLS; default $PICE_BROKER_CERT_FILE)")
+    run.add_argument("--key-file", default=env("PICE_BROKER_KEY_FILE"),
+                     help="this device's client key (mutual TLS; default $PICE_BROKER_KEY_FILE)")
+
+
+def _broker_settings(args: argparse.Namespace, url: str) -> BrokerSettings:
+    from pydantic import SecretStr, ValidationError
+
+    from pice_edge.errors import ConfigError
+    from pice_edge.transport import BrokerSettings
+
+    password = os.environ.get("PICE_BROKER_PASSWORD")
+    if args.password_file:
+        try:
+            with open(args.password_file, encoding="utf-8") as fh:
+                password = fh.read().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the broker password file {args.password_file}: {exc.strerror}") from exc
+    username = args.username or (args.device_id if password else None)
+    try:
+        return BrokerSettings(url=url, username=username, password=SecretStr(password) if password else None,
+                              ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ConfigError(f"broker settings: {first['msg']} (check --broker and the TLS options)") from None
 
 
 @dataclass(frozen=True)
@@ -163,7 +210,6 @@ async def _run(args: argparse.Namespace) -> int:
     from pice_edge.discovery import Discovery, EdgeAdvert, check_fleet, parse_interfaces
     from pice_edge.node import EdgeNode
     from pice_edge.protocol import is_valid_id
-    from pice_edge.transport import BrokerSettings
 
     cfg = _config(args)
     interfaces = parse_interfaces(args.interfaces)
@@ -172,7 +218,8 @@ async def _run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--device-id {args.device_id!r} must be 1-64 characters of A-Z a-z 0-9 . _ : -")
     if args.no_zeroconf and args.broker is None:
         raise ConfigError("--no-zeroconf needs --broker mqtt://HOST:PORT (there is nothing else to find it by)")
-    broker = BrokerSettings(url=args.broker) if args.broker else None  # a malformed URL fails before the model loads
+    # A malformed URL or unreadable TLS file fails before the model loads.
+    broker = _broker_settings(args, args.broker) if args.broker else None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -189,7 +236,7 @@ async def _run(args: argparse.Namespace) -> int:
             cloud = await _until(stop, discovery.find_cloud(fleet, args.discover_timeout))
             if cloud is None:
                 return 0
-            broker = BrokerSettings(url=cloud.broker_url())
+            broker = _broker_settings(args, cloud.broker_url())
             log.info("found cloud %s: broker %s", cloud.id, broker.url)
         # Found the broker first (fail fast), then load the model on a worker thread: this loop
         # keeps answering mDNS queries and signals while the weights load.

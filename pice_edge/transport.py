@@ -5,6 +5,12 @@ message is size-checked and handed to the owning asyncio loop with ``call_soon_t
 handlers run on that loop and must only parse and enqueue. No exception may escape a paho
 callback (paho's thread would die silently), so each callback is wrapped.
 
+Credentials: the password is a `SecretStr` (its repr is masked) and is handed to paho only;
+nothing here logs it, and broker URLs with user info (``mqtt://user:pass@host``) are refused so
+that it cannot leak through a logged URL either. A refusal that retrying cannot cure (bad
+credentials, a broker certificate our CA does not sign) ends `MqttTransport.connect` at once
+with a `TransportError` that says so.
+
 Reconnection is paho's own (``reconnect_delay_set`` gives the back-off); on every (re)connect
 we re-make the subscriptions and run the registered on-connect hooks, which is how an edge
 re-announces itself after a broker restart.
@@ -15,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import sys
 import threading
 import uuid
 from collections.abc import Callable
@@ -23,9 +30,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from pice_edge.errors import TransportError
+from pice_edge.errors import ConfigError, TransportError
 from pice_edge.protocol import DEFAULT_MAX_PAYLOAD_BYTES
 from pice_edge.rejects import Rejections
 
@@ -55,7 +62,15 @@ class BrokerSettings(BaseModel):
     @classmethod
     def _check_url(cls, value: str) -> str:
         parse_broker_url(value)
+        if urlsplit(value).username is not None:
+            raise ValueError("broker URL must not carry credentials; set username and password instead")
         return value
+
+    @model_validator(mode="after")
+    def _check_tls_pair(self) -> BrokerSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together (mutual TLS needs both)")
+        return self
 
     @property
     def host(self) -> str:
@@ -118,6 +133,9 @@ class MqttTransport:
         self._connect_hooks: list[Callable[[], None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connected = threading.Event()
+        # Set when connect() can stop waiting: connected, or refused for a reason retrying won't fix.
+        self._settled = threading.Event()
+        self._refused = False
         self._closing = False
         self._last_error: str | None = None
         self.connect_count = 0
@@ -134,17 +152,24 @@ class MqttTransport:
             password = settings.password.get_secret_value() if settings.password else None
             client.username_pw_set(settings.username, password)
         if settings.tls:
-            client.tls_set(
-                ca_certs=settings.ca_file,
-                certfile=settings.cert_file,
-                keyfile=settings.key_file,
-                cert_reqs=ssl.CERT_REQUIRED,
-            )
+            try:
+                client.tls_set(
+                    ca_certs=settings.ca_file,
+                    certfile=settings.cert_file,
+                    keyfile=settings.key_file,
+                    cert_reqs=ssl.CERT_REQUIRED,
+                )
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                raise ConfigError(
+                    f"cannot load the TLS files for broker {settings.url} (ca_file={settings.ca_file}, "
+                    f"cert_file={settings.cert_file}, key_file={settings.key_file}): {exc}"
+                ) from exc
         client.reconnect_delay_set(
             min_delay=max(1, round(settings.reconnect_min_s)), max_delay=max(1, round(settings.reconnect_max_s))
         )
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
+        client.on_connect_fail = self._on_connect_fail
         client.on_message = self._on_message
         self._client = client
 
@@ -177,15 +202,22 @@ class MqttTransport:
         """
         self._loop = asyncio.get_running_loop()
         self._closing = False
+        self._refused = False
+        self._settled.clear()
         try:
             self._client.connect_async(self.settings.host, self.settings.port, keepalive=self.settings.keepalive_s)
         except (OSError, ValueError) as exc:
             raise TransportError(f"cannot connect to MQTT broker {self.settings.url}: {exc}") from exc
         self._client.loop_start()
-        ok = await asyncio.get_running_loop().run_in_executor(None, self._connected.wait, timeout)
-        if not ok:
+        await asyncio.get_running_loop().run_in_executor(None, self._settled.wait, timeout)
+        if not self._connected.is_set():
             self._client.loop_stop()
             reason = self._last_error or "no answer"
+            if self._refused:
+                raise TransportError(
+                    f"MQTT broker {self.settings.url} refused us ({reason}); check the username, password "
+                    "and TLS files (ca_file, cert_file, key_file)"
+                )
             raise TransportError(
                 f"cannot connect to MQTT broker {self.settings.url} within {timeout:.0f}s ({reason}); "
                 "check that the broker runs and the URL, credentials and TLS files are right"
@@ -234,11 +266,14 @@ class MqttTransport:
                 if str(reason_code) in ("Not authorized", "Bad user name or password"):
                     # Retrying with the same credentials cannot succeed.
                     client.disconnect()
+                    self._refused = True
+                    self._settled.set()
                 return
             self.connect_count += 1
             for topic_filter in self._subscriptions:
                 client.subscribe(topic_filter, qos=QOS)
             self._connected.set()
+            self._settled.set()
             log.info("connected to MQTT broker %s as %s", self.settings.url, self.client_id)
             if self._loop is not None and not self._loop.is_closed():
                 for hook in self._connect_hooks:
@@ -249,11 +284,25 @@ class MqttTransport:
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         try:
             self._connected.clear()
-            if not self._closing:
+            if not self._closing and not self._refused:
                 self._last_error = f"disconnected: {reason_code}"
                 log.warning("lost MQTT broker %s (%s); reconnecting", self.settings.url, reason_code)
         except Exception:
             log.exception("error in MQTT on_disconnect")
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        # paho calls this inside its `except OSError` block: the exception is the current one.
+        try:
+            exc = sys.exc_info()[1]
+            self._last_error = f"{type(exc).__name__}: {exc}" if exc is not None else "connection failed"
+            log.debug("MQTT connection to %s failed: %s", self.settings.url, self._last_error)
+            if isinstance(exc, ssl.SSLCertVerificationError):
+                # The broker's certificate is not signed by our CA (or names another host):
+                # the next try will fail the same way.
+                self._refused = True
+                self._settled.set()
+        except Exception:
+            log.exception("error in MQTT on_connect_fail")
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         try:

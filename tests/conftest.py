@@ -55,20 +55,22 @@ def _wait_port(host: str, port: int, timeout: float = 10.0) -> None:
 class Mosquitto:
     """A real Mosquitto on a free loopback port; can be killed and restarted on the same port."""
 
-    def __init__(self, workdir: Path, template: str = "anonymous.conf") -> None:
+    def __init__(self, workdir: Path, template: str = "anonymous.conf", scheme: str = "mqtt", **values: object) -> None:
+        """``template`` names a file in tests/mosquitto/; ``values`` fill its extra placeholders."""
         if MOSQUITTO is None:
             pytest.skip("mosquitto is not installed (apt-get install mosquitto; .ci/run does it)")
         self.port = free_port()
         self.workdir = workdir
+        self.scheme = scheme
         (workdir / "data").mkdir(exist_ok=True)
-        text = (HERE / "mosquitto" / template).read_text().format(port=self.port, data=workdir / "data")
+        text = (HERE / "mosquitto" / template).read_text().format(port=self.port, data=workdir / "data", **values)
         self.config = workdir / "mosquitto.conf"
         self.config.write_text(text)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def start(self) -> None:
         assert MOSQUITTO is not None

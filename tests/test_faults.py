@@ -1,0 +1,275 @@
+"""Faults with real processes: edges and clouds killed with SIGKILL, the broker killed and restarted.
+
+The cloud service runs in the test's process (so the test can watch its fleet and counters); the
+edges are real ``pice-edge run`` processes on the tiny model (``tests.fault_edge`` where a fault
+is injected: a slow runtime, or every candidate published twice), over a real Mosquitto with
+persistence. Each test checks that no request is lost or hangs past its deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from pice_cloud.llm.transformers import TransformersBackend
+from pice_cloud.local import LocalSystem, local_system
+from pice_cloud.scheduler import Budget
+from pice_cloud.service import AnswerEvent, ServiceSettings
+from pice_edge.protocol import (
+    CANDIDATES_FILTER,
+    CLOUD_STATUS_TOPIC,
+    EDGE_STATUS_FILTER,
+    CloudStatus,
+    EdgeStatus,
+    decode,
+    edge_tasks_topic,
+)
+from pice_edge.transport import BrokerSettings, Message, MqttTransport
+from tests.conftest import Mosquitto
+from tests.procs import EdgeProcess
+from tests.test_transport import eventually
+
+pytestmark = pytest.mark.mosquitto
+log = logging.getLogger(__name__)  # the outcome of each fault, for the record (--log-cli-level=INFO)
+
+QUESTION = "How can I improve my time management skills?"  # the tiny model sketches 2 points
+DEADLINE_S = 4.0
+# The cloud's own fallback (a batched expansion on the tiny model) plus scheduling noise on a
+# busy CI machine: what a request may take beyond its point deadline.
+SLACK_S = 10.0
+
+
+def settings(deadline_s: float = DEADLINE_S) -> ServiceSettings:
+    return ServiceSettings(budget=Budget(max_points=4, tokens_per_point=8, sketch_tokens=40),
+                           deadline_floor_s=deadline_s, deadline_cap_s=deadline_s)
+
+
+@pytest.fixture
+async def tiny_llm(tiny_model: Path) -> AsyncIterator[TransformersBackend]:
+    llm = TransformersBackend(tiny_model, threads=1)
+    yield llm
+    await llm.close()
+
+
+@pytest.fixture
+def edges(tmp_path: Path) -> Iterator[list[EdgeProcess]]:
+    """Edge processes the test starts; any still running at the end are killed."""
+    started: list[EdgeProcess] = []
+    yield started
+    for proc in started:
+        proc.kill()
+
+
+def start_edge(edges: list[EdgeProcess], device_id: str, broker: Mosquitto, model: Path, logdir: Path,
+               **kwargs: object) -> EdgeProcess:
+    proc = EdgeProcess(device_id, broker.url, model, logdir, **kwargs)  # type: ignore[arg-type]
+    edges.append(proc)
+    return proc
+
+
+async def answer(system: LocalSystem, mode: str = "progressive", limit: float = DEADLINE_S + SLACK_S + 20
+                 ) -> tuple[AnswerEvent, float]:
+    """One request, bounded: a hang fails the test instead of stalling the suite."""
+    started = time.monotonic()
+    final = await asyncio.wait_for(system.service.ask(QUESTION, mode=mode), limit)  # type: ignore[arg-type]
+    return final, time.monotonic() - started
+
+
+async def spy(url: str, topic_filter: str) -> tuple[MqttTransport, list[Message]]:
+    got: list[Message] = []
+    transport = MqttTransport(BrokerSettings(url=url))
+    transport.subscribe(topic_filter, got.append)
+    await transport.connect()
+    await asyncio.sleep(0.2)  # the SUBSCRIBE lands
+    return transport, got
+
+
+async def test_edge_killed_while_holding_tasks(mosquitto: Mosquitto, tiny_model: Path, tiny_llm: TransformersBackend,
+                                               edges: list[EdgeProcess], tmp_path: Path) -> None:
+    # "doomed" holds its tasks (a 60 s runtime delay) until it is killed; "steady" is healthy.
+    doomed = start_edge(edges, "doomed", mosquitto, tiny_model, tmp_path, fault=("--delay", "60"))
+    start_edge(edges, "steady", mosquitto, tiny_model, tmp_path)
+    watcher, tasks_seen = await spy(mosquitto.url, edge_tasks_topic("doomed"))
+    try:
+        async with local_system(tiny_llm, broker_url=mosquitto.url, edges=0, settings=settings(30)) as system:
+            assert await system.service.fleet.wait_for(2, 60)
+            request = asyncio.create_task(answer(system))
+            await eventually(lambda: bool(tasks_seen), timeout=30)
+            await asyncio.sleep(0.2)  # the task reaches the edge's queue
+            doomed.kill()
+            final, took = await request
+            log.info("edge killed holding %d task(s): answered in %.1fs, %d point(s) by the cloud",
+                     len(tasks_seen), took, final.stats.points_cloud)
+
+            assert [d for d in final.stats.devices if d == "doomed"] == []
+            assert final.stats.points_cloud == len(tasks_seen) >= 1, "the dead edge's points went to the cloud"
+            assert final.stats.points_edge + final.stats.points_cloud == final.text.count("**") // 2
+            # The last will settled them at once: far sooner than the 30 s point deadline.
+            assert took < 30
+            assert system.service.fleet.get("doomed") is None
+            # The next request uses the survivor only.
+            again, _ = await answer(system)
+            assert again.stats.devices == ["steady"]
+            assert again.stats.points_cloud == 0
+    finally:
+        await watcher.close()
+
+
+async def test_all_edges_gone_degrades_to_cloud_only(mosquitto: Mosquitto, tiny_model: Path,
+                                                     tiny_llm: TransformersBackend, edges: list[EdgeProcess],
+                                                     tmp_path: Path) -> None:
+    # Heartbeats every 30 s: only the last will can tell the cloud quickly that they are gone.
+    procs = [start_edge(edges, f"gone-{i}", mosquitto, tiny_model, tmp_path, heartbeat=30) for i in (1, 2)]
+    async with local_system(tiny_llm, broker_url=mosquitto.url, edges=0, settings=settings()) as system:
+        assert await system.service.fleet.wait_for(2, 60)
+        for proc in procs:
+            proc.kill()
+        await eventually(lambda: system.service.fleet.live() == [], timeout=10)
+        final, took = await answer(system, mode="auto")
+        log.info("all edges gone: mode=%s, answered in %.1fs", final.stats.mode, took)
+        assert final.stats.mode == "cloud"
+        assert final.text
+        assert final.stats.points_edge == 0
+
+
+async def test_broker_killed_and_restarted_mid_request(mosquitto: Mosquitto, tiny_model: Path,
+                                                       tiny_llm: TransformersBackend, edges: list[EdgeProcess],
+                                                       tmp_path: Path) -> None:
+    for name in ("e1", "e2"):
+        start_edge(edges, name, mosquitto, tiny_model, tmp_path)
+    async with local_system(tiny_llm, broker_url=mosquitto.url, edges=0, settings=settings()) as system:
+        service = system.service
+        assert await service.fleet.wait_for(2, 60)
+        first = await answer(system)
+        assert first[0].stats.points_edge >= 1
+
+        request = asyncio.create_task(answer(system))
+        await eventually(lambda: service.aggregator.in_flight == 1, timeout=30)  # tasks are out
+        mosquitto.kill()
+        await asyncio.sleep(1.0)
+        mosquitto.start()
+        # In flight: it completes (edge candidates, or the cloud after the deadline); no hang.
+        final, took = await request
+        log.info("broker restarted mid-request: answered in %.1fs, edge/cloud points %d/%d",
+                 took, final.stats.points_edge, final.stats.points_cloud)
+        assert final.stats.points_edge + final.stats.points_cloud == first[0].stats.points_edge
+        assert took < DEADLINE_S + SLACK_S + 5
+
+        # Everyone reconnects and resubscribes by themselves; then requests succeed at the edges.
+        await eventually(lambda: system.service.transport.connected, timeout=20)
+        await eventually(lambda: {e.device_id for e in service.fleet.live()} == {"e1", "e2"}, timeout=30)
+        after, _ = await answer(system)
+        assert after.stats.points_edge >= 1
+        assert after.stats.points_cloud == 0, "candidates did not come back: a subscription was not re-made"
+        assert system.service.transport.connect_count == 2
+    for proc in edges:
+        assert proc.alive
+        assert "lost MQTT broker" in proc.log()
+
+
+async def test_slow_edge_late_candidates_are_ignored(mosquitto: Mosquitto, tiny_model: Path,
+                                                     tiny_llm: TransformersBackend, edges: list[EdgeProcess],
+                                                     tmp_path: Path) -> None:
+    start_edge(edges, "slow", mosquitto, tiny_model, tmp_path, fault=("--delay", "3"))
+    watcher, candidates = await spy(mosquitto.url, CANDIDATES_FILTER)
+    try:
+        async with local_system(tiny_llm, broker_url=mosquitto.url, edges=0, settings=settings(1.0)) as system:
+            rejections = system.service.transport.rejections
+            assert await system.service.fleet.wait_for(1, 60)
+            final, took = await answer(system)
+            n = final.stats.points_cloud
+            assert n >= 1
+            assert final.stats.points_edge == 0, "the deadline passed: the cloud expanded every point"
+            assert took < 1.0 + SLACK_S
+            # The slow edge answers later anyway: every candidate is counted as late, none used.
+            await eventually(lambda: len(candidates) == n, timeout=30)
+            await eventually(lambda: rejections.count("candidate", "late") == n)
+            assert system.service.aggregator.accepted == 0
+            assert rejections.count() == n
+            log.info("slow edge: answered in %.1fs by the cloud, %d late candidate(s) ignored", took, n)
+    finally:
+        await watcher.close()
+
+
+async def test_duplicate_candidates_are_deduplicated(mosquitto: Mosquitto, tiny_model: Path,
+                                                     tiny_llm: TransformersBackend, edges: list[EdgeProcess],
+                                                     tmp_path: Path) -> None:
+    start_edge(edges, "twice", mosquitto, tiny_model, tmp_path, fault=("--duplicate",))
+    watcher, candidates = await spy(mosquitto.url, CANDIDATES_FILTER)
+    try:
+        async with local_system(tiny_llm, broker_url=mosquitto.url, edges=0, settings=settings(30)) as system:
+            rejections = system.service.transport.rejections
+            assert await system.service.fleet.wait_for(1, 60)
+            final, _ = await answer(system)
+            n = final.stats.points_edge
+            assert n >= 1
+            assert final.stats.points_cloud == 0
+            assert final.text.count("**") == 2 * n, "each point once"
+            await eventually(lambda: len(candidates) == 2 * n)
+            # The second copy arrives while the request is open (duplicate) or just after (late).
+            await eventually(lambda: rejections.count("candidate") == n)
+            assert rejections.count("candidate", "duplicate") + rejections.count("candidate", "late") == n
+            assert system.service.aggregator.accepted == n
+            log.info("duplicating edge: %d point(s), %d duplicate(s) dropped", n, n)
+    finally:
+        await watcher.close()
+
+
+def _cloud_process(broker: Mosquitto, model: Path) -> subprocess.Popen[str]:
+    cmd = [sys.executable, "-m", "pice_cloud.cli", "ask", QUESTION, "--broker", broker.url, "--edges", "0",
+           "--model", str(model), "--mode", "progressive", "--max-points", "4", "--tokens-per-point", "400",
+           "--wait-edges", "60"]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            cwd=Path(__file__).parents[1])
+
+
+def _kill_after_sketch(proc: subprocess.Popen[str]) -> str:
+    assert proc.stdout is not None
+    first = proc.stdout.readline()  # "Sketch:" is written and flushed before the tasks go out
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    proc.stdout.close()
+    return first
+
+
+async def test_cloud_restarted_while_edges_run(mosquitto: Mosquitto, tiny_model: Path, tiny_llm: TransformersBackend,
+                                               edges: list[EdgeProcess], tmp_path: Path) -> None:
+    # Heartbeats every 5 s: the new cloud learns of the edges from their retained status.
+    for name in ("r1", "r2"):
+        start_edge(edges, name, mosquitto, tiny_model, tmp_path, heartbeat=5)
+    watcher, statuses = await spy(mosquitto.url, EDGE_STATUS_FILTER)
+    await eventually(lambda: {m.topic for m in statuses} >= {"pice/v1/edge/r1/status", "pice/v1/edge/r2/status"},
+                     timeout=60)
+    await watcher.close()
+
+    # The first cloud is a real process, killed (SIGKILL) right after its sketch.
+    cloud = _cloud_process(mosquitto, tiny_model)
+    first_line = await asyncio.get_running_loop().run_in_executor(None, _kill_after_sketch, cloud)
+    assert first_line.startswith("Sketch:")
+    cloud_status, retained = await spy(mosquitto.url, CLOUD_STATUS_TOPIC)
+    await eventually(lambda: bool(retained))
+    await cloud_status.close()
+    assert decode(CloudStatus, retained[-1].payload).online is False, "the dead cloud's last will"
+
+    # Edges kept running and kept their retained status; a new cloud sees them at once.
+    assert all(proc.alive for proc in edges)
+    async with local_system(tiny_llm, broker_url=mosquitto.url, edges=0, settings=settings(30)) as system:
+        assert await system.service.fleet.wait_for(2, 2.0), "retained statuses did not register the edges"
+        for info in system.service.fleet.live():
+            assert isinstance(info.status, EdgeStatus)
+            assert info.status.online
+        final, _ = await answer(system)
+        assert final.stats.points_edge >= 1
+        assert final.stats.points_cloud == 0
+        assert set(final.stats.devices) <= {"r1", "r2"}
+        log.info("cloud restarted: new cloud saw %d edges from retained status, answer by %s",
+                 len(system.service.fleet.live()), final.stats.devices)
+    assert final.text.startswith("1. **")

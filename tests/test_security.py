@@ -1,0 +1,377 @@
+"""Trust: the production Mosquitto configuration (tools/mosquitto/) on a real broker.
+
+A throw-away CA, broker certificate and three accounts (the cloud and two edges) are made with
+the shipped scripts; the broker runs the production configuration with only paths and port
+changed. Then: legitimate clients work end to end over TLS, and no edge can publish as another,
+read another's tasks, or get in without the right password and certificates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import logging
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from pydantic import SecretStr
+
+from pice_cloud.aggregator import Aggregator
+from pice_cloud.fleet import Fleet
+from pice_cloud.llm.transformers import TransformersBackend
+from pice_cloud.scheduler import Budget
+from pice_cloud.service import PiceService, ServiceSettings
+from pice_edge.errors import ConfigError, TransportError
+from pice_edge.node import EdgeNode
+from pice_edge.protocol import (
+    CANDIDATES_FILTER,
+    CLOUD_STATUS_TOPIC,
+    EDGE_STATUS_FILTER,
+    Candidate,
+    CloudStatus,
+    EdgeStatus,
+    ExpandTask,
+    candidate_topic,
+    edge_status_topic,
+    edge_tasks_topic,
+    encode,
+)
+from pice_edge.runtimes.transformers import TransformersRuntime
+from pice_edge.transport import BrokerSettings, Message, MqttTransport
+from tests.conftest import Mosquitto
+from tests.procs import EdgeProcess
+from tests.test_transport import eventually
+
+pytestmark = pytest.mark.mosquitto
+
+TOOLS = Path(__file__).parents[1] / "tools" / "mosquitto"
+ACCOUNTS = ("pice-cloud", "edge-a", "edge-b")
+# Random per run, so a password that shows up in a log cannot be a coincidence.
+PASSWORDS = {name: f"pw-{name}-{secrets.token_hex(8)}" for name in ACCOUNTS}
+
+
+def _tools_available() -> None:
+    for tool in ("openssl", "mosquitto_passwd"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed (apt-get install openssl mosquitto)")
+
+
+def _script(*args: str | Path, env: dict[str, str] | None = None) -> None:
+    proc = subprocess.run([str(a) for a in args], capture_output=True, text=True, check=False,
+                          env={**os.environ, **(env or {})}, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A throw-away CA, the broker certificate for 127.0.0.1, and the three accounts."""
+    _tools_available()
+    pki = tmp_path_factory.mktemp("pki")
+    _script(TOOLS / "make_ca.sh", "-d", "2", pki, "127.0.0.1", "localhost")
+    for name in ACCOUNTS:
+        _script(TOOLS / "add_device.sh", "-d", "2", pki, name, env={"PICE_DEVICE_PASSWORD": PASSWORDS[name]})
+    return pki
+
+
+@pytest.fixture(scope="module")
+def rogue_pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Another CA, with a client certificate for edge-a: what an attacker could make."""
+    _tools_available()
+    rogue = tmp_path_factory.mktemp("rogue")
+    _script(TOOLS / "make_ca.sh", "-d", "2", rogue, "127.0.0.1")
+    _script(TOOLS / "add_device.sh", "-d", "2", rogue, "edge-a", env={"PICE_DEVICE_PASSWORD": "x"})
+    return rogue
+
+
+@pytest.fixture
+def secure_broker(tmp_path: Path, pki: Path) -> Iterator[Mosquitto]:
+    broker = Mosquitto(tmp_path, "secure.conf", scheme="mqtts", pki=pki, acl=TOOLS / "acl", user=getpass.getuser())
+    broker.start()
+    yield broker
+    broker.kill()
+
+
+def creds(broker: Mosquitto, pki: Path, name: str, **over: object) -> BrokerSettings:
+    values: dict[str, object] = {
+        "url": broker.url, "username": name, "password": SecretStr(PASSWORDS.get(name, "")),
+        "ca_file": str(pki / "ca.crt"), "cert_file": str(pki / "clients" / f"{name}.crt"),
+        "key_file": str(pki / "clients" / f"{name}.key"), "reconnect_min_s": 1, "reconnect_max_s": 1,
+    }
+    values.update(over)
+    return BrokerSettings.model_validate(values)
+
+
+@pytest.fixture
+async def clients(secure_broker: Mosquitto, pki: Path) -> AsyncIterator[dict[str, MqttTransport]]:
+    """Connected raw transports for the cloud and both edges (client id == username)."""
+    made = {name: MqttTransport(creds(secure_broker, pki, name), client_id=name) for name in ACCOUNTS}
+    for transport in made.values():
+        await transport.connect(timeout=5)
+    yield made
+    for transport in made.values():
+        await transport.close()
+
+
+def _candidate(request_id: str, device_id: str, text: str = "text") -> Candidate:
+    return Candidate(request_id=request_id, point_index=0, device_id=device_id, text=text, token_count=1,
+                     mean_logprob=-0.1, latency_s=0.1)
+
+
+# --- the configuration ---------------------------------------------------------------------
+
+def _directives(path: Path) -> list[tuple[str, str]]:
+    lines = [ln.strip() for ln in path.read_text().splitlines()]
+    pairs = [tuple(ln.split(None, 1)) for ln in lines if ln and not ln.startswith(("#", "user "))]
+    # Paths, the port and the log destination are what the test copy may change.
+    local = {"password_file", "acl_file", "cafile", "certfile", "keyfile", "persistence_location", "listener",
+             "log_dest"}
+    return [(p[0], "" if p[0] in local else p[1]) for p in pairs]
+
+
+def test_test_broker_runs_the_production_configuration() -> None:
+    production = _directives(TOOLS / "mosquitto.conf")
+    assert production == _directives(Path(__file__).parent / "mosquitto" / "secure.conf")
+    assert ("allow_anonymous", "false") in production
+    assert ("require_certificate", "true") in production
+
+
+def test_acl_confines_edges_with_username_patterns() -> None:
+    rules = [ln.split() for ln in (TOOLS / "acl").read_text().splitlines() if ln and not ln.startswith("#")]
+    patterns = {(r[1], r[2]) for r in rules if r[0] == "pattern"}
+    assert patterns == {
+        ("write", "pice/v1/edge/%u/status"),
+        ("write", "pice/v1/candidates/+/%u"),
+        ("read", "pice/v1/edge/%u/tasks"),
+        ("read", "pice/v1/cloud/status"),
+    }
+    # Topics the protocol module builds match the ACL's shapes.
+    assert candidate_topic("r1", "edge-a") == "pice/v1/candidates/r1/edge-a"
+
+
+# --- legitimate clients -----------------------------------------------------------------------
+
+async def test_cloud_and_edges_answer_over_tls_with_acl(secure_broker: Mosquitto, pki: Path,
+                                                        tiny_model: Path) -> None:
+    """The ACL gives every party what it needs: a progressive answer works end to end."""
+    llm = TransformersBackend(tiny_model, threads=1)
+    nodes = [EdgeNode(TransformersRuntime(tiny_model, threads=1), device_id=name,
+                      broker=creds(secure_broker, pki, name), heartbeat_s=1.0) for name in ("edge-a", "edge-b")]
+    cloud = MqttTransport(creds(secure_broker, pki, "pice-cloud"), client_id="pice-cloud",
+                          will=(CLOUD_STATUS_TOPIC, encode(CloudStatus(cloud_id="pice-cloud", online=False))))
+    settings = ServiceSettings(budget=Budget(max_points=3, tokens_per_point=8, sketch_tokens=30))
+    service = PiceService(llm, cloud, settings=settings)
+    try:
+        for node in nodes:
+            await node.start(connect_timeout=5)
+        await cloud.connect(timeout=5)
+        assert await cloud.publish_and_wait(CLOUD_STATUS_TOPIC, encode(CloudStatus(cloud_id="pice-cloud",
+                                                                                   online=True)), retain=True)
+        assert await service.fleet.wait_for(2, 10)
+        final = await asyncio.wait_for(service.ask("How do I learn to cook?", mode="progressive"), 60)
+        assert final.stats.mode == "progressive"
+        assert final.stats.points_edge >= 1
+        assert final.stats.points_cloud == 0, "a task or candidate was blocked by the ACL"
+        assert set(final.stats.devices) <= {"edge-a", "edge-b"}
+        assert cloud.rejections.count() == 0
+    finally:
+        await cloud.close()
+        for node in nodes:
+            await node.stop()
+        await llm.close()
+
+
+# --- what an edge must not be able to do ------------------------------------------------------
+
+async def test_edge_cannot_publish_as_another_device(clients: dict[str, MqttTransport]) -> None:
+    cloud, mallory = clients["pice-cloud"], clients["edge-a"]
+    aggregator = Aggregator(rejections=cloud.rejections)
+    fleet = Fleet(rejections=cloud.rejections)
+    cloud.subscribe(CANDIDATES_FILTER, aggregator.handle_candidate)
+    cloud.subscribe(EDGE_STATUS_FILTER, fleet.handle_status)
+    stolen: list[Message] = []
+    clients["edge-b"].subscribe(edge_tasks_topic("edge-b"), stolen.append)
+    await asyncio.sleep(0.3)  # let the SUBSCRIBEs land
+    pending = aggregator.open("r1", [("edge-a", "edge-b")])
+
+    # edge-a forges edge-b's candidate and status, and writes a task into edge-b's queue ...
+    await mallory.publish_and_wait(candidate_topic("r1", "edge-b"), encode(_candidate("r1", "edge-b", "forged")))
+    await mallory.publish_and_wait(edge_status_topic("edge-b"), encode(EdgeStatus(device_id="edge-b", online=True)))
+    task = ExpandTask(request_id="r1", point_index=0, question="q", sketch=["p"], max_new_tokens=4,
+                      deadline=time.time() + 30)
+    await mallory.publish_and_wait(edge_tasks_topic("edge-b"), encode(task))
+    # ... then publishes its own candidate and status, which must arrive (same connection, in order).
+    await mallory.publish_and_wait(candidate_topic("r1", "edge-a"), encode(_candidate("r1", "edge-a")))
+    await mallory.publish_and_wait(edge_status_topic("edge-a"), encode(EdgeStatus(device_id="edge-a", online=True)))
+    await eventually(lambda: "edge-a" in pending.points[0].received and fleet.get("edge-a") is not None)
+    await asyncio.sleep(0.3)
+
+    # The broker dropped the forgeries: the cloud never saw them (nothing even to reject).
+    assert set(pending.points[0].received) == {"edge-a"}
+    assert fleet.get("edge-b") is None
+    assert cloud.rejections.count() == 0
+    assert stolen == []
+    assert mallory.connected, "Mosquitto drops a denied QoS 1 publish but keeps the client"
+
+
+async def test_edge_cannot_read_another_edges_tasks(clients: dict[str, MqttTransport]) -> None:
+    cloud = clients["pice-cloud"]
+    seen_by_a: list[str] = []
+    seen_by_b: list[str] = []
+    for topic_filter in (edge_tasks_topic("edge-b"), "pice/v1/edge/+/tasks", "#"):
+        clients["edge-a"].subscribe(topic_filter, lambda m: seen_by_a.append(m.topic))
+    clients["edge-b"].subscribe(edge_tasks_topic("edge-b"), lambda m: seen_by_b.append(m.topic))
+    await asyncio.sleep(0.3)
+    task = ExpandTask(request_id="r2", point_index=0, question="secret question", sketch=["p"], max_new_tokens=4,
+                      deadline=time.time() + 30)
+    assert await cloud.publish_and_wait(edge_tasks_topic("edge-b"), encode(task))
+    assert await cloud.publish_and_wait(edge_tasks_topic("edge-a"), encode(task))
+    await eventually(lambda: bool(seen_by_b) and bool(seen_by_a))
+    await asyncio.sleep(0.3)
+    assert seen_by_b == [edge_tasks_topic("edge-b")]
+    assert set(seen_by_a) == {edge_tasks_topic("edge-a")}, "edge-a read a task that was not its own"
+
+
+# --- who gets in ------------------------------------------------------------------------------
+
+async def _refused(settings: BrokerSettings, timeout: float = 5.0) -> tuple[str, float]:
+    transport = MqttTransport(settings)
+    started = time.monotonic()
+    try:
+        with pytest.raises(TransportError) as info:
+            await transport.connect(timeout=timeout)
+    finally:
+        await transport.close()
+    return str(info.value), time.monotonic() - started
+
+
+async def test_anonymous_client_is_refused(secure_broker: Mosquitto, pki: Path) -> None:
+    # A valid client certificate is not enough: the broker also wants an account.
+    message, took = await _refused(creds(secure_broker, pki, "edge-a", username=None, password=None))
+    assert re.search(r"refused us \((broker refused: )?Not authorized", message), message
+    assert took < 4, "a refusal must not wait for the connect timeout"
+
+
+async def test_wrong_password_is_refused_and_never_logged(secure_broker: Mosquitto, pki: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    wrong = "wrong-" + secrets.token_hex(8)
+    settings = creds(secure_broker, pki, "edge-a", password=SecretStr(wrong))
+    message, took = await _refused(settings)
+    assert "refused us" in message
+    assert "check the username, password" in message
+    assert took < 4
+    # And a successful login logs nothing secret either.
+    good = creds(secure_broker, pki, "edge-a")
+    transport = MqttTransport(good, client_id="edge-a")
+    await transport.connect(timeout=5)
+    await transport.close()
+    shown = caplog.text + message + repr(settings) + repr(good) + str(good.model_dump())
+    assert "connected to MQTT broker" in caplog.text
+    assert wrong not in shown
+    assert PASSWORDS["edge-a"] not in shown
+
+
+async def test_broker_certificate_from_another_ca_is_refused(secure_broker: Mosquitto, pki: Path,
+                                                             rogue_pki: Path) -> None:
+    message, took = await _refused(creds(secure_broker, pki, "edge-a", ca_file=str(rogue_pki / "ca.crt")))
+    assert "certificate verify failed" in message
+    assert took < 4
+
+
+async def test_client_certificate_from_another_ca_is_refused(secure_broker: Mosquitto, pki: Path,
+                                                             rogue_pki: Path) -> None:
+    # The right password with a certificate the fleet CA did not sign: the TLS handshake fails.
+    settings = creds(secure_broker, pki, "edge-a", cert_file=str(rogue_pki / "clients" / "edge-a.crt"),
+                     key_file=str(rogue_pki / "clients" / "edge-a.key"))
+    message, _ = await _refused(settings, timeout=3)
+    assert "cannot connect to MQTT broker" in message or "refused" in message
+
+
+def test_missing_tls_file_is_a_config_error(tmp_path: Path) -> None:
+    settings = BrokerSettings(url="mqtts://127.0.0.1:1", ca_file=str(tmp_path / "nope.crt"))
+    with pytest.raises(ConfigError, match=r"ca_file=.*nope\.crt"):
+        MqttTransport(settings)
+    with pytest.raises(ValueError, match="cert_file and key_file go together"):
+        BrokerSettings(cert_file="a.crt")
+    with pytest.raises(ValueError, match="must not carry credentials"):
+        BrokerSettings(url="mqtt://edge:hunter2@127.0.0.1:1883")
+
+
+# --- the cloud's own check, without the broker's help ------------------------------------------
+
+async def test_aggregator_ignores_mismatched_device_on_permissive_broker(mosquitto: Mosquitto) -> None:
+    cloud = MqttTransport(BrokerSettings(url=mosquitto.url), client_id="cloud")
+    mallory = MqttTransport(BrokerSettings(url=mosquitto.url), client_id="edge-a")
+    aggregator = Aggregator(rejections=cloud.rejections)
+    cloud.subscribe(CANDIDATES_FILTER, aggregator.handle_candidate)
+    await cloud.connect()
+    await mallory.connect()
+    try:
+        await asyncio.sleep(0.2)
+        pending = aggregator.open("r3", [("edge-a", "edge-b")])
+        # The anonymous broker lets anyone publish anywhere; the payload claims edge-b.
+        assert await mallory.publish_and_wait(candidate_topic("r3", "edge-a"), encode(_candidate("r3", "edge-b")))
+        assert await mallory.publish_and_wait(candidate_topic("r3", "edge-a"), encode(_candidate("r3", "edge-a")))
+        await eventually(lambda: "edge-a" in pending.points[0].received)
+        assert "edge-b" not in pending.points[0].received
+        assert cloud.rejections.count("candidate", "identity") == 1
+        assert aggregator.accepted == 1
+    finally:
+        await cloud.close()
+        await mallory.close()
+
+
+# --- the pice-edge command with credentials ------------------------------------------------------
+
+def _tls_flags(pki: Path, name: str) -> tuple[str, ...]:
+    return ("--ca-file", str(pki / "ca.crt"), "--cert-file", str(pki / "clients" / f"{name}.crt"),
+            "--key-file", str(pki / "clients" / f"{name}.key"))
+
+
+async def test_edge_cli_takes_credentials_from_env_and_file(secure_broker: Mosquitto, pki: Path,
+                                                            tiny_model: Path, tmp_path: Path) -> None:
+    fleet = Fleet()
+    cloud = MqttTransport(creds(secure_broker, pki, "pice-cloud"), client_id="pice-cloud")
+    cloud.subscribe(EDGE_STATUS_FILTER, fleet.handle_status)
+    await cloud.connect(timeout=5)
+    # edge-a: password in the environment; edge-b: in the file add_device.sh wrote. Both log at
+    # debug level, and neither may print a password.
+    debug = ("--log-level", "debug")
+    procs = [
+        EdgeProcess("edge-a", secure_broker.url, tiny_model, tmp_path, extra=(*_tls_flags(pki, "edge-a"), *debug),
+                    env={"PICE_BROKER_PASSWORD": PASSWORDS["edge-a"]}),
+        EdgeProcess("edge-b", secure_broker.url, tiny_model, tmp_path,
+                    extra=(*_tls_flags(pki, "edge-b"), *debug, "--password-file",
+                           str(pki / "clients" / "edge-b.password")),
+                    env={"PICE_BROKER_PASSWORD": ""}),
+    ]
+    try:
+        assert await fleet.wait_for(2, 60), "edges with credentials did not register"
+        assert {e.device_id for e in fleet.live()} == {"edge-a", "edge-b"}
+    finally:
+        await cloud.close()
+        for proc in procs:
+            proc.stop()
+    for proc in procs:
+        out = proc.log()
+        assert "connected to MQTT broker" in out
+        for password in PASSWORDS.values():
+            assert password not in out
+
+
+def test_edge_cli_wrong_password_is_a_clear_error(secure_broker: Mosquitto, pki: Path, tiny_model: Path,
+                                                  tmp_path: Path) -> None:
+    proc = EdgeProcess("edge-a", secure_broker.url, tiny_model, tmp_path, extra=_tls_flags(pki, "edge-a"),
+                       env={"PICE_BROKER_PASSWORD": "not-the-password"})
+    assert proc.proc.wait(timeout=120) == 2
+    out = proc.log()
+    assert "refused us" in out
+    assert "Traceback" not in out
+    assert "not-the-password" not in out
