@@ -1,6 +1,8 @@
-"""``pice-cloud``: ask a question on a single host (embedded broker + local edges).
+"""``pice-cloud``: ask a question on a single host (embedded broker + local edges), or serve the
+OpenAI-compatible API.
 
     pice-cloud ask "QUESTION" [--edges N] [--broker mqtt://HOST:PORT] [--mode auto|progressive|cloud]
+    pice-cloud serve [--config FILE] [--host H] [--port P] [--broker URL] [--edges N] [--print-config]
 """
 
 from __future__ import annotations
@@ -40,6 +42,12 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--wait-edges", type=float, default=3.0,
                      help="seconds to wait for edges to register (external broker)")
     ask.add_argument("--json", action="store_true", help="print the answer and its statistics as JSON")
+
+    serve = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API (single host by default)",
+                           parents=common)
+    from pice_cloud.cli_serve import add_serve_arguments
+
+    add_serve_arguments(serve)
     return parser
 
 
@@ -88,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_logging(args.log_level)
     try:
+        if args.command == "serve":
+            from pice_cloud.cli_serve import run_serve
+
+            return run_serve(args)
         return asyncio.run(_ask(args))
     except PiceError as exc:
         print(f"pice-cloud: error: {exc}", file=sys.stderr)
