@@ -86,7 +86,8 @@ async def local_system(
     finally:
         if transport.connected:
             await transport.publish_and_wait(
-                CLOUD_STATUS_TOPIC, encode(CloudStatus(cloud_id=cloud_id, online=False)), retain=True, timeout=2.0
+                CLOUD_STATUS_TOPIC, encode(CloudStatus(cloud_id=cloud_id, online=False, api_url=api_url)), retain=True,
+                timeout=2.0,
             )
         await transport.close()
         for node in nodes:

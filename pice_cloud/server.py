@@ -29,7 +29,7 @@ import socket
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
@@ -149,6 +149,8 @@ class ApiState:
     #: Set when the shutdown grace period is over: requests still running end with an error.
     aborted: asyncio.Event = field(default_factory=asyncio.Event)
     created: int = field(default_factory=lambda: int(time.time()))
+    #: Clean-up tasks of cancelled requests (strong references until they finish).
+    background: set[asyncio.Future[None]] = field(default_factory=set)
 
     @property
     def model_ids(self) -> list[str]:
@@ -156,6 +158,14 @@ class ApiState:
         if self.llm.model_id not in ids:
             ids.append(self.llm.model_id)
         return ids
+
+
+async def _close(answer: AsyncGenerator[Event, None], tasks: list[asyncio.Future[Any]]) -> None:
+    """Cancel a request's tasks, then close the service's generator (its cleanup runs)."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await answer.aclose()
 
 
 class _ClientGone(Exception):
@@ -198,7 +208,7 @@ class _Job:
             if message["type"] == "http.disconnect":
                 return
 
-    async def events(self) -> AsyncIterator[Event]:
+    async def events(self) -> AsyncGenerator[Event, None]:
         """The service's events; raises `_ClientGone` / `_Aborted`, closing the service's work."""
         answer = self.state.service.answer(self.question, mode=self.request.pice.mode,
                                            max_tokens=self.request.token_limit, messages=self.messages)
@@ -209,23 +219,26 @@ class _Job:
             while True:
                 step = asyncio.ensure_future(anext(answer))
                 await asyncio.wait({step, watcher, aborted}, return_when=asyncio.FIRST_COMPLETED)
-                if step.done():
-                    try:
-                        event = step.result()
-                    except StopAsyncIteration:
-                        return
-                    step = None
-                    yield event
-                    continue
-                raise _ClientGone if watcher.done() else _Aborted
+                if watcher.done():
+                    raise _ClientGone
+                if aborted.done():
+                    raise _Aborted
+                try:
+                    event = step.result()
+                except StopAsyncIteration:
+                    return
+                step = None
+                yield event
         finally:
             # Cancelling the pending step ends the service's generator inside its await, which
             # runs its cleanup (supervisor cancelled, edges released, request closed).
-            for task in (step, watcher, aborted):
-                if task is not None:
-                    task.cancel()
-            await asyncio.gather(*(t for t in (step, watcher, aborted) if t is not None), return_exceptions=True)
-            await answer.aclose()
+            # The caller may itself be under cancellation (Starlette cancels the response when
+            # the client goes, and anyio re-cancels every await in that scope): run the cleanup
+            # as its own task, held by the state so it is not garbage-collected half-way.
+            cleanup = asyncio.ensure_future(_close(answer, [t for t in (step, watcher, aborted) if t is not None]))
+            self.state.background.add(cleanup)
+            cleanup.add_done_callback(self.state.background.discard)
+            await asyncio.shield(cleanup)
 
     def finish(self, final: AnswerEvent) -> tuple[FinishReason, dict[str, int], dict[str, Any]]:
         """finish_reason, usage and the ``pice`` extension of a finished answer; records metrics."""
@@ -234,8 +247,10 @@ class _Job:
                     self.state.service.settings.max_answer_tokens)
         finish: FinishReason = "length" if stats.mode == "cloud" and stats.cloud_tokens >= limit else "stop"
         llm = self.state.llm
-        use = usage(count_prompt_tokens(llm, self.messages), count_tokens(llm, final.text), stats.cloud_tokens,
-                    stats.edge_tokens)
+        # Cloud-only: the answer is exactly what the LLM generated, so its own count is exact. A
+        # progressive answer adds headings to what the models wrote: count the text itself.
+        completion_tokens = stats.cloud_tokens if stats.mode == "cloud" else count_tokens(llm, final.text)
+        use = usage(count_prompt_tokens(llm, self.messages), completion_tokens, stats.cloud_tokens, stats.edge_tokens)
         self.record(stats, "ok")
         return finish, use, _pice_info(stats)
 
@@ -260,36 +275,40 @@ class _Job:
     async def run(self) -> dict[str, Any]:
         """The whole answer as a ``chat.completion`` object."""
         final: AnswerEvent | None = None
-        async for event in self.events():
-            if isinstance(event, AnswerEvent):
-                final = event
+        async with contextlib.aclosing(self.events()) as events:
+            async for event in events:
+                if isinstance(event, AnswerEvent):
+                    final = event
         if final is None:  # the service always ends with an AnswerEvent
             raise CloudError("the service ended without an answer")
         self._content_started()
         finish, use, info = self.finish(final)
         return completion(self.id, self.request.model, final.text, finish, use, info, self.created)
 
-    async def stream(self) -> AsyncIterator[bytes]:
+    async def stream(self) -> AsyncGenerator[bytes, None]:
         """Server-sent events: the role, one delta per point (or the cloud answer), the finish."""
         model = self.request.model
         try:
             yield _sse(chunk(self.id, model, self.created, {"role": "assistant", "content": ""}))
             sent = 0
             final: AnswerEvent | None = None
-            async for event in self.events():
-                if isinstance(event, PointEvent):
-                    p = event.point
-                    text = ("\n\n" if sent else "") + render_point(p.index, event.heading, p.text)
-                elif isinstance(event, AnswerEvent):
-                    final = event
-                    # A cloud-only answer arrives whole; a progressive one was streamed already.
-                    text = event.text if event.stats.mode == "cloud" else ""
-                else:
-                    continue
-                if text:
-                    self._content_started()
-                    sent += 1
-                    yield _sse(chunk(self.id, model, self.created, {"content": text}))
+            # aclosing: if our consumer stops (Starlette cancels the response when the client goes),
+            # closing this generator must close the service's work now, not when GC gets to it.
+            async with contextlib.aclosing(self.events()) as events:
+                async for event in events:
+                    if isinstance(event, PointEvent):
+                        p = event.point
+                        text = ("\n\n" if sent else "") + render_point(p.index, event.heading, p.text)
+                    elif isinstance(event, AnswerEvent):
+                        final = event
+                        # A cloud-only answer arrives whole; a progressive one was streamed already.
+                        text = event.text if event.stats.mode == "cloud" else ""
+                    else:
+                        continue
+                    if text:
+                        self._content_started()
+                        sent += 1
+                        yield _sse(chunk(self.id, model, self.created, {"content": text}))
             if final is None:
                 raise CloudError("the service ended without an answer")
             finish, use, info = self.finish(final)
@@ -300,7 +319,11 @@ class _Job:
         except _ClientGone:
             log.info("%s: client disconnected; request cancelled", self.id)
             self.record(None, "cancelled")
-        except (_Aborted, PiceError, Exception) as exc:
+        except (asyncio.CancelledError, GeneratorExit):
+            # The response was abandoned (client gone, seen by Starlette first; or shutdown).
+            self.record(None, "cancelled")
+            raise
+        except Exception as exc:
             error = _api_error(exc)
             self.record(None, "error")
             yield _sse(error_body(error))
@@ -334,7 +357,8 @@ class _GuardedStream(StreamingResponse):
     """Releases the job's admission slot even when the stream never started (client gone early)."""
 
     def __init__(self, job: _Job) -> None:
-        super().__init__(job.stream(), media_type="text/event-stream",
+        self._events = job.stream()
+        super().__init__(self._events, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self._job = job
 
@@ -342,7 +366,12 @@ class _GuardedStream(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self._job.release()
+            # Starlette abandons the iterator when the client disconnects; close it (and with it
+            # the request's work) now.
+            try:
+                await self._events.aclose()
+            finally:
+                self._job.release()
 
 
 def _error_response(exc: APIError) -> JSONResponse:
