@@ -1,6 +1,7 @@
 """PICE cloud service: sketch with the cloud LLM, expand at the edge, assemble the answer."""
 
 from pice_cloud.aggregator import Aggregator, ChosenPoint, ConfidenceSelector, Selector
+from pice_cloud.config import CloudConfig, load_config
 from pice_cloud.errors import CloudError
 from pice_cloud.fleet import Fleet
 from pice_cloud.llm.base import ChatRequest, Completion, LLMBackend
@@ -16,6 +17,7 @@ __all__ = [
     "Budget",
     "ChatRequest",
     "ChosenPoint",
+    "CloudConfig",
     "CloudError",
     "Completion",
     "ConfidenceSelector",
@@ -30,6 +32,7 @@ __all__ = [
     "ServiceSettings",
     "SketchEvent",
     "choose_mode",
+    "load_config",
     "local_system",
     "parse_sketch",
     "place",

@@ -25,7 +25,7 @@ import pytest
 from pice_cloud.config import load_config
 from pice_cloud.llm.transformers import TransformersBackend
 from pice_cloud.local import LocalSystem, local_system
-from pice_cloud.server import ApiState, bind, create_app, running, url_of
+from pice_cloud.server import ApiServer, ApiState, bind, create_app, running, url_of
 from pice_edge.protocol import CLOUD_STATUS_TOPIC, CloudStatus, EdgeStatus, decode, edge_status_topic, encode
 from pice_edge.transport import BrokerSettings, Message, MqttTransport
 from tests.conftest import Mosquitto
@@ -39,6 +39,7 @@ class Api:
     url: str
     system: LocalSystem
     state: ApiState
+    server: ApiServer
 
     clients: list[openai.AsyncOpenAI] = field(default_factory=list)
 
@@ -64,8 +65,8 @@ async def serving(model: Path, broker_url: str, *, edges: int, overrides: dict[s
         async with local_system(llm, broker_settings=config.broker, edges=edges, edge_model=model, edge_threads=1,
                                 settings=config.service.to_settings()) as system:
             app = create_app(system.service, llm, config)
-            async with running(app, sock):
-                api = Api(url_of(sock), system, app.state.pice)
+            async with running(app, sock) as server:
+                api = Api(url_of(sock), system, app.state.pice, server)
                 try:
                     yield api
                 finally:
@@ -334,6 +335,47 @@ async def test_client_disconnect_mid_stream_cancels_the_request(mosquitto: Mosqu
             cancelled = served.state.metrics.registry.get_sample_value(
                 "pice_requests_total", {"mode": "progressive", "outcome": "cancelled"})
             assert cancelled == 1
+    finally:
+        await silent.close()
+
+
+@pytest.mark.mosquitto
+async def test_shutdown_refuses_new_requests_and_ends_overdue_ones_with_an_error(
+    mosquitto: Mosquitto, tiny_model: Path
+) -> None:
+    silent = await _silent_edge(mosquitto.url, "silent-drain")
+    overrides = {"service": {"deadline_floor_s": 45.0, "deadline_cap_s": 45.0},
+                 "server": {"shutdown_timeout_s": 1.0}}
+    try:
+        async with serving(tiny_model, mosquitto.url, edges=0, overrides=overrides) as served:
+            assert await served.system.service.fleet.wait_for(1, 5.0)
+            client = served.client()
+            stream = await client.chat.completions.create(
+                model="pice", messages=[{"role": "user", "content": QUESTION}], stream=True,
+                extra_body={"pice": {"mode": "progressive"}})
+            await stream.__anext__()
+            served.server.begin_shutdown()  # what SIGTERM does first
+            async with httpx.AsyncClient(base_url=served.url) as http:
+                for _ in range(100):
+                    if served.state.admission.draining:
+                        break
+                    await asyncio.sleep(0.01)
+                refused = await http.post("/v1/chat/completions", json={
+                    "model": "pice", "messages": [{"role": "user", "content": "Hi?"}]})
+                health = await http.get("/health")
+            assert refused.status_code == 503
+            assert refused.headers["retry-after"] == "2"
+            assert refused.json()["error"]["code"] == "shutting_down"
+            assert health.status_code == 503
+            assert health.json()["status"] == "shutting_down"
+            # The request in flight would wait 45 s for its edge: after the 1 s grace period it
+            # ends with an error event the client raises, not a hang or a cut connection.
+            started = time.monotonic()
+            with pytest.raises(openai.APIError, match="shut down before this request finished"):
+                async for _ in stream:
+                    pass
+            assert time.monotonic() - started < 10
+            assert served.system.service.aggregator.in_flight == 0
     finally:
         await silent.close()
 
