@@ -1,6 +1,7 @@
 """PICE cloud service: sketch with the cloud LLM, expand at the edge, assemble the answer."""
 
 from pice_cloud.aggregator import Aggregator, ChosenPoint
+from pice_cloud.config import CloudConfig, load_config
 from pice_cloud.embeddings import Embedder
 from pice_cloud.ensemble import ConfidenceSelector, EnsembleWeights, LearnedSelector, Selector
 from pice_cloud.errors import CloudError
@@ -19,6 +20,7 @@ __all__ = [
     "Budget",
     "ChatRequest",
     "ChosenPoint",
+    "CloudConfig",
     "CloudError",
     "Completion",
     "ConfidenceSelector",
@@ -40,6 +42,7 @@ __all__ = [
     "ServiceSettings",
     "SketchEvent",
     "choose_mode",
+    "load_config",
     "local_system",
     "parse_sketch",
     "place",

@@ -1,7 +1,9 @@
-"""``pice-cloud``: ask a question on a single host (embedded broker + local edges).
+"""``pice-cloud``: ask a question on a single host (embedded broker + local edges), or serve the
+OpenAI-compatible API.
 
     pice-cloud ask "QUESTION" [--edges N] [--broker mqtt://HOST:PORT] [--mode auto|progressive|cloud|sot]
     pice-cloud fleet [--broker mqtt://HOST:PORT] [--json]
+    pice-cloud serve [--config FILE] [--host H] [--port P] [--broker URL] [--edges N] [--print-config]
 """
 
 from __future__ import annotations
@@ -46,6 +48,11 @@ def _parser() -> argparse.ArgumentParser:
     from pice_cloud import fleet_cli
 
     fleet_cli.add_parser(sub, common)
+    serve = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API (single host by default)",
+                           parents=common)
+    from pice_cloud.cli_serve import add_serve_arguments
+
+    add_serve_arguments(serve)
     return parser
 
 
@@ -98,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
             from pice_cloud import fleet_cli
 
             return asyncio.run(fleet_cli.run(args))
+        if args.command == "serve":
+            from pice_cloud.cli_serve import run_serve
+
+            return run_serve(args)
         return asyncio.run(_ask(args))
     except PiceError as exc:
         print(f"pice-cloud: error: {exc}", file=sys.stderr)

@@ -47,16 +47,23 @@ async def local_system(
     wait_edges_s: float = 5.0,
     cloud_id: str = "cloud",
     router: ModeRouter | None = None,
+    broker_settings: BrokerSettings | None = None,
+    api_url: str = "",
 ) -> AsyncIterator[LocalSystem]:
-    """Start a broker (unless ``broker_url`` is given), ``edges`` local nodes and the service.
+    """Start a broker (unless ``broker_url`` or ``broker_settings`` is given), ``edges`` local
+    nodes and the service.
 
     With an external broker, edges already registered there are used as well.
+    ``broker_settings`` carries credentials and TLS files; ``api_url`` is advertised in the
+    cloud's status.
     """
     broker = None
-    if broker_url is None:
+    if broker_settings is not None:
+        broker_url = broker_settings.url
+    elif broker_url is None:
         broker = EmbeddedBroker()
         broker_url = await broker.start()
-    settings_b = BrokerSettings(url=broker_url)
+    settings_b = broker_settings or BrokerSettings(url=broker_url)
     nodes: list[EdgeNode] = []
     transport = MqttTransport(
         settings_b,
@@ -72,7 +79,8 @@ async def local_system(
             nodes.append(node)
         service = PiceService(llm, transport, settings=settings, router=router)
         await transport.connect()
-        transport.publish(CLOUD_STATUS_TOPIC, encode(CloudStatus(cloud_id=cloud_id, online=True)), retain=True)
+        transport.publish(CLOUD_STATUS_TOPIC, encode(CloudStatus(cloud_id=cloud_id, online=True, api_url=api_url)),
+                          retain=True)
         if edges and not await service.fleet.wait_for(edges, wait_edges_s):
             log.warning("only %d of %d local edges registered within %.0fs", len(service.fleet.live()), edges,
                         wait_edges_s)
@@ -80,7 +88,8 @@ async def local_system(
     finally:
         if transport.connected:
             await transport.publish_and_wait(
-                CLOUD_STATUS_TOPIC, encode(CloudStatus(cloud_id=cloud_id, online=False)), retain=True, timeout=2.0
+                CLOUD_STATUS_TOPIC, encode(CloudStatus(cloud_id=cloud_id, online=False, api_url=api_url)), retain=True,
+                timeout=2.0,
             )
         await transport.close()
         for node in nodes:

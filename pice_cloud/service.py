@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 
 from pice_cloud.aggregator import Aggregator, ChosenPoint, PendingRequest, PointState
@@ -145,9 +145,13 @@ class PiceService:
 
     # --- public ----------------------------------------------------------------------------
 
-    async def answer(self, question: str, *, mode: RequestedMode = "auto",
-                     max_tokens: int | None = None) -> AsyncIterator[Event]:
-        """Answer ``question``; yields events and always ends with an `AnswerEvent`."""
+    async def answer(self, question: str, *, mode: RequestedMode = "auto", max_tokens: int | None = None,
+                     messages: Sequence[ChatMessage] | None = None) -> AsyncGenerator[Event, None]:
+        """Answer ``question``; yields events and always ends with an `AnswerEvent`.
+
+        ``messages`` is the whole conversation for a cloud-only answer (default: ``question``
+        as one user turn); the sketch and expansions work from ``question`` alone.
+        """
         started = time.perf_counter()
         edges = self._edge_views()
         route = await self._route(question) if mode == "auto" and edges else None
@@ -155,15 +159,19 @@ class PiceService:
         stats = AnswerStats(mode=chosen_mode, route_probability=None if route is None else route.probability)
         if chosen_mode == "cloud":
             limit = min(max_tokens or self.settings.max_answer_tokens, self.settings.max_answer_tokens)
-            [done] = await self._complete([ChatRequest([ChatMessage("user", question)], max_tokens=limit)])
+            conversation = list(messages) if messages else [ChatMessage("user", question)]
+            [done] = await self._complete([ChatRequest(conversation, max_tokens=limit)])
             stats.cloud_tokens = done.tokens
             stats.total_s = stats.first_token_s = time.perf_counter() - started
             yield AnswerEvent(done.text.strip(), stats)
             return
         if chosen_mode == "sot":
             edges = []  # every point is then expanded by the cloud itself, in one batch
-        async for event in self._progressive(question, edges, stats, started):
-            yield event
+        # aclosing: when our consumer stops early (a client that disconnected), the inner
+        # generator's finally (cancel the supervisor, release edges) runs now, not at GC time.
+        async with contextlib.aclosing(self._progressive(question, edges, stats, started)) as events:
+            async for event in events:
+                yield event
 
     async def ask(self, question: str, *, mode: RequestedMode = "auto") -> AnswerEvent:
         """Answer ``question`` and return only the final event."""
@@ -190,7 +198,7 @@ class PiceService:
     # --- progressive path ------------------------------------------------------------------
 
     async def _progressive(self, question: str, edges: list[EdgeView], stats: AnswerStats,
-                           started: float) -> AsyncIterator[Event]:
+                           started: float) -> AsyncGenerator[Event, None]:
         budget = self.settings.budget
         if self.settings.adaptive_budget:
             budget = plan_budget(budget, self._cloud_view(), edges)

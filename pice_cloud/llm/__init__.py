@@ -1,7 +1,52 @@
-"""Cloud LLM backends behind `LLMBackend`; one module each, imported lazily."""
+"""Cloud LLM backends behind `LLMBackend`; one module each, imported lazily.
+
+==============  ============================================================================
+kind            backend
+==============  ============================================================================
+transformers    a local Hugging Face model (default: the bundled SmolLM2), CPU or CUDA
+openai          an OpenAI-compatible HTTP server: trtllm-serve, vLLM, SGLang, llama.cpp's
+                server, or another ``pice-cloud serve``
+tensorrt_llm    TensorRT-LLM's in-process ``LLM`` API (extra ``pice[trtllm]``, NVIDIA GPU)
+==============  ============================================================================
+"""
 
 from __future__ import annotations
 
-from pice_cloud.llm.base import ChatRequest, Completion, LLMBackend
+from pathlib import Path
+from typing import Any
 
-__all__ = ["ChatRequest", "Completion", "LLMBackend"]
+from pice_cloud.errors import BackendError
+from pice_cloud.llm.base import ChatRequest, Completion, LLMBackend, TokenCounter
+
+BACKENDS = ("transformers", "openai", "tensorrt_llm")
+
+
+def create_backend(kind: str, *, model: str | Path = "smollm2-135m-instruct", **options: Any) -> LLMBackend:
+    """The backend of ``kind`` on ``model``; ``options`` go to its constructor.
+
+    - transformers: ``device``, ``dtype``, ``threads``
+    - openai: ``url`` (required), ``api_key``, ``timeout_s``, ``max_parallel``, ``continue_final_message``
+    - tensorrt_llm: keyword arguments of ``tensorrt_llm.LLM``
+
+    Raises:
+        BackendError: unknown kind, a missing option, or the backend's library is not installed.
+    """
+    if kind == "transformers":
+        from pice_cloud.llm.transformers import TransformersBackend
+
+        return TransformersBackend(model, **options)
+    if kind == "openai":
+        from pice_cloud.llm.openai_http import OpenAIHTTPBackend
+
+        url = options.pop("url", None)
+        if not url:
+            raise BackendError("the openai backend needs the server's base URL (llm.url, e.g. http://host:8000/v1)")
+        return OpenAIHTTPBackend(url, str(model), **options)
+    if kind == "tensorrt_llm":
+        from pice_cloud.llm.tensorrt_llm import TensorRTLLMBackend
+
+        return TensorRTLLMBackend(model, **options)
+    raise BackendError(f"unknown LLM backend {kind!r}; choose one of {', '.join(BACKENDS)}")
+
+
+__all__ = ["BACKENDS", "ChatRequest", "Completion", "LLMBackend", "TokenCounter", "create_backend"]

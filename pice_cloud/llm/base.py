@@ -42,3 +42,38 @@ class LLMBackend(Protocol):
     async def close(self) -> None:
         """Release resources."""
         ...
+
+
+@runtime_checkable
+class TokenCounter(Protocol):
+    """Optional: a backend that can count tokens with its model's tokenizer (for ``usage``).
+
+    Called on the event loop, so implementations must be quick and must not share a tokenizer
+    with a generation running on a worker thread.
+    """
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of ``text`` (no special tokens)."""
+        ...
+
+    def count_prompt_tokens(self, messages: Sequence[ChatMessage]) -> int:
+        """Tokens of the conversation as the model sees it (chat template, assistant turn opened)."""
+        ...
+
+
+def estimate_tokens(text: str) -> int:
+    """A tokenizer-free estimate (about four characters a token in English BPE vocabularies)."""
+    return (len(text) + 3) // 4
+
+
+def count_tokens(backend: object, text: str) -> int:
+    """Tokens of ``text`` with ``backend``'s tokenizer when it has one, else an estimate."""
+    return backend.count_tokens(text) if isinstance(backend, TokenCounter) else estimate_tokens(text)
+
+
+def count_prompt_tokens(backend: object, messages: Sequence[ChatMessage]) -> int:
+    """Prompt tokens of ``messages`` with ``backend``'s tokenizer when it has one, else an estimate."""
+    if isinstance(backend, TokenCounter):
+        return backend.count_prompt_tokens(messages)
+    # Roughly what chat templates add per turn.
+    return sum(estimate_tokens(m.content) + 4 for m in messages) + 2

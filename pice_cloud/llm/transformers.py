@@ -6,9 +6,10 @@ import asyncio
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from pice_cloud.llm.base import ChatRequest, Completion
-from pice_edge.runtimes.base import GenerationRequest
+from pice_edge.runtimes.base import ChatMessage, GenerationRequest
 from pice_edge.runtimes.transformers import TransformersRuntime
 
 
@@ -23,6 +24,25 @@ class TransformersBackend:
         self.runtime = TransformersRuntime(model, device=device, dtype=dtype, threads=threads)
         self.model_id = self.runtime.model_id
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pice-cloud-llm")
+        self._counter: Any = None
+
+    def _tokenizer(self) -> Any:
+        # A tokenizer of our own for counting on the event loop: a fast tokenizer used by two
+        # threads at once can fail ("Already borrowed") while the worker thread generates.
+        if self._counter is None:
+            from transformers import AutoTokenizer
+
+            self._counter = AutoTokenizer.from_pretrained(self.runtime.path)
+        return self._counter
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._tokenizer()(text, add_special_tokens=False)["input_ids"])
+
+    def count_prompt_tokens(self, messages: Sequence[ChatMessage]) -> int:
+        rendered = self._tokenizer().apply_chat_template(
+            [{"role": m.role, "content": m.content} for m in messages], tokenize=False, add_generation_prompt=True
+        )
+        return self.count_tokens(str(rendered))
 
     async def complete(self, requests: Sequence[ChatRequest]) -> list[Completion]:
         if not requests:

@@ -1,0 +1,70 @@
+"""``pice-cloud serve``: flags, configuration and the server's life (kept apart from cli.py).
+
+Flags override ``PICE_*`` environment variables, which override the ``--config`` file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from typing import Any, get_args
+
+from pice_cloud.config import BackendKind
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``serve`` sub-command's flags; every one maps onto a config field."""
+    parser.add_argument("--config", default=None, metavar="FILE", help="YAML configuration file")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the effective configuration (secrets masked) and exit")
+    parser.add_argument("--host", default=None, help="listen address (server.host; default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None, help="listen port (server.port; default 8000)")
+    parser.add_argument("--broker", default=None, metavar="URL",
+                        help="external MQTT broker (broker.url); default: an embedded one on loopback")
+    parser.add_argument("--edges", type=int, default=None,
+                        help="local edge nodes (edges.local; default 2, or 0 with an external broker)")
+    parser.add_argument("--llm", default=None, choices=list(get_args(BackendKind)),
+                        help="cloud LLM backend (llm.kind)")
+    parser.add_argument("--model", default=None, help="cloud LLM model name, folder or remote id (llm.model)")
+    parser.add_argument("--llm-url", default=None, help="OpenAI-compatible server for --llm openai (llm.url)")
+    parser.add_argument("--edge-model", default=None, help="local edges' model (edges.model)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads of the cloud LLM (llm.threads)")
+    parser.add_argument("--max-concurrent", type=int, default=None, help="server.max_concurrent")
+    parser.add_argument("--max-queue", type=int, default=None, help="server.max_queue")
+
+
+def overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags that were given, nested like the configuration file."""
+    mapping = {
+        "host": ("server", "host"), "port": ("server", "port"), "max_concurrent": ("server", "max_concurrent"),
+        "max_queue": ("server", "max_queue"), "broker": ("broker", "url"), "edges": ("edges", "local"),
+        "llm": ("llm", "kind"), "model": ("llm", "model"), "llm_url": ("llm", "url"),
+        "edge_model": ("edges", "model"), "threads": ("llm", "threads"),
+    }
+    out: dict[str, Any] = {}
+    for flag, (section, key) in mapping.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            out.setdefault(section, {})[key] = value
+    return out
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Load and validate the configuration, then serve until SIGTERM/SIGINT. Errors raise
+    `PiceError` (the caller prints them and exits 2)."""
+    from pice_cloud.config import dump_config, load_config
+
+    config = load_config(args.config, overrides(args))
+    if args.print_config:
+        sys.stdout.write(dump_config(config))
+        return 0
+    from pice_cloud.server import install_sigterm_as_exit, serve
+
+    install_sigterm_as_exit()
+
+    def ready(url: str) -> None:
+        print(f"[pice] serving on {url}/v1 (OpenAI-compatible; GET {url}/health)", file=sys.stderr, flush=True)
+
+    asyncio.run(serve(config, on_ready=ready, log_level=args.log_level))
+    return 0

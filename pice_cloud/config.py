@@ -1,0 +1,288 @@
+"""The cloud service's configuration: one typed model, from a YAML file, ``PICE_*`` environment
+variables and command-line flags (highest precedence last), validated before anything starts.
+
+    server:  {host: 127.0.0.1, port: 8000, max_concurrent: 4, max_queue: 16}
+    broker:  {url: mqtt://broker.local:1883, username: cloud, password: ...}   # omit: embedded broker
+    llm:     {kind: transformers, model: smollm2-135m-instruct, threads: 1}
+    edges:   {local: 2}                 # in-process edge nodes (default 2, or 0 with a broker)
+    service: {max_points: 6, tokens_per_point: 80}
+
+Environment variables name a field by its path: ``PICE_SERVER__PORT=9000``,
+``PICE_LLM__KIND=openai``, ``PICE_BROKER__URL=mqtts://...``. Any invalid value gives one
+`ConfigError` naming where it came from (file, variable or flag), the field and what is expected.
+"""
+
+from __future__ import annotations
+
+import os
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+
+from pice_cloud.scheduler import Budget
+from pice_cloud.service import ServiceSettings
+from pice_edge.errors import ConfigError
+from pice_edge.protocol import Sampling
+from pice_edge.transport import BrokerSettings
+
+ENV_PREFIX = "PICE_"
+ENV_DELIMITER = "__"
+DEFAULT_MODEL = "smollm2-135m-instruct"
+BackendKind = Literal["transformers", "openai", "tensorrt_llm"]
+
+
+class ServerConfig(BaseModel):
+    """The HTTP API and its admission control."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field(default="127.0.0.1", description="address to listen on (0.0.0.0 for all interfaces)")
+    port: int = Field(default=8000, ge=0, le=65535, description="TCP port (0: any free port)")
+    model_name: str = Field(default="pice", min_length=1, max_length=200,
+                            description="model id served in /v1/models and responses")
+    max_concurrent: int = Field(default=4, ge=1, le=4096, description="requests answered at the same time")
+    max_queue: int = Field(default=16, ge=0, le=100_000,
+                           description="requests waiting for a slot; beyond this the server answers 429")
+    queue_timeout_s: float = Field(default=30.0, gt=0, le=3600,
+                                   description="a request waiting longer than this is answered 503")
+    retry_after_s: int = Field(default=2, ge=1, le=3600, description="Retry-After sent with 429 and 503")
+    max_tokens_limit: int = Field(default=4096, ge=1, le=1_000_000,
+                                  description="largest max_tokens a request may ask for (more: 400)")
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024, le=256 * 1024 * 1024)
+    shutdown_timeout_s: float = Field(default=30.0, ge=0, le=3600,
+                                      description="on SIGTERM, how long in-flight requests may still run")
+    api_key: SecretStr | None = Field(default=None, description="require 'Authorization: Bearer KEY' when set")
+
+
+class LLMConfig(BaseModel):
+    """The cloud LLM (sketches, cloud-only answers, fallback expansions)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: BackendKind = Field(default="transformers",
+                              description="transformers (local), openai (OpenAI-compatible HTTP server), "
+                                          "tensorrt_llm (in-process, NVIDIA GPU)")
+    model: str = Field(default=DEFAULT_MODEL, min_length=1,
+                       description="model name or folder (transformers, tensorrt_llm) or the remote model id")
+    device: str = Field(default="cpu", description="torch device for transformers: cpu, cuda, cuda:1")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    threads: int | None = Field(default=1, ge=1, le=1024, description="torch threads of the cloud model")
+    url: str | None = Field(default=None, description="base URL of the OpenAI-compatible server, e.g. "
+                                                      "http://127.0.0.1:8001/v1 (kind openai)")
+    api_key: SecretStr | None = None
+    timeout_s: float = Field(default=120.0, gt=0, le=3600)
+    max_parallel: int = Field(default=8, ge=1, le=1024, description="concurrent HTTP requests (kind openai)")
+    continue_final_message: bool = Field(
+        default=False,
+        description="send pre-fills as a final assistant turn to continue (vLLM, SGLang); otherwise an "
+                    "echoed pre-fill is stripped from the answer",
+    )
+
+    @model_validator(mode="after")
+    def _needs_url(self) -> LLMConfig:
+        if self.kind == "openai" and not self.url:
+            raise ValueError("llm.kind 'openai' needs llm.url, the server's base URL such as http://host:8000/v1")
+        if self.url is not None and not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"llm.url {self.url!r} must start with http:// or https://")
+        return self
+
+
+class EdgesConfig(BaseModel):
+    """Edge nodes this process runs itself (the single-host setup); real edges join over MQTT."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    local: int | None = Field(default=None, ge=0, le=64,
+                              description="in-process edge nodes (default: 2, or 0 with an external broker)")
+    model: str | None = Field(default=None, description="their model (default: the cloud's local model)")
+    runtime: str = "transformers"
+    threads: int | None = Field(default=1, ge=1, le=1024)
+    max_batch: int = Field(default=4, ge=1, le=256)
+    wait_s: float = Field(default=5.0, ge=0, le=600, description="how long to wait for edges at start")
+
+
+class ServiceConfig(BaseModel):
+    """The request path: sketch and expansion budgets, ensemble width, per-point deadlines."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_points: int = Field(default=6, ge=1, le=20)
+    max_words: int = Field(default=6, ge=2, le=30)
+    sketch_tokens: int = Field(default=64, ge=8, le=4096)
+    tokens_per_point: int = Field(default=80, ge=1, le=4096)
+    max_answer_tokens: int = Field(default=400, ge=1, le=1_000_000, description="longest cloud-only answer")
+    ensemble_width: int = Field(default=1, ge=1, le=16)
+    deadline_floor_s: float = Field(default=5.0, gt=0, le=3600)
+    deadline_factor: float = Field(default=3.0, gt=0, le=100)
+    deadline_cap_s: float = Field(default=60.0, gt=0, le=3600)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0, description="edge sampling (0: greedy)")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+
+    def to_settings(self) -> ServiceSettings:
+        """The `ServiceSettings` these values describe."""
+        return ServiceSettings(
+            budget=Budget(max_points=self.max_points, max_words=self.max_words, sketch_tokens=self.sketch_tokens,
+                          tokens_per_point=self.tokens_per_point),
+            max_answer_tokens=self.max_answer_tokens,
+            ensemble_width=self.ensemble_width,
+            deadline_floor_s=self.deadline_floor_s,
+            deadline_factor=self.deadline_factor,
+            deadline_cap_s=self.deadline_cap_s,
+            sampling=Sampling(temperature=self.temperature, top_p=self.top_p),
+        )
+
+
+# The YAML file's content for the settings class being built (a source between the
+# environment and the defaults); a context variable rather than a class attribute so that
+# two configs can be loaded concurrently.
+_FILE_DATA: ContextVar[dict[str, Any]] = ContextVar("pice_config_file_data", default={})  # noqa: B039
+
+
+class CloudConfig(BaseSettings):
+    """Everything `pice-cloud serve` needs; see the module docstring for the sources."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_DELIMITER, extra="forbid",
+                                      nested_model_default_partial_update=True)
+
+    cloud_id: str = Field(default="cloud", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    broker: BrokerSettings | None = Field(default=None, description="external MQTT broker; omit for the "
+                                                                    "embedded one on loopback")
+    llm: LLMConfig = Field(default_factory=LLMConfig)
+    edges: EdgesConfig = Field(default_factory=EdgesConfig)
+    service: ServiceConfig = Field(default_factory=ServiceConfig)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Flags (init kwargs) over environment over the YAML file over defaults.
+        return init_settings, env_settings, InitSettingsSource(settings_cls, _FILE_DATA.get())
+
+    @property
+    def local_edges(self) -> int:
+        """In-process edges to start: explicit, else 2 on the embedded broker and 0 on an external one."""
+        if self.edges.local is not None:
+            return self.edges.local
+        return 2 if self.broker is None else 0
+
+    @property
+    def edge_model(self) -> str:
+        """The local edges' model: explicit, else the cloud's own local model, else SmolLM2."""
+        if self.edges.model:
+            return self.edges.model
+        return self.llm.model if self.llm.kind == "transformers" else DEFAULT_MODEL
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective configuration as plain data, secrets masked (for --print-config and logs)."""
+        return self.model_dump(mode="json")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of sections (server, broker, llm, edges, "
+                          f"service), got {type(data).__name__}")
+    return data
+
+
+def _lookup(data: Any, loc: tuple[int | str, ...]) -> bool:
+    for key in loc:
+        found = key in data if isinstance(data, dict) else (
+            isinstance(data, list) and isinstance(key, int) and key < len(data))
+        if found:
+            data = data[key]
+        else:
+            return False
+    return True
+
+
+def _fields_at(loc: tuple[int | str, ...]) -> list[str]:
+    """Field names allowed at the parent of ``loc`` (to say what is expected of an unknown key)."""
+    model: Any = CloudConfig
+    for key in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(key)
+        if field is None:
+            return []
+        annotation = field.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            return []
+    return sorted(getattr(model, "model_fields", {}))
+
+
+def _describe(exc: ValidationError, path: Path | None, file_data: dict[str, Any],
+              flags: dict[str, Any]) -> str:
+    problems = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        field = ".".join(str(p) for p in loc) or "(top level)"
+        env_name = ENV_PREFIX + ENV_DELIMITER.join(str(p) for p in loc).upper()
+        if _lookup(flags, loc):
+            source = "command line"
+        elif env_name in os.environ:
+            source = f"environment variable {env_name}"
+        elif path is not None and (_lookup(file_data, loc) or not loc or err["type"] != "extra_forbidden"):
+            source = f"config file {path}"
+        else:
+            source = "configuration"
+        if err["type"] == "extra_forbidden":
+            allowed = _fields_at(loc)
+            expected = f"unknown field (expected one of: {', '.join(allowed)})" if allowed else "unknown field"
+            problems.append(f"{source}: {field}: {expected}")
+            continue
+        message = str(err["msg"]).removeprefix("Value error, ")
+        got = err.get("input")
+        shown = "" if err["type"] == "missing" or isinstance(got, dict) else f" (got {got!r})"
+        problems.append(f"{source}: {field}: {message}{shown}")
+    return "invalid configuration: " + "; ".join(problems)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> CloudConfig:
+    """Build the effective configuration from ``path`` (YAML), ``PICE_*`` variables and ``overrides``.
+
+    ``overrides`` (from command-line flags) is nested like the file: ``{"server": {"port": 9000}}``.
+
+    Raises:
+        ConfigError: the file is missing or malformed, or a value is invalid; the message names
+            where the value came from, the field and what is expected.
+    """
+    file_path = Path(path) if path is not None else None
+    file_data = _read_yaml(file_path) if file_path is not None else {}
+    flags = overrides or {}
+    token = _FILE_DATA.set(file_data)
+    try:
+        return CloudConfig(**flags)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, file_path, file_data, flags)) from None
+    finally:
+        _FILE_DATA.reset(token)
+
+
+def dump_config(config: CloudConfig) -> str:
+    """The configuration as YAML, secrets masked."""
+    return yaml.safe_dump(config.redacted(), sort_keys=False)

@@ -1,0 +1,104 @@
+"""Cloud LLM backend on an OpenAI-compatible HTTP server.
+
+That is how most operators run a GPU model: TensorRT-LLM's ``trtllm-serve``, vLLM, SGLang and
+llama.cpp's ``llama-server`` all expose ``POST /v1/chat/completions``; so does another
+``pice-cloud serve`` (in cloud-only mode it is a plain OpenAI-compatible server).
+
+A pre-filled assistant turn (the sketch starts with ``"1."``) has no place in the standard
+API. With ``continue_final_message`` (vLLM, SGLang) it is sent as a final assistant message
+the server continues; otherwise the model answers freely and a pre-fill it echoes at the start
+is stripped, so callers always get the continuation after the pre-fill.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+
+from pice_cloud.errors import BackendError
+from pice_cloud.llm.base import ChatRequest, Completion, estimate_tokens
+
+log = logging.getLogger(__name__)
+
+
+class OpenAIHTTPBackend:
+    """`LLMBackend` over ``{base_url}/chat/completions``; a batch becomes concurrent requests.
+
+    Args:
+        base_url: the API root, e.g. ``http://127.0.0.1:8000/v1`` (``/v1`` is added if missing).
+        model: the model id the server serves (see its ``GET /v1/models``).
+        api_key: sent as ``Authorization: Bearer``.
+        timeout_s: per request.
+        max_parallel: most requests in flight at once (the server batches them).
+        continue_final_message: send pre-fills as an assistant turn to continue (vLLM, SGLang).
+    """
+
+    name = "openai"
+
+    def __init__(self, base_url: str, model: str, *, api_key: str | None = None, timeout_s: float = 120.0,
+                 max_parallel: int = 8, continue_final_message: bool = False) -> None:
+        root = base_url.rstrip("/")
+        self.base_url = root if root.endswith("/v1") else root + "/v1"
+        self.model_id = model
+        self.continue_final_message = continue_final_message
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._client = httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=timeout_s)
+        self._limit = asyncio.Semaphore(max_parallel)
+
+    async def complete(self, requests: Sequence[ChatRequest]) -> list[Completion]:
+        return list(await asyncio.gather(*(self._one(r) for r in requests)))
+
+    def _body(self, request: ChatRequest) -> dict[str, Any]:
+        messages: list[dict[str, str]] = [{"role": m.role, "content": m.content} for m in request.messages]
+        body: dict[str, Any] = {"model": self.model_id, "messages": messages, "max_tokens": request.max_tokens,
+                                "temperature": request.temperature, "stream": False}
+        if request.seed is not None:
+            body["seed"] = request.seed
+        if request.prefill and self.continue_final_message:
+            messages.append({"role": "assistant", "content": request.prefill})
+            body.update(continue_final_message=True, add_generation_prompt=False)
+        return body
+
+    async def _one(self, request: ChatRequest) -> Completion:
+        async with self._limit:
+            try:
+                response = await self._client.post("/chat/completions", json=self._body(request))
+            except httpx.HTTPError as exc:
+                raise BackendError(f"LLM server {self.base_url} unreachable: {type(exc).__name__}: {exc}; "
+                                   "check llm.url and that the server runs") from exc
+        if response.status_code != 200:
+            raise BackendError(f"LLM server {self.base_url} answered {response.status_code}: "
+                               f"{_error_message(response)}")
+        try:
+            data = response.json()
+            choice = data["choices"][0]
+            text = choice["message"]["content"] or ""
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise BackendError(f"LLM server {self.base_url} sent a response that is not a chat completion: "
+                               f"{response.text[:200]!r}") from exc
+        if request.prefill and not self.continue_final_message:
+            stripped = text.lstrip()
+            if stripped.startswith(request.prefill):
+                text = stripped[len(request.prefill):]
+        usage = data.get("usage") or {}
+        tokens = usage.get("completion_tokens")
+        if not isinstance(tokens, int):
+            tokens = estimate_tokens(text)
+        return Completion(text=text, tokens=tokens)
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        error = response.json().get("error")
+        if isinstance(error, dict) and error.get("message"):
+            return str(error["message"])
+    except (ValueError, AttributeError):
+        pass
+    return response.text[:200]

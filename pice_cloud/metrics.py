@@ -1,0 +1,62 @@
+"""Prometheus metrics of the cloud service (served at ``GET /metrics``).
+
+Each server owns its own `CollectorRegistry` (no module globals), so two servers in one
+process, as in the tests, count separately. Values that already live elsewhere (the fleet, the
+admission queue, the transport's rejection counters) are read at scrape time rather than
+mirrored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from pice_edge.rejects import Rejections
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# Seconds; from a tiny model on loopback to a long answer on a slow fleet.
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
+
+
+class _RejectionsCollector(Collector):
+    """Inbound MQTT messages the cloud refused (malformed, wrong identity, duplicate, late...)."""
+
+    def __init__(self, rejections: Rejections) -> None:
+        self._rejections = rejections
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily("pice_rejected_messages", "Inbound MQTT messages refused, by source and reason",
+                                     labels=["source", "kind"])
+        for (source, kind), count in sorted(self._rejections.snapshot().items()):
+            family.add_metric([source, kind], count)
+        yield family
+
+
+class Metrics:
+    """The service's counters, histograms and gauges."""
+
+    def __init__(self, rejections: Rejections, *, live_edges: Callable[[], float], queued: Callable[[], float],
+                 in_flight: Callable[[], float]) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("pice_requests", "Chat completion requests, by mode and outcome "
+                                "(ok, invalid, rejected, error, cancelled)", ["mode", "outcome"], registry=r)
+        self.latency = Histogram("pice_request_latency_seconds", "Time from admission to the last token, by mode",
+                                 ["mode"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("pice_time_to_first_token_seconds", "Time from admission to the first content, by mode",
+                              ["mode"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.points = Counter("pice_points", "Sketch points expanded, by where (edge, or cloud fallback)",
+                              ["source"], registry=r)
+        self.tokens = Counter("pice_generated_tokens", "Tokens generated, by where (cloud, edge)", ["where"],
+                              registry=r)
+        Gauge("pice_admission_queue_depth", "Requests waiting for an admission slot", registry=r).set_function(queued)
+        Gauge("pice_requests_in_flight", "Requests being answered", registry=r).set_function(in_flight)
+        Gauge("pice_live_edges", "Edges currently live", registry=r).set_function(live_edges)
+        r.register(_RejectionsCollector(rejections))
+
+    def render(self) -> bytes:
+        """The text exposition of every metric."""
+        return generate_latest(self.registry)

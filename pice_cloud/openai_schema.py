@@ -1,0 +1,222 @@
+"""The slice of OpenAI's chat-completions schema PICE serves, and its error shape.
+
+Requests are validated here (pydantic models mirroring OpenAI's); responses and stream chunks
+are built here; every error the HTTP API returns is an `APIError` turned into
+``{"error": {"message", "type", "param", "code"}}`` by `error_body`. The HTTP routes
+(`pice_cloud.server`) and the request service (`pice_cloud.service`) know nothing of each
+other's types.
+
+Extensions (ignored by clients that do not know them):
+
+- request ``"pice": {"mode": "auto" | "progressive" | "cloud"}`` (the ``openai`` client sends
+  it with ``extra_body``);
+- response ``usage.cloud_tokens`` / ``usage.edge_tokens`` (tokens generated in the cloud and at
+  the edges) and ``pice`` (mode, points expanded at the edge and in the cloud, the devices).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pice_cloud.scheduler import RequestedMode
+from pice_edge.runtimes.base import ChatMessage
+
+#: Roles accepted in ``messages``; ``developer`` is OpenAI's newer name for ``system``.
+SUPPORTED_ROLES = ("system", "developer", "user", "assistant")
+
+
+class APIError(Exception):
+    """An error answered to an HTTP client, in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+
+def error_body(exc: APIError) -> dict[str, Any]:
+    """``{"error": {...}}`` as OpenAI's API writes it."""
+    return {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    text: str | None = None
+
+
+class Message(BaseModel):
+    """One message of the conversation; content is a string or a list of text parts."""
+
+    model_config = ConfigDict(extra="allow")
+
+    role: str
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text or "" for p in self.content)
+
+
+class PiceOptions(BaseModel):
+    """The ``pice`` extension field of a request."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: RequestedMode = "auto"
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """``POST /v1/chat/completions`` body. Unknown OpenAI parameters are accepted and ignored."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    n: int = Field(default=1, ge=1)
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    pice: PiceOptions = Field(default_factory=PiceOptions)
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+def _param(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def parse_request(data: Any, *, max_tokens_limit: int) -> ChatCompletionRequest:
+    """Validate a decoded JSON body; raise `APIError` (400) naming the first bad parameter."""
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_type")
+    try:
+        request = ChatCompletionRequest.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(err["loc"])
+        param = _param(loc)
+        if err["type"] == "missing":
+            raise APIError(400, f"missing required parameter: '{param}'", param=param,
+                           code="missing_required_parameter") from None
+        code = "invalid_type" if err["type"].endswith(("_type", "_parsing")) or "type" in err["type"] \
+            else "invalid_value"
+        raise APIError(400, f"invalid value for '{param}': {err['msg']}", param=param, code=code) from None
+    for i, message in enumerate(request.messages):
+        if message.role not in SUPPORTED_ROLES:
+            raise APIError(400, f"unsupported role {message.role!r} in messages[{i}]: this server accepts "
+                                f"{', '.join(SUPPORTED_ROLES)} (no tools or functions)",
+                           param=f"messages[{i}].role", code="unsupported_role")
+        if isinstance(message.content, list):
+            for j, part in enumerate(message.content):
+                if part.type != "text" or part.text is None:
+                    raise APIError(400, f"unsupported content part {part.type!r} in messages[{i}]: only text "
+                                        "is accepted", param=f"messages[{i}].content[{j}]", code="unsupported_content")
+    if not any(m.role == "user" and m.text().strip() for m in request.messages):
+        raise APIError(400, "messages must contain a non-empty user message", param="messages",
+                       code="invalid_value")
+    if request.n != 1:
+        raise APIError(400, "only n=1 is supported", param="n", code="invalid_value")
+    limit = request.token_limit
+    if limit is not None and limit > max_tokens_limit:
+        param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
+        raise APIError(400, f"{param} is too large: {limit}; this server allows at most {max_tokens_limit}",
+                       param=param, code="invalid_value")
+    return request
+
+
+def conversation(request: ChatCompletionRequest) -> tuple[str, list[ChatMessage]]:
+    """The question to sketch (the last user turn, with earlier turns as context) and the
+    conversation as chat messages (for a cloud-only answer)."""
+    messages = [ChatMessage("system" if m.role == "developer" else m.role, m.text()) for m in request.messages]
+    last_user = max(i for i, m in enumerate(messages) if m.role == "user" and m.content.strip())
+    question = messages[last_user].content.strip()
+    earlier = [m for m in messages[:last_user] if m.content.strip()]
+    if earlier:
+        context = "\n".join(f"{m.role.capitalize()}: {m.content.strip()}" for m in earlier)
+        question = f"{context}\n\nQuestion: {question}"
+    return question, messages
+
+
+# --- responses ----------------------------------------------------------------------------------
+
+FinishReason = Literal["stop", "length"]
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cloud_tokens: int, edge_tokens: int) -> dict[str, int]:
+    """OpenAI's usage plus where the generated tokens came from."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "cloud_tokens": cloud_tokens,
+        "edge_tokens": edge_tokens,
+    }
+
+
+def completion(request_id: str, model: str, text: str, finish: FinishReason, usage_: dict[str, int],
+               pice: dict[str, Any], created: int | None = None) -> dict[str, Any]:
+    """A ``chat.completion`` object."""
+    return {
+        "id": request_id,
+        "object": "chat.completion",
+        "created": created or int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                     "finish_reason": finish}],
+        "usage": usage_,
+        "pice": pice,
+    }
+
+
+def chunk(request_id: str, model: str, created: int, delta: dict[str, Any], finish: FinishReason | None = None,
+          **extra: Any) -> dict[str, Any]:
+    """A ``chat.completion.chunk`` with one choice."""
+    return {
+        "id": request_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        **extra,
+    }
+
+
+def usage_chunk(request_id: str, model: str, created: int, usage_: dict[str, int]) -> dict[str, Any]:
+    """The final chunk sent when ``stream_options.include_usage`` is set: no choices, the usage."""
+    return {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [], "usage": usage_}
+
+
+def models_list(ids: list[str], created: int) -> dict[str, Any]:
+    return {"object": "list", "data": [{"id": i, "object": "model", "created": created, "owned_by": "pice"}
+                                       for i in ids]}

@@ -1,0 +1,449 @@
+"""The OpenAI-compatible HTTP API, driven by the official ``openai`` client against the real
+server on a loopback port: tiny random model, real Mosquitto, real edge nodes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from pice_cloud.config import load_config
+from pice_cloud.llm.transformers import TransformersBackend
+from pice_cloud.local import LocalSystem, local_system
+from pice_cloud.server import ApiServer, ApiState, bind, create_app, running, url_of
+from pice_edge.protocol import CLOUD_STATUS_TOPIC, CloudStatus, EdgeStatus, decode, edge_status_topic, encode
+from pice_edge.transport import BrokerSettings, Message, MqttTransport
+from tests.conftest import Mosquitto
+
+QUESTION = "How can I improve my time management skills?"
+SMALL = {"service": {"max_points": 3, "tokens_per_point": 8, "sketch_tokens": 30, "max_answer_tokens": 24}}
+
+
+@dataclass
+class Api:
+    url: str
+    system: LocalSystem
+    state: ApiState
+    server: ApiServer
+
+    clients: list[openai.AsyncOpenAI] = field(default_factory=list)
+
+    def client(self) -> openai.AsyncOpenAI:
+        """The official client on this server (closed with it). No retries: the tests look at
+        each status the server answers."""
+        client = openai.AsyncOpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        self.clients.append(client)
+        return client
+
+
+@asynccontextmanager
+async def serving(model: Path, broker_url: str, *, edges: int, overrides: dict[str, Any] | None = None,
+                  ) -> AsyncIterator[Api]:
+    """The real app on a free loopback port, over ``broker_url``, with ``edges`` local nodes."""
+    flags: dict[str, Any] = {**SMALL, "server": {"port": 0}, "broker": {"url": broker_url}}
+    for section, values in (overrides or {}).items():
+        flags[section] = {**flags.get(section, {}), **values}
+    config = load_config(None, flags)
+    llm = TransformersBackend(model, threads=1)
+    sock = bind("127.0.0.1", 0)
+    try:
+        async with local_system(llm, broker_settings=config.broker, edges=edges, edge_model=model, edge_threads=1,
+                                settings=config.service.to_settings()) as system:
+            app = create_app(system.service, llm, config)
+            async with running(app, sock) as server:
+                api = Api(url_of(sock), system, app.state.pice, server)
+                try:
+                    yield api
+                finally:
+                    for client in api.clients:
+                        await client.close()
+    finally:
+        sock.close()
+        await llm.close()
+
+
+@pytest.fixture
+async def api(mosquitto: Mosquitto, tiny_model: Path) -> AsyncIterator[Api]:
+    async with serving(tiny_model, mosquitto.url, edges=2) as served:
+        yield served
+
+
+async def _stream(client: openai.AsyncOpenAI, mode: str, **kwargs: Any) -> tuple[list[str], list[Any]]:
+    stream = await client.chat.completions.create(
+        model="pice", messages=[{"role": "user", "content": QUESTION}], stream=True,
+        stream_options={"include_usage": True}, extra_body={"pice": {"mode": mode}}, **kwargs,
+    )
+    deltas: list[str] = []
+    chunks: list[Any] = []
+    async for chunk in stream:
+        chunks.append(chunk)
+        if chunk.choices and chunk.choices[0].delta.content:
+            deltas.append(chunk.choices[0].delta.content)
+    return deltas, chunks
+
+
+@pytest.mark.mosquitto
+async def test_progressive_streamed_text_equals_non_streamed(api: Api) -> None:
+    client = api.client()
+    full = await client.chat.completions.create(
+        model="pice", messages=[{"role": "user", "content": QUESTION}], extra_body={"pice": {"mode": "progressive"}},
+    )
+    text = full.choices[0].message.content
+    assert text is not None
+    assert text.startswith("1. **")
+    assert full.choices[0].finish_reason == "stop"
+    assert full.model == "pice"
+    extra = full.model_extra or {}
+    assert extra["pice"]["mode"] == "progressive"
+    n_points = extra["pice"]["points_edge"] + extra["pice"]["points_cloud"]
+    assert 1 <= n_points <= 3
+    assert extra["pice"]["points_edge"] == n_points, "idle edges expand every point"
+    assert text.count("**") == 2 * n_points
+    usage = full.usage
+    assert usage is not None
+    assert usage.prompt_tokens > 0
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert usage.completion_tokens == api.state.llm.count_tokens(text)  # type: ignore[attr-defined]
+    assert usage.model_extra is not None
+    assert usage.model_extra["edge_tokens"] > 0
+    assert usage.model_extra["cloud_tokens"] > 0  # the sketch
+
+    deltas, chunks = await _stream(client, "progressive")
+    assert "".join(deltas) == text
+    # One delta per point, in point order.
+    assert len(deltas) == n_points
+    assert [d.lstrip("\n").split(".")[0] for d in deltas] == [str(i + 1) for i in range(n_points)]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert [c.choices[0].finish_reason for c in finals] == ["stop"]
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == usage.prompt_tokens
+    assert len({c.id for c in chunks}) == 1
+
+
+@pytest.mark.mosquitto
+async def test_cloud_mode_streamed_and_not(api: Api) -> None:
+    client = api.client()
+    full = await client.chat.completions.create(
+        model="pice", messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": QUESTION}],
+        max_tokens=10, extra_body={"pice": {"mode": "cloud"}},
+    )
+    text = full.choices[0].message.content
+    assert text
+    extra = full.model_extra or {}
+    assert extra["pice"] == {**extra["pice"], "mode": "cloud", "points_edge": 0, "points_cloud": 0}
+    assert full.usage is not None
+    assert full.usage.model_extra is not None
+    assert full.usage.model_extra["edge_tokens"] == 0
+    assert full.usage.completion_tokens == full.usage.model_extra["cloud_tokens"] <= 10
+    assert full.choices[0].finish_reason == ("length" if full.usage.completion_tokens == 10 else "stop")
+    assert sum(n.stats.tasks_received for n in api.system.edges) == 0, "cloud mode sends no task"
+
+    stream = await client.chat.completions.create(
+        model="pice", messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": QUESTION}],
+        max_tokens=10, stream=True, extra_body={"pice": {"mode": "cloud"}},
+    )
+    deltas = [c.choices[0].delta.content async for c in stream if c.choices and c.choices[0].delta.content]
+    assert "".join(deltas) == text
+
+
+@pytest.mark.mosquitto
+async def test_models_health_and_metrics(api: Api) -> None:
+    client = api.client()
+    models = await client.models.list()
+    assert models.data[0].id == "pice"
+    await client.chat.completions.create(model="pice", messages=[{"role": "user", "content": QUESTION}])
+    async with httpx.AsyncClient(base_url=api.url) as http:
+        health = (await http.get("/health")).json()
+        assert health["status"] == "ok"
+        assert health["broker_connected"] is True
+        assert health["llm_loaded"] is True
+        assert health["live_edges"] == 2
+        assert health["in_flight"] == 0
+        metrics = (await http.get("/metrics")).text
+    assert 'pice_requests_total{mode="progressive",outcome="ok"} 1.0' in metrics
+    edge_points = re.search(r'pice_points_total\{source="edge"\} (\d+)', metrics)
+    assert edge_points is not None
+    assert int(edge_points.group(1)) >= 1
+    assert "pice_live_edges 2.0" in metrics
+    assert "pice_admission_queue_depth 0.0" in metrics
+    assert 'pice_time_to_first_token_seconds_count{mode="progressive"} 1.0' in metrics
+    assert 'pice_request_latency_seconds_count{mode="progressive"} 1.0' in metrics
+
+
+@pytest.mark.mosquitto
+async def test_health_is_degraded_without_edges_and_auto_answers_in_the_cloud(
+    mosquitto: Mosquitto, tiny_model: Path
+) -> None:
+    async with serving(tiny_model, mosquitto.url, edges=0) as served:
+        async with httpx.AsyncClient(base_url=served.url) as http:
+            health = (await http.get("/health")).json()
+        assert health["status"] == "degraded"
+        assert health["live_edges"] == 0
+        full = await served.client().chat.completions.create(
+            model="pice", messages=[{"role": "user", "content": QUESTION}], max_tokens=6)
+        assert (full.model_extra or {})["pice"]["mode"] == "cloud"
+
+
+BAD_REQUESTS: list[tuple[str, bytes, int, str | None, str]] = [
+    ("malformed JSON", b'{"model": "pice", "messages": [', 400, None, "invalid_json"),
+    ("not an object", b"[1, 2]", 400, None, "invalid_type"),
+    ("missing messages", b'{"model": "pice"}', 400, "messages", "missing_required_parameter"),
+    ("missing model", b'{"messages": [{"role": "user", "content": "hi"}]}', 400, "model",
+     "missing_required_parameter"),
+    ("messages not a list", b'{"model": "pice", "messages": "hello"}', 400, "messages", "invalid_type"),
+    ("empty messages", b'{"model": "pice", "messages": []}', 400, "messages", "invalid_value"),
+    ("max_tokens a string", b'{"model": "pice", "messages": [{"role": "user", "content": "hi"}], '
+     b'"max_tokens": "ten"}', 400, "max_tokens", "invalid_type"),
+    ("huge max_tokens", b'{"model": "pice", "messages": [{"role": "user", "content": "hi"}], '
+     b'"max_tokens": 1000000000}', 400, "max_tokens", "invalid_value"),
+    ("unsupported role", b'{"model": "pice", "messages": [{"role": "tool", "content": "hi"}]}', 400,
+     "messages[0].role", "unsupported_role"),
+    ("image content", b'{"model": "pice", "messages": [{"role": "user", "content": [{"type": "image_url", '
+     b'"image_url": {"url": "x"}}]}]}', 400, "messages[0].content[0]", "unsupported_content"),
+    ("no user message", b'{"model": "pice", "messages": [{"role": "system", "content": "hi"}]}', 400,
+     "messages", "invalid_value"),
+    ("bad pice mode", b'{"model": "pice", "messages": [{"role": "user", "content": "hi"}], '
+     b'"pice": {"mode": "fast"}}', 400, "pice.mode", "invalid_value"),
+    ("n above 1", b'{"model": "pice", "messages": [{"role": "user", "content": "hi"}], "n": 2}', 400, "n",
+     "invalid_value"),
+    ("unknown model", b'{"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}', 404, "model",
+     "model_not_found"),
+]
+
+
+@pytest.mark.mosquitto
+async def test_bad_requests_get_openai_error_shape(api: Api) -> None:
+    async with httpx.AsyncClient(base_url=api.url, timeout=30) as http:
+        for name, body, status, param, code in BAD_REQUESTS:
+            response = await http.post("/v1/chat/completions", content=body,
+                                       headers={"content-type": "application/json"})
+            assert response.status_code == status, (name, response.text)
+            error = response.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"}, name
+            assert error["type"] == "invalid_request_error", name
+            assert error["param"] == param, (name, error)
+            assert error["code"] == code, (name, error)
+            assert error["message"], name
+        missing = await http.get("/v1/nothing")
+        assert missing.status_code == 404
+        assert missing.json()["error"]["code"] == "not_found"
+        oversized = await http.post("/v1/chat/completions", content=b" " * (2 * 1024 * 1024))
+        assert oversized.status_code == 413
+        assert oversized.json()["error"]["code"] == "request_too_large"
+        # None of that reached the service, and the server still answers.
+        assert api.state.admission.active == 0
+        metrics = (await http.get("/metrics")).text
+    assert f'pice_requests_total{{mode="unknown",outcome="invalid"}} {float(len(BAD_REQUESTS) + 1)}' in metrics
+    # The official client maps the shape onto its exceptions.
+    with pytest.raises(openai.BadRequestError) as info:
+        await api.client().chat.completions.create(model="pice", messages=[{"role": "user", "content": "hi"}],
+                                                   max_tokens=10**9)
+    assert info.value.param == "max_tokens"
+    assert "too large" in info.value.message
+
+
+@pytest.mark.mosquitto
+async def test_overload_is_refused_with_retry_after_and_admitted_requests_complete(
+    mosquitto: Mosquitto, tiny_model: Path
+) -> None:
+    admission = {"max_concurrent": 1, "max_queue": 1, "retry_after_s": 3}
+    async with serving(tiny_model, mosquitto.url, edges=1, overrides={"server": admission}) as served:
+        client = served.client()
+
+        refused: list[openai.RateLimitError] = []
+
+        async def one() -> str:
+            try:
+                done = await client.chat.completions.create(
+                    model="pice", messages=[{"role": "user", "content": QUESTION}],
+                    extra_body={"pice": {"mode": "progressive"}})
+            except openai.RateLimitError as exc:
+                refused.append(exc)
+                return "429"
+            assert done.choices[0].message.content
+            return "ok"
+
+        outcomes = await asyncio.wait_for(asyncio.gather(*(one() for _ in range(6))), 60)
+        assert outcomes.count("ok") >= 2, "one running and one queued are both answered"
+        assert outcomes.count("429") >= 1
+        assert outcomes.count("ok") + outcomes.count("429") == 6
+        assert all(exc.response.headers["retry-after"] == "3" for exc in refused)
+        assert all(exc.code == "overloaded" for exc in refused)
+        assert served.state.admission.active == 0
+        assert served.state.admission.queued == 0
+        assert served.system.service.aggregator.in_flight == 0
+        # Capacity is back: the next request is admitted.
+        again = await client.chat.completions.create(model="pice", messages=[{"role": "user", "content": "Hi?"}],
+                                                     max_tokens=4, extra_body={"pice": {"mode": "cloud"}})
+        assert again.choices[0].message.content is not None
+        rejected = served.state.metrics.registry.get_sample_value(
+            "pice_requests_total", {"mode": "progressive", "outcome": "rejected"})
+        assert rejected == outcomes.count("429")
+
+
+async def _silent_edge(url: str, device_id: str) -> MqttTransport:
+    """An edge that registers and never answers, so a request waits for its point's deadline."""
+    transport = MqttTransport(BrokerSettings(url=url), client_id=device_id)
+    await transport.connect()
+    status = EdgeStatus(device_id=device_id, online=True, max_batch=4, tokens_per_s=1000.0, heartbeat_s=30)
+    await transport.publish_and_wait(edge_status_topic(device_id), encode(status), retain=True)
+    return transport
+
+
+@pytest.mark.mosquitto
+async def test_client_disconnect_mid_stream_cancels_the_request(mosquitto: Mosquitto, tiny_model: Path) -> None:
+    silent = await _silent_edge(mosquitto.url, "silent-http")
+    slow = {"deadline_floor_s": 45.0, "deadline_cap_s": 45.0}
+    try:
+        async with serving(tiny_model, mosquitto.url, edges=0, overrides={"service": slow}) as served:
+            assert await served.system.service.fleet.wait_for(1, 5.0)
+            aggregator = served.system.service.aggregator
+            stream = await served.client().chat.completions.create(
+                model="pice", messages=[{"role": "user", "content": QUESTION}], stream=True,
+                extra_body={"pice": {"mode": "progressive"}})
+            first = await stream.__anext__()
+            assert first.choices[0].delta.role == "assistant"
+            # Wait until the points are out to the (silent) edge: the request now waits 45 s.
+            for _ in range(1200):
+                if aggregator.in_flight:
+                    break
+                await asyncio.sleep(0.05)
+            assert aggregator.in_flight == 1
+            started = time.monotonic()
+            await stream.close()
+            while aggregator.in_flight or served.state.admission.active:
+                assert time.monotonic() - started < 10, "the disconnected request kept running"
+                await asyncio.sleep(0.05)
+            cancelled = served.state.metrics.registry.get_sample_value(
+                "pice_requests_total", {"mode": "progressive", "outcome": "cancelled"})
+            assert cancelled == 1
+    finally:
+        await silent.close()
+
+
+@pytest.mark.mosquitto
+async def test_shutdown_refuses_new_requests_and_ends_overdue_ones_with_an_error(
+    mosquitto: Mosquitto, tiny_model: Path
+) -> None:
+    silent = await _silent_edge(mosquitto.url, "silent-drain")
+    overrides = {"service": {"deadline_floor_s": 45.0, "deadline_cap_s": 45.0},
+                 "server": {"shutdown_timeout_s": 1.0}}
+    try:
+        async with serving(tiny_model, mosquitto.url, edges=0, overrides=overrides) as served:
+            assert await served.system.service.fleet.wait_for(1, 5.0)
+            client = served.client()
+            stream = await client.chat.completions.create(
+                model="pice", messages=[{"role": "user", "content": QUESTION}], stream=True,
+                extra_body={"pice": {"mode": "progressive"}})
+            await stream.__anext__()
+            served.server.begin_shutdown()  # what SIGTERM does first
+            async with httpx.AsyncClient(base_url=served.url) as http:
+                for _ in range(100):
+                    if served.state.admission.draining:
+                        break
+                    await asyncio.sleep(0.01)
+                refused = await http.post("/v1/chat/completions", json={
+                    "model": "pice", "messages": [{"role": "user", "content": "Hi?"}]})
+                health = await http.get("/health")
+            assert refused.status_code == 503
+            assert refused.headers["retry-after"] == "2"
+            assert refused.json()["error"]["code"] == "shutting_down"
+            assert health.status_code == 503
+            assert health.json()["status"] == "shutting_down"
+            # The request in flight would wait 45 s for its edge: after the 1 s grace period it
+            # ends with an error event the client raises, not a hang or a cut connection.
+            started = time.monotonic()
+            with pytest.raises(openai.APIError, match="shut down before this request finished"):
+                async for _ in stream:
+                    pass
+            assert time.monotonic() - started < 10
+            assert served.system.service.aggregator.in_flight == 0
+    finally:
+        await silent.close()
+
+
+@pytest.mark.mosquitto
+def test_serve_subprocess_sigterm_finishes_in_flight_and_publishes_offline(
+    mosquitto: Mosquitto, tiny_model: Path, tmp_path: Path
+) -> None:
+    config = tmp_path / "pice.yaml"
+    config.write_text(f"server:\n  port: 0\nbroker:\n  url: {mosquitto.url}\nedges:\n  local: 1\n"
+                      "service:\n  max_points: 3\n  tokens_per_point: 8\n  sketch_tokens: 30\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pice_cloud.cli", "serve", "--config", str(config), "--model", str(tiny_model),
+         "--log-level", "warning"],
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert proc.stderr is not None
+        url = None
+        deadline = time.monotonic() + 120
+        lines = []
+        while url is None and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            lines.append(line)
+            found = re.search(r"serving on (http://\S+)/v1", line)
+            url = found.group(1) if found else None
+        assert url is not None, "".join(lines)
+        with httpx.Client(base_url=url, timeout=60) as http:
+            assert http.get("/health").json()["live_edges"] == 1
+            body = {"model": "pice", "stream": True, "messages": [{"role": "user", "content": QUESTION}],
+                    "pice": {"mode": "progressive"}}
+            events: list[str] = []
+            with http.stream("POST", "/v1/chat/completions", json=body) as response:
+                assert response.status_code == 200
+                for line in response.iter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    events.append(line[6:])
+                    if len(events) == 1:
+                        proc.send_signal(signal.SIGTERM)  # mid-request
+        assert events[-1] == "[DONE]"
+        payloads = [json.loads(e) for e in events[:-1]]
+        # The in-flight request finished (or, past the grace period, would end with an error event).
+        assert payloads[-1]["choices"][0]["finish_reason"] == "stop" or "error" in payloads[-1]
+        assert proc.wait(timeout=60) == 0
+        rest = proc.stderr.read()
+        assert "Traceback" not in rest, rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+    # The retained cloud status says offline.
+    asyncio.run(_assert_cloud_offline(mosquitto.url))
+
+
+async def _assert_cloud_offline(url: str) -> None:
+    got: asyncio.Queue[Message] = asyncio.Queue()
+    transport = MqttTransport(BrokerSettings(url=url))
+    transport.subscribe(CLOUD_STATUS_TOPIC, got.put_nowait)
+    await transport.connect()
+    try:
+        message = await asyncio.wait_for(got.get(), 10)
+    finally:
+        await transport.close()
+    status = decode(CloudStatus, message.payload)
+    assert status.online is False
+    assert status.api_url.startswith("http://127.0.0.1:")
