@@ -105,6 +105,20 @@ class EdgesConfig(BaseModel):
     wait_s: float = Field(default=5.0, ge=0, le=600, description="how long to wait for edges at start")
 
 
+class DiscoveryConfig(BaseModel):
+    """Zeroconf: the cloud advertises its broker and API so edges started without --broker
+    find them, and lists the edges it sees."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    interfaces: str = Field(
+        default="auto", description="'auto' (loopback when server.host is loopback, else all), 'all', "
+        "or comma-separated IP addresses")
+    fleet: str = Field(default="default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+                       description="fleet name edges join with --fleet")
+
+
 class ServiceConfig(BaseModel):
     """The request path: sketch and expansion budgets, ensemble width, per-point deadlines."""
 
@@ -121,6 +135,12 @@ class ServiceConfig(BaseModel):
     deadline_cap_s: float = Field(default=60.0, gt=0, le=3600)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0, description="edge sampling (0: greedy)")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    router: Literal["embedding", "heuristic", "off"] = Field(
+        default="embedding", description="mode router for 'auto' requests (embedding falls back to heuristic "
+        "when all-minilm-l6-v2 is not fetched)")
+    selector: Literal["learned", "confidence"] = Field(
+        default="learned", description="how one of several candidates of a point is chosen (ensemble_width > 1)")
+    adaptive_budget: bool = Field(default=True, description="shorten sketches and expansions under load")
 
     def to_settings(self) -> ServiceSettings:
         """The `ServiceSettings` these values describe."""
@@ -133,6 +153,7 @@ class ServiceConfig(BaseModel):
             deadline_factor=self.deadline_factor,
             deadline_cap_s=self.deadline_cap_s,
             sampling=Sampling(temperature=self.temperature, top_p=self.top_p),
+            adaptive_budget=self.adaptive_budget,
         )
 
 
@@ -155,6 +176,7 @@ class CloudConfig(BaseSettings):
     llm: LLMConfig = Field(default_factory=LLMConfig)
     edges: EdgesConfig = Field(default_factory=EdgesConfig)
     service: ServiceConfig = Field(default_factory=ServiceConfig)
+    discovery: DiscoveryConfig = Field(default_factory=DiscoveryConfig)
 
     @classmethod
     def settings_customise_sources(

@@ -615,20 +615,26 @@ async def serve(config: CloudConfig, *, on_ready: Callable[[str], None] | None =
     Raises:
         PiceError: the model, broker or address could not be set up (clear message).
     """
+    from pice_cloud.assembly import build_router, build_selector
     from pice_cloud.llm import create_backend
     from pice_cloud.local import local_system
 
     sock = bind(config.server.host, config.server.port)
     url = url_of(sock)
     llm: LLMBackend | None = None
+    discovery: Any = None
     try:
         llm = create_backend(config.llm.kind, model=config.llm.model, **_llm_options(config))
+        router = await asyncio.to_thread(build_router, config.service.router)
+        selector = await asyncio.to_thread(build_selector, config.service.selector, llm)
         async with local_system(
             llm, broker_settings=config.broker, edges=config.local_edges, edge_model=config.edge_model,
             edge_runtime=config.edges.runtime, edge_threads=config.edges.threads, max_batch=config.edges.max_batch,
             settings=config.service.to_settings(), wait_edges_s=config.edges.wait_s, cloud_id=config.cloud_id,
-            api_url=url + "/v1",
+            api_url=url + "/v1", router=router,
         ) as system:
+            system.service.selector = selector
+            discovery = await _advertise(config, system.service, system.broker_url, url + "/v1")
             app = create_app(system.service, llm, config)
             server = ApiServer(app, handle_signals=handle_signals, log_level=log_level)
             task = asyncio.create_task(server.run_on(sock))
@@ -645,8 +651,37 @@ async def serve(config: CloudConfig, *, on_ready: Callable[[str], None] | None =
             log.warning("HTTP server stopped; publishing offline status")
     finally:
         sock.close()
+        if discovery is not None:
+            await discovery.close()
         if llm is not None:
             await llm.close()
+
+
+async def _advertise(config: CloudConfig, service: PiceService, broker_url: str, api_url: str) -> Any:
+    """Advertise the cloud and its broker on zeroconf and watch for edges (``discovery``)."""
+    disc = config.discovery
+    if not disc.enabled:
+        return None
+    from pice_edge.discovery import CloudAdvert, Discovery, parse_interfaces
+
+    interfaces = disc.interfaces
+    if interfaces == "auto":
+        # Advertise where we serve: a loopback-only service stays off the LAN.
+        interfaces = "127.0.0.1" if config.server.host.startswith("127.") or config.server.host == "localhost" \
+            else "all"
+    discovery = Discovery(parse_interfaces(interfaces))
+    try:
+        await discovery.start()
+        await discovery.advertise_cloud(CloudAdvert(cloud_id=config.cloud_id, broker_url=broker_url,
+                                                    fleet=disc.fleet, api_url=api_url))
+        service.fleet.watch_zeroconf(discovery, disc.fleet)
+    except Exception as exc:
+        # Discovery is a convenience: edges can always be given --broker.
+        log.warning("zeroconf advertisement failed (%s); edges need --broker %s", exc, broker_url)
+        await discovery.close()
+        return None
+    log.info("advertised cloud %s (broker %s) on zeroconf, fleet %s", config.cloud_id, broker_url, disc.fleet)
+    return discovery
 
 
 def install_sigterm_as_exit() -> None:

@@ -20,7 +20,9 @@ class EdgeProcess:
         self.device_id = device_id
         self.log_path = logdir / f"{device_id}.log"
         module = "tests.fault_edge" if fault else "pice_edge.cli"
-        cmd = [sys.executable, "-m", module, *fault, "run", "--broker", broker_url, "--device-id", device_id,
+        # --no-zeroconf: tests never advertise beyond loopback.
+        cmd = [sys.executable, "-m", module, *fault, "run", "--broker", broker_url, "--no-zeroconf",
+               "--device-id", device_id,
                "--model", str(model), "--threads", "1", "--heartbeat", str(heartbeat), "--log-level", "info",
                *extra]
         with open(self.log_path, "w") as log:

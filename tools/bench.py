@@ -126,9 +126,10 @@ class System:
         self.api_port = free_port()
         self.broker_port = free_port()
 
-    def _spawn(self, cmd: list[str], name: str) -> subprocess.Popen[bytes]:
+    def _spawn(self, cmd: list[str], name: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         log = (self.workdir / f"{name}.log").open("wb")
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1",
+               **(env or {})}
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         self.procs.append(proc)
         return proc
@@ -145,13 +146,19 @@ class System:
         self.cloud = self._spawn(pinned([
             py, "-m", "pice_cloud.cli", "serve", "--broker", broker, "--edges", "0", "--model", a.model,
             "--host", "127.0.0.1", "--port", str(self.api_port), "--threads", "1",
-            "--max-points", str(a.max_points), "--tokens-per-point", str(a.tokens_per_point),
-            "--ensemble-width", str(a.ensemble_width),
-        ], a.cloud_cores), "cloud")
+        ], a.cloud_cores), "cloud", env={
+            "PICE_SERVICE__MAX_POINTS": str(a.max_points), "PICE_SERVICE__TOKENS_PER_POINT": str(a.tokens_per_point),
+            "PICE_SERVICE__MAX_ANSWER_TOKENS": str(a.max_points * a.tokens_per_point),
+            "PICE_SERVICE__ENSEMBLE_WIDTH": str(a.ensemble_width),
+            # Admit every request: the benchmark measures queueing, it does not want 429s.
+            "PICE_SERVER__MAX_CONCURRENT": "64", "PICE_SERVER__MAX_QUEUE": "256",
+            "PICE_SERVER__QUEUE_TIMEOUT_S": "3600",
+        })
         for i in range(a.edges):
             self._spawn(pinned([
-                py, "-m", "pice_edge.cli", "run", "--broker", broker, "--device-id", f"bench-edge-{i + 1}",
-                "--model", a.model, "--threads", "1", "--max-batch", str(a.edge_batch), "--heartbeat", "1",
+                py, "-m", "pice_edge.cli", "run", "--broker", broker, "--no-zeroconf",
+                "--device-id", f"bench-edge-{i + 1}", "--model", a.model, "--threads", "1",
+                "--max-batch", str(a.edge_batch), "--heartbeat", "1",
             ], a.edge_cores), f"edge{i + 1}")
         wait_port(self.api_port, timeout=120)
         self._wait_edges()
