@@ -214,7 +214,7 @@ async def one_request(client: Any, mode: str, qid: int, question: str, max_token
             usage = getattr(chunk, "usage", None)
             if usage is not None:
                 out.completion_tokens = usage.completion_tokens
-                extra = (usage.model_extra or {}).get("pice") or {}
+                extra = usage.model_extra or {}  # PICE's extension fields beside the standard ones
                 out.cloud_tokens = int(extra.get("cloud_tokens", usage.completion_tokens))
                 out.edge_tokens = int(extra.get("edge_tokens", 0))
         out.ok = True
