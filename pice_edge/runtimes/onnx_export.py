@@ -103,9 +103,9 @@ def _export_fp32(hf_folder: Path, target: Path, *, opset: int) -> None:
             for i in range(layers):
                 cache.update(past[2 * i], past[2 * i + 1], i)
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=cache, use_cache=True, logits_to_keep=1)
+                             cache=cache, use_cache=True, logits_to_keep=1)
             present: list[Any] = []
-            for layer in out.past_key_values.layers:
+            for layer in _cache_of(out).layers:
                 present += [layer.keys, layer.values]
             # Only the last position's logits: prefill skips (prompt length x vocab) of lm_head work.
             return (out.logits[:, -1, :], *present)
@@ -170,3 +170,9 @@ def quantize_int4(source: Path, target: Path, *, block_size: int = 32) -> Path:
     del q
     log.info("int4 model %s in %.1fs", target, time.perf_counter() - started)
     return target
+
+
+def _cache_of(output: Any) -> Any:
+    # transformers 5 renamed `past_key_values` to `cache` (the old name is deprecated).
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
