@@ -37,6 +37,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--max-batch", type=int, default=4)
     run.add_argument("--threads", type=int, default=None, help="CPU threads for the runtime")
     run.add_argument("--heartbeat", type=float, default=2.0, help="status interval in seconds")
+    run.add_argument("--precision", default="fp32", choices=["fp32", "int8", "int4"],
+                     help="onnxruntime: which ONNX export to load (tools/export_onnx.py)")
+    run.add_argument("--providers", default="tensorrt,cuda,cpu",
+                     help="onnxruntime: execution providers in order of preference (default %(default)s)")
+    run.add_argument("--memory-budget-mb", type=float, default=None, help="KV-cache budget of a batch (MiB)")
 
     models = sub.add_parser("models", help="fetch, list and verify models", parents=common)
     msub = models.add_subparsers(dest="models_command", required=True)
@@ -54,9 +59,12 @@ async def _run(args: argparse.Namespace) -> int:
     from pice_edge.runtimes import create_runtime
     from pice_edge.transport import BrokerSettings
 
-    runtime = create_runtime(args.runtime, model=args.model, threads=args.threads)
+    extra: dict[str, object] = {}
+    if args.runtime == "onnxruntime":
+        extra = {"precision": args.precision, "providers": args.providers.split(",")}
+    runtime = create_runtime(args.runtime, model=args.model, threads=args.threads, **extra)
     node = EdgeNode(runtime, device_id=args.device_id, broker=BrokerSettings(url=args.broker),
-                    max_batch=args.max_batch, heartbeat_s=args.heartbeat)
+                    max_batch=args.max_batch, heartbeat_s=args.heartbeat, memory_budget_mb=args.memory_budget_mb)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
