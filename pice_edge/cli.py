@@ -23,6 +23,7 @@ import socket
 import sys
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pice_edge.errors import ConfigError, PiceError
@@ -77,6 +78,13 @@ def _parser() -> argparse.ArgumentParser:
     discover.add_argument("--interfaces", default="all", help="'all' or comma-separated IP addresses")
     discover.add_argument("--json", action="store_true", help="print the peers as JSON")
 
+    run.add_argument("--precision", default=None, choices=["fp32", "fp16", "int8", "int4"],
+                     help="onnxruntime: which ONNX export to load (tools/export_onnx.py); default: the profile's")
+    run.add_argument("--providers", default=None,
+                     help="onnxruntime: execution providers in order of preference, e.g. tensorrt,cuda,cpu "
+                          "(default: the profile's, or tensorrt,cuda,cpu)")
+    run.add_argument("--memory-budget-mb", type=float, default=None,
+                     help="KV-cache budget of a batch in MiB (default: the profile's memory budget less the weights)")
     _broker_auth_options(run)
 
     sub.add_parser("profiles", help="list the device profiles", parents=common)
@@ -143,6 +151,9 @@ class _EdgeConfig:
     runtime: str
     max_batch: int
     threads: int | None
+    precision: str = "fp32"
+    providers: tuple[str, ...] = ("tensorrt", "cuda", "cpu")
+    memory_budget_mb: float | None = None
 
 
 def _config(args: argparse.Namespace) -> _EdgeConfig:
@@ -156,6 +167,11 @@ def _config(args: argparse.Namespace) -> _EdgeConfig:
         runtime=args.runtime or (profile.runtime if profile else "transformers"),
         max_batch=getattr(args, "max_batch", None) or (profile.max_batch if profile else 4),
         threads=threads if threads is not None else (profile.threads if profile else None),
+        precision=getattr(args, "precision", None) or (profile.precision if profile else "fp32"),
+        providers=tuple(p.strip() for p in args.providers.split(",") if p.strip())
+        if getattr(args, "providers", None) else
+        (tuple(profile.execution_providers) if profile else ("tensorrt", "cuda", "cpu")),
+        memory_budget_mb=getattr(args, "memory_budget_mb", None),
     )
 
 
@@ -163,20 +179,36 @@ def _runtime_kwargs(cfg: _EdgeConfig) -> dict[str, Any]:
     """The profile's settings in the form the chosen runtime's constructor takes."""
     kwargs: dict[str, Any] = {"model": cfg.model, "threads": cfg.threads}
     profile = cfg.profile
+    if cfg.runtime == "onnxruntime":
+        # fp16 is a TensorRT build option over the fp32 export; int8/int4 are separate exports.
+        cache = profile.engine_cache_path if profile else None
+        kwargs.update(providers=list(cfg.providers), precision="fp32" if cfg.precision == "fp16" else cfg.precision,
+                      fp16=cfg.precision == "fp16", engine_cache=str(cache) if cache else None)
+        return kwargs
     if profile is None:
         return kwargs
     if cfg.runtime == "transformers":
         dtypes = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-        if profile.precision not in dtypes:
-            raise ConfigError(f"profile {profile.name!r}: precision {profile.precision} is not available with the "
+        if cfg.precision not in dtypes:
+            raise ConfigError(f"profile {profile.name!r}: precision {cfg.precision} is not available with the "
                               "transformers runtime; use --runtime onnxruntime or another profile")
-        kwargs["dtype"] = dtypes[profile.precision]
+        kwargs["dtype"] = dtypes[cfg.precision]
         kwargs["device"] = "cuda" if "CUDAExecutionProvider" in profile.execution_providers else "cpu"
-    else:
-        cache = profile.engine_cache_path
-        kwargs.update(providers=list(profile.execution_providers), precision=profile.precision,
-                      engine_cache_dir=str(cache) if cache else None)
     return kwargs
+
+
+def _kv_budget_mb(cfg: _EdgeConfig, runtime: Runtime) -> float | None:
+    """The batch's KV-cache budget: the flag, or the profile's memory budget less the weights."""
+    if cfg.memory_budget_mb is not None or cfg.profile is None:
+        return cfg.memory_budget_mb
+    weights_mb = 0.0
+    where = getattr(runtime, "path", None)
+    if where is not None:
+        path = Path(where)
+        files = [path, *path.parent.glob(path.name + ".data")] if path.is_file() else list(path.glob("*"))
+        weights_mb = sum(f.stat().st_size for f in files
+                         if f.is_file() and f.suffix in (".safetensors", ".onnx", ".data")) / 2**20
+    return max(64.0, cfg.profile.memory_budget_mb - weights_mb)
 
 
 def _create_runtime(cfg: _EdgeConfig) -> Runtime:
@@ -243,7 +275,8 @@ async def _run(args: argparse.Namespace) -> int:
         runtime = await loop.run_in_executor(None, _create_runtime, cfg)
         profile_name = cfg.profile.name if cfg.profile else ""
         node = EdgeNode(runtime, device_id=args.device_id, broker=broker, profile=profile_name,
-                        max_batch=cfg.max_batch, heartbeat_s=args.heartbeat)
+                        max_batch=cfg.max_batch, heartbeat_s=args.heartbeat,
+                        memory_budget_mb=_kv_budget_mb(cfg, runtime))
         await node.start()
         if discovery is not None:
             ad = await discovery.advertise_edge(EdgeAdvert(

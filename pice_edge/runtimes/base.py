@@ -60,3 +60,39 @@ class Runtime(Protocol):
     def close(self) -> None:
         """Release the model's memory."""
         ...
+
+
+class DecodeBatch(Protocol):
+    """A running batch of sequences decoded one token per `step`; new sequences may join
+    between steps (continuous batching). Used from one worker thread only."""
+
+    def add(self, key: object, request: GenerationRequest) -> None:
+        """Prefill ``request``'s prompt; the sequence joins the batch at the next `step`."""
+        ...
+
+    def step(self) -> list[tuple[object, GenerationResult]]:
+        """Decode one token for every live sequence; return the sequences that finished
+        (end of turn or token budget), which leave the batch."""
+        ...
+
+    def __len__(self) -> int:
+        """Live (unfinished) sequences."""
+        ...
+
+
+@runtime_checkable
+class SteppingRuntime(Runtime, Protocol):
+    """Optional extension of `Runtime` for step-level (continuous) batching.
+
+    `EdgeNode` uses it when a runtime provides it, so tasks that arrive while others are being
+    generated start at the next decode step instead of waiting for the whole batch; a runtime
+    with only `generate` still works (batch by batch).
+    """
+
+    def new_batch(self) -> DecodeBatch:
+        """An empty decode batch bound to this runtime's model."""
+        ...
+
+    def kv_cache_bytes(self, request: GenerationRequest) -> int:
+        """Estimated KV-cache bytes of one sequence (prompt plus its whole token budget)."""
+        ...

@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from pice_edge.errors import ModelError
 from pice_edge.model_store import resolve
+from pice_edge.runtimes._decode import FloatArray, IntArray, LogitsPolicy, ModelShape, StepBatch
 from pice_edge.runtimes.base import ChatMessage, GenerationRequest, GenerationResult
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,10 @@ class TransformersRuntime:
         eos = self.model.generation_config.eos_token_id
         ids = eos if isinstance(eos, list) else [eos if eos is not None else self.tokenizer.eos_token_id]
         self._eos_ids = {int(i) for i in ids if i is not None}
+        config = self.model.config.to_dict()
+        self.shape = ModelShape.from_config(config)
+        self.policy = LogitsPolicy.from_folder(self.path, config)
+        self._kv_itemsize = torch.empty((), dtype=_DTYPES[dtype]).element_size()
 
     def format_chat(self, messages: Sequence[ChatMessage], prefill: str = "") -> str:
         rendered = self.tokenizer.apply_chat_template(
@@ -140,6 +145,34 @@ class TransformersRuntime:
             results.append(GenerationResult(text=text, token_count=length, mean_logprob=min(0.0, mean)))
         return results
 
+    # --- SteppingRuntime: continuous batching through our own KV-cache loop -----------------
+
+    def new_batch(self) -> StepBatch:
+        return StepBatch(self._forward, self.shape, self.policy,
+                         lambda text: list(self.tokenizer(text, add_special_tokens=False)["input_ids"]),
+                         lambda ids: str(self.tokenizer.decode(ids, skip_special_tokens=True)))
+
+    def kv_cache_bytes(self, request: GenerationRequest) -> int:
+        tokens = len(request.prompt) // 3 + request.max_new_tokens  # ~3.5 characters per token
+        return tokens * self.shape.kv_bytes_per_token(self._kv_itemsize)
+
+    @torch.inference_mode()
+    def _forward(self, input_ids: IntArray, attention_mask: IntArray, position_ids: IntArray,
+                 past: list[FloatArray]) -> tuple[FloatArray, list[FloatArray]]:
+        from transformers import DynamicCache
+
+        dev, dtype = self.device, self.model.dtype
+        cache = DynamicCache(config=self.model.config)
+        for i in range(self.shape.layers):
+            key, value = (torch.from_numpy(past[2 * i + j]).to(dev, dtype) for j in (0, 1))
+            cache.update(key, value, i)
+        out = self.model(input_ids=torch.from_numpy(input_ids).to(dev),
+                         attention_mask=torch.from_numpy(attention_mask).to(dev),
+                         position_ids=torch.from_numpy(position_ids).to(dev),
+                         cache=cache, use_cache=True, logits_to_keep=1)
+        present = [t.float().cpu().numpy() for layer in _cache_of(out).layers for t in (layer.keys, layer.values)]
+        return out.logits[:, -1].float().cpu().numpy(), present
+
     @torch.inference_mode()
     def score(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[float]:
         """Mean log-probability of each continuation given its prompt, in one batched prefill."""
@@ -171,3 +204,9 @@ class TransformersRuntime:
     def close(self) -> None:
         # Weights may be shared with other nodes in this process; drop our references only.
         del self.model
+
+
+def _cache_of(output: Any) -> Any:
+    # transformers 5 renamed `past_key_values` to `cache` (the old name is deprecated).
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values

@@ -1,0 +1,135 @@
+"""Continuous batching in EdgeNode over a real (embedded) broker with the tiny model: tasks that
+arrive mid-batch start before the running sequences finish, and batches respect the bounds."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from pice_edge.node import EdgeNode
+from pice_edge.prompts import expansion_messages
+from pice_edge.protocol import CANDIDATES_FILTER, Candidate, ExpandTask, decode, edge_tasks_topic, encode
+from pice_edge.runtimes.base import GenerationRequest
+from pice_edge.runtimes.transformers import TransformersRuntime
+from pice_edge.transport import BrokerSettings, MqttTransport
+
+SKETCH = ["Set clear goals", "Plan the day", "Take short breaks", "Sleep well"]
+
+
+def _task(request_id: str, point: int, tokens: int) -> ExpandTask:
+    return ExpandTask(request_id=request_id, point_index=point, question="How can I manage my time?", sketch=SKETCH,
+                      max_new_tokens=tokens, deadline=time.time() + 120)
+
+
+async def _wait(predicate: object, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.005)
+
+
+async def _cloud(url: str, got: list[Candidate]) -> MqttTransport:
+    cloud = MqttTransport(BrokerSettings(url=url), client_id="cb-cloud")
+    cloud.subscribe(CANDIDATES_FILTER, lambda m: got.append(decode(Candidate, m.payload)))
+    await cloud.connect()
+    return cloud
+
+
+def _publish(cloud: MqttTransport, task: ExpandTask) -> None:
+    cloud.publish(edge_tasks_topic("cb-edge"), encode(task))
+
+
+async def test_task_arriving_mid_batch_starts_before_the_batch_finishes(embedded_broker: str,
+                                                                         tiny_model: Path) -> None:
+    runtime = TransformersRuntime(tiny_model, threads=1)
+    node = EdgeNode(runtime, device_id="cb-edge", broker=BrokerSettings(url=embedded_broker), max_batch=4)
+    got: list[Candidate] = []
+    await node.start()
+    cloud = await _cloud(embedded_broker, got)
+    try:
+        # The tiny model never emits end-of-turn: these run their whole (long) budget.
+        _publish(cloud, _task("long", 0, 150))
+        _publish(cloud, _task("long", 1, 150))
+        await _wait(lambda: node.stats.steps >= 5)
+        assert not got
+        _publish(cloud, _task("short", 2, 4))
+        await _wait(lambda: len(got) == 3)
+    finally:
+        await cloud.close()
+        await node.stop()
+    # The late short task joined the running batch and finished first.
+    assert [(c.request_id, c.token_count) for c in got] == [("short", 4), ("long", 150), ("long", 150)]
+    # (the second long task may itself have joined the first if it came after the gathering window)
+    assert node.stats.tasks_joined_running >= 1
+    assert node.stats.peak_batch == 3
+
+
+@pytest.mark.parametrize(("max_batch", "room", "peak"), [(3, 2.5, 2), (3, None, 3)])
+async def test_batch_never_exceeds_max_batch_or_memory_budget(embedded_broker: str, tiny_model: Path, max_batch: int,
+                                                              room: float | None, peak: int) -> None:
+    runtime = TransformersRuntime(tiny_model, threads=1)
+    longest = _task("m", 3, 30)
+    one = runtime.kv_cache_bytes(GenerationRequest(
+        prompt=runtime.format_chat(expansion_messages(longest.question, SKETCH, 3)), max_new_tokens=30))
+    # ``room`` sequences' worth of KV cache (None: only max_batch bounds the batch).
+    budget_mb = room * one / 2**20 if room else None
+    node = EdgeNode(runtime, device_id="cb-edge", broker=BrokerSettings(url=embedded_broker), max_batch=max_batch,
+                    memory_budget_mb=budget_mb)
+    got: list[Candidate] = []
+    await node.start()
+    cloud = await _cloud(embedded_broker, got)
+    try:
+        for i in range(5):
+            _publish(cloud, _task(f"m{i // 4}", i % 4, 30))
+        await _wait(lambda: len(got) == 5)
+    finally:
+        await cloud.close()
+        await node.stop()
+    assert sorted((c.request_id, c.point_index) for c in got) == [("m0", 0), ("m0", 1), ("m0", 2), ("m0", 3), ("m1", 0)]
+    assert all(c.token_count == 30 for c in got)
+    assert node.stats.peak_batch == peak
+    assert max(node.stats.batch_sizes) == peak
+
+
+@pytest.mark.parametrize("max_batch", [1, 2])
+async def test_plain_runtime_batches_are_bounded(embedded_broker: str, tiny_model: Path, max_batch: int) -> None:
+    class Plain:
+        """A runtime with only `generate` (no step-level interface): batch-by-batch path."""
+
+        name = "plain"
+        model_id = "plain"
+
+        def __init__(self) -> None:
+            self.inner = TransformersRuntime(tiny_model, threads=1)
+            self.sizes: list[int] = []
+
+        def format_chat(self, messages: object, prefill: str = "") -> str:
+            return self.inner.format_chat(messages, prefill)  # type: ignore[arg-type]
+
+        def generate(self, requests: list[GenerationRequest]) -> object:
+            self.sizes.append(len(requests))
+            return self.inner.generate(requests)
+
+        def close(self) -> None:
+            pass
+
+    runtime = Plain()
+    node = EdgeNode(runtime, device_id="cb-edge", broker=BrokerSettings(url=embedded_broker),  # type: ignore[arg-type]
+                    max_batch=max_batch)
+    got: list[Candidate] = []
+    await node.start()
+    cloud = await _cloud(embedded_broker, got)
+    try:
+        for i in range(3):
+            _publish(cloud, _task("p", i, 6))
+        await _wait(lambda: len(got) == 3)
+    finally:
+        await cloud.close()
+        await node.stop()
+    assert sum(runtime.sizes) == 3
+    assert max(runtime.sizes) <= max_batch
+    assert node.stats.peak_batch == max(runtime.sizes)
+
