@@ -43,6 +43,12 @@ def _parser() -> argparse.ArgumentParser:
                      help="torch threads per model worker (cloud and each local edge run in parallel)")
     ask.add_argument("--wait-edges", type=float, default=3.0,
                      help="seconds to wait for edges to register (external broker)")
+    ask.add_argument("--router", choices=("embedding", "heuristic", "off"), default="embedding",
+                     help="mode router for --mode auto (embedding needs `pice-edge models fetch all-minilm-l6-v2`; "
+                          "without it the keyword heuristic is used)")
+    ask.add_argument("--ensemble-width", type=int, default=1, help="edges expanding each point (free slots allowing)")
+    ask.add_argument("--selector", choices=("learned", "confidence"), default="learned",
+                     help="how one of several expansions of a point is chosen")
     ask.add_argument("--json", action="store_true", help="print the answer and its statistics as JSON")
 
     from pice_cloud import fleet_cli
@@ -57,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _ask(args: argparse.Namespace) -> int:
+    from pice_cloud.assembly import build_router, build_selector
     from pice_cloud.llm.transformers import TransformersBackend
     from pice_cloud.local import local_system
     from pice_cloud.scheduler import Budget
@@ -65,10 +72,15 @@ async def _ask(args: argparse.Namespace) -> int:
 
     edges = args.edges if args.edges is not None else (0 if args.broker else 2)
     llm = TransformersBackend(args.model, threads=args.threads)
-    settings = ServiceSettings(budget=Budget(max_points=args.max_points, tokens_per_point=args.tokens_per_point))
+    settings = ServiceSettings(budget=Budget(max_points=args.max_points, tokens_per_point=args.tokens_per_point),
+                               ensemble_width=args.ensemble_width)
+    router = build_router(args.router) if args.mode == "auto" else None
     out = sys.stdout
     async with local_system(llm, broker_url=args.broker, edges=edges, edge_model=args.edge_model or args.model,
-                            edge_threads=args.threads, settings=settings, wait_edges_s=args.wait_edges) as system:
+                            edge_threads=args.threads, settings=settings, wait_edges_s=args.wait_edges,
+                            router=router) as system:
+        if args.ensemble_width > 1:
+            system.service.selector = build_selector(args.selector, llm)
         if args.broker and not edges:
             await system.service.fleet.wait_for(1, args.wait_edges)
         live = [e.device_id for e in system.service.fleet.live()]

@@ -18,7 +18,8 @@ def run(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> 
 
 
 def test_ask_single_host_prints_sketch_then_answer(tiny_model: Path) -> None:
-    proc = run("pice_cloud.cli", "ask", "How do I learn to cook?", "--model", str(tiny_model),
+    # The keyword router (deterministic, no MiniLM needed) sends this generic question progressive.
+    proc = run("pice_cloud.cli", "ask", "How do I learn to cook?", "--model", str(tiny_model), "--router", "heuristic",
                "--max-points", "3", "--tokens-per-point", "8", "--log-level", "warning")
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
@@ -33,12 +34,21 @@ def test_ask_single_host_prints_sketch_then_answer(tiny_model: Path) -> None:
 @pytest.mark.mosquitto
 def test_ask_json_over_external_broker_with_local_edges(mosquitto: Mosquitto, tiny_model: Path) -> None:
     proc = run("pice_cloud.cli", "ask", "Why sleep?", "--model", str(tiny_model), "--broker", mosquitto.url,
-               "--edges", "1", "--max-points", "2", "--tokens-per-point", "8", "--json")
+               "--edges", "1", "--max-points", "2", "--tokens-per-point", "8", "--json", "--mode", "progressive")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["stats"]["mode"] == "progressive"
     assert result["stats"]["points_edge"] >= 1
     assert result["answer"].startswith("1. **")
+
+
+def test_router_sends_a_coding_question_cloud_only(tiny_model: Path) -> None:
+    proc = run("pice_cloud.cli", "ask", "Write a Python function that reverses a list.", "--model", str(tiny_model),
+               "--router", "heuristic", "--json")
+    assert proc.returncode == 0, proc.stderr
+    stats = json.loads(proc.stdout)["stats"]
+    assert stats["mode"] == "cloud"
+    assert stats["points_edge"] == 0
 
 
 def test_missing_model_is_a_clear_error(tmp_path: Path) -> None:
