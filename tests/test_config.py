@@ -79,7 +79,8 @@ def test_unknown_field_names_file_field_and_the_expected_ones(tmp_path: Path) ->
 
 
 def test_unknown_section(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"serverr: unknown field \(expected one of: broker, cloud_id, edges"):
+    expected = r"serverr: unknown field \(expected one of: broker, cloud_id, discovery, edges"
+    with pytest.raises(ConfigError, match=expected):
         load_config(write(tmp_path, "serverr:\n  port: 1\n"))
 
 
