@@ -53,6 +53,8 @@ class ServerConfig(BaseModel):
     max_tokens_limit: int = Field(default=4096, ge=1, le=1_000_000,
                                   description="largest max_tokens a request may ask for (more: 400)")
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024, le=256 * 1024 * 1024)
+    body_timeout_s: float = Field(default=10.0, gt=0, le=600,
+                                  description="a request body not received in full by then gets 408 (slow clients)")
     shutdown_timeout_s: float = Field(default=30.0, ge=0, le=3600,
                                       description="on SIGTERM, how long in-flight requests may still run")
     api_key: SecretStr | None = Field(default=None, description="require 'Authorization: Bearer KEY' when set")

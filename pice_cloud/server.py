@@ -470,11 +470,20 @@ async def _parse(request: Request, state: ApiState) -> ChatCompletionRequest:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise APIError(413, f"request body over {limit} bytes", code="request_too_large")
-    body = bytearray()
-    async for part in request.stream():
-        body += part
-        if len(body) > limit:
-            raise APIError(413, f"request body over {limit} bytes", code="request_too_large")
+    async def read() -> bytes:
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > limit:
+                raise APIError(413, f"request body over {limit} bytes", code="request_too_large")
+        return bytes(body)
+
+    # A client that trickles its body (slow-loris) must not hold a connection and a task forever.
+    wait = state.config.server.body_timeout_s
+    try:
+        body = await asyncio.wait_for(read(), timeout=wait)
+    except asyncio.TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {wait:g}s", code="request_timeout") from None
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:

@@ -447,3 +447,23 @@ async def _assert_cloud_offline(url: str) -> None:
     status = decode(CloudStatus, message.payload)
     assert status.online is False
     assert status.api_url.startswith("http://127.0.0.1:")
+
+
+@pytest.mark.mosquitto
+async def test_slow_body_gets_408_and_the_server_keeps_serving(mosquitto: Mosquitto, tiny_model: Path) -> None:
+    async with serving(tiny_model, mosquitto.url, edges=0, overrides={"server": {"body_timeout_s": 1.0}}) as api:
+        host, port = api.url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 500\r\n\r\n{\"model\": \"pice\", ")
+        await writer.drain()
+        started = time.monotonic()
+        head = await asyncio.wait_for(reader.read(4096), timeout=10)
+        assert time.monotonic() - started < 5
+        assert head.startswith(b"HTTP/1.1 408")
+        assert b"request_timeout" in head or b"request_timeout" in await reader.read(4096)
+        writer.close()
+        # A well-behaved client right after is served.
+        reply = await api.client().chat.completions.create(
+            model="pice", messages=[{"role": "user", "content": "Hi?"}], extra_body={"pice": {"mode": "cloud"}})
+        assert reply.choices[0].message.content is not None
