@@ -43,7 +43,16 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data" / "vicuna_bench"
+#: Vicuna-bench questions and GPT-4o answers: $PICE_DATA_DIR/vicuna_bench, else the shared data
+#: folder beside the checkout.
+DATA = Path(os.environ.get("PICE_DATA_DIR", ROOT.parent / "shared" / "data")) / "vicuna_bench"
+#: Used by --quick when the data folder is absent (a clean CI clone): the tool still runs end to
+#: end; quality is then not computed (no references).
+BUILTIN_QUESTIONS = [
+    {"id": 1, "category": "generic", "question": "How can I improve my time management skills?", "reference": ""},
+    {"id": 2, "category": "generic", "question": "What are the most effective ways to deal with stress?",
+     "reference": ""},
+]
 MODES = {"cloud": "cloud", "sot": "sot", "pice": "progressive", "pice-router": "auto"}
 
 
@@ -255,7 +264,13 @@ async def run_phase(system: System, mode: str, rate: float, questions: list[dict
     return phase
 
 
-def load_questions(n: int, include_code: bool) -> list[dict[str, Any]]:
+def load_questions(n: int, include_code: bool, *, allow_builtin: bool = False) -> list[dict[str, Any]]:
+    if not (DATA / "question.jsonl").is_file():
+        if allow_builtin:
+            print(f"[bench] {DATA} not found; using {len(BUILTIN_QUESTIONS)} built-in questions", file=sys.stderr)
+            return BUILTIN_QUESTIONS[:n]
+        raise SystemExit(f"bench: {DATA}/question.jsonl not found; set PICE_DATA_DIR to the folder holding "
+                         "vicuna_bench/")
     qs = [json.loads(line) for line in (DATA / "question.jsonl").read_text().splitlines() if line.strip()]
     refs = {}
     for line in (DATA / "model_answer_gpt-4o.jsonl").read_text().splitlines():
@@ -273,6 +288,8 @@ def load_questions(n: int, include_code: bool) -> list[dict[str, Any]]:
 def quality(phases: list[Phase], questions: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     refs = {q["id"]: q["reference"] for q in questions}
     out: dict[str, dict[str, float]] = {}
+    if not all(refs.values()):
+        return out  # built-in questions carry no reference answers
     try:
         from pice_cloud.embeddings import Embedder
 
@@ -371,7 +388,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 async def amain(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm import tqdm
 
-    questions = load_questions(args.questions, include_code=args.include_code)
+    questions = load_questions(args.questions, include_code=args.include_code, allow_builtin=args.quick)
     modes = args.modes
     total = len(modes) * (len(questions) + len(args.rates) * args.requests_per_rate)
     workdir = Path(tempfile.mkdtemp(prefix="pice-bench-"))
