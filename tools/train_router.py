@@ -34,6 +34,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from vicuna import DATA_DIR  # noqa: E402  (this folder is on sys.path when run as a script)
+
 from pice_cloud.router import (  # noqa: E402  (the repo root must be on sys.path first)
     WEIGHTS_FORMAT,
     HeuristicRouter,
@@ -41,7 +43,7 @@ from pice_cloud.router import (  # noqa: E402  (the repo root must be on sys.pat
     read_labels,
 )
 
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "sot_router"
+DEFAULT_DATA = DATA_DIR / "sot_router"
 C_GRID = [0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0]
 SEED = 0
 log = logging.getLogger("train_router")
