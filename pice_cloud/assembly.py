@@ -31,11 +31,13 @@ def build_router(kind: RouterKind) -> ModeRouter | None:
     return EmbeddingRouter.load()
 
 
-def build_selector(kind: SelectorKind, llm: LLMBackend) -> Selector:
+def build_selector(kind: SelectorKind, llm: LLMBackend, ensemble_width: int) -> Selector:
     """The ensemble selector. ``learned`` uses the fitted weights with the cloud LLM as scorer
     (when the backend can score) and MiniLM for the similarity features (when fetched); a
-    feature whose part is missing contributes nothing, so selection still works."""
-    if kind == "confidence":
+    feature whose part is missing contributes nothing, so selection still works.
+
+    With ``ensemble_width`` 1 no point ever has two candidates: nothing is loaded."""
+    if kind == "confidence" or ensemble_width <= 1:
         return ConfidenceSelector()
     scorer: LikelihoodScorer | None = llm if callable(getattr(llm, "score", None)) else None  # type: ignore[assignment]
     embedder = None

@@ -79,8 +79,7 @@ async def _ask(args: argparse.Namespace) -> int:
     async with local_system(llm, broker_url=args.broker, edges=edges, edge_model=args.edge_model or args.model,
                             edge_threads=args.threads, settings=settings, wait_edges_s=args.wait_edges,
                             router=router) as system:
-        if args.ensemble_width > 1:
-            system.service.selector = build_selector(args.selector, llm)
+        system.service.selector = build_selector(args.selector, llm, args.ensemble_width)
         if args.broker and not edges:
             await system.service.fleet.wait_for(1, args.wait_edges)
         live = [e.device_id for e in system.service.fleet.live()]

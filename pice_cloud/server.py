@@ -635,7 +635,8 @@ async def serve(config: CloudConfig, *, on_ready: Callable[[str], None] | None =
     try:
         llm = create_backend(config.llm.kind, model=config.llm.model, **_llm_options(config))
         router = await asyncio.to_thread(build_router, config.service.router)
-        selector = await asyncio.to_thread(build_selector, config.service.selector, llm)
+        selector = await asyncio.to_thread(build_selector, config.service.selector, llm,
+                                           config.service.ensemble_width)
         async with local_system(
             llm, broker_settings=config.broker, edges=config.local_edges, edge_model=config.edge_model,
             edge_runtime=config.edges.runtime, edge_threads=config.edges.threads, max_batch=config.edges.max_batch,

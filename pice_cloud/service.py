@@ -282,9 +282,10 @@ class PiceService:
             missing: list[int] = []
             to_choose: list[PointState] = []
             for state, when in zip(pending.points, due, strict=True):
-                # Edges that went offline (last will) will not answer: no need to wait for the deadline.
-                abandoned = all(self.fleet.get(d) is None for d in state.expected - state.received.keys())
-                if state.settled or not (not state.expected or now >= when or state.ready or abandoned):
+                # A point is due at its deadline, or once none of the edges it still waits for is
+                # live (all answered, none was assigned, or the rest went offline: a last will).
+                waiting = any(self.fleet.get(d) is not None for d in state.expected - state.received.keys())
+                if state.settled or (waiting and now < when):
                     continue
                 # Take what arrived in time before giving up on the edges.
                 usable = state.usable()
