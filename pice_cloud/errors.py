@@ -6,7 +6,9 @@ Tree::
     └── CloudError
         ├── SketchError        the LLM produced nothing usable as a sketch
         ├── ServiceUnavailable the service cannot take the request now (overload, shutdown)
-        └── BackendError       an LLM backend failed (HTTP error, missing extra, ...)
+        ├── BackendError       an LLM backend failed (HTTP error, missing extra, ...)
+        └── FinetuneError      `pice-cloud finetune` cannot go on (training, checkpoints)
+            └── DataError      a training data file is malformed; the message names the line
 """
 
 from __future__ import annotations
@@ -30,10 +32,25 @@ class BackendError(CloudError):
     """An LLM backend failed or is not installed."""
 
 
+class FinetuneError(CloudError):
+    """Fine-tuning cannot go on: no usable example, a checkpoint that does not match, ..."""
+
+
+class DataError(FinetuneError):
+    """A line of a training data file is malformed; the message names the file and the line."""
+
+    def __init__(self, message: str, *, line: int | None = None) -> None:
+        super().__init__(message)
+        #: 1-based line number of the offending record (None for file-level problems).
+        self.line = line
+
+
 __all__ = [
     "BackendError",
     "CloudError",
     "ConfigError",
+    "DataError",
+    "FinetuneError",
     "ModelError",
     "ModelNotFoundError",
     "PiceError",

@@ -1,0 +1,440 @@
+"""LoRA training of an expander or a sketcher, with checkpoints, a report and a loss plot.
+
+One run: prepare the role's examples (`pice_cloud.finetune.data`) with the base model's own chat
+template and tokenizer, wrap the base model in a peft LoRA adapter, train for ``steps``
+optimizer steps of ``batch_size`` examples (gradient accumulation over micro-batches), then
+merge the adapter into the weights and install the result in the model store
+(`pice_cloud.finetune.merge`).
+
+- The loss is the cross-entropy of the **target tokens only** (the point's expansion, or the
+  outline after the ``"1."`` pre-fill, each closed by the end-of-turn token so the model learns
+  to stop); prompt tokens are context, not targets.
+- Prompt and target are tokenized separately, as at serving: the runtime tokenizes the prompt
+  and the model generates from there, so a token spanning the boundary never occurs.
+- Fixed seed: the example order is a seeded permutation per epoch and every random state
+  (Python, torch) is in the checkpoint, so ``--resume`` continues the same run.
+- Checkpoints (adapter weights, optimizer, schedule, random states, loss curve) are written
+  every ``checkpoint_every`` steps, atomically, keeping the last ``keep_checkpoints``; an
+  interrupted run (Ctrl-C) writes one before it stops.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import random
+import resource
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pice_cloud.errors import FinetuneError
+from pice_cloud.finetune.config import FinetuneConfig
+from pice_cloud.finetune.data import Example, Prepared, prepare
+from pice_edge.model_store import installed_path, resolve, sha256_file
+from pice_edge.runtimes.base import ChatMessage
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # label of prompt and padding tokens (torch's cross-entropy ignore_index)
+_CHECKPOINT = "checkpoint-{step:06d}.pt"
+DATA_NOTE = ("Trained on the data named in 'data'. For ../shared/data/alpaca_eval (AlpacaEval, GPT-4-Turbo "
+             "answers): CC BY-NC 4.0, train and measure only, never ship the weights.")
+
+
+@dataclass
+class TrainResult:
+    """What a run produced."""
+
+    report: dict[str, Any]
+    report_path: Path
+    model_path: Path | None
+
+
+def render_prompt(tokenizer: Any, messages: Sequence[ChatMessage], prefill: str = "") -> str:
+    """The prompt exactly as the runtimes build it (``TransformersRuntime.format_chat``): the
+    tokenizer's chat template with the generation prompt, then the assistant pre-fill."""
+    rendered = tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in messages],
+                                             tokenize=False, add_generation_prompt=True)
+    return str(rendered) + prefill
+
+
+def _imports() -> tuple[Any, Any, Any]:
+    try:
+        import peft
+        import torch
+        import transformers
+    except ImportError as exc:
+        raise FinetuneError(f"fine-tuning needs torch, transformers and peft: pip install 'pice[finetune]' "
+                            f"({exc.name} is missing)") from exc
+    return torch, transformers, peft
+
+
+def eos_id(model: Any, tokenizer: Any) -> int:
+    """The token that ends an assistant turn: the first of the generation config's EOS ids."""
+    eos = model.generation_config.eos_token_id
+    if isinstance(eos, list):
+        eos = eos[0] if eos else None
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        raise FinetuneError("the base model defines no end-of-sequence token; it cannot learn where to stop")
+    return int(eos)
+
+
+def encode(example: Example, tokenizer: Any, eos: int) -> tuple[list[int], list[int]]:
+    """(input ids, labels) of one example; labels are ``IGNORE_INDEX`` on the prompt."""
+    prompt = tokenizer(render_prompt(tokenizer, example.messages, example.prefill),
+                       add_special_tokens=False)["input_ids"]
+    target = [*tokenizer(example.target, add_special_tokens=False)["input_ids"], eos]
+    return [*prompt, *target], [IGNORE_INDEX] * len(prompt) + target
+
+
+def _pad(rows: Sequence[tuple[list[int], list[int]]], pad_id: int, torch: Any) -> dict[str, Any]:
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (row_ids, row_labels) in enumerate(rows):
+        ids[i, : len(row_ids)] = torch.tensor(row_ids)
+        labels[i, : len(row_labels)] = torch.tensor(row_labels)
+        mask[i, : len(row_ids)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _token_loss_sum(model: Any, batch: dict[str, Any], torch: Any) -> tuple[Any, int]:
+    """(sum of target-token cross-entropies, number of target tokens) of one padded batch."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    shifted = logits[:, :-1].float()
+    targets = batch["labels"][:, 1:]
+    loss = torch.nn.functional.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1),
+                                             ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, int((targets != IGNORE_INDEX).sum())
+
+
+class _Order:
+    """Which examples make up each step: a seeded permutation per epoch (stable across resumes)."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n = n
+        self.seed = seed
+        self._perms: dict[int, list[int]] = {}
+
+    def batch(self, step: int, size: int) -> list[int]:
+        out = []
+        for pos in range(step * size, (step + 1) * size):
+            epoch, offset = divmod(pos, self.n)
+            if epoch not in self._perms:
+                self._perms = {epoch: random.Random(self.seed * 1_000_003 + epoch).sample(range(self.n), self.n)}
+            out.append(self._perms[epoch][offset])
+        return out
+
+
+def _fingerprint(cfg: FinetuneConfig, data_sha256: str) -> dict[str, Any]:
+    """What a checkpoint must agree on to be resumed (``steps`` may grow; output paths may move)."""
+    return {"role": cfg.role, "base": cfg.base, "data_sha256": data_sha256, "seed": cfg.seed,
+            "data_prep": cfg.data_prep.model_dump(mode="json"), "lora": cfg.lora.model_dump(mode="json"),
+            "optim": cfg.optim.model_dump(mode="json")}
+
+
+def _peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports KiB, macOS bytes.
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
+
+
+def _checkpoints(folder: Path) -> list[Path]:
+    return sorted(folder.glob("checkpoint-*.pt"))
+
+
+def _save_checkpoint(folder: Path, step: int, state: dict[str, Any], keep: int, torch: Any) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / _CHECKPOINT.format(step=step)
+    partial = path.with_suffix(".pt.partial")
+    torch.save(state, partial)
+    os.replace(partial, path)  # a crash mid-write leaves a .partial, never a truncated checkpoint
+    for old in _checkpoints(folder)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def _resume_state(folder: Path, fingerprint: dict[str, Any], torch: Any) -> dict[str, Any] | None:
+    found = _checkpoints(folder)
+    if not found:
+        log.warning("--resume: no checkpoint in %s; starting from step 0", folder)
+        return None
+    path = found[-1]
+    try:
+        state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise FinetuneError(f"cannot read checkpoint {path} ({exc}); delete it to resume from the one before") \
+            from exc
+    saved = state.get("fingerprint", {})
+    differ = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
+    if differ:
+        raise FinetuneError(f"checkpoint {path} was made with a different {', '.join(differ)}; resume with the same "
+                            f"settings, or start afresh without --resume (or with another --work-dir)")
+    log.info("resuming from %s (step %d)", path, state["step"])
+    return state
+
+
+def _select_device(cfg: FinetuneConfig, torch: Any) -> str:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise FinetuneError("device 'cuda' was asked for but torch sees no CUDA device")
+    return "cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+
+
+def _eval_loss(model: Any, rows: list[tuple[list[int], list[int]]], micro: int, pad_id: int, device: str,
+               torch: Any) -> float | None:
+    if not rows:
+        return None
+    total, tokens = 0.0, 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(rows), micro):
+            batch = {k: v.to(device) for k, v in _pad(rows[start:start + micro], pad_id, torch).items()}
+            loss, n = _token_loss_sum(model, batch, torch)
+            total += float(loss)
+            tokens += n
+    model.train(was_training)
+    return round(total / max(tokens, 1), 4)
+
+
+def prepare_for(cfg: FinetuneConfig) -> tuple[Prepared, Any]:
+    """The role's examples measured with the base model's tokenizer (and the tokenizer)."""
+    _torch, transformers, _peft = _imports()
+    base_path = resolve(cfg.base)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(base_path))
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def render(messages: Sequence[ChatMessage], prefill: str) -> str:
+        return render_prompt(tokenizer, messages, prefill)
+
+    return prepare(cfg.data, cfg.role, cfg.data_prep, seed=cfg.seed, render=render, count=count), tokenizer
+
+
+def finetune(cfg: FinetuneConfig, *, resume: bool = False, progress: bool = True,
+             on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+    """Train the LoRA adapter of ``cfg.role``, then (``cfg.store``) merge and install it.
+
+    Args:
+        cfg: the run's configuration.
+        resume: continue from the newest checkpoint in the work folder.
+        progress: show a progress bar (tqdm) with the loss on stderr.
+        on_step: called with (step, loss) after every optimizer step.
+
+    Raises:
+        DataError: malformed training data (the message names the line), or no usable example.
+        FinetuneError: missing libraries, an incompatible checkpoint, no LoRA target in the model.
+        ModelError: the base model is missing, or the result cannot be installed.
+    """
+    torch, transformers, peft = _imports()
+    started = time.perf_counter()
+    name = cfg.model_name
+    if cfg.store and installed_path(name) is not None and not cfg.replace:
+        # Fail before an hour of training, not after.
+        raise FinetuneError(f"model {name!r} is already installed; pass --replace to overwrite it or --name")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    device = _select_device(cfg, torch)
+    base_path = resolve(cfg.base)
+
+    prepared, tokenizer = prepare_for(cfg)
+    log.info("data: %s", json.dumps(prepared.counts))
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32)
+    eos = eos_id(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    train_rows = [encode(ex, tokenizer, eos) for ex in prepared.train]
+    eval_pool = list(prepared.heldout)
+    random.Random(cfg.seed).shuffle(eval_pool)
+    eval_rows = [encode(ex, tokenizer, eos) for ex in eval_pool[: cfg.eval_examples]]
+
+    present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    targets = [t for t in cfg.lora.target_modules if t in present]
+    if not targets:
+        raise FinetuneError(f"none of lora.target_modules {cfg.lora.target_modules} is a module of {cfg.base}")
+    model.config.use_cache = False  # no KV cache while training (it only costs memory)
+    lora = peft.LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                           target_modules=targets, task_type="CAUSAL_LM", bias="none")
+    with warnings.catch_warnings():
+        # peft calls transformers' deprecated `is_gradient_checkpointing`; not ours to fix.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model = peft.get_peft_model(model, lora).to(device)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total_params = sum(p.numel() for p in model.parameters())
+
+    opt = cfg.optim
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=opt.lr,
+                                  weight_decay=opt.weight_decay)
+
+    def schedule(step: int) -> float:
+        # Linear warm-up, then linear decay to 10% of the peak rate at the last step.
+        if step < opt.warmup_steps:
+            return (step + 1) / (opt.warmup_steps + 1)
+        span = max(1, cfg.steps - opt.warmup_steps)
+        return max(0.1, 1.0 - 0.9 * (step - opt.warmup_steps) / span)
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    fingerprint = _fingerprint(cfg, sha256_file(cfg.data))
+    work = cfg.work_path
+    losses: list[float] = []
+    start_step = 0
+    elapsed_before = 0.0
+    eval_before = None
+    state = _resume_state(work, fingerprint, torch) if resume else None
+    if state is not None:
+        peft.set_peft_model_state_dict(model, state["adapter"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        random.setstate(state["python_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        losses = list(state["losses"])
+        start_step = int(state["step"])
+        elapsed_before = float(state.get("train_s", 0.0))
+        eval_before = state.get("eval_loss_before")
+    else:
+        eval_before = _eval_loss(model, eval_rows, opt.micro_batch_size, pad_id, device, torch)
+
+    order = _Order(len(train_rows), cfg.seed)
+    train_started = time.perf_counter()
+
+    def checkpoint(step: int) -> Path:
+        return _save_checkpoint(work, step, {
+            "step": step, "fingerprint": fingerprint, "adapter": peft.get_peft_model_state_dict(model),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "python_rng": random.getstate(), "torch_rng": torch.get_rng_state(), "losses": losses,
+            "train_s": elapsed_before + time.perf_counter() - train_started, "eval_loss_before": eval_before,
+        }, cfg.keep_checkpoints, torch)
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm  # type: ignore[import-untyped]
+
+        bar = tqdm(total=cfg.steps, initial=start_step, desc=f"finetune {cfg.role}", unit="step", dynamic_ncols=True)
+    model.train()
+    step = start_step
+    try:
+        while step < cfg.steps:
+            indices = order.batch(step, opt.batch_size)
+            rows = [train_rows[i] for i in indices]
+            tokens = sum(sum(1 for x in labels[1:] if x != IGNORE_INDEX) for _, labels in rows)
+            step_loss = 0.0
+            for start in range(0, len(rows), opt.micro_batch_size):
+                batch = {k: v.to(device) for k, v in
+                         _pad(rows[start:start + opt.micro_batch_size], pad_id, torch).items()}
+                loss_sum, _ = _token_loss_sum(model, batch, torch)
+                # Mean over the target tokens of the whole step, whatever the micro-batching.
+                (loss_sum / max(tokens, 1)).backward()
+                step_loss += loss_sum.item() / max(tokens, 1)
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], opt.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            losses.append(round(step_loss, 4))
+            if not math.isfinite(step_loss):
+                raise FinetuneError(f"the loss became {step_loss} at step {step}; lower optim.lr")
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
+            if on_step is not None:
+                on_step(step, step_loss)
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                checkpoint(step)
+    except KeyboardInterrupt:
+        if step > start_step:
+            path = checkpoint(step)
+            print(f"\ninterrupted at step {step}; checkpoint {path}; continue with --resume", file=sys.stderr)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    train_s = elapsed_before + time.perf_counter() - train_started
+    eval_after = _eval_loss(model, eval_rows, opt.micro_batch_size, pad_id, device, torch)
+
+    model_path = None
+    merge_s = 0.0
+    if cfg.store:
+        from pice_cloud.finetune.merge import merge_and_install
+
+        merge_started = time.perf_counter()
+        model_path = merge_and_install(model, tokenizer, cfg, work, meta={
+            "source": f"pice-cloud finetune --role {cfg.role} (base {cfg.base})", "base": cfg.base,
+            "role": cfg.role, "training_data": str(cfg.data), "training_data_sha256": fingerprint["data_sha256"],
+            "steps": cfg.steps, "lora": cfg.lora.model_dump(mode="json"), "data_note": DATA_NOTE,
+        })
+        merge_s = time.perf_counter() - merge_started
+
+    report: dict[str, Any] = {
+        "role": cfg.role, "base": cfg.base, "model": name if cfg.store else None,
+        "model_path": str(model_path) if model_path else None, "data": str(cfg.data), "data_note": DATA_NOTE,
+        "data_counts": prepared.counts,
+        "samples": [ex.as_json() for ex in prepared.train[:2]],
+        "steps": cfg.steps, "batch_size": opt.batch_size, "examples_seen": cfg.steps * opt.batch_size,
+        "epochs": round(cfg.steps * opt.batch_size / len(train_rows), 2),
+        "loss_curve": losses, "loss_first10_mean": _mean(losses[:10]), "loss_last10_mean": _mean(losses[-10:]),
+        "heldout_loss_before": eval_before, "heldout_loss_after": eval_after, "heldout_examples": len(eval_rows),
+        "trainable_parameters": trainable, "total_parameters": total_params,
+        "train_s": round(train_s, 1), "merge_install_s": round(merge_s, 1),
+        "wall_s": round(time.perf_counter() - started + elapsed_before, 1),
+        "resumed_from_step": start_step if resume else None,
+        "peak_rss_mb": _peak_rss_mb(),
+        "peak_cuda_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device == "cuda" else None,
+        "device": device, "threads": torch.get_num_threads(),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
+        "config": cfg.model_dump(mode="json"),
+    }
+    report_path = cfg.report_path
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    report_path.write_text(json.dumps(report, indent=2))
+    plot_loss(report, report_path.with_suffix(".png"))
+    return TrainResult(report, report_path, model_path)
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return round(sum(values) / len(values), 4) if values else None
+
+
+def plot_loss(report: dict[str, Any], path: Path) -> Path | None:
+    """The loss curve (per step and a moving average) with the held-out loss before and after."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed; no loss plot (pip install matplotlib)")
+        return None
+    losses = report["loss_curve"]
+    steps = list(range(1, len(losses) + 1))
+    window = max(1, len(losses) // 20)
+    smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1])
+              for i in range(len(losses))]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, losses, color="#9bb7d4", linewidth=1, label="training loss (step)")
+    ax.plot(steps, smooth, color="#1f4e79", linewidth=2, label=f"moving average ({window} steps)")
+    for key, style, label in (("heldout_loss_before", ":", "held-out, before"),
+                              ("heldout_loss_after", "--", "held-out, after")):
+        if report.get(key) is not None:
+            ax.axhline(report[key], color="#c0504d", linestyle=style, label=f"{label}: {report[key]:.3f}")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("target-token cross-entropy")
+    ax.set_title(f"LoRA {report['role']} on {report['base']} ({report['train_s']:.0f} s, {report['device']})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
