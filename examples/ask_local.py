@@ -11,24 +11,22 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from pice_cloud import AnswerEvent, PointEvent, SketchEvent, local_system
-from pice_cloud.llm.transformers import TransformersBackend
+from pice_cloud import AnswerEvent, PointEvent, SketchEvent, load_config, start_system
 
 
 async def main(question: str) -> None:
-    llm = TransformersBackend("smollm2-135m-instruct", threads=1)
-    try:
-        async with local_system(llm, edges=2, edge_threads=1) as system:
-            async for event in system.service.answer(question):
-                if isinstance(event, SketchEvent):
-                    print("Sketch:", "; ".join(event.points), flush=True)
-                elif isinstance(event, PointEvent):
-                    where = event.point.device_id or "cloud"
-                    print(f"\n{event.point.index + 1}. {event.heading} [{where}]\n{event.point.text}", flush=True)
-                elif isinstance(event, AnswerEvent):
-                    print(f"\n({event.stats.total_s:.1f}s, {event.stats.points_edge} points from edges)")
-    finally:
-        await llm.close()
+    # The defaults: SmolLM2 in the cloud, an embedded broker and two local edges. The same
+    # configuration file as `pice-cloud serve --config` can be passed to load_config.
+    config = load_config(None, {"discovery": {"enabled": False}})
+    async with start_system(config) as system:
+        async for event in system.service.answer(question, mode="progressive"):
+            if isinstance(event, SketchEvent):
+                print("Sketch:", "; ".join(event.points), flush=True)
+            elif isinstance(event, PointEvent):
+                where = event.point.device_id or "cloud"
+                print(f"\n{event.point.index + 1}. {event.heading} [{where}]\n{event.point.text}", flush=True)
+            elif isinstance(event, AnswerEvent):
+                print(f"\n({event.stats.total_s:.1f}s, {event.stats.points_edge} points from edges)")
 
 
 if __name__ == "__main__":

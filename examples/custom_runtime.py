@@ -77,7 +77,7 @@ async def main() -> None:
     cloud = MqttTransport(settings, client_id="example-cloud")
     sketch = ["Set clear goals", "Prioritize tasks", "Limit distractions"]
     got: asyncio.Queue[Candidate] = asyncio.Queue()
-    cloud.subscribe(CANDIDATES_FILTER, lambda m: got.put_nowait(decode(Candidate, m.payload)))
+    cloud.add_subscription(CANDIDATES_FILTER, lambda m: got.put_nowait(decode(Candidate, m.payload)))
     await node.start()
     await cloud.connect()
     try:

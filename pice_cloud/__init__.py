@@ -1,16 +1,16 @@
 """PICE cloud service: sketch with the cloud LLM, expand at the edge, assemble the answer."""
 
 from pice_cloud.aggregator import Aggregator, ChosenPoint
-from pice_cloud.config import CloudConfig, load_config
+from pice_cloud.bootstrap import System, start_system
+from pice_cloud.config import CloudConfig, ServiceConfig, load_config
 from pice_cloud.embeddings import Embedder
 from pice_cloud.ensemble import ConfidenceSelector, EnsembleWeights, LearnedSelector, Selector
 from pice_cloud.errors import CloudError
 from pice_cloud.fleet import Fleet
 from pice_cloud.llm.base import ChatRequest, Completion, LLMBackend
-from pice_cloud.local import LocalSystem, local_system
 from pice_cloud.router import EmbeddingRouter, HeuristicRouter, ModeRouter, Route
 from pice_cloud.scheduler import Budget, EdgeView, Placement, choose_mode, place
-from pice_cloud.service import AnswerEvent, AnswerStats, PiceService, PointEvent, ServiceSettings, SketchEvent
+from pice_cloud.service import AnswerEvent, AnswerStats, PiceService, PointEvent, SketchEvent
 from pice_cloud.sketch import parse_sketch
 
 __all__ = [
@@ -32,18 +32,18 @@ __all__ = [
     "HeuristicRouter",
     "LLMBackend",
     "LearnedSelector",
-    "LocalSystem",
     "ModeRouter",
     "PiceService",
     "Placement",
     "PointEvent",
     "Route",
     "Selector",
-    "ServiceSettings",
+    "ServiceConfig",
     "SketchEvent",
+    "System",
     "choose_mode",
     "load_config",
-    "local_system",
     "parse_sketch",
     "place",
+    "start_system",
 ]

@@ -14,6 +14,7 @@ import json
 import logging
 import sys
 from dataclasses import asdict
+from typing import Any
 
 from pice_edge.errors import PiceError
 from pice_edge.logs import log_level_option, setup_logging
@@ -29,25 +30,28 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     ask = sub.add_parser("ask", help="answer one question (single host by default)", parents=common)
     ask.add_argument("question")
+    ask.add_argument("--config", default=None, metavar="FILE",
+                     help="YAML configuration file (the same one `serve` reads); flags override it")
     ask.add_argument("--broker", default=None,
                      help="use this external broker (mqtt://host:port) and the edges registered there")
     ask.add_argument("--edges", type=int, default=None,
                      help="local edge nodes to start (default: 2, or 0 with --broker)")
-    ask.add_argument("--model", default="smollm2-135m-instruct", help="cloud LLM: model name or HF folder")
+    ask.add_argument("--model", default=None, help="cloud LLM: model name or HF folder (llm.model)")
     ask.add_argument("--edge-model", default=None, help="edge model (default: same as --model)")
     ask.add_argument("--mode", choices=("auto", "progressive", "cloud", "sot"), default="auto",
                      help="sot: sketch and expansion both in the cloud (Skeleton-of-Thought baseline)")
-    ask.add_argument("--max-points", type=int, default=6)
-    ask.add_argument("--tokens-per-point", type=int, default=80)
-    ask.add_argument("--threads", type=int, default=1,
+    ask.add_argument("--max-points", type=int, default=None, help="service.max_points")
+    ask.add_argument("--tokens-per-point", type=int, default=None, help="service.tokens_per_point")
+    ask.add_argument("--threads", type=int, default=None,
                      help="torch threads per model worker (cloud and each local edge run in parallel)")
-    ask.add_argument("--wait-edges", type=float, default=3.0,
-                     help="seconds to wait for edges to register (external broker)")
-    ask.add_argument("--router", choices=("embedding", "heuristic", "off"), default="embedding",
+    ask.add_argument("--wait-edges", type=float, default=None,
+                     help="seconds to wait for edges to register (edges.wait_s)")
+    ask.add_argument("--router", choices=("embedding", "heuristic", "off"), default=None,
                      help="mode router for --mode auto (embedding needs `pice-edge models fetch all-minilm-l6-v2`; "
                           "without it the keyword heuristic is used)")
-    ask.add_argument("--ensemble-width", type=int, default=1, help="edges expanding each point (free slots allowing)")
-    ask.add_argument("--selector", choices=("learned", "confidence"), default="learned",
+    ask.add_argument("--ensemble-width", type=int, default=None,
+                     help="edges expanding each point (free slots allowing)")
+    ask.add_argument("--selector", choices=("learned", "confidence"), default=None,
                      help="how one of several expansions of a point is chosen")
     ask.add_argument("--json", action="store_true", help="print the answer and its statistics as JSON")
 
@@ -62,26 +66,41 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _ask_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``ask`` flags that were given, nested like the configuration file."""
+    mapping = {
+        "broker": ("broker", "url"), "edges": ("edges", "local"), "model": ("llm", "model"),
+        "edge_model": ("edges", "model"), "max_points": ("service", "max_points"),
+        "tokens_per_point": ("service", "tokens_per_point"), "wait_edges": ("edges", "wait_s"),
+        "router": ("service", "router"), "ensemble_width": ("service", "ensemble_width"),
+        "selector": ("service", "selector"),
+    }
+    out: dict[str, Any] = {}
+    for flag, (section, key) in mapping.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            out.setdefault(section, {})[key] = value
+    if args.threads is not None:
+        out.setdefault("llm", {})["threads"] = args.threads
+        out.setdefault("edges", {})["threads"] = args.threads
+    if args.mode != "auto":
+        out.setdefault("service", {})["router"] = "off"  # no MiniLM load for a router that never runs
+    # One question from a terminal: nothing to advertise to the network.
+    out["discovery"] = {"enabled": False}
+    return out
+
+
 async def _ask(args: argparse.Namespace) -> int:
-    from pice_cloud.assembly import build_router, build_selector
-    from pice_cloud.llm.transformers import TransformersBackend
-    from pice_cloud.local import local_system
-    from pice_cloud.scheduler import Budget
-    from pice_cloud.service import AnswerEvent, PointEvent, ServiceSettings, SketchEvent
+    from pice_cloud.bootstrap import start_system
+    from pice_cloud.config import load_config
+    from pice_cloud.service import AnswerEvent, PointEvent, SketchEvent
     from pice_cloud.sketch import describe
 
-    edges = args.edges if args.edges is not None else (0 if args.broker else 2)
-    llm = TransformersBackend(args.model, threads=args.threads)
-    settings = ServiceSettings(budget=Budget(max_points=args.max_points, tokens_per_point=args.tokens_per_point),
-                               ensemble_width=args.ensemble_width)
-    router = build_router(args.router) if args.mode == "auto" else None
+    config = load_config(args.config, _ask_overrides(args))
     out = sys.stdout
-    async with local_system(llm, broker_url=args.broker, edges=edges, edge_model=args.edge_model or args.model,
-                            edge_threads=args.threads, settings=settings, wait_edges_s=args.wait_edges,
-                            router=router) as system:
-        system.service.selector = build_selector(args.selector, llm, args.ensemble_width)
-        if args.broker and not edges:
-            await system.service.fleet.wait_for(1, args.wait_edges)
+    async with start_system(config) as system:
+        if config.broker is not None and not config.local_edges:
+            await system.service.fleet.wait_for(1, config.edges.wait_s)
         live = [e.device_id for e in system.service.fleet.live()]
         if not args.json:
             print(f"[pice] broker {system.broker_url}; edges: {', '.join(live) or 'none'}", file=sys.stderr)
@@ -104,7 +123,6 @@ async def _ask(args: argparse.Namespace) -> int:
                       f"sketch={s.sketch_s:.2f}s points edge/cloud={s.points_edge}/{s.points_cloud} "
                       f"tokens edge/cloud={s.edge_tokens}/{s.cloud_tokens}", file=sys.stderr)
             out.flush()
-        await llm.close()
     return 0
 
 

@@ -23,16 +23,17 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
-from pice_cloud.scheduler import Budget
-from pice_cloud.service import ServiceSettings
+from pice_cloud import defaults
+from pice_cloud.defaults import DEFAULT_MODEL
 from pice_edge.errors import ConfigError
-from pice_edge.protocol import Sampling
+from pice_edge.protocol import FLEET_NAME_PATTERN, ID_PATTERN
 from pice_edge.transport import BrokerSettings
 
 ENV_PREFIX = "PICE_"
 ENV_DELIMITER = "__"
-DEFAULT_MODEL = "smollm2-135m-instruct"
 BackendKind = Literal["transformers", "openai", "tensorrt_llm"]
+RouterKind = Literal["embedding", "heuristic", "off"]
+SelectorKind = Literal["learned", "confidence"]
 
 
 class ServerConfig(BaseModel):
@@ -78,6 +79,8 @@ class LLMConfig(BaseModel):
     api_key: SecretStr | None = None
     timeout_s: float = Field(default=120.0, gt=0, le=3600)
     max_parallel: int = Field(default=8, ge=1, le=1024, description="concurrent HTTP requests (kind openai)")
+    max_batch: int = Field(default=defaults.CLOUD_MAX_BATCH, ge=1, le=4096,
+                           description="requests the engine batches together (the scheduler's load estimate)")
     continue_final_message: bool = Field(
         default=False,
         description="send pre-fills as a final assistant turn to continue (vLLM, SGLang); otherwise an "
@@ -99,12 +102,14 @@ class EdgesConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     local: int | None = Field(default=None, ge=0, le=64,
-                              description="in-process edge nodes (default: 2, or 0 with an external broker)")
+                              description=f"in-process edge nodes (default: {defaults.LOCAL_EDGES}, or 0 with an "
+                                          "external broker)")
     model: str | None = Field(default=None, description="their model (default: the cloud's local model)")
     runtime: str = "transformers"
     threads: int | None = Field(default=1, ge=1, le=1024)
-    max_batch: int = Field(default=4, ge=1, le=256)
-    wait_s: float = Field(default=5.0, ge=0, le=600, description="how long to wait for edges at start")
+    max_batch: int = Field(default=defaults.EDGE_MAX_BATCH, ge=1, le=256)
+    wait_s: float = Field(default=defaults.EDGE_WAIT_S, ge=0, le=600,
+                          description="how long to wait for edges at start")
 
 
 class DiscoveryConfig(BaseModel):
@@ -117,46 +122,36 @@ class DiscoveryConfig(BaseModel):
     interfaces: str = Field(
         default="auto", description="'auto' (loopback when server.host is loopback, else all), 'all', "
         "or comma-separated IP addresses")
-    fleet: str = Field(default="default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+    fleet: str = Field(default="default", pattern=FLEET_NAME_PATTERN,
                        description="fleet name edges join with --fleet")
 
 
 class ServiceConfig(BaseModel):
-    """The request path: sketch and expansion budgets, ensemble width, per-point deadlines."""
+    """The request path: sketch and expansion budgets, ensemble width, per-point deadlines.
+
+    `pice_cloud.service.PiceService` takes this model as it is: there is no second settings class.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    max_points: int = Field(default=6, ge=1, le=20)
-    max_words: int = Field(default=6, ge=2, le=30)
-    sketch_tokens: int = Field(default=64, ge=8, le=4096)
-    tokens_per_point: int = Field(default=80, ge=1, le=4096)
-    max_answer_tokens: int = Field(default=400, ge=1, le=1_000_000, description="longest cloud-only answer")
-    ensemble_width: int = Field(default=1, ge=1, le=16)
-    deadline_floor_s: float = Field(default=5.0, gt=0, le=3600)
-    deadline_factor: float = Field(default=3.0, gt=0, le=100)
-    deadline_cap_s: float = Field(default=60.0, gt=0, le=3600)
-    temperature: float = Field(default=0.0, ge=0.0, le=2.0, description="edge sampling (0: greedy)")
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    router: Literal["embedding", "heuristic", "off"] = Field(
+    max_points: int = Field(default=defaults.MAX_POINTS, ge=1, le=20)
+    max_words: int = Field(default=defaults.MAX_WORDS, ge=2, le=30)
+    sketch_tokens: int = Field(default=defaults.SKETCH_TOKENS, ge=8, le=4096)
+    tokens_per_point: int = Field(default=defaults.TOKENS_PER_POINT, ge=1, le=4096)
+    max_answer_tokens: int = Field(default=defaults.MAX_ANSWER_TOKENS, ge=1, le=1_000_000,
+                                   description="longest cloud-only answer")
+    ensemble_width: int = Field(default=defaults.ENSEMBLE_WIDTH, ge=1, le=16)
+    deadline_floor_s: float = Field(default=defaults.DEADLINE_FLOOR_S, gt=0, le=3600)
+    deadline_factor: float = Field(default=defaults.DEADLINE_FACTOR, gt=0, le=100)
+    deadline_cap_s: float = Field(default=defaults.DEADLINE_CAP_S, gt=0, le=3600)
+    temperature: float = Field(default=defaults.TEMPERATURE, ge=0.0, le=2.0, description="edge sampling (0: greedy)")
+    top_p: float = Field(default=defaults.TOP_P, gt=0.0, le=1.0)
+    router: RouterKind = Field(
         default="embedding", description="mode router for 'auto' requests (embedding falls back to heuristic "
         "when all-minilm-l6-v2 is not fetched)")
-    selector: Literal["learned", "confidence"] = Field(
+    selector: SelectorKind = Field(
         default="learned", description="how one of several candidates of a point is chosen (ensemble_width > 1)")
     adaptive_budget: bool = Field(default=True, description="shorten sketches and expansions under load")
-
-    def to_settings(self) -> ServiceSettings:
-        """The `ServiceSettings` these values describe."""
-        return ServiceSettings(
-            budget=Budget(max_points=self.max_points, max_words=self.max_words, sketch_tokens=self.sketch_tokens,
-                          tokens_per_point=self.tokens_per_point),
-            max_answer_tokens=self.max_answer_tokens,
-            ensemble_width=self.ensemble_width,
-            deadline_floor_s=self.deadline_floor_s,
-            deadline_factor=self.deadline_factor,
-            deadline_cap_s=self.deadline_cap_s,
-            sampling=Sampling(temperature=self.temperature, top_p=self.top_p),
-            adaptive_budget=self.adaptive_budget,
-        )
 
 
 # The YAML file's content for the settings class being built (a source between the
@@ -171,7 +166,7 @@ class CloudConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_DELIMITER, extra="forbid",
                                       nested_model_default_partial_update=True)
 
-    cloud_id: str = Field(default="cloud", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    cloud_id: str = Field(default="cloud", pattern=ID_PATTERN)
     server: ServerConfig = Field(default_factory=ServerConfig)
     broker: BrokerSettings | None = Field(default=None, description="external MQTT broker; omit for the "
                                                                     "embedded one on loopback")
@@ -197,7 +192,7 @@ class CloudConfig(BaseSettings):
         """In-process edges to start: explicit, else 2 on the embedded broker and 0 on an external one."""
         if self.edges.local is not None:
             return self.edges.local
-        return 2 if self.broker is None else 0
+        return defaults.LOCAL_EDGES if self.broker is None else 0
 
     @property
     def edge_model(self) -> str:

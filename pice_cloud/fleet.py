@@ -13,6 +13,11 @@ Two sources, two states:
   another broker. `Fleet.snapshot` lists it so that an operator sees it; the scheduler does not.
   Zeroconf records are cached for their TTL, so zeroconf alone never proves liveness.
 
+Dispatch accounting lives here too: `Fleet.task_sent`, `Fleet.candidate_received` and
+`Fleet.task_abandoned` keep each edge's outstanding work (fresher than its last reported queue)
+and measure the network's share of a task's round trip, which the scheduler reads through
+`Fleet.views`.
+
 An edge leaves the fleet on its last will (``online=False``) or a missed heartbeat; both also
 forget its zeroconf sighting, which comes back only with a new announcement (restart or TXT
 update). A zeroconf goodbye (clean shutdown) or record expiry forgets the sighting.
@@ -28,8 +33,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from pice_cloud import defaults
+from pice_cloud.scheduler import EdgeView
 from pice_edge.errors import ProtocolError
-from pice_edge.protocol import EdgeStatus, decode, is_valid_id, topic_level
+from pice_edge.protocol import Candidate, EdgeStatus, decode, is_valid_id, topic_level
 from pice_edge.rejects import Rejections
 from pice_edge.transport import Message
 
@@ -100,6 +107,8 @@ class Fleet:
         self._sightings: dict[str, _Sighting] = {}
         self._names: dict[str, str] = {}
         self._changed = asyncio.Event()
+        #: (request, point, device) -> time.monotonic() of dispatch, for link-delay estimates.
+        self._sent_at: dict[tuple[str, int, str], float] = {}
 
     def handle_status(self, message: Message) -> None:
         """Transport handler for ``pice/v1/edge/+/status``."""
@@ -204,6 +213,45 @@ class Fleet:
 
     def get(self, device_id: str) -> EdgeInfo | None:
         return self._edges.get(device_id)
+
+    def views(self) -> list[EdgeView]:
+        """The scheduler's snapshot of every live edge."""
+        return [
+            EdgeView(device_id=e.device_id, max_batch=e.status.max_batch, queue_depth=e.status.queue_depth,
+                     outstanding=e.outstanding, tokens_per_s=e.status.tokens_per_s, link_delay_s=e.link_delay_s)
+            for e in self.live()
+        ]
+
+    # --- dispatch accounting -------------------------------------------------------------------
+
+    def task_sent(self, request_id: str, point: int, device_id: str) -> None:
+        """A task went to ``device_id``: it counts against the edge until its candidate returns."""
+        info = self._edges.get(device_id)
+        if info is not None:
+            info.outstanding += 1
+        self._sent_at[(request_id, point, device_id)] = time.monotonic()
+
+    def candidate_received(self, candidate: Candidate) -> None:
+        """An accepted candidate: the task no longer counts, and its round trip minus the edge's
+        own time (queue + generation) is a sample of the link's delay."""
+        sent = self._sent_at.pop((candidate.request_id, candidate.point_index, candidate.device_id), None)
+        info = self._edges.get(candidate.device_id)
+        if info is None:
+            return
+        if info.outstanding > 0:
+            info.outstanding -= 1
+        if sent is not None:
+            delay = max(0.0, time.monotonic() - sent - candidate.latency_s)
+            w = defaults.LINK_DELAY_SAMPLE_WEIGHT
+            info.link_delay_s = delay if info.link_delay_s == 0 else (1 - w) * info.link_delay_s + w * delay
+
+    def task_abandoned(self, request_id: str, point: int, device_id: str, *, answered: bool) -> None:
+        """The request closed: forget the task; one that never came back (``answered`` False)
+        no longer counts against its edge."""
+        self._sent_at.pop((request_id, point, device_id), None)
+        info = self._edges.get(device_id)
+        if not answered and info is not None and info.outstanding > 0:
+            info.outstanding -= 1
 
     async def wait_for(self, count: int, timeout: float) -> bool:
         """Wait until at least ``count`` edges are live; False on timeout."""

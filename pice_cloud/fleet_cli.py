@@ -57,7 +57,9 @@ async def collect(broker_url: str | None, *, fleet_name: str = DEFAULT_FLEET, in
         assert broker_url is not None
         transport = MqttTransport(BrokerSettings(url=broker_url), client_id=f"pice-fleet-{uuid.uuid4().hex[:8]}",
                                   rejections=fleet.rejections)
-        transport.subscribe(EDGE_STATUS_FILTER, fleet.handle_status)
+        transport.add_subscription(EDGE_STATUS_FILTER, fleet.handle_status)
+        # connect() returns once the SUBACK is in, so retained statuses are on their way; the
+        # wait lets live heartbeats and zeroconf adverts arrive too.
         await transport.connect(timeout=max(wait_s, 3.0))
         await asyncio.sleep(wait_s)
         return broker_url, fleet.snapshot()

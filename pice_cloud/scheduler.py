@@ -17,7 +17,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+from pice_cloud import defaults
+
+if TYPE_CHECKING:
+    from pice_cloud.config import ServiceConfig
 
 #: "sot" is Skeleton-of-Thought in the cloud alone (sketch, then every point expanded by the
 #: cloud LLM in one batch): the baseline that shows what the edges add.
@@ -68,10 +73,16 @@ class CloudView:
 class Budget:
     """How long the sketch and each expansion may be."""
 
-    max_points: int = 6
-    max_words: int = 6
-    sketch_tokens: int = 64
-    tokens_per_point: int = 80
+    max_points: int = defaults.MAX_POINTS
+    max_words: int = defaults.MAX_WORDS
+    sketch_tokens: int = defaults.SKETCH_TOKENS
+    tokens_per_point: int = defaults.TOKENS_PER_POINT
+
+    @classmethod
+    def from_config(cls, config: ServiceConfig) -> Budget:
+        """The configured budget of an idle system."""
+        return cls(max_points=config.max_points, max_words=config.max_words, sketch_tokens=config.sketch_tokens,
+                   tokens_per_point=config.tokens_per_point)
 
 
 @dataclass(frozen=True)
@@ -164,9 +175,9 @@ def place(
     *,
     tokens_per_point: int,
     width: int = 1,
-    deadline_floor_s: float = 5.0,
-    deadline_factor: float = 3.0,
-    deadline_cap_s: float = 60.0,
+    deadline_floor_s: float = defaults.DEADLINE_FLOOR_S,
+    deadline_factor: float = defaults.DEADLINE_FACTOR,
+    deadline_cap_s: float = defaults.DEADLINE_CAP_S,
     cloud: CloudView | None = None,
     cloud_takeover_factor: float = 2.0,
 ) -> Placement:

@@ -18,28 +18,19 @@ import uuid
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 
-from pice_cloud.aggregator import Aggregator, ChosenPoint, PendingRequest, PointState
-from pice_cloud.ensemble import ConfidenceSelector, SelectionItem, Selector
+from pice_cloud.aggregator import Aggregator, ChosenPoint, PendingRequest
+from pice_cloud.cloud_meter import CloudMeter
+from pice_cloud.config import ServiceConfig
+from pice_cloud.ensemble import ConfidenceSelector, Selector
 from pice_cloud.fleet import Fleet
-from pice_cloud.llm.base import ChatRequest, Completion, LLMBackend
+from pice_cloud.llm.base import ChatRequest, LLMBackend
 from pice_cloud.router import ModeRouter, Route
-from pice_cloud.scheduler import (
-    Budget,
-    CloudView,
-    EdgeView,
-    Mode,
-    RequestedMode,
-    choose_mode,
-    ensemble_width,
-    place,
-    plan_budget,
-)
+from pice_cloud.scheduler import Budget, EdgeView, Mode, RequestedMode, choose_mode, ensemble_width, place, plan_budget
+from pice_cloud.settling import PointSettler
 from pice_cloud.sketch import SKETCH_PREFILL, parse_sketch, sketch_messages
-from pice_edge.prompts import clean_expansion, expansion_messages
 from pice_edge.protocol import (
     CANDIDATES_FILTER,
     EDGE_STATUS_FILTER,
-    Candidate,
     ExpandTask,
     Sampling,
     edge_tasks_topic,
@@ -93,55 +84,39 @@ class AnswerEvent:
 Event = SketchEvent | PointEvent | AnswerEvent
 
 
-@dataclass(frozen=True)
-class ServiceSettings:
-    """Knobs of the request path (the CLI and config map onto these)."""
-
-    #: The budget of an idle system; `plan_budget` shortens it under load.
-    budget: Budget = field(default_factory=Budget)
-    #: Adapt the budget to the load (`plan_budget`); off gives ``budget`` exactly.
-    adaptive_budget: bool = True
-    #: Most tokens of a cloud-only answer.
-    max_answer_tokens: int = 400
-    #: Most edges expanding one point (the ensemble); replicas only use free edge slots.
-    ensemble_width: int = 1
-    #: Requests the cloud LLM batches together (for the scheduler's load estimate).
-    cloud_max_batch: int = 1
-    deadline_floor_s: float = 5.0
-    deadline_factor: float = 3.0
-    deadline_cap_s: float = 60.0
-    sampling: Sampling = field(default_factory=Sampling)
-
-
 def render_point(index: int, heading: str, text: str) -> str:
     """One point of the final answer: a numbered, bold heading and its expansion."""
     return f"{index + 1}. **{heading}** {text}".rstrip()
 
 
 class PiceService:
-    """Answers questions using the cloud LLM and the edge fleet reachable through ``transport``."""
+    """Answers questions using the cloud LLM and the edge fleet reachable through ``transport``.
 
-    def __init__(self, llm: LLMBackend, transport: MqttTransport, *, settings: ServiceSettings | None = None,
+    Orchestration only: the scheduler decides, the fleet keeps the edges' state and dispatch
+    accounting, the aggregator collects candidates, `PointSettler` settles points, and
+    `CloudMeter` measures the cloud LLM. Build it with `pice_cloud.bootstrap.start_system`;
+    used directly, subscriptions are made when ``transport`` connects.
+    """
+
+    def __init__(self, llm: LLMBackend, transport: MqttTransport, *, config: ServiceConfig | None = None,
                  fleet: Fleet | None = None, aggregator: Aggregator | None = None,
-                 selector: Selector | None = None, router: ModeRouter | None = None) -> None:
+                 selector: Selector | None = None, router: ModeRouter | None = None,
+                 cloud_max_batch: int | None = None) -> None:
         self.llm = llm
         #: Advises cloud-only vs progressive for ``auto`` requests; None: progressive whenever edges are live.
         self.router = router
         self.transport = transport
-        self.settings = settings or ServiceSettings()
+        self.config = config or ServiceConfig()
         self.selector: Selector = selector or ConfidenceSelector()
-        #: Requests currently using the cloud LLM, and its measured decode speed.
-        self._cloud_busy = 0
-        self._cloud_tokens_per_s = 0.0
-        #: (request, point, device) -> time.monotonic() of dispatch, for link-delay estimates.
-        self._sent_at: dict[tuple[str, int, str], float] = {}
+        self.cloud = CloudMeter(llm) if cloud_max_batch is None else CloudMeter(llm, max_batch=cloud_max_batch)
         max_payload = transport.settings.max_payload_bytes
         self.fleet = fleet or Fleet(rejections=transport.rejections, max_payload_bytes=max_payload)
         self.aggregator = aggregator or Aggregator(rejections=transport.rejections, max_payload_bytes=max_payload)
-        self.aggregator.add_listener(self._on_candidate)
+        self.aggregator.add_listener(self.fleet.candidate_received)
+        self._sampling = Sampling(temperature=self.config.temperature, top_p=self.config.top_p)
         self._in_flight: set[PendingRequest] = set()
-        transport.subscribe(EDGE_STATUS_FILTER, self._on_status)
-        transport.subscribe(CANDIDATES_FILTER, self.aggregator.handle_candidate)
+        transport.add_subscription(EDGE_STATUS_FILTER, self._on_status)
+        transport.add_subscription(CANDIDATES_FILTER, self.aggregator.handle_candidate)
 
     # --- public ----------------------------------------------------------------------------
 
@@ -153,14 +128,14 @@ class PiceService:
         as one user turn); the sketch and expansions work from ``question`` alone.
         """
         started = time.perf_counter()
-        edges = self._edge_views()
+        edges = self.fleet.views()
         route = await self._route(question) if mode == "auto" and edges else None
         chosen_mode = choose_mode(mode, len(edges), None if route is None else route.mode == "progressive")
         stats = AnswerStats(mode=chosen_mode, route_probability=None if route is None else route.probability)
         if chosen_mode == "cloud":
-            limit = min(max_tokens or self.settings.max_answer_tokens, self.settings.max_answer_tokens)
+            limit = min(max_tokens or self.config.max_answer_tokens, self.config.max_answer_tokens)
             conversation = list(messages) if messages else [ChatMessage("user", question)]
-            [done] = await self._complete([ChatRequest(conversation, max_tokens=limit)])
+            [done] = await self.cloud.complete([ChatRequest(conversation, max_tokens=limit)])
             stats.cloud_tokens = done.tokens
             stats.total_s = stats.first_token_s = time.perf_counter() - started
             yield AnswerEvent(done.text.strip(), stats)
@@ -199,15 +174,15 @@ class PiceService:
 
     async def _progressive(self, question: str, edges: list[EdgeView], stats: AnswerStats,
                            started: float) -> AsyncGenerator[Event, None]:
-        budget = self.settings.budget
-        if self.settings.adaptive_budget:
-            budget = plan_budget(budget, self._cloud_view(), edges)
+        budget = Budget.from_config(self.config)
+        if self.config.adaptive_budget:
+            budget = plan_budget(budget, self.cloud.view(), edges)
         sketch_request = ChatRequest(
             sketch_messages(question, max_points=budget.max_points, max_words=budget.max_words),
             max_tokens=budget.sketch_tokens,
             prefill=SKETCH_PREFILL,
         )
-        [raw] = await self._complete([sketch_request])
+        [raw] = await self.cloud.complete([sketch_request])
         stats.cloud_tokens += raw.tokens
         points = parse_sketch(raw.text, max_points=budget.max_points, max_words=budget.max_words)
         stats.sketch_s = time.perf_counter() - started
@@ -215,17 +190,18 @@ class PiceService:
 
         request_id = uuid.uuid4().hex[:16]
         if edges:
-            edges = self._edge_views()  # fresher than before the sketch
-        width = ensemble_width(len(points), edges, self.settings.ensemble_width)
+            edges = self.fleet.views()  # fresher than before the sketch
+        width = ensemble_width(len(points), edges, self.config.ensemble_width)
         placement = place(
             len(points), edges, tokens_per_point=budget.tokens_per_point, width=width,
-            deadline_floor_s=self.settings.deadline_floor_s, deadline_factor=self.settings.deadline_factor,
-            deadline_cap_s=self.settings.deadline_cap_s, cloud=self._cloud_view(),
+            deadline_floor_s=self.config.deadline_floor_s, deadline_factor=self.config.deadline_factor,
+            deadline_cap_s=self.config.deadline_cap_s, cloud=self.cloud.view(),
         )
         pending = self.aggregator.open(request_id, placement.devices)
         self._in_flight.add(pending)
+        settler = PointSettler(self.fleet, self.selector, self.cloud)
         supervisor = asyncio.create_task(
-            self._supervise(question, points, pending, placement.deadlines_s, budget.tokens_per_point)
+            settler.run(question, points, pending, placement.deadlines_s, budget.tokens_per_point)
         )
         try:
             self._dispatch(request_id, question, points, placement.devices, placement.deadlines_s,
@@ -257,108 +233,16 @@ class PiceService:
     def _dispatch(self, request_id: str, question: str, points: list[str],
                   devices: Sequence[Sequence[str]], deadlines_s: Sequence[float], tokens_per_point: int) -> None:
         now = time.time()
-        sent = time.monotonic()
         for index, (targets, wait) in enumerate(zip(devices, deadlines_s, strict=False)):
             for device_id in targets:
                 task = ExpandTask(
                     request_id=request_id, point_index=index, question=question, sketch=points,
-                    max_new_tokens=tokens_per_point, deadline=now + wait,
-                    sampling=self.settings.sampling,
+                    max_new_tokens=tokens_per_point, deadline=now + wait, sampling=self._sampling,
                 )
-                info = self.fleet.get(device_id)
-                if info is not None:
-                    info.outstanding += 1
-                self._sent_at[(request_id, index, device_id)] = sent
+                self.fleet.task_sent(request_id, index, device_id)
                 self.transport.publish(edge_tasks_topic(device_id), encode(task))
 
-    async def _supervise(self, question: str, points: list[str], pending: PendingRequest,
-                         deadlines_s: Sequence[float], tokens_per_point: int) -> None:
-        """Settle points once all their edges answered or their deadline passed: by the ensemble
-        when there are several candidates, by cloud expansion when there is none."""
-        start = time.monotonic()
-        due = [start + d for d in deadlines_s]
-        while True:
-            now = time.monotonic()
-            missing: list[int] = []
-            to_choose: list[PointState] = []
-            for state, when in zip(pending.points, due, strict=True):
-                # A point is due at its deadline, or once none of the edges it still waits for is
-                # live (all answered, none was assigned, or the rest went offline: a last will).
-                waiting = any(self.fleet.get(d) is not None for d in state.expected - state.received.keys())
-                if state.settled or (waiting and now < when):
-                    continue
-                # Take what arrived in time before giving up on the edges.
-                usable = state.usable()
-                if not usable:
-                    missing.append(state.index)
-                elif len(usable) == 1:
-                    pending.settle_single(state.index)
-                else:
-                    to_choose.append(state)
-            if to_choose:
-                await self._choose(question, points, pending, to_choose, tokens_per_point)
-            if missing:
-                await self._cloud_expand(question, points, pending, missing, tokens_per_point)
-            if to_choose or missing:
-                continue
-            open_due = [when for state, when in zip(pending.points, due, strict=False) if not state.settled]
-            if not open_due:
-                return
-            pending.wakeup.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(pending.wakeup.wait(), timeout=max(0.0, min(open_due) - time.monotonic()))
-
-    async def _choose(self, question: str, points: list[str], pending: PendingRequest,
-                      states: list[PointState], tokens_per_point: int) -> None:
-        """Run the ensemble selector over every point that has several candidates."""
-        items = [SelectionItem(question, points, s.index, s.usable(), tokens_per_point) for s in states]
-        try:
-            picks = await self.selector.choose(items)
-        except Exception:
-            # A broken scorer must not lose the answer: fall back to the edges' own confidence.
-            log.exception("request %s: ensemble selection failed; using edge confidence", pending.request_id)
-            picks = await ConfidenceSelector().choose(items)
-        for item, pick in zip(items, picks, strict=True):
-            pending.settle(ChosenPoint.from_candidate(item.candidates[pick], len(item.candidates)))
-
-    async def _cloud_expand(self, question: str, points: list[str], pending: PendingRequest,
-                            indices: list[int], tokens_per_point: int) -> None:
-        budget = tokens_per_point
-        log.info("request %s: cloud expands point(s) %s", pending.request_id, [i + 1 for i in indices])
-        requests = [ChatRequest(expansion_messages(question, points, i), max_tokens=budget) for i in indices]
-        results = await self._complete(requests)
-        for index, res in zip(indices, results, strict=True):
-            text = clean_expansion(res.text, truncated=res.tokens >= budget, point=points[index]) or points[index]
-            pending.settle(ChosenPoint(index, text, "cloud", None, res.tokens, 0))
-
-    # --- cloud and fleet bookkeeping ---------------------------------------------------------
-
-    async def _complete(self, requests: list[ChatRequest]) -> list[Completion]:
-        """Run the cloud LLM, keeping the load and speed figures the scheduler reads."""
-        self._cloud_busy += 1
-        started = time.perf_counter()
-        try:
-            results = await self.llm.complete(requests)
-        finally:
-            self._cloud_busy -= 1
-        elapsed = time.perf_counter() - started
-        longest = max((r.tokens for r in results), default=0)
-        if elapsed > 0 and longest >= 8:
-            rate = longest / elapsed  # per-sequence decode speed, as edges report theirs
-            prev = self._cloud_tokens_per_s
-            self._cloud_tokens_per_s = rate if prev == 0 else 0.7 * prev + 0.3 * rate
-        return results
-
-    def _cloud_view(self) -> CloudView:
-        return CloudView(queue_depth=self._cloud_busy, tokens_per_s=self._cloud_tokens_per_s,
-                         max_batch=self.settings.cloud_max_batch)
-
-    def _edge_views(self) -> list[EdgeView]:
-        return [
-            EdgeView(device_id=e.device_id, max_batch=e.status.max_batch, queue_depth=e.status.queue_depth,
-                     outstanding=e.outstanding, tokens_per_s=e.status.tokens_per_s, link_delay_s=e.link_delay_s)
-            for e in self.fleet.live()
-        ]
+    # --- fleet events ------------------------------------------------------------------------
 
     def _on_status(self, message: Message) -> None:
         device_id = topic_level(message.topic, -2)
@@ -369,24 +253,8 @@ class PiceService:
             for pending in self._in_flight:
                 pending.wakeup.set()
 
-    def _on_candidate(self, candidate: Candidate) -> None:
-        info = self.fleet.get(candidate.device_id)
-        sent = self._sent_at.pop((candidate.request_id, candidate.point_index, candidate.device_id), None)
-        if info is None:
-            return
-        if info.outstanding > 0:
-            info.outstanding -= 1
-        if sent is not None:
-            # Round trip minus the edge's own time (queue + generation) is the link's share.
-            delay = max(0.0, time.monotonic() - sent - candidate.latency_s)
-            info.link_delay_s = delay if info.link_delay_s == 0 else 0.8 * info.link_delay_s + 0.2 * delay
-
     def _release(self, pending: PendingRequest) -> None:
-        # Tasks that never came back no longer count against their edges.
         for state in pending.points:
             for device_id in state.expected:
-                self._sent_at.pop((pending.request_id, state.index, device_id), None)
-            for device_id in state.expected - state.received.keys():
-                info = self.fleet.get(device_id)
-                if info is not None and info.outstanding > 0:
-                    info.outstanding -= 1
+                self.fleet.task_abandoned(pending.request_id, state.index, device_id,
+                                          answered=device_id in state.received)

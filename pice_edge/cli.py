@@ -92,11 +92,11 @@ def _parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="fetch, list and verify models", parents=common)
     msub = models.add_subparsers(dest="models_command", required=True)
     fetch = msub.add_parser("fetch", help="download, verify and convert a model", parents=common)
-    fetch.add_argument("name", nargs="?", default="smollm2-135m-instruct")
+    fetch.add_argument("name", nargs="?", default=DEFAULT_MODEL)
     fetch.add_argument("--force", action="store_true", help="convert again even if present")
     msub.add_parser("list", help="known models and whether they are here")
     verify = msub.add_parser("verify", help="check every file's SHA-256")
-    verify.add_argument("name", nargs="?", default="smollm2-135m-instruct")
+    verify.add_argument("name", nargs="?", default=DEFAULT_MODEL)
     return parser
 
 

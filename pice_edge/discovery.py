@@ -52,7 +52,7 @@ from zeroconf import Error as ZeroconfError
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from pice_edge.errors import ConfigError, PiceError
-from pice_edge.protocol import PROTOCOL_VERSION
+from pice_edge.protocol import FLEET_NAME_PATTERN, PROTOCOL_VERSION
 from pice_edge.transport import parse_broker_url
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ SLOTS_UPDATE_MIN_INTERVAL_S: Final = 2.0
 #: How long to wait for a peer's SRV/TXT/A answer after it appears, in milliseconds.
 RESOLVE_TIMEOUT_MS: Final = 3000
 
-_FLEET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_FLEET_RE = re.compile(FLEET_NAME_PATTERN)
 _TRUNCATABLE = frozenset({"profile", "runtime", "model"})
 
 Interfaces = Literal["all"] | Sequence[str]

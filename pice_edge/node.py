@@ -38,6 +38,11 @@ from pice_edge.transport import BrokerSettings, Message, MqttTransport
 
 log = logging.getLogger(__name__)
 
+#: Weight of a new sample in the moving average of the decode speed reported in status
+#: (new = (1 - w) * old + w * sample): a batch's rate swings with its size and prompt lengths, so
+#: the reported figure moves slowly.
+RATE_SAMPLE_WEIGHT = 0.1
+
 _SEEN_TASKS = 4096  # remembered (request, point) pairs, to drop QoS 1 re-deliveries
 
 
@@ -138,7 +143,7 @@ class EdgeNode:
             will=(edge_status_topic(device_id), encode(offline)),
             rejections=self.rejections,
         )
-        self.transport.subscribe(edge_tasks_topic(device_id), self._on_task)
+        self.transport.add_subscription(edge_tasks_topic(device_id), self._on_task)
         self.transport.on_connect(self.publish_status)
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -385,7 +390,8 @@ class EdgeNode:
         if elapsed > 0:
             rate = rows / elapsed  # one token per live row per step
             stats = self.stats
-            stats.tokens_per_s = rate if stats.tokens_per_s == 0 else 0.9 * stats.tokens_per_s + 0.1 * rate
+            w = RATE_SAMPLE_WEIGHT
+            stats.tokens_per_s = rate if stats.tokens_per_s == 0 else (1 - w) * stats.tokens_per_s + w * rate
 
     def _account(self, batch_size: int, tokens: int, elapsed: float) -> None:
         stats = self.stats

@@ -44,9 +44,13 @@ MAX_CANDIDATE_CHARS = 16_000
 MAX_NEW_TOKENS = 4096
 
 # Ids travel inside topic names, so they must not contain MQTT wildcards or separators.
-_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"
-Identifier = Annotated[str, StringConstraints(pattern=_ID_PATTERN)]
-_ID_RE = re.compile(_ID_PATTERN)
+#: Device, request and cloud ids: safe as one MQTT topic level and in logs.
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"
+#: A fleet name travels in a zeroconf TXT record and an instance label, so it must fit one DNS
+#: label (RFC 6763 section 4.1.1: 63 bytes).
+FLEET_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+Identifier = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
+_ID_RE = re.compile(ID_PATTERN)
 
 
 def is_valid_id(value: str) -> bool:

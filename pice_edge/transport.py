@@ -14,6 +14,10 @@ with a `TransportError` that says so.
 Reconnection is paho's own (``reconnect_delay_set`` gives the back-off); on every (re)connect
 we re-make the subscriptions and run the registered on-connect hooks, which is how an edge
 re-announces itself after a broker restart.
+
+Subscriptions are acknowledged: `MqttTransport.connect` returns once the broker has sent the
+SUBACK for every registered subscription, and `MqttTransport.subscribe` on a live connection
+waits for its own. A caller never has to guess (or sleep) until a subscription "has landed".
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ from pice_edge.rejects import Rejections
 log = logging.getLogger(__name__)
 
 QOS = 1
+#: How long `MqttTransport.subscribe` waits for the broker's SUBACK (seconds).
+SUBACK_TIMEOUT_S = 10.0
 _DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 
 
@@ -130,6 +136,12 @@ class MqttTransport:
         self.client_id = client_id or f"pice-{uuid.uuid4().hex[:12]}"
         self.rejections = rejections or Rejections()
         self._subscriptions: dict[str, Handler] = {}
+        # SUBACK bookkeeping: message id -> waiter. The lock makes "send SUBSCRIBE, then record
+        # its id" atomic with respect to paho's thread, which may receive the SUBACK in between.
+        self._suback_lock = threading.Lock()
+        self._suback_waiters: dict[int, Callable[[str | None], None]] = {}
+        # Set when the SUBACK of the subscriptions re-made on the latest (re)connect arrived.
+        self._resubscribed = threading.Event()
         self._connect_hooks: list[Callable[[], None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connected = threading.Event()
@@ -171,6 +183,7 @@ class MqttTransport:
         client.on_disconnect = self._on_disconnect
         client.on_connect_fail = self._on_connect_fail
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         self._client = client
 
     # --- public API ---------------------------------------------------------------------
@@ -180,21 +193,61 @@ class MqttTransport:
         return self._connected.is_set()
 
     def on_connect(self, hook: Callable[[], None]) -> None:
-        """Run ``hook`` on the asyncio loop after every successful (re)connection."""
+        """Run ``hook`` on the asyncio loop after every successful (re)connection, once the
+        broker has acknowledged the subscriptions."""
         self._connect_hooks.append(hook)
 
-    def subscribe(self, topic_filter: str, handler: Handler) -> None:
-        """Deliver messages matching ``topic_filter`` to ``handler`` (re-made on reconnect)."""
+    def add_subscription(self, topic_filter: str, handler: Handler) -> None:
+        """Deliver messages matching ``topic_filter`` to ``handler``; the subscription is made
+        on every (re)connect, and `connect` waits for the broker to acknowledge it. On a live
+        connection the SUBSCRIBE goes out now without waiting (use `subscribe` to wait)."""
         self._subscriptions[topic_filter] = handler
         if self.connected:
             self._client.subscribe(topic_filter, qos=QOS)
+
+    async def subscribe(self, topic_filter: str, handler: Handler, *, timeout: float = SUBACK_TIMEOUT_S) -> None:
+        """Like `add_subscription`, and on a live connection wait for the broker's SUBACK.
+
+        Raises:
+            TransportError: the broker refused the subscription (an ACL, say) or did not
+                acknowledge it within ``timeout`` seconds.
+        """
+        self._subscriptions[topic_filter] = handler
+        if not self.connected:
+            return  # made, and waited for, by the next connect
+        loop = asyncio.get_running_loop()
+        acked: asyncio.Future[str | None] = loop.create_future()
+
+        def settle(failure: str | None) -> None:
+            if not acked.done():
+                acked.set_result(failure)
+
+        def done(failure: str | None) -> None:
+            loop.call_soon_threadsafe(settle, failure)
+
+        with self._suback_lock:
+            rc, mid = self._client.subscribe(topic_filter, qos=QOS)
+            if rc != mqtt.MQTT_ERR_SUCCESS:
+                raise TransportError(f"cannot subscribe to {topic_filter}: {mqtt.error_string(rc)}")
+            self._suback_waiters[mid] = done
+        try:
+            failure = await asyncio.wait_for(acked, timeout)
+        except asyncio.TimeoutError:
+            raise TransportError(f"broker {self.settings.url} did not acknowledge the subscription to "
+                                 f"{topic_filter} within {timeout:g}s") from None
+        finally:
+            with self._suback_lock:
+                self._suback_waiters.pop(mid, None)
+        if failure is not None:
+            raise TransportError(f"broker {self.settings.url} refused the subscription to {topic_filter} "
+                                 f"({failure}); check the broker's ACL for this client")
 
     def unsubscribe(self, topic_filter: str) -> None:
         if self._subscriptions.pop(topic_filter, None) is not None and self.connected:
             self._client.unsubscribe(topic_filter)
 
     async def connect(self, timeout: float = 10.0) -> None:
-        """Connect and wait for the broker's CONNACK.
+        """Connect and wait for the broker's CONNACK and the SUBACK of every registered subscription.
 
         Raises:
             TransportError: the broker could not be reached or refused the connection within
@@ -209,19 +262,27 @@ class MqttTransport:
         except (OSError, ValueError) as exc:
             raise TransportError(f"cannot connect to MQTT broker {self.settings.url}: {exc}") from exc
         self._client.loop_start()
-        await asyncio.get_running_loop().run_in_executor(None, self._settled.wait, timeout)
-        if not self._connected.is_set():
-            self._client.loop_stop()
-            reason = self._last_error or "no answer"
-            if self._refused:
-                raise TransportError(
-                    f"MQTT broker {self.settings.url} refused us ({reason}); check the username, password "
-                    "and TLS files (ca_file, cert_file, key_file)"
-                )
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await loop.run_in_executor(None, self._settled.wait, timeout)
+        if self._connected.is_set():
+            left = max(0.0, timeout - (loop.time() - started))
+            if await loop.run_in_executor(None, self._resubscribed.wait, left):
+                return
+            await self.close()
+            raise TransportError(f"MQTT broker {self.settings.url} did not acknowledge our subscriptions "
+                                 f"within {timeout:.0f}s")
+        self._client.loop_stop()
+        reason = self._last_error or "no answer"
+        if self._refused:
             raise TransportError(
-                f"cannot connect to MQTT broker {self.settings.url} within {timeout:.0f}s ({reason}); "
-                "check that the broker runs and the URL, credentials and TLS files are right"
+                f"MQTT broker {self.settings.url} refused us ({reason}); check the username, password "
+                "and TLS files (ca_file, cert_file, key_file)"
             )
+        raise TransportError(
+            f"cannot connect to MQTT broker {self.settings.url} within {timeout:.0f}s ({reason}); "
+            "check that the broker runs and the URL, credentials and TLS files are right"
+        )
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
         """Queue a QoS 1 publish; paho sends it now or after the next reconnect."""
@@ -270,16 +331,45 @@ class MqttTransport:
                     self._settled.set()
                 return
             self.connect_count += 1
-            for topic_filter in self._subscriptions:
-                client.subscribe(topic_filter, qos=QOS)
+            self._resubscribed.clear()
+            filters = [(topic_filter, QOS) for topic_filter in self._subscriptions]
+            if filters:
+                with self._suback_lock:
+                    rc, mid = client.subscribe(filters)
+                    if rc == mqtt.MQTT_ERR_SUCCESS:
+                        self._suback_waiters[mid] = self._resubscribed_ack
+            else:
+                self._subscribed()
             self._connected.set()
             self._settled.set()
             log.info("connected to MQTT broker %s as %s", self.settings.url, self.client_id)
-            if self._loop is not None and not self._loop.is_closed():
-                for hook in self._connect_hooks:
-                    self._loop.call_soon_threadsafe(self._run_hook, hook)
         except Exception:
             log.exception("error in MQTT on_connect")
+
+    def _resubscribed_ack(self, failure: str | None) -> None:
+        if failure is not None:
+            log.error("MQTT broker %s refused a subscription (%s); check its ACL for client %s", self.settings.url,
+                      failure, self.client_id)
+        self._subscribed()
+
+    def _subscribed(self) -> None:
+        # The on-connect hooks run once our subscriptions are in place: an edge that announces
+        # itself must already be able to receive the tasks its announcement attracts.
+        self._resubscribed.set()
+        if self._loop is not None and not self._loop.is_closed():
+            for hook in self._connect_hooks:
+                self._loop.call_soon_threadsafe(self._run_hook, hook)
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
+        try:
+            with self._suback_lock:
+                waiter = self._suback_waiters.pop(mid, None)
+            if waiter is None:
+                return
+            failed = [str(code) for code in reason_codes if getattr(code, "is_failure", False)]
+            waiter(", ".join(failed) if failed else None)
+        except Exception:
+            log.exception("error in MQTT on_subscribe")
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         try:

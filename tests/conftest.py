@@ -1,20 +1,37 @@
-"""Shared fixtures: real brokers (Mosquitto, amqtt), real models (tiny random; SmolLM2)."""
+"""Shared fixtures and helpers: real brokers (Mosquitto, amqtt), real models (tiny random;
+SmolLM2), a test configuration of the cloud, bounded polling, and checks that no test leaks a
+thread or a child process.
+
+Test modules import the helpers from here (``from tests.conftest import ...``), never from
+each other.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
 import subprocess
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import openai
+import psutil
 import pytest
 
+from pice_cloud.bootstrap import System, start_system
 from pice_cloud.broker import EmbeddedBroker, free_port
+from pice_cloud.config import CloudConfig, load_config
+from pice_cloud.llm.transformers import TransformersBackend
+from pice_cloud.server import ApiServer, ApiState, bind, create_app, running, url_of
 from pice_edge.model_store import build_random_model
+from pice_edge.transport import BrokerSettings
 
 HERE = Path(__file__).parent
 MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
@@ -40,6 +57,91 @@ def minilm() -> Path:
     from pice_edge import model_store
 
     return model_store.fetch(model_store.EMBEDDING_MODEL)
+
+
+#: Poll interval of `eventually` (seconds): short next to any condition a test waits for.
+POLL_INTERVAL_S = 0.02
+
+
+async def eventually(check: Callable[[], bool], timeout: float = 30.0, what: str = "the condition") -> float:
+    """Poll ``check`` until it holds; return the seconds it took. Fails the test after ``timeout``.
+
+    The one bounded polling helper of the suite: tests wait on conditions, never on sleeps."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while not check():
+        if loop.time() - started > timeout:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(POLL_INTERVAL_S)
+    return loop.time() - started
+
+
+def cloud_config(broker: str | BrokerSettings | None, *, edges: int = 0, edge_model: Path | str | None = None,
+                 service: dict[str, Any] | None = None, **sections: Any) -> CloudConfig:
+    """A cloud configuration for tests: ``edges`` local nodes on ``edge_model``, one thread each,
+    no zeroconf, no mode router and the confidence selector unless ``service`` says otherwise.
+
+    ``broker`` None is the embedded broker; ``sections`` are further top-level overrides
+    (``server={...}``, ``cloud_id="..."``)."""
+    flags: dict[str, Any] = {
+        "llm": {"threads": 1},
+        "edges": {"local": edges, "threads": 1, **({"model": str(edge_model)} if edge_model else {})},
+        "service": {"router": "off", "selector": "confidence", **(service or {})},
+        "discovery": {"enabled": False},
+    }
+    if isinstance(broker, str):
+        flags["broker"] = {"url": broker}
+    elif broker is not None:
+        flags["broker"] = broker.model_dump()
+    for key, value in sections.items():
+        flags[key] = {**flags.get(key, {}), **value} if isinstance(value, dict) else value
+    return load_config(None, flags)
+
+
+QUESTION = "How can I improve my time management skills?"
+SMALL = {"service": {"max_points": 3, "tokens_per_point": 8, "sketch_tokens": 30, "max_answer_tokens": 24}}
+
+
+@dataclass
+class Api:
+    url: str
+    system: System
+    state: ApiState
+    server: ApiServer
+
+    clients: list[openai.AsyncOpenAI] = field(default_factory=list)
+
+    def client(self) -> openai.AsyncOpenAI:
+        """The official client on this server (closed with it). No retries: the tests look at
+        each status the server answers."""
+        client = openai.AsyncOpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        self.clients.append(client)
+        return client
+
+
+@asynccontextmanager
+async def serving(model: Path, broker_url: str, *, edges: int, overrides: dict[str, Any] | None = None,
+                  ) -> AsyncIterator[Api]:
+    """The real HTTP API on a free loopback port, over ``broker_url``, with ``edges`` local nodes."""
+    flags: dict[str, Any] = {**SMALL, "server": {"port": 0}}
+    for section, values in (overrides or {}).items():
+        flags[section] = {**flags.get(section, {}), **values}
+    config = cloud_config(broker_url, edges=edges, edge_model=model, **flags)
+    llm = TransformersBackend(model, threads=1)
+    sock = bind("127.0.0.1", 0)
+    try:
+        async with start_system(config, llm=llm) as system:
+            app = create_app(system.service, llm, config)
+            async with running(app, sock) as server:
+                api = Api(url_of(sock), system, app.state.pice, server)
+                try:
+                    yield api
+                finally:
+                    for client in api.clients:
+                        await client.close()
+    finally:
+        sock.close()
+        await llm.close()
 
 
 def _wait_port(host: str, port: int, timeout: float = 10.0) -> None:
@@ -118,6 +220,35 @@ def no_leaked_threads() -> Iterator[None]:
             break
         time.sleep(0.05)
     assert not leaked, f"threads leaked: {[t.name for t in leaked]}"
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_processes() -> Iterator[None]:
+    """Fail a test that leaves child processes behind (an edge, a server, a broker it started)."""
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    yield
+    deadline = time.monotonic() + 5.0
+    while True:
+        leaked = [p for p in me.children(recursive=True) if p.pid not in before and _running(p)]
+        if not leaked or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert not leaked, f"processes leaked: {[(p.pid, _name(p)) for p in leaked]}"
+
+
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _name(proc: psutil.Process) -> str:
+    try:
+        return " ".join(proc.cmdline()[:3]) or proc.name()
+    except psutil.Error:
+        return "?"
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pice_cloud import defaults
 from pice_cloud.config import load_config
+from pice_cloud.scheduler import Budget
 from pice_edge.errors import ConfigError
 
 
@@ -44,9 +46,10 @@ def test_file_then_environment_then_flags(tmp_path: Path, monkeypatch: pytest.Mo
     assert config.broker.url == "mqtt://broker.local:1883"
     assert config.broker.username == "cloud"
     assert config.local_edges == 0  # an external broker: its own edges
-    settings = config.service.to_settings()
-    assert settings.budget.max_points == 4
-    assert settings.budget.tokens_per_point == 50
+    budget = Budget.from_config(config.service)
+    assert budget.max_points == 4
+    assert budget.tokens_per_point == 50
+    assert budget.sketch_tokens == defaults.SKETCH_TOKENS  # not in the file: the one default
 
 
 def test_invalid_yaml_names_the_file_and_line(tmp_path: Path) -> None:

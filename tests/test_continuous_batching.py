@@ -3,7 +3,6 @@ arrive mid-batch start before the running sequences finish, and batches respect 
 
 from __future__ import annotations
 
-import asyncio
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from pice_edge.protocol import CANDIDATES_FILTER, Candidate, ExpandTask, decode,
 from pice_edge.runtimes.base import GenerationRequest
 from pice_edge.runtimes.transformers import TransformersRuntime
 from pice_edge.transport import BrokerSettings, MqttTransport
+from tests.conftest import eventually
 
 SKETCH = ["Set clear goals", "Plan the day", "Take short breaks", "Sleep well"]
 
@@ -24,16 +24,9 @@ def _task(request_id: str, point: int, tokens: int) -> ExpandTask:
                       max_new_tokens=tokens, deadline=time.time() + 120)
 
 
-async def _wait(predicate: object, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.005)
-
-
 async def _cloud(url: str, got: list[Candidate]) -> MqttTransport:
     cloud = MqttTransport(BrokerSettings(url=url), client_id="cb-cloud")
-    cloud.subscribe(CANDIDATES_FILTER, lambda m: got.append(decode(Candidate, m.payload)))
+    cloud.add_subscription(CANDIDATES_FILTER, lambda m: got.append(decode(Candidate, m.payload)))
     await cloud.connect()
     return cloud
 
@@ -53,10 +46,10 @@ async def test_task_arriving_mid_batch_starts_before_the_batch_finishes(embedded
         # The tiny model never emits end-of-turn: these run their whole (long) budget.
         _publish(cloud, _task("long", 0, 150))
         _publish(cloud, _task("long", 1, 150))
-        await _wait(lambda: node.stats.steps >= 5)
+        await eventually(lambda: node.stats.steps >= 5)
         assert not got
         _publish(cloud, _task("short", 2, 4))
-        await _wait(lambda: len(got) == 3)
+        await eventually(lambda: len(got) == 3)
     finally:
         await cloud.close()
         await node.stop()
@@ -84,7 +77,7 @@ async def test_batch_never_exceeds_max_batch_or_memory_budget(embedded_broker: s
     try:
         for i in range(5):
             _publish(cloud, _task(f"m{i // 4}", i % 4, 30))
-        await _wait(lambda: len(got) == 5)
+        await eventually(lambda: len(got) == 5)
     finally:
         await cloud.close()
         await node.stop()
@@ -125,7 +118,7 @@ async def test_plain_runtime_batches_are_bounded(embedded_broker: str, tiny_mode
     try:
         for i in range(3):
             _publish(cloud, _task("p", i, 6))
-        await _wait(lambda: len(got) == 3)
+        await eventually(lambda: len(got) == 3)
     finally:
         await cloud.close()
         await node.stop()

@@ -11,9 +11,7 @@ import json
 import os
 import signal
 import sys
-import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -34,7 +32,7 @@ from pice_edge.discovery import (
 from pice_edge.errors import ConfigError
 from pice_edge.protocol import EDGE_STATUS_FILTER
 from pice_edge.transport import BrokerSettings, MqttTransport
-from tests.conftest import Mosquitto
+from tests.conftest import Mosquitto, eventually
 
 LOOPBACK = ["127.0.0.1"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,16 +41,6 @@ HEARTBEAT_S = 1.0
 
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
-
-
-async def eventually(check: Callable[[], bool], timeout: float, what: str) -> float:
-    """Poll ``check`` until true; return the seconds it took (fail the test after ``timeout``)."""
-    started = time.monotonic()
-    while not check():
-        if time.monotonic() - started > timeout:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
-    return time.monotonic() - started
 
 
 async def run_cli(*args: str, timeout: float = 120) -> tuple[int, str, str]:
@@ -159,7 +147,7 @@ async def test_three_edges_and_cloud_discover_each_other_and_a_killed_edge_leave
         fleet = Fleet()
         fleet.watch_zeroconf(discovery, fleet_name)
         transport = MqttTransport(BrokerSettings(url=mosquitto.url), client_id=f"{fleet_name}-cloud")
-        transport.subscribe(EDGE_STATUS_FILTER, fleet.handle_status)
+        transport.add_subscription(EDGE_STATUS_FILTER, fleet.handle_status)
         await transport.connect()
 
         # Three edges, none told where the broker is.

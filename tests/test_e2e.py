@@ -14,15 +14,14 @@ from pathlib import Path
 
 import pytest
 
+from pice_cloud.bootstrap import start_system
 from pice_cloud.llm.base import ChatRequest
 from pice_cloud.llm.transformers import TransformersBackend
-from pice_cloud.local import local_system
-from pice_cloud.scheduler import Budget
-from pice_cloud.service import AnswerEvent, PointEvent, ServiceSettings, SketchEvent
+from pice_cloud.service import AnswerEvent, PointEvent, SketchEvent
 from pice_edge.prompts import expansion_messages
 from pice_edge.protocol import EdgeStatus, edge_status_topic, edge_tasks_topic, encode
 from pice_edge.transport import BrokerSettings, Message, MqttTransport
-from tests.conftest import Mosquitto
+from tests.conftest import Mosquitto, cloud_config, eventually
 
 QUESTION = "How can I improve my time management skills?"
 
@@ -54,9 +53,9 @@ async def tiny_llm(tiny_model: Path) -> AsyncIterator[TransformersBackend]:
 @pytest.mark.mosquitto
 async def test_cloud_and_two_edges_over_mosquitto(mosquitto: Mosquitto, tiny_model: Path,
                                                   tiny_llm: TransformersBackend) -> None:
-    settings = ServiceSettings(budget=Budget(max_points=4, tokens_per_point=12, sketch_tokens=40))
-    async with local_system(tiny_llm, broker_url=mosquitto.url, edges=2, edge_model=tiny_model,
-                            edge_threads=1, settings=settings) as system:
+    settings = dict(max_points=4, tokens_per_point=12, sketch_tokens=40)
+    config = cloud_config(mosquitto.url, edges=2, edge_model=tiny_model, service=settings)
+    async with start_system(config, llm=tiny_llm) as system:
         live = {e.device_id for e in system.service.fleet.live()}
         assert live == {"local-edge-1", "local-edge-2"}
         sketch, points, final = await collect(system.service.answer(QUESTION, mode="progressive"))
@@ -81,7 +80,7 @@ async def _silent_edge(url: str, device_id: str, tokens_per_s: float = 1000.0) -
     """An edge that registers, receives its tasks and never answers them."""
     received: list[Message] = []
     transport = MqttTransport(BrokerSettings(url=url), client_id=device_id)
-    transport.subscribe(edge_tasks_topic(device_id), received.append)
+    transport.add_subscription(edge_tasks_topic(device_id), received.append)
     await transport.connect()
     status = EdgeStatus(device_id=device_id, online=True, max_batch=4, tokens_per_s=tokens_per_s,
                         heartbeat_s=30)
@@ -94,11 +93,11 @@ async def test_dead_edge_points_fall_back_to_cloud_within_deadline(
     mosquitto: Mosquitto, tiny_llm: TransformersBackend
 ) -> None:
     deadline = 1.0
-    settings = ServiceSettings(budget=Budget(max_points=3, tokens_per_point=10, sketch_tokens=30),
+    settings = dict(max_points=3, tokens_per_point=10, sketch_tokens=30,
                                deadline_floor_s=deadline, deadline_cap_s=deadline)
     silent, received = await _silent_edge(mosquitto.url, "silent-1")
     try:
-        async with local_system(tiny_llm, broker_url=mosquitto.url, edges=0, settings=settings) as system:
+        async with start_system(cloud_config(mosquitto.url, edges=0, service=settings), llm=tiny_llm) as system:
             assert await system.service.fleet.wait_for(1, 5.0)
             # Time a batched cloud expansion of the same size, to bound the fallback.
             points_guess = ["Plan the day", "Set goals", "Take breaks"]
@@ -122,13 +121,13 @@ async def test_dead_edge_points_fall_back_to_cloud_within_deadline(
 @pytest.mark.mosquitto
 async def test_mixed_fleet_dead_and_live_edge(mosquitto: Mosquitto, tiny_model: Path,
                                               tiny_llm: TransformersBackend) -> None:
-    settings = ServiceSettings(budget=Budget(max_points=4, tokens_per_point=10, sketch_tokens=40),
+    settings = dict(max_points=4, tokens_per_point=10, sketch_tokens=40,
                                deadline_floor_s=1.5, deadline_cap_s=1.5)
     # Unmeasured, like the live edge: points split between them.
     silent, _ = await _silent_edge(mosquitto.url, "silent-2", tokens_per_s=0.0)
     try:
-        async with local_system(tiny_llm, broker_url=mosquitto.url, edges=1, edge_model=tiny_model,
-                                edge_threads=1, settings=settings) as system:
+        config = cloud_config(mosquitto.url, edges=1, edge_model=tiny_model, service=settings)
+        async with start_system(config, llm=tiny_llm) as system:
             assert await system.service.fleet.wait_for(2, 5.0)
             sketch, points, _final = await asyncio.wait_for(
                 collect(system.service.answer(QUESTION, mode="progressive")), 60
@@ -145,9 +144,9 @@ async def test_mixed_fleet_dead_and_live_edge(mosquitto: Mosquitto, tiny_model: 
 @pytest.mark.slow
 async def test_smollm2_answer_over_embedded_broker(smollm2: Path) -> None:
     llm = TransformersBackend(smollm2, threads=1)
-    settings = ServiceSettings(budget=Budget(max_points=4, tokens_per_point=48))
+    settings = dict(max_points=4, tokens_per_point=48)
     try:
-        async with local_system(llm, edges=2, edge_model=smollm2, edge_threads=1, settings=settings) as system:
+        async with start_system(cloud_config(None, edges=2, edge_model=smollm2, service=settings), llm=llm) as system:
             assert system.broker_url.startswith("mqtt://127.0.0.1:")
             sketch, points, final = await collect(system.service.answer(QUESTION, mode="progressive"))
     finally:
@@ -169,15 +168,18 @@ async def test_smollm2_answer_over_embedded_broker(smollm2: Path) -> None:
 @pytest.mark.mosquitto
 async def test_sot_mode_expands_every_point_in_the_cloud(mosquitto: Mosquitto,
                                                          tiny_llm: TransformersBackend) -> None:
-    settings = ServiceSettings(budget=Budget(max_points=3, tokens_per_point=8, sketch_tokens=30))
+    settings = dict(max_points=3, tokens_per_point=8, sketch_tokens=30)
     silent, received = await _silent_edge(mosquitto.url, "silent-3")
     try:
-        async with local_system(tiny_llm, broker_url=mosquitto.url, edges=0, settings=settings) as system:
+        async with start_system(cloud_config(mosquitto.url, edges=0, service=settings), llm=tiny_llm) as system:
             assert await system.service.fleet.wait_for(1, 5.0)
             sketch, points, final = await collect(system.service.answer(QUESTION, mode="sot"))
             assert final.stats.mode == "sot"
             assert [p.point.source for p in points] == ["cloud"] * len(sketch)
-            await asyncio.sleep(0.2)
-            assert received == [], "no task may reach an edge in cloud-only Skeleton-of-Thought"
+            # A marker sent after the answer on the cloud's connection arrives after any task it sent.
+            system.service.transport.publish(edge_tasks_topic("silent-3"), b"marker")
+            await eventually(lambda: bool(received), what="the marker")
+            assert [m.payload for m in received] == [b"marker"], \
+                "no task may reach an edge in cloud-only Skeleton-of-Thought"
     finally:
         await silent.close()

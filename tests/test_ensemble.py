@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from pice_cloud.bootstrap import start_system
 from pice_cloud.ensemble import (
     FEATURES,
     ConfidenceSelector,
@@ -21,12 +22,10 @@ from pice_cloud.ensemble import (
 from pice_cloud.errors import CloudError
 from pice_cloud.llm.base import ChatRequest
 from pice_cloud.llm.transformers import TransformersBackend
-from pice_cloud.local import local_system
-from pice_cloud.scheduler import Budget
-from pice_cloud.service import AnswerEvent, PointEvent, ServiceSettings
+from pice_cloud.service import AnswerEvent, PointEvent
 from pice_edge.prompts import expansion_messages
 from pice_edge.protocol import Candidate
-from tests.conftest import Mosquitto
+from tests.conftest import Mosquitto, cloud_config
 
 Q = "How can I sleep better?"
 SKETCH = ["Keep a schedule", "Avoid screens at night"]
@@ -119,13 +118,11 @@ class BrokenSelector:
 @pytest.mark.parametrize("broken", [False, True])
 async def test_service_replicates_points_and_chooses(mosquitto: Mosquitto, tiny_model: Path, broken: bool) -> None:
     llm = TransformersBackend(tiny_model, threads=1)
-    settings = ServiceSettings(budget=Budget(max_points=2, tokens_per_point=8, sketch_tokens=30),
-                               ensemble_width=2, adaptive_budget=False)
+    settings = dict(max_points=2, tokens_per_point=8, sketch_tokens=30, ensemble_width=2, adaptive_budget=False)
     try:
-        async with local_system(llm, broker_url=mosquitto.url, edges=2, edge_model=tiny_model, edge_threads=1,
-                                settings=settings) as system:
-            recorder = RecordingSelector()
-            system.service.selector = BrokenSelector() if broken else recorder
+        config = cloud_config(mosquitto.url, edges=2, edge_model=tiny_model, service=settings)
+        recorder = RecordingSelector()
+        async with start_system(config, llm=llm, selector=BrokenSelector() if broken else recorder) as system:
             points: list[PointEvent] = []
             final = None
             async for event in system.service.answer(Q, mode="progressive"):

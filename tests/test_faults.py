@@ -16,13 +16,13 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from pice_cloud.bootstrap import System, start_system
 from pice_cloud.llm.transformers import TransformersBackend
-from pice_cloud.local import LocalSystem, local_system
-from pice_cloud.scheduler import Budget
-from pice_cloud.service import AnswerEvent, ServiceSettings
+from pice_cloud.service import AnswerEvent
 from pice_edge.protocol import (
     CANDIDATES_FILTER,
     CLOUD_STATUS_TOPIC,
@@ -33,9 +33,8 @@ from pice_edge.protocol import (
     edge_tasks_topic,
 )
 from pice_edge.transport import BrokerSettings, Message, MqttTransport
-from tests.conftest import Mosquitto
+from tests.conftest import Mosquitto, cloud_config, eventually
 from tests.procs import EdgeProcess
-from tests.test_transport import eventually
 
 pytestmark = pytest.mark.mosquitto
 log = logging.getLogger(__name__)  # the outcome of each fault, for the record (--log-cli-level=INFO)
@@ -47,9 +46,10 @@ DEADLINE_S = 4.0
 SLACK_S = 10.0
 
 
-def settings(deadline_s: float = DEADLINE_S) -> ServiceSettings:
-    return ServiceSettings(budget=Budget(max_points=4, tokens_per_point=8, sketch_tokens=40),
-                           deadline_floor_s=deadline_s, deadline_cap_s=deadline_s)
+def settings(deadline_s: float = DEADLINE_S) -> dict[str, Any]:
+    """The ``service`` section: a small budget and a fixed per-point deadline."""
+    return dict(max_points=4, tokens_per_point=8, sketch_tokens=40, deadline_floor_s=deadline_s,
+                deadline_cap_s=deadline_s)
 
 
 @pytest.fixture
@@ -75,7 +75,7 @@ def start_edge(edges: list[EdgeProcess], device_id: str, broker: Mosquitto, mode
     return proc
 
 
-async def answer(system: LocalSystem, mode: str = "progressive", limit: float = DEADLINE_S + SLACK_S + 20
+async def answer(system: System, mode: str = "progressive", limit: float = DEADLINE_S + SLACK_S + 20
                  ) -> tuple[AnswerEvent, float]:
     """One request, bounded: a hang fails the test instead of stalling the suite."""
     started = time.monotonic()
@@ -86,9 +86,8 @@ async def answer(system: LocalSystem, mode: str = "progressive", limit: float = 
 async def spy(url: str, topic_filter: str) -> tuple[MqttTransport, list[Message]]:
     got: list[Message] = []
     transport = MqttTransport(BrokerSettings(url=url))
-    transport.subscribe(topic_filter, got.append)
-    await transport.connect()
-    await asyncio.sleep(0.2)  # the SUBSCRIBE lands
+    transport.add_subscription(topic_filter, got.append)
+    await transport.connect()  # returns once the SUBACK is in
     return transport, got
 
 
@@ -99,11 +98,16 @@ async def test_edge_killed_while_holding_tasks(mosquitto: Mosquitto, tiny_model:
     start_edge(edges, "steady", mosquitto, tiny_model, tmp_path)
     watcher, tasks_seen = await spy(mosquitto.url, edge_tasks_topic("doomed"))
     try:
-        async with local_system(tiny_llm, broker_url=mosquitto.url, edges=0, settings=settings(30)) as system:
+        async with start_system(cloud_config(mosquitto.url, edges=0, service=settings(30)), llm=tiny_llm) as system:
             assert await system.service.fleet.wait_for(2, 60)
             request = asyncio.create_task(answer(system))
             await eventually(lambda: bool(tasks_seen), timeout=30)
-            await asyncio.sleep(0.2)  # the task reaches the edge's queue
+
+            def doomed_holds_a_task() -> bool:  # its heartbeat (0.5 s) reports the queue
+                info = system.service.fleet.get("doomed")
+                return info is not None and info.status.queue_depth > 0
+
+            await eventually(doomed_holds_a_task, timeout=10, what="the task in doomed's queue")
             doomed.kill()
             final, took = await request
             log.info("edge killed holding %d task(s): answered in %.1fs, %d point(s) by the cloud",
@@ -128,7 +132,7 @@ async def test_all_edges_gone_degrades_to_cloud_only(mosquitto: Mosquitto, tiny_
                                                      tmp_path: Path) -> None:
     # Heartbeats every 30 s: only the last will can tell the cloud quickly that they are gone.
     procs = [start_edge(edges, f"gone-{i}", mosquitto, tiny_model, tmp_path, heartbeat=30) for i in (1, 2)]
-    async with local_system(tiny_llm, broker_url=mosquitto.url, edges=0, settings=settings()) as system:
+    async with start_system(cloud_config(mosquitto.url, edges=0, service=settings()), llm=tiny_llm) as system:
         assert await system.service.fleet.wait_for(2, 60)
         for proc in procs:
             proc.kill()
@@ -145,7 +149,7 @@ async def test_broker_killed_and_restarted_mid_request(mosquitto: Mosquitto, tin
                                                        tmp_path: Path) -> None:
     for name in ("e1", "e2"):
         start_edge(edges, name, mosquitto, tiny_model, tmp_path)
-    async with local_system(tiny_llm, broker_url=mosquitto.url, edges=0, settings=settings()) as system:
+    async with start_system(cloud_config(mosquitto.url, edges=0, service=settings()), llm=tiny_llm) as system:
         service = system.service
         assert await service.fleet.wait_for(2, 60)
         first = await answer(system)
@@ -154,7 +158,7 @@ async def test_broker_killed_and_restarted_mid_request(mosquitto: Mosquitto, tin
         request = asyncio.create_task(answer(system))
         await eventually(lambda: service.aggregator.in_flight == 1, timeout=30)  # tasks are out
         mosquitto.kill()
-        await asyncio.sleep(1.0)
+        await eventually(lambda: not service.transport.connected, what="the cloud to notice the broker is gone")
         mosquitto.start()
         # In flight: it completes (edge candidates, or the cloud after the deadline); no hang.
         final, took = await request
@@ -181,7 +185,7 @@ async def test_slow_edge_late_candidates_are_ignored(mosquitto: Mosquitto, tiny_
     start_edge(edges, "slow", mosquitto, tiny_model, tmp_path, fault=("--delay", "3"))
     watcher, candidates = await spy(mosquitto.url, CANDIDATES_FILTER)
     try:
-        async with local_system(tiny_llm, broker_url=mosquitto.url, edges=0, settings=settings(1.0)) as system:
+        async with start_system(cloud_config(mosquitto.url, edges=0, service=settings(1.0)), llm=tiny_llm) as system:
             rejections = system.service.transport.rejections
             assert await system.service.fleet.wait_for(1, 60)
             final, took = await answer(system)
@@ -205,7 +209,7 @@ async def test_duplicate_candidates_are_deduplicated(mosquitto: Mosquitto, tiny_
     start_edge(edges, "twice", mosquitto, tiny_model, tmp_path, fault=("--duplicate",))
     watcher, candidates = await spy(mosquitto.url, CANDIDATES_FILTER)
     try:
-        async with local_system(tiny_llm, broker_url=mosquitto.url, edges=0, settings=settings(30)) as system:
+        async with start_system(cloud_config(mosquitto.url, edges=0, service=settings(30)), llm=tiny_llm) as system:
             rejections = system.service.transport.rejections
             assert await system.service.fleet.wait_for(1, 60)
             final, _ = await answer(system)
@@ -261,7 +265,7 @@ async def test_cloud_restarted_while_edges_run(mosquitto: Mosquitto, tiny_model:
 
     # Edges kept running and kept their retained status; a new cloud sees them at once.
     assert all(proc.alive for proc in edges)
-    async with local_system(tiny_llm, broker_url=mosquitto.url, edges=0, settings=settings(30)) as system:
+    async with start_system(cloud_config(mosquitto.url, edges=0, service=settings(30)), llm=tiny_llm) as system:
         assert await system.service.fleet.wait_for(2, 2.0), "retained statuses did not register the edges"
         for info in system.service.fleet.live():
             assert isinstance(info.status, EdgeStatus)

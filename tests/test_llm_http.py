@@ -9,18 +9,15 @@ from pathlib import Path
 
 import pytest
 
+from pice_cloud.bootstrap import start_system
 from pice_cloud.errors import BackendError
 from pice_cloud.llm import create_backend
 from pice_cloud.llm.base import ChatRequest, LLMBackend
 from pice_cloud.llm.openai_http import OpenAIHTTPBackend
 from pice_cloud.llm.transformers import TransformersBackend
-from pice_cloud.local import local_system
-from pice_cloud.scheduler import Budget
-from pice_cloud.service import ServiceSettings
 from pice_cloud.sketch import SKETCH_PREFILL, sketch_messages
 from pice_edge.runtimes.base import ChatMessage
-from tests.conftest import Mosquitto
-from tests.test_server import QUESTION, Api, serving
+from tests.conftest import QUESTION, Api, Mosquitto, cloud_config, serving
 
 
 @pytest.fixture
@@ -66,15 +63,15 @@ async def test_http_backend_matches_the_model_behind_it(upstream: Api, direct: T
 async def test_pice_service_runs_on_the_http_backend(upstream: Api, mosquitto: Mosquitto, tiny_model: Path) -> None:
     """A whole PICE system whose cloud LLM is the remote server: sketch over HTTP, edges expand."""
     backend = OpenAIHTTPBackend(upstream.url + "/v1", "pice")
-    settings = ServiceSettings(budget=Budget(max_points=3, tokens_per_point=8, sketch_tokens=30))
+    settings = dict(max_points=3, tokens_per_point=8, sketch_tokens=30)
     try:
         # Without continue_final_message the sketch's pre-fill is not sent: whatever comes back
         # is parsed as an outline (the tiny random model writes noise; the parser copes).
         [sketch] = await backend.complete([ChatRequest(sketch_messages(QUESTION, max_points=3, max_words=6),
                                                        max_tokens=30, prefill=SKETCH_PREFILL)])
         assert not sketch.text.lstrip().startswith(SKETCH_PREFILL)
-        async with local_system(backend, broker_url=mosquitto.url, edges=1, edge_model=tiny_model, edge_threads=1,
-                                settings=settings, cloud_id="cloud-b") as system:
+        config = cloud_config(mosquitto.url, edges=1, edge_model=tiny_model, service=settings, cloud_id="cloud-b")
+        async with start_system(config, llm=backend) as system:
             final = await system.service.ask(QUESTION, mode="progressive")
     finally:
         await backend.close()

@@ -14,7 +14,7 @@ from pice_edge.errors import ConfigError
 from pice_edge.profiles import PROFILES_ENV, find_profile, list_profiles, load_profile, packaged_dir
 from pice_edge.protocol import EdgeStatus, decode, edge_status_topic
 from pice_edge.transport import BrokerSettings, Message, MqttTransport
-from tests.conftest import Mosquitto
+from tests.conftest import Mosquitto, eventually
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE_DIR = ROOT / "firmware_configs"
@@ -151,7 +151,7 @@ async def test_run_uses_the_profile_and_flags_override_it(mosquitto: Mosquitto, 
     def on_status(message: Message) -> None:
         statuses.append(decode(EdgeStatus, message.payload))
 
-    watcher.subscribe(edge_status_topic(device), on_status)
+    watcher.add_subscription(edge_status_topic(device), on_status)
     await watcher.connect()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "pice_edge.cli", "run", "--profile", "x86-cpu-dev", "--max-batch", "2",
@@ -160,11 +160,9 @@ async def test_run_uses_the_profile_and_flags_override_it(mosquitto: Mosquitto, 
         env={**os.environ},
     )
     try:
-        deadline = asyncio.get_running_loop().time() + 120
-        while not any(s.online for s in statuses):
-            assert proc.returncode is None, "edge exited early"
-            assert asyncio.get_running_loop().time() < deadline, "no status from the edge"
-            await asyncio.sleep(0.1)
+        await eventually(lambda: any(s.online for s in statuses) or proc.returncode is not None, timeout=120,
+                         what="a status from the edge")
+        assert proc.returncode is None, "edge exited early"
         status = next(s for s in statuses if s.online)
         assert (status.profile, status.max_batch, status.runtime) == ("x86-cpu-dev", 2, "transformers")
         proc.terminate()

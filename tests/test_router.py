@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from pice_cloud.bootstrap import start_system
 from pice_cloud.errors import CloudError
 from pice_cloud.llm.transformers import TransformersBackend
-from pice_cloud.local import local_system
 from pice_cloud.router import (
     EmbeddingRouter,
     HeuristicRouter,
@@ -29,10 +29,9 @@ from pice_cloud.router import (
     is_held_out,
     read_labels,
 )
-from pice_cloud.scheduler import Budget, choose_mode
-from pice_cloud.service import ServiceSettings
+from pice_cloud.scheduler import choose_mode
 from pice_edge.errors import ConfigError
-from tests.conftest import Mosquitto
+from tests.conftest import Mosquitto, cloud_config
 
 DATA = Path(os.environ.get("PICE_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data")) / "sot_router"
 CODING = "Write a Python function that returns the n-th Fibonacci number."
@@ -229,9 +228,9 @@ class _Broken:
 
 async def _route_through_service(mosquitto: Mosquitto, tiny_model: Path, llm: TransformersBackend,
                                  router: ModeRouter) -> dict[str, tuple[str, float | None]]:
-    settings = ServiceSettings(budget=Budget(max_points=3, tokens_per_point=8, sketch_tokens=30), max_answer_tokens=16)
-    async with local_system(llm, broker_url=mosquitto.url, edges=1, edge_model=tiny_model, edge_threads=1,
-                            settings=settings, router=router) as system:
+    settings = dict(max_points=3, tokens_per_point=8, sketch_tokens=30, max_answer_tokens=16)
+    config = cloud_config(mosquitto.url, edges=1, edge_model=tiny_model, service=settings)
+    async with start_system(config, llm=llm, router=router) as system:
         out = {}
         for name, question in (("coding", CODING), ("generic", GENERIC)):
             final = await system.service.ask(question)
@@ -266,9 +265,9 @@ async def test_service_routes_coding_to_cloud_and_generic_to_edges(
 async def test_a_failing_router_does_not_fail_the_request(
     mosquitto: Mosquitto, tiny_model: Path, tiny_llm: TransformersBackend, caplog: pytest.LogCaptureFixture
 ) -> None:
-    settings = ServiceSettings(budget=Budget(max_points=2, tokens_per_point=6, sketch_tokens=20))
-    async with local_system(tiny_llm, broker_url=mosquitto.url, edges=1, edge_model=tiny_model, edge_threads=1,
-                            settings=settings, router=_Broken()) as system:
+    settings = dict(max_points=2, tokens_per_point=6, sketch_tokens=20)
+    config = cloud_config(mosquitto.url, edges=1, edge_model=tiny_model, service=settings)
+    async with start_system(config, llm=tiny_llm, router=_Broken()) as system:
         final = await system.service.ask(CODING)
     assert final.stats.mode == "progressive"
     assert final.stats.route_probability is None
@@ -277,9 +276,9 @@ async def test_a_failing_router_does_not_fail_the_request(
 
 async def test_no_live_edges_skips_the_router(embedded_broker: str, tiny_llm: TransformersBackend) -> None:
     router = _Recording(HeuristicRouter())
-    settings = ServiceSettings(max_answer_tokens=8)
-    async with local_system(tiny_llm, broker_url=embedded_broker, edges=0, settings=settings,
-                            router=router) as system:
+    settings = dict(max_answer_tokens=8)
+    config = cloud_config(embedded_broker, edges=0, service=settings)
+    async with start_system(config, llm=tiny_llm, router=router) as system:
         final = await system.service.ask(GENERIC)
     assert final.stats.mode == "cloud"
     assert router.questions == []

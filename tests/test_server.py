@@ -13,8 +13,6 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,59 +20,9 @@ import httpx
 import openai
 import pytest
 
-from pice_cloud.config import load_config
-from pice_cloud.llm.transformers import TransformersBackend
-from pice_cloud.local import LocalSystem, local_system
-from pice_cloud.server import ApiServer, ApiState, bind, create_app, running, url_of
 from pice_edge.protocol import CLOUD_STATUS_TOPIC, CloudStatus, EdgeStatus, decode, edge_status_topic, encode
 from pice_edge.transport import BrokerSettings, Message, MqttTransport
-from tests.conftest import Mosquitto
-
-QUESTION = "How can I improve my time management skills?"
-SMALL = {"service": {"max_points": 3, "tokens_per_point": 8, "sketch_tokens": 30, "max_answer_tokens": 24}}
-
-
-@dataclass
-class Api:
-    url: str
-    system: LocalSystem
-    state: ApiState
-    server: ApiServer
-
-    clients: list[openai.AsyncOpenAI] = field(default_factory=list)
-
-    def client(self) -> openai.AsyncOpenAI:
-        """The official client on this server (closed with it). No retries: the tests look at
-        each status the server answers."""
-        client = openai.AsyncOpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-        self.clients.append(client)
-        return client
-
-
-@asynccontextmanager
-async def serving(model: Path, broker_url: str, *, edges: int, overrides: dict[str, Any] | None = None,
-                  ) -> AsyncIterator[Api]:
-    """The real app on a free loopback port, over ``broker_url``, with ``edges`` local nodes."""
-    flags: dict[str, Any] = {**SMALL, "server": {"port": 0}, "broker": {"url": broker_url}}
-    for section, values in (overrides or {}).items():
-        flags[section] = {**flags.get(section, {}), **values}
-    config = load_config(None, flags)
-    llm = TransformersBackend(model, threads=1)
-    sock = bind("127.0.0.1", 0)
-    try:
-        async with local_system(llm, broker_settings=config.broker, edges=edges, edge_model=model, edge_threads=1,
-                                settings=config.service.to_settings()) as system:
-            app = create_app(system.service, llm, config)
-            async with running(app, sock) as server:
-                api = Api(url_of(sock), system, app.state.pice, server)
-                try:
-                    yield api
-                finally:
-                    for client in api.clients:
-                        await client.close()
-    finally:
-        sock.close()
-        await llm.close()
+from tests.conftest import QUESTION, Api, Mosquitto, eventually, serving
 
 
 @pytest.fixture
@@ -174,7 +122,6 @@ async def test_models_health_and_metrics(api: Api) -> None:
         health = (await http.get("/health")).json()
         assert health["status"] == "ok"
         assert health["broker_connected"] is True
-        assert health["llm_loaded"] is True
         assert health["live_edges"] == 2
         assert health["in_flight"] == 0
         metrics = (await http.get("/metrics")).text
@@ -322,16 +269,10 @@ async def test_client_disconnect_mid_stream_cancels_the_request(mosquitto: Mosqu
             first = await stream.__anext__()
             assert first.choices[0].delta.role == "assistant"
             # Wait until the points are out to the (silent) edge: the request now waits 45 s.
-            for _ in range(1200):
-                if aggregator.in_flight:
-                    break
-                await asyncio.sleep(0.05)
-            assert aggregator.in_flight == 1
-            started = time.monotonic()
+            await eventually(lambda: aggregator.in_flight == 1, timeout=60, what="the points to go out")
             await stream.close()
-            while aggregator.in_flight or served.state.admission.active:
-                assert time.monotonic() - started < 10, "the disconnected request kept running"
-                await asyncio.sleep(0.05)
+            await eventually(lambda: not aggregator.in_flight and not served.state.admission.active, timeout=10,
+                             what="the disconnected request to stop")
             cancelled = served.state.metrics.registry.get_sample_value(
                 "pice_requests_total", {"mode": "progressive", "outcome": "cancelled"})
             assert cancelled == 1
@@ -356,10 +297,7 @@ async def test_shutdown_refuses_new_requests_and_ends_overdue_ones_with_an_error
             await stream.__anext__()
             served.server.begin_shutdown()  # what SIGTERM does first
             async with httpx.AsyncClient(base_url=served.url) as http:
-                for _ in range(100):
-                    if served.state.admission.draining:
-                        break
-                    await asyncio.sleep(0.01)
+                await eventually(lambda: served.state.admission.draining, timeout=1, what="draining")
                 refused = await http.post("/v1/chat/completions", json={
                     "model": "pice", "messages": [{"role": "user", "content": "Hi?"}]})
                 health = await http.get("/health")
@@ -438,7 +376,7 @@ def test_serve_subprocess_sigterm_finishes_in_flight_and_publishes_offline(
 async def _assert_cloud_offline(url: str) -> None:
     got: asyncio.Queue[Message] = asyncio.Queue()
     transport = MqttTransport(BrokerSettings(url=url))
-    transport.subscribe(CLOUD_STATUS_TOPIC, got.put_nowait)
+    transport.add_subscription(CLOUD_STATUS_TOPIC, got.put_nowait)
     await transport.connect()
     try:
         message = await asyncio.wait_for(got.get(), 10)

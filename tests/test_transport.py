@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
-
 import pytest
 
 from pice_edge.errors import TransportError
 from pice_edge.transport import BrokerSettings, Message, MqttTransport, parse_broker_url
-from tests.conftest import Mosquitto
+from tests.conftest import Mosquitto, eventually
 
 pytestmark = pytest.mark.mosquitto
-
-
-async def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
 
 
 def test_broker_url_parsing() -> None:
@@ -48,7 +37,7 @@ async def test_reconnects_and_resubscribes_after_broker_restart(mosquitto: Mosqu
     pub = MqttTransport(settings, client_id="pub")
     hooks: list[int] = []
     sub.on_connect(lambda: hooks.append(1))
-    sub.subscribe("pice/test/#", got.append)
+    sub.add_subscription("pice/test/#", got.append)
     await sub.connect()
     await pub.connect()
     try:
@@ -59,8 +48,7 @@ async def test_reconnects_and_resubscribes_after_broker_restart(mosquitto: Mosqu
         await eventually(lambda: not sub.connected and not pub.connected)
         mosquitto.start()  # same port; clean sessions, so only a resubscribe brings messages back
         await eventually(lambda: sub.connected and pub.connected, timeout=15)
-        await eventually(lambda: len(hooks) == 2)
-        await asyncio.sleep(0.2)  # let the SUBSCRIBE land before publishing
+        await eventually(lambda: len(hooks) == 2)  # hooks run once the resubscription is acknowledged
         assert await pub.publish_and_wait("pice/test/b", b"two")
         await eventually(lambda: [m.payload for m in got] == [b"one", b"two"])
         assert sub.connect_count == 2
@@ -77,8 +65,8 @@ async def test_oversized_and_faulty_handlers_are_counted_not_fatal(mosquitto: Mo
     def broken(message: Message) -> None:
         raise RuntimeError("handler bug")
 
-    small.subscribe("pice/x/ok", got.append)
-    small.subscribe("pice/x/#", broken)
+    small.add_subscription("pice/x/ok", got.append)
+    small.add_subscription("pice/x/#", broken)
     await small.connect()
     await big.connect()
     try:

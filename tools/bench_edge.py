@@ -73,7 +73,7 @@ async def _measure(model: str, runtime_name: str, batch: int, threads: int, task
             done.set()
 
     cloud = MqttTransport(settings, client_id="bench-cloud")
-    cloud.subscribe(CANDIDATES_FILTER, on_candidate)
+    cloud.add_subscription(CANDIDATES_FILTER, on_candidate)
     await node.start()
     await cloud.connect()
 

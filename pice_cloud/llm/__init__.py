@@ -17,11 +17,12 @@ from typing import Any
 
 from pice_cloud.errors import BackendError
 from pice_cloud.llm.base import ChatRequest, Completion, LLMBackend, TokenCounter
+from pice_edge.model_store import DEFAULT_MODEL
 
 BACKENDS = ("transformers", "openai", "tensorrt_llm")
 
 
-def create_backend(kind: str, *, model: str | Path = "smollm2-135m-instruct", **options: Any) -> LLMBackend:
+def create_backend(kind: str, *, model: str | Path = DEFAULT_MODEL, **options: Any) -> LLMBackend:
     """The backend of ``kind`` on ``model``; ``options`` go to its constructor.
 
     - transformers: ``device``, ``dtype``, ``threads``

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from pice_cloud.llm.base import ChatRequest, Completion
+from pice_edge.model_store import DEFAULT_MODEL
 from pice_edge.runtimes.base import ChatMessage, GenerationRequest
 from pice_edge.runtimes.transformers import TransformersRuntime
 
@@ -19,7 +20,7 @@ class TransformersBackend:
 
     name = "transformers"
 
-    def __init__(self, model: str | Path = "smollm2-135m-instruct", *, device: str = "cpu",
+    def __init__(self, model: str | Path = DEFAULT_MODEL, *, device: str = "cpu",
                  dtype: str = "float32", threads: int | None = None) -> None:
         self.runtime = TransformersRuntime(model, device=device, dtype=dtype, threads=threads)
         self.model_id = self.runtime.model_id

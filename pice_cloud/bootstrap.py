@@ -1,0 +1,237 @@
+"""Building and starting a complete, configured PICE system from one `CloudConfig`.
+
+This is the one way the parts are assembled; `pice-cloud ask`, `pice-cloud serve`, the examples
+and the tests all go through `start_system`:
+
+    config -> LLM backend (`build_backend`)        -> mode router (`build_router`)
+           -> broker: external, or embedded        -> ensemble selector (`build_selector`)
+           -> local edge nodes (single host)       -> `PiceService` (connected, subscribed)
+           -> zeroconf advertisement (`discovery`) -> `System` handles, torn down in reverse
+
+The HTTP API is built on top of a `System` by `pice_cloud.server.create_app`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final
+
+from pice_cloud.broker import EmbeddedBroker
+from pice_cloud.config import CloudConfig, LLMConfig, RouterKind, SelectorKind
+from pice_cloud.ensemble import ConfidenceSelector, EnsembleWeights, LearnedSelector, LikelihoodScorer, Selector
+from pice_cloud.llm import create_backend
+from pice_cloud.llm.base import LLMBackend
+from pice_cloud.router import EmbeddingRouter, HeuristicRouter, ModeRouter
+from pice_cloud.service import PiceService
+from pice_edge.errors import PiceError
+from pice_edge.protocol import CLOUD_STATUS_TOPIC, CloudStatus, encode
+from pice_edge.transport import BrokerSettings, MqttTransport
+
+if TYPE_CHECKING:
+    from pice_edge.discovery import Discovery
+    from pice_edge.node import EdgeNode
+
+log = logging.getLogger(__name__)
+
+#: How long the cloud's offline status may take to reach the broker at shutdown (seconds).
+OFFLINE_STATUS_TIMEOUT_S: Final = 2.0
+
+
+class _FromConfig:
+    """Marker: build this part from the configuration."""
+
+    def __repr__(self) -> str:
+        return "FROM_CONFIG"
+
+
+FROM_CONFIG: Final = _FromConfig()
+
+
+@dataclass
+class System:
+    """Handles to the running parts of one cloud process."""
+
+    config: CloudConfig
+    llm: LLMBackend
+    service: PiceService
+    #: The broker everything talks through (the embedded one's loopback URL, or the configured one).
+    broker_url: str
+    edges: list[EdgeNode] = field(default_factory=list)
+    discovery: Discovery | None = None
+
+
+def build_backend(config: LLMConfig) -> LLMBackend:
+    """The cloud LLM backend ``config`` describes (loads the model for local backends).
+
+    Raises:
+        PiceError: the backend's library or the model is missing (the message says what to do).
+    """
+    if config.kind == "transformers":
+        options: dict[str, Any] = {"device": config.device, "dtype": config.dtype, "threads": config.threads}
+    elif config.kind == "openai":
+        options = {"url": config.url, "api_key": config.api_key.get_secret_value() if config.api_key else None,
+                   "timeout_s": config.timeout_s, "max_parallel": config.max_parallel,
+                   "continue_final_message": config.continue_final_message}
+    else:
+        options = {}
+    return create_backend(config.kind, model=config.model, **options)
+
+
+def build_router(kind: RouterKind) -> ModeRouter | None:
+    """The mode router for ``auto`` requests: the learned one (MiniLM + logistic regression,
+    falling back to the heuristic when MiniLM is not fetched), the keyword heuristic, or none
+    (progressive whenever edges are live)."""
+    if kind == "off":
+        return None
+    if kind == "heuristic":
+        return HeuristicRouter()
+    return EmbeddingRouter.load()
+
+
+def build_selector(kind: SelectorKind, llm: LLMBackend, ensemble_width: int) -> Selector:
+    """The ensemble selector. ``learned`` uses the fitted weights with the cloud LLM as scorer
+    (when the backend can score) and MiniLM for the similarity features (when fetched); a
+    feature whose part is missing contributes nothing, so selection still works.
+
+    With ``ensemble_width`` 1 no point ever has two candidates: nothing is loaded."""
+    if kind == "confidence" or ensemble_width <= 1:
+        return ConfidenceSelector()
+    scorer: LikelihoodScorer | None = llm if callable(getattr(llm, "score", None)) else None  # type: ignore[assignment]
+    embedder = None
+    try:
+        from pice_cloud.embeddings import Embedder
+
+        embedder = Embedder()
+    except PiceError as exc:
+        log.warning("ensemble selection without similarity features: %s", exc)
+    return LearnedSelector(EnsembleWeights.load(), scorer=scorer, embedder=embedder)
+
+
+@contextlib.asynccontextmanager
+async def start_system(
+    config: CloudConfig,
+    *,
+    llm: LLMBackend | None = None,
+    router: ModeRouter | _FromConfig | None = FROM_CONFIG,
+    selector: Selector | _FromConfig = FROM_CONFIG,
+    api_url: str = "",
+) -> AsyncIterator[System]:
+    """Start everything ``config`` describes; stop it all when the block ends.
+
+    Args:
+        config: the validated configuration (`pice_cloud.config.load_config`).
+        llm: an already built cloud LLM to use instead of ``config.llm`` (the caller closes it);
+            by default the backend is built here and closed at the end.
+        router, selector: parts to use instead of the configured ones (tests, embedding).
+        api_url: the HTTP API's URL, published in the cloud's status and zeroconf record.
+
+    Raises:
+        PiceError: a part could not be built or started (model, broker, edges); the message
+            says which and what to do.
+    """
+    own_llm = llm is None
+    backend = await asyncio.to_thread(build_backend, config.llm) if llm is None else llm
+    broker: EmbeddedBroker | None = None
+    nodes: list[EdgeNode] = []
+    transport: MqttTransport | None = None
+    discovery: Discovery | None = None
+    try:
+        if isinstance(router, _FromConfig):
+            router = await asyncio.to_thread(build_router, config.service.router)
+        if isinstance(selector, _FromConfig):
+            selector = await asyncio.to_thread(build_selector, config.service.selector, backend,
+                                               config.service.ensemble_width)
+        if config.broker is None:
+            broker = EmbeddedBroker()
+            broker_settings = BrokerSettings(url=await broker.start())
+        else:
+            broker_settings = config.broker
+        nodes = await _start_local_edges(config, broker_settings)
+        transport = MqttTransport(
+            broker_settings, client_id=config.cloud_id,
+            will=(CLOUD_STATUS_TOPIC, encode(CloudStatus(cloud_id=config.cloud_id, online=False))),
+        )
+        service = PiceService(backend, transport, config=config.service, router=router, selector=selector,
+                              cloud_max_batch=config.llm.max_batch)
+        await transport.connect()
+        transport.publish(CLOUD_STATUS_TOPIC,
+                          encode(CloudStatus(cloud_id=config.cloud_id, online=True, api_url=api_url)), retain=True)
+        if nodes and not await service.fleet.wait_for(len(nodes), config.edges.wait_s):
+            log.warning("only %d of %d local edges registered within %.0fs", len(service.fleet.live()), len(nodes),
+                        config.edges.wait_s)
+        discovery = await _advertise(config, service, broker_settings.url, api_url)
+        yield System(config=config, llm=backend, service=service, broker_url=broker_settings.url, edges=nodes,
+                     discovery=discovery)
+    finally:
+        if discovery is not None:
+            await discovery.close()
+        if transport is not None:
+            if transport.connected:
+                await transport.publish_and_wait(
+                    CLOUD_STATUS_TOPIC,
+                    encode(CloudStatus(cloud_id=config.cloud_id, online=False, api_url=api_url)), retain=True,
+                    timeout=OFFLINE_STATUS_TIMEOUT_S,
+                )
+            await transport.close()
+        for node in nodes:
+            await node.stop()
+        if broker is not None:
+            await broker.stop()
+        if own_llm:
+            await backend.close()
+
+
+async def _start_local_edges(config: CloudConfig, broker: BrokerSettings) -> list[EdgeNode]:
+    """The in-process edge nodes of the single-host setup (they share one copy of the weights
+    with each other, and with the cloud when they name the same model)."""
+    count = config.local_edges
+    if not count:
+        return []
+    from pice_edge.node import EdgeNode
+    from pice_edge.runtimes import create_runtime
+
+    nodes: list[EdgeNode] = []
+    try:
+        for i in range(count):
+            runtime = await asyncio.to_thread(create_runtime, config.edges.runtime, model=config.edge_model,
+                                              threads=config.edges.threads)
+            node = EdgeNode(runtime, device_id=f"local-edge-{i + 1}", broker=broker, profile="local",
+                            max_batch=config.edges.max_batch)
+            await node.start()
+            nodes.append(node)
+    except BaseException:
+        for node in nodes:
+            await node.stop()
+        raise
+    return nodes
+
+
+async def _advertise(config: CloudConfig, service: PiceService, broker_url: str, api_url: str) -> Discovery | None:
+    """Advertise the cloud and its broker on zeroconf and watch for edges (``discovery``)."""
+    disc = config.discovery
+    if not disc.enabled:
+        return None
+    from pice_edge.discovery import CloudAdvert, Discovery, parse_interfaces
+
+    interfaces = disc.interfaces
+    if interfaces == "auto":
+        # Advertise where we serve: a loopback-only service stays off the LAN.
+        host = config.server.host
+        interfaces = "127.0.0.1" if host.startswith("127.") or host == "localhost" else "all"
+    discovery = Discovery(parse_interfaces(interfaces))
+    try:
+        await discovery.start()
+        await discovery.advertise_cloud(CloudAdvert(cloud_id=config.cloud_id, broker_url=broker_url,
+                                                    fleet=disc.fleet, api_url=api_url))
+        service.fleet.watch_zeroconf(discovery, disc.fleet)
+    except Exception as exc:
+        # Discovery is a convenience: edges can always be given --broker.
+        log.warning("zeroconf advertisement failed (%s); edges need --broker %s", exc, broker_url)
+        await discovery.close()
+        return None
+    log.info("advertised cloud %s (broker %s) on zeroconf, fleet %s", config.cloud_id, broker_url, disc.fleet)
+    return discovery

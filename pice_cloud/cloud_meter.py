@@ -1,0 +1,48 @@
+"""The cloud LLM as the scheduler sees it: how busy it is and how fast it decodes.
+
+Every call the request path makes to the cloud LLM goes through `CloudMeter.complete`, which
+counts the calls in flight and keeps a moving average of the per-sequence decode speed (as
+edges report theirs), so that `CloudMeter.view` gives the scheduler a fresh `CloudView`.
+"""
+
+from __future__ import annotations
+
+import time
+
+from pice_cloud import defaults
+from pice_cloud.llm.base import ChatRequest, Completion, LLMBackend
+from pice_cloud.scheduler import CloudView
+
+
+class CloudMeter:
+    """Wraps an `LLMBackend`; measures its load and decode speed."""
+
+    def __init__(self, llm: LLMBackend, *, max_batch: int = defaults.CLOUD_MAX_BATCH) -> None:
+        self.llm = llm
+        self.max_batch = max_batch
+        #: Calls to the cloud LLM in flight (a call may carry a batch of requests).
+        self.busy = 0
+        #: Moving average of the per-sequence decode speed, tokens/s (0 until measured).
+        self.tokens_per_s = 0.0
+
+    async def complete(self, requests: list[ChatRequest]) -> list[Completion]:
+        """Run ``requests`` on the cloud LLM, recording load and speed."""
+        self.busy += 1
+        started = time.perf_counter()
+        try:
+            results = await self.llm.complete(requests)
+        finally:
+            self.busy -= 1
+        self._sample(max((r.tokens for r in results), default=0), time.perf_counter() - started)
+        return results
+
+    def _sample(self, longest: int, elapsed: float) -> None:
+        if elapsed <= 0 or longest < defaults.MIN_RATE_SAMPLE_TOKENS:
+            return
+        rate = longest / elapsed  # per-sequence speed: a batch's sequences decode side by side
+        w = defaults.CLOUD_RATE_SAMPLE_WEIGHT
+        self.tokens_per_s = rate if self.tokens_per_s == 0 else (1 - w) * self.tokens_per_s + w * rate
+
+    def view(self) -> CloudView:
+        """The scheduler's snapshot of the cloud LLM now."""
+        return CloudView(queue_depth=self.busy, tokens_per_s=self.tokens_per_s, max_batch=self.max_batch)

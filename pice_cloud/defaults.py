@@ -1,0 +1,60 @@
+"""Every default of the cloud's request path, in one place, with units.
+
+The typed configuration (`pice_cloud.config`), the scheduler's `Budget` and the service read
+these names; nothing else spells a default out. Protocol limits (id and fleet-name patterns,
+payload and text sizes) live with the wire protocol in `pice_edge.protocol`.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from pice_edge.model_store import DEFAULT_MODEL
+
+__all__ = ["DEFAULT_MODEL"]
+
+# --- sketch and expansion budget (an idle system's; `plan_budget` shortens it under load) ------
+#: Most points in a sketch.
+MAX_POINTS: Final = 6
+#: Most words in one sketch heading.
+MAX_WORDS: Final = 6
+#: Decode budget of the sketch (tokens).
+SKETCH_TOKENS: Final = 64
+#: Decode budget of one point's expansion (tokens).
+TOKENS_PER_POINT: Final = 80
+#: Longest cloud-only answer (tokens).
+MAX_ANSWER_TOKENS: Final = 400
+
+# --- ensemble and deadlines ---------------------------------------------------------------------
+#: Most edges expanding one point; replicas only use free slots.
+ENSEMBLE_WIDTH: Final = 1
+#: A point's deadline is DEADLINE_FACTOR x its predicted finish, clamped to [floor, cap] seconds.
+DEADLINE_FLOOR_S: Final = 5.0
+DEADLINE_FACTOR: Final = 3.0
+DEADLINE_CAP_S: Final = 60.0
+
+# --- edge sampling ------------------------------------------------------------------------------
+#: 0 is greedy decoding.
+TEMPERATURE: Final = 0.0
+TOP_P: Final = 1.0
+
+# --- measurement smoothing (exponential moving averages: new = (1 - w) * old + w * sample) -------
+#: Weight of a new sample of the cloud LLM's decode speed: responsive within a few requests.
+CLOUD_RATE_SAMPLE_WEIGHT: Final = 0.3
+#: Weight of a new sample of an edge's link delay: a delay sample includes queueing noise, so
+#: it moves slower than the decode speed.
+LINK_DELAY_SAMPLE_WEIGHT: Final = 0.2
+#: Shortest generation (tokens) whose timing counts as a decode-speed sample: below it, the
+#: prefill dominates and the rate would read low.
+MIN_RATE_SAMPLE_TOKENS: Final = 8
+
+# --- the cloud LLM ----------------------------------------------------------------------------
+#: Requests the cloud LLM batches together (for the scheduler's load estimate).
+CLOUD_MAX_BATCH: Final = 1
+
+# --- local edges (single-host setup) ----------------------------------------------------------
+#: In-process edges on the embedded broker (0 with an external broker).
+LOCAL_EDGES: Final = 2
+EDGE_MAX_BATCH: Final = 4
+#: Seconds to wait for edges to register at start.
+EDGE_WAIT_S: Final = 5.0

@@ -1,0 +1,141 @@
+"""The FastAPI app: routes (``POST /v1/chat/completions``, ``GET /v1/models``, ``/health``,
+``/metrics``), authorisation, request parsing and the OpenAI error shape. State lives on
+``app.state.pice`` (an `ApiState`), built by `create_app`; nothing is global.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pice_cloud.config import CloudConfig
+from pice_cloud.llm.base import LLMBackend
+from pice_cloud.metrics import CONTENT_TYPE, Metrics
+from pice_cloud.openai_schema import APIError, ChatCompletionRequest, models_list, parse_request
+from pice_cloud.server.admission import Admission
+from pice_cloud.server.completion import ChatJob, ClientGone, GuardedStream, api_error, error_response
+from pice_cloud.server.state import ApiState
+from pice_cloud.service import PiceService
+
+log = logging.getLogger(__name__)
+
+
+def create_app(service: PiceService, llm: LLMBackend, config: CloudConfig) -> FastAPI:
+    """The FastAPI app serving ``service``; its state is on ``app.state.pice``."""
+    server_cfg = config.server
+    admission = Admission(server_cfg.max_concurrent, server_cfg.max_queue, queue_timeout_s=server_cfg.queue_timeout_s,
+                          retry_after_s=server_cfg.retry_after_s)
+    metrics = Metrics(service.transport.rejections, live_edges=lambda: len(service.fleet.live()),
+                      queued=lambda: admission.queued, in_flight=lambda: admission.active)
+    state = ApiState(service=service, llm=llm, config=config, admission=admission, metrics=metrics)
+    app = FastAPI(title="PICE", description="Progressive inference across cloud and edge; OpenAI-compatible API",
+                  docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.pice = state
+    api_key = server_cfg.api_key.get_secret_value() if server_cfg.api_key else None
+
+    @app.exception_handler(APIError)
+    async def _onapi_error(request: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return error_response(APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                                        code=code))
+
+    def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        if request.headers.get("authorization", "") != f"Bearer {api_key}":
+            raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
+                           type="authentication_error", code="invalid_api_key")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        authorize(request)
+        try:
+            req = await _parse(request, state)
+        except APIError:
+            metrics.requests.labels("unknown", "invalid").inc()
+            raise
+        try:
+            await admission.acquire()
+        except APIError:
+            metrics.requests.labels(req.pice.mode, "rejected").inc()
+            raise
+        job = ChatJob(state, req, request)
+        if req.stream:
+            return GuardedStream(job)
+        try:
+            return JSONResponse(await job.run())
+        except ClientGone:
+            log.info("%s: client disconnected; request cancelled", job.id)
+            job.record(None, "cancelled")
+            return Response(status_code=499)
+        except Exception as exc:
+            job.record(None, "error")
+            return error_response(api_error(exc))
+        finally:
+            job.release()
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> JSONResponse:
+        authorize(request)
+        return JSONResponse(models_list(state.model_ids, state.created))
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        live = [e.device_id for e in service.fleet.live()]
+        connected = service.transport.connected
+        if admission.draining:
+            status = "shutting_down"
+        elif connected and live:
+            status = "ok"
+        else:
+            status = "degraded"  # cloud-only answers still work
+        body = {"status": status, "broker_connected": connected,
+                "llm": {"backend": llm.name, "model": llm.model_id}, "live_edges": len(live), "edges": live,
+                "in_flight": admission.active, "queued": admission.queued}
+        return JSONResponse(body, status_code=503 if admission.draining else 200)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    return app
+
+
+async def _parse(request: Request, state: ApiState) -> ChatCompletionRequest:
+    limit = state.config.server.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"request body over {limit} bytes", code="request_too_large")
+    async def read() -> bytes:
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > limit:
+                raise APIError(413, f"request body over {limit} bytes", code="request_too_large")
+        return bytes(body)
+
+    # A client that trickles its body (slow-loris) must not hold a connection and a task forever.
+    wait = state.config.server.body_timeout_s
+    try:
+        body = await asyncio.wait_for(read(), timeout=wait)
+    except asyncio.TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {wait:g}s", code="request_timeout") from None
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    req = parse_request(data, max_tokens_limit=state.config.server.max_tokens_limit)
+    if req.model not in state.model_ids:
+        raise APIError(404, f"the model {req.model!r} does not exist; this server serves "
+                            f"{', '.join(repr(i) for i in state.model_ids)} (see GET /v1/models)",
+                       param="model", code="model_not_found")
+    return req

@@ -1,0 +1,260 @@
+"""One admitted chat completion: runs the service's event stream for it, watches the client
+and the shutdown, and serialises the answer as one ``chat.completion`` or as server-sent events.
+
+A progressive answer is streamed in point order, each point as soon as it and all before it
+are settled: the streamed deltas concatenate to exactly the non-streamed text. A client that
+disconnects cancels its request's work; past the shutdown grace period a request still running
+ends with an error event or a 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from pice_cloud.errors import BackendError, CloudError
+from pice_cloud.llm.base import count_prompt_tokens, count_tokens
+from pice_cloud.openai_schema import (
+    APIError,
+    ChatCompletionRequest,
+    FinishReason,
+    chunk,
+    completion,
+    conversation,
+    error_body,
+    usage,
+    usage_chunk,
+)
+from pice_cloud.server.state import ApiState
+from pice_cloud.service import AnswerEvent, AnswerStats, Event, PointEvent, render_point
+from pice_edge.errors import PiceError
+
+log = logging.getLogger(__name__)
+
+
+async def _close(answer: AsyncGenerator[Event, None], tasks: list[asyncio.Future[Any]]) -> None:
+    """Cancel a request's tasks, then close the service's generator (its cleanup runs)."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await answer.aclose()
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected."""
+
+
+class _Aborted(Exception):
+    """The shutdown grace period ended before the request did."""
+
+
+def _sse(data: dict[str, Any] | str) -> bytes:
+    text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return f"data: {text}\n\n".encode()
+
+
+class ChatJob:
+    """One admitted chat completion: runs the service and watches the client and the shutdown."""
+
+    def __init__(self, state: ApiState, request: ChatCompletionRequest, http: Request) -> None:
+        self.state = state
+        self.request = request
+        self.http = http
+        self.id = "chatcmpl-" + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.question, self.messages = conversation(request)
+        self.started = time.perf_counter()
+        self.mode = request.pice.mode
+        self.first_content_s: float | None = None
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self.state.admission.release()
+
+    async def _watch_disconnect(self) -> None:
+        # The body is read, so the next ASGI message is the disconnect (or the response's end).
+        while True:
+            message = await self.http.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    async def events(self) -> AsyncGenerator[Event, None]:
+        """The service's events; raises `ClientGone` / `_Aborted`, closing the service's work."""
+        answer = self.state.service.answer(self.question, mode=self.request.pice.mode,
+                                           max_tokens=self.request.token_limit, messages=self.messages)
+        watcher = asyncio.ensure_future(self._watch_disconnect())
+        aborted = asyncio.ensure_future(self.state.aborted.wait())
+        step: asyncio.Future[Event] | None = None
+        try:
+            while True:
+                step = asyncio.ensure_future(anext(answer))
+                await asyncio.wait({step, watcher, aborted}, return_when=asyncio.FIRST_COMPLETED)
+                if watcher.done():
+                    raise ClientGone
+                if aborted.done():
+                    raise _Aborted
+                try:
+                    event = step.result()
+                except StopAsyncIteration:
+                    return
+                step = None
+                yield event
+        finally:
+            # Cancelling the pending step ends the service's generator inside its await, which
+            # runs its cleanup (supervisor cancelled, edges released, request closed).
+            # The caller may itself be under cancellation (Starlette cancels the response when
+            # the client goes, and anyio re-cancels every await in that scope): run the cleanup
+            # as its own task, held by the state so it is not garbage-collected half-way.
+            cleanup = asyncio.ensure_future(_close(answer, [t for t in (step, watcher, aborted) if t is not None]))
+            self.state.background.add(cleanup)
+            cleanup.add_done_callback(self.state.background.discard)
+            await asyncio.shield(cleanup)
+
+    def finish(self, final: AnswerEvent) -> tuple[FinishReason, dict[str, int], dict[str, Any]]:
+        """finish_reason, usage and the ``pice`` extension of a finished answer; records metrics."""
+        stats = final.stats
+        limit = min(self.request.token_limit or self.state.service.config.max_answer_tokens,
+                    self.state.service.config.max_answer_tokens)
+        finish: FinishReason = "length" if stats.mode == "cloud" and stats.cloud_tokens >= limit else "stop"
+        llm = self.state.llm
+        # Cloud-only: the answer is exactly what the LLM generated, so its own count is exact. A
+        # progressive answer adds headings to what the models wrote: count the text itself.
+        completion_tokens = stats.cloud_tokens if stats.mode == "cloud" else count_tokens(llm, final.text)
+        use = usage(count_prompt_tokens(llm, self.messages), completion_tokens, stats.cloud_tokens, stats.edge_tokens)
+        self.record(stats, "ok")
+        return finish, use, _pice_info(stats)
+
+    def record(self, stats: AnswerStats | None, outcome: str) -> None:
+        m = self.state.metrics
+        mode = stats.mode if stats is not None else self.mode
+        m.requests.labels(mode, outcome).inc()
+        if stats is None or outcome != "ok":
+            return
+        m.latency.labels(mode).observe(time.perf_counter() - self.started)
+        if self.first_content_s is not None:
+            m.ttft.labels(mode).observe(self.first_content_s)
+        m.points.labels("edge").inc(stats.points_edge)
+        m.points.labels("cloud").inc(stats.points_cloud)
+        m.tokens.labels("cloud").inc(stats.cloud_tokens)
+        m.tokens.labels("edge").inc(stats.edge_tokens)
+
+    def _content_started(self) -> None:
+        if self.first_content_s is None:
+            self.first_content_s = time.perf_counter() - self.started
+
+    async def run(self) -> dict[str, Any]:
+        """The whole answer as a ``chat.completion`` object."""
+        final: AnswerEvent | None = None
+        async with contextlib.aclosing(self.events()) as events:
+            async for event in events:
+                if isinstance(event, AnswerEvent):
+                    final = event
+        if final is None:  # the service always ends with an AnswerEvent
+            raise CloudError("the service ended without an answer")
+        self._content_started()
+        finish, use, info = self.finish(final)
+        return completion(self.id, self.request.model, final.text, finish, use, info, self.created)
+
+    async def stream(self) -> AsyncGenerator[bytes, None]:
+        """Server-sent events: the role, one delta per point (or the cloud answer), the finish."""
+        model = self.request.model
+        try:
+            yield _sse(chunk(self.id, model, self.created, {"role": "assistant", "content": ""}))
+            sent = 0
+            final: AnswerEvent | None = None
+            # aclosing: if our consumer stops (Starlette cancels the response when the client goes),
+            # closing this generator must close the service's work now, not when GC gets to it.
+            async with contextlib.aclosing(self.events()) as events:
+                async for event in events:
+                    if isinstance(event, PointEvent):
+                        p = event.point
+                        text = ("\n\n" if sent else "") + render_point(p.index, event.heading, p.text)
+                    elif isinstance(event, AnswerEvent):
+                        final = event
+                        # A cloud-only answer arrives whole; a progressive one was streamed already.
+                        text = event.text if event.stats.mode == "cloud" else ""
+                    else:
+                        continue
+                    if text:
+                        self._content_started()
+                        sent += 1
+                        yield _sse(chunk(self.id, model, self.created, {"content": text}))
+            if final is None:
+                raise CloudError("the service ended without an answer")
+            finish, use, info = self.finish(final)
+            yield _sse(chunk(self.id, model, self.created, {}, finish, pice=info))
+            if self.request.stream_options is not None and self.request.stream_options.include_usage:
+                yield _sse(usage_chunk(self.id, model, self.created, use))
+            yield _sse("[DONE]")
+        except ClientGone:
+            log.info("%s: client disconnected; request cancelled", self.id)
+            self.record(None, "cancelled")
+        except (asyncio.CancelledError, GeneratorExit):
+            # The response was abandoned (client gone, seen by Starlette first; or shutdown).
+            self.record(None, "cancelled")
+            raise
+        except Exception as exc:
+            error = api_error(exc)
+            self.record(None, "error")
+            yield _sse(error_body(error))
+            yield _sse("[DONE]")
+        finally:
+            self.release()
+
+
+def _pice_info(stats: AnswerStats) -> dict[str, Any]:
+    return {"mode": stats.mode, "points_edge": stats.points_edge, "points_cloud": stats.points_cloud,
+            "devices": stats.devices, "sketch_s": round(stats.sketch_s, 4),
+            "first_point_s": round(stats.first_token_s, 4), "total_s": round(stats.total_s, 4)}
+
+
+def api_error(exc: BaseException) -> APIError:
+    """Map an exception from answering a request to what the client is told."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, _Aborted):
+        return APIError(503, "the server shut down before this request finished; retry", type="server_error",
+                        code="shutting_down")
+    if isinstance(exc, BackendError):
+        log.warning("LLM backend failed: %s", exc)
+        return APIError(502, f"the LLM backend failed: {exc}", type="server_error", code="backend_error")
+    log.error("request failed", exc_info=exc)
+    detail = str(exc) if isinstance(exc, PiceError) else type(exc).__name__
+    return APIError(500, f"internal error while answering: {detail}", type="server_error", code="internal_error")
+
+
+class GuardedStream(StreamingResponse):
+    """Releases the job's admission slot even when the stream never started (client gone early)."""
+
+    def __init__(self, job: ChatJob) -> None:
+        self._events = job.stream()
+        super().__init__(self._events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._job = job
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            # Starlette abandons the iterator when the client disconnects; close it (and with it
+            # the request's work) now.
+            try:
+                await self._events.aclose()
+            finally:
+                self._job.release()
+
+
+def error_response(exc: APIError) -> JSONResponse:
+    return JSONResponse(error_body(exc), status_code=exc.status, headers=exc.headers)

@@ -1,0 +1,36 @@
+"""Per-app state: what the routes and request jobs need, one instance per app on ``app.state.pice``."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from pice_cloud.config import CloudConfig
+from pice_cloud.llm.base import LLMBackend
+from pice_cloud.metrics import Metrics
+from pice_cloud.server.admission import Admission
+from pice_cloud.service import PiceService
+
+
+@dataclass
+class ApiState:
+    """What the routes need; one per app, on ``app.state.pice``."""
+
+    service: PiceService
+    llm: LLMBackend
+    config: CloudConfig
+    admission: Admission
+    metrics: Metrics
+    #: Set when the shutdown grace period is over: requests still running end with an error.
+    aborted: asyncio.Event = field(default_factory=asyncio.Event)
+    created: int = field(default_factory=lambda: int(time.time()))
+    #: Clean-up tasks of cancelled requests (strong references until they finish).
+    background: set[asyncio.Future[None]] = field(default_factory=set)
+
+    @property
+    def model_ids(self) -> list[str]:
+        ids = [self.config.server.model_name]
+        if self.llm.model_id not in ids:
+            ids.append(self.llm.model_id)
+        return ids

@@ -1,0 +1,95 @@
+"""Settling the points of one progressive request: each point's text is fixed once all its
+edges answered or its deadline passed.
+
+The aggregator settles a point with exactly one usable candidate the moment it arrives; this
+module does the rest: it runs the ensemble selector over points with several candidates, and
+has the cloud LLM expand points no edge answered in time (none assigned, the edges went
+offline, or the deadline passed). A request never waits past its points' deadlines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pice_cloud.aggregator import ChosenPoint, PendingRequest, PointState
+from pice_cloud.cloud_meter import CloudMeter
+from pice_cloud.ensemble import ConfidenceSelector, SelectionItem, Selector
+from pice_cloud.fleet import Fleet
+from pice_cloud.llm.base import ChatRequest
+from pice_edge.prompts import clean_expansion, expansion_messages
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PointSettler:
+    """Settles the points of pending requests, by ensemble choice or cloud expansion."""
+
+    fleet: Fleet
+    selector: Selector
+    cloud: CloudMeter
+
+    async def run(self, question: str, points: list[str], pending: PendingRequest, deadlines_s: Sequence[float],
+                  tokens_per_point: int) -> None:
+        """Settle every point of ``pending``; returns when all are settled (cancel to stop)."""
+        start = time.monotonic()
+        due = [start + d for d in deadlines_s]
+        while True:
+            now = time.monotonic()
+            missing: list[int] = []
+            to_choose: list[PointState] = []
+            for state, when in zip(pending.points, due, strict=True):
+                # A point is due at its deadline, or once none of the edges it still waits for is
+                # live (all answered, none was assigned, or the rest went offline: a last will).
+                waiting = any(self.fleet.get(d) is not None for d in state.expected - state.received.keys())
+                if state.settled or (waiting and now < when):
+                    continue
+                # Take what arrived in time before giving up on the edges.
+                usable = state.usable()
+                if not usable:
+                    missing.append(state.index)
+                elif len(usable) == 1:
+                    pending.settle_single(state.index)
+                else:
+                    to_choose.append(state)
+            if to_choose:
+                await self._choose(question, points, pending, to_choose, tokens_per_point)
+            if missing:
+                await self._cloud_expand(question, points, pending, missing, tokens_per_point)
+            if to_choose or missing:
+                continue
+            open_due = [when for state, when in zip(pending.points, due, strict=False) if not state.settled]
+            if not open_due:
+                return
+            pending.wakeup.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(pending.wakeup.wait(), timeout=max(0.0, min(open_due) - time.monotonic()))
+
+    async def _choose(self, question: str, points: list[str], pending: PendingRequest,
+                      states: list[PointState], tokens_per_point: int) -> None:
+        """Run the ensemble selector over every point that has several candidates."""
+        items = [SelectionItem(question, points, s.index, s.usable(), tokens_per_point) for s in states]
+        try:
+            picks = await self.selector.choose(items)
+        except Exception:
+            # A broken scorer must not lose the answer: fall back to the edges' own confidence.
+            log.exception("request %s: ensemble selection failed; using edge confidence", pending.request_id)
+            picks = await ConfidenceSelector().choose(items)
+        for item, pick in zip(items, picks, strict=True):
+            pending.settle(ChosenPoint.from_candidate(item.candidates[pick], len(item.candidates)))
+
+    async def _cloud_expand(self, question: str, points: list[str], pending: PendingRequest,
+                            indices: list[int], tokens_per_point: int) -> None:
+        log.info("request %s: cloud expands point(s) %s", pending.request_id, [i + 1 for i in indices])
+        requests = [ChatRequest(expansion_messages(question, points, i), max_tokens=tokens_per_point)
+                    for i in indices]
+        results = await self.cloud.complete(requests)
+        for index, res in zip(indices, results, strict=True):
+            text = clean_expansion(res.text, truncated=res.tokens >= tokens_per_point, point=points[index]) \
+                or points[index]
+            pending.settle(ChosenPoint(index, text, "cloud", None, res.tokens, 0))
