@@ -4,6 +4,7 @@ OpenAI-compatible API.
     pice-cloud ask "QUESTION" [--edges N] [--broker mqtt://HOST:PORT] [--mode auto|progressive|cloud|sot]
     pice-cloud fleet [--broker mqtt://HOST:PORT] [--json]
     pice-cloud serve [--config FILE] [--host H] [--port P] [--broker URL] [--edges N] [--print-config]
+    pice-cloud finetune --role expander|sketcher --data FILE.jsonl [--config FILE] [--name NAME] [--resume]
 """
 
 from __future__ import annotations
@@ -56,8 +57,10 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--json", action="store_true", help="print the answer and its statistics as JSON")
 
     from pice_cloud import fleet_cli
+    from pice_cloud.finetune import cli as finetune_cli
 
     fleet_cli.add_parser(sub, common)
+    finetune_cli.add_parser(sub, common)
     serve = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API (single host by default)",
                            parents=common)
     from pice_cloud.cli_serve import add_serve_arguments
@@ -134,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
             from pice_cloud import fleet_cli
 
             return asyncio.run(fleet_cli.run(args))
+        if args.command == "finetune":
+            from pice_cloud.finetune import cli as finetune_cli
+
+            return finetune_cli.run(args)
         if args.command == "serve":
             from pice_cloud.cli_serve import run_serve
 
