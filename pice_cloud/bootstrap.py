@@ -75,10 +75,13 @@ def build_backend(config: LLMConfig) -> LLMBackend:
     elif config.kind == "openai":
         options = {"url": config.url, "api_key": config.api_key.get_secret_value() if config.api_key else None,
                    "timeout_s": config.timeout_s, "max_parallel": config.max_parallel,
-                   "continue_final_message": config.continue_final_message}
+                   "continue_final_message": config.continue_final_message, "context_tokens": config.context_tokens}
     else:
         options = {}
-    return create_backend(config.kind, model=config.model, **options)
+    backend = create_backend(config.kind, model=config.model, **options)
+    if config.context_tokens is not None:
+        backend.context_tokens = config.context_tokens  # type: ignore[attr-defined]  # operator's override
+    return backend
 
 
 def build_router(kind: RouterKind) -> ModeRouter | None:

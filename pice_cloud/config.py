@@ -26,7 +26,7 @@ from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSett
 from pice_cloud import defaults
 from pice_cloud.defaults import DEFAULT_MODEL
 from pice_edge.errors import ConfigError
-from pice_edge.protocol import FLEET_NAME_PATTERN, ID_PATTERN
+from pice_edge.protocol import FLEET_NAME_PATTERN, ID_PATTERN, MAX_QUESTION_CHARS
 from pice_edge.transport import BrokerSettings
 
 ENV_PREFIX = "PICE_"
@@ -53,7 +53,8 @@ class ServerConfig(BaseModel):
     retry_after_s: int = Field(default=2, ge=1, le=3600, description="Retry-After sent with 429 and 503")
     max_tokens_limit: int = Field(default=4096, ge=1, le=1_000_000,
                                   description="largest max_tokens a request may ask for (more: 400)")
-    max_body_bytes: int = Field(default=1024 * 1024, ge=1024, le=256 * 1024 * 1024)
+    max_body_bytes: int = Field(default=defaults.MAX_BODY_BYTES, ge=1024, le=256 * 1024 * 1024,
+                                description="largest request body (more: 413, before anything is parsed)")
     body_timeout_s: float = Field(default=10.0, gt=0, le=600,
                                   description="a request body not received in full by then gets 408 (slow clients)")
     shutdown_timeout_s: float = Field(default=30.0, ge=0, le=3600,
@@ -79,6 +80,10 @@ class LLMConfig(BaseModel):
     api_key: SecretStr | None = None
     timeout_s: float = Field(default=120.0, gt=0, le=3600)
     max_parallel: int = Field(default=8, ge=1, le=1024, description="concurrent HTTP requests (kind openai)")
+    context_tokens: int | None = Field(
+        default=None, ge=16, le=10_000_000,
+        description="the model's context window in tokens; default: from the model's config (transformers), "
+                    "unchecked here for a remote engine (it refuses itself)")
     max_batch: int = Field(default=defaults.CLOUD_MAX_BATCH, ge=1, le=4096,
                            description="requests the engine batches together (the scheduler's load estimate)")
     continue_final_message: bool = Field(
@@ -152,6 +157,10 @@ class ServiceConfig(BaseModel):
     selector: SelectorKind = Field(
         default="learned", description="how one of several candidates of a point is chosen (ensemble_width > 1)")
     adaptive_budget: bool = Field(default=True, description="shorten sketches and expansions under load")
+    max_question_chars: int = Field(
+        default=defaults.MAX_QUESTION_CHARS, ge=1, le=MAX_QUESTION_CHARS,
+        description="longest question (with its chat history) answered progressively: longer ones are answered "
+                    "cloud-only under mode auto and refused (400) under progressive and sot")
 
 
 # The YAML file's content for the settings class being built (a source between the

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Final
 
 from pice_edge.model_store import DEFAULT_MODEL
+from pice_edge.protocol import MAX_QUESTION_CHARS as PROTOCOL_MAX_QUESTION_CHARS
 
 __all__ = ["DEFAULT_MODEL"]
 
@@ -24,6 +25,14 @@ SKETCH_TOKENS: Final = 64
 TOKENS_PER_POINT: Final = 80
 #: Longest cloud-only answer (tokens).
 MAX_ANSWER_TOKENS: Final = 400
+
+#: Longest question (chat history included) sent to the edges; the wire protocol's own cap.
+MAX_QUESTION_CHARS: Final = PROTOCOL_MAX_QUESTION_CHARS
+
+# --- the HTTP API -------------------------------------------------------------------------------
+#: Largest request body (bytes): a 50,000-character question fits with room to spare; a body
+#: of megabytes would only burn CPU on parsing and tokenizing before it is refused.
+MAX_BODY_BYTES: Final = 256 * 1024
 
 # --- ensemble and deadlines ---------------------------------------------------------------------
 #: Most edges expanding one point; replicas only use free slots.

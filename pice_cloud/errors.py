@@ -7,6 +7,7 @@ Tree::
         ├── SketchError        the LLM produced nothing usable as a sketch
         ├── ServiceUnavailable the service cannot take the request now (overload, shutdown)
         ├── BackendError       an LLM backend failed (HTTP error, missing extra, ...)
+        ├── InputTooLongError  a question too long for the requested mode
         └── FinetuneError      `pice-cloud finetune` cannot go on (training, checkpoints)
             └── DataError      a training data file is malformed; the message names the line
 """
@@ -32,6 +33,10 @@ class BackendError(CloudError):
     """An LLM backend failed or is not installed."""
 
 
+class InputTooLongError(CloudError):
+    """The input does not fit the requested mode (the message says the limit and what to do)."""
+
+
 class FinetuneError(CloudError):
     """Fine-tuning cannot go on: no usable example, a checkpoint that does not match, ..."""
 
@@ -51,6 +56,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "FinetuneError",
+    "InputTooLongError",
     "ModelError",
     "ModelNotFoundError",
     "PiceError",

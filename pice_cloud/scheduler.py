@@ -135,18 +135,20 @@ def ensemble_width(n_points: int, edges: Sequence[EdgeView], max_width: int) -> 
     return max(1, min(max_width, len(edges), free // n_points))
 
 
-def choose_mode(requested: RequestedMode, live_edges: int, suits_sketch: bool | None = None) -> Mode:
+def choose_mode(requested: RequestedMode, live_edges: int, suits_sketch: bool | None = None, *,
+                question_fits: bool = True) -> Mode:
     """The answering mode of one request.
 
-    An explicit ``requested`` mode wins. Under ``auto``: cloud-only when no edge is live, or when
-    the mode router judged the question unsuited to a sketch (``suits_sketch`` False: code,
-    math, step-by-step, ...); progressive otherwise, including when no router ran (None).
+    An explicit ``requested`` mode wins. Under ``auto``: cloud-only when no edge is live, when
+    the question (with its history) is too long to send to the edges (``question_fits`` False),
+    or when the mode router judged it unsuited to a sketch (``suits_sketch`` False: code, math,
+    step-by-step, ...); progressive otherwise, including when no router ran (None).
     """
     if requested in ("cloud", "sot"):
         return requested
     if requested == "progressive":
         return "progressive"
-    if live_edges <= 0 or suits_sketch is False:
+    if live_edges <= 0 or not question_fits or suits_sketch is False:
         return "cloud"
     return "progressive"
 

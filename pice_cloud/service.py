@@ -22,6 +22,7 @@ from pice_cloud.aggregator import Aggregator, ChosenPoint, PendingRequest
 from pice_cloud.cloud_meter import CloudMeter
 from pice_cloud.config import ServiceConfig
 from pice_cloud.ensemble import ConfidenceSelector, Selector
+from pice_cloud.errors import InputTooLongError
 from pice_cloud.fleet import Fleet
 from pice_cloud.llm.base import ChatRequest, LLMBackend
 from pice_cloud.router import ModeRouter, Route
@@ -84,6 +85,12 @@ class AnswerEvent:
 Event = SketchEvent | PointEvent | AnswerEvent
 
 
+def too_long_message(chars: int, limit: int, mode: str) -> str:
+    """Why a question cannot be answered in ``mode``, and what to do instead."""
+    return (f"the question (with its chat history) has {chars} characters; mode {mode!r} sends it to the edges, "
+            f"which takes at most {limit} (service.max_question_chars): shorten it, or use mode 'cloud' or 'auto'")
+
+
 def render_point(index: int, heading: str, text: str) -> str:
     """One point of the final answer: a numbered, bold heading and its expansion."""
     return f"{index + 1}. **{heading}** {text}".rstrip()
@@ -128,9 +135,13 @@ class PiceService:
         as one user turn); the sketch and expansions work from ``question`` alone.
         """
         started = time.perf_counter()
+        fits = len(question) <= self.config.max_question_chars
+        if not fits and mode in ("progressive", "sot"):
+            raise InputTooLongError(too_long_message(len(question), self.config.max_question_chars, mode))
         edges = self.fleet.views()
-        route = await self._route(question) if mode == "auto" and edges else None
-        chosen_mode = choose_mode(mode, len(edges), None if route is None else route.mode == "progressive")
+        route = await self._route(question) if mode == "auto" and edges and fits else None
+        chosen_mode = choose_mode(mode, len(edges), None if route is None else route.mode == "progressive",
+                                  question_fits=fits)
         stats = AnswerStats(mode=chosen_mode, route_probability=None if route is None else route.probability)
         if chosen_mode == "cloud":
             limit = min(max_tokens or self.config.max_answer_tokens, self.config.max_answer_tokens)

@@ -405,3 +405,52 @@ async def test_slow_body_gets_408_and_the_server_keeps_serving(mosquitto: Mosqui
         reply = await api.client().chat.completions.create(
             model="pice", messages=[{"role": "user", "content": "Hi?"}], extra_body={"pice": {"mode": "cloud"}})
         assert reply.choices[0].message.content is not None
+
+
+# --- input limits, checked before any compute ------------------------------------------------------
+
+@pytest.mark.mosquitto
+async def test_long_inputs_are_refused_or_routed_before_any_compute(mosquitto: Mosquitto, tiny_model: Path) -> None:
+    overrides = {"service": {"max_question_chars": 500}}
+    async with serving(tiny_model, mosquitto.url, edges=1, overrides=overrides) as api:
+        assert await api.system.service.fleet.wait_for(1, 10)
+        client = api.client()
+        huge = "Tell me about this. " * 2500  # 50,000 characters: ~10k tokens, past the 2,048-token context
+        started = time.monotonic()
+        with pytest.raises(openai.BadRequestError) as info:
+            await client.chat.completions.create(model="pice", messages=[{"role": "user", "content": huge}])
+        assert info.value.code == "context_length_exceeded"
+        assert "maximum context length is 2048 tokens" in info.value.message
+        with pytest.raises(openai.BadRequestError) as info:
+            await client.chat.completions.create(model="pice", messages=[{"role": "user", "content": huge}],
+                                                 extra_body={"pice": {"mode": "progressive"}})
+        assert info.value.code == "question_too_long"
+        assert "service.max_question_chars" in info.value.message
+        # A long chat history: the progressive question carries it, so it is too long for the edges.
+        history = [{"role": "user" if i % 2 == 0 else "assistant", "content": "We talked about plans. " * 8}
+                   for i in range(4)]
+        with pytest.raises(openai.BadRequestError) as info:
+            await client.chat.completions.create(
+                model="pice", messages=[*history, {"role": "user", "content": "And now?"}],
+                extra_body={"pice": {"mode": "progressive"}})
+        assert info.value.code == "question_too_long"
+        refused_in = time.monotonic() - started
+        # Under auto the same conversation is answered, cloud-only, although an edge is live.
+        answer = await client.chat.completions.create(
+            model="pice", messages=[*history, {"role": "user", "content": "And now?"}], max_tokens=8)
+        assert answer.model_extra is not None
+        assert answer.model_extra["pice"]["mode"] == "cloud"
+        assert api.system.service.aggregator.accepted == 0, "no task went to an edge"
+    generated = api.state.metrics.registry.get_sample_value("pice_generated_tokens_total", {"where": "cloud"})
+    assert generated is not None and generated <= 8, "the refused requests generated nothing"
+    assert refused_in < 30  # generous for CI; nothing was generated (checked above)
+
+
+@pytest.mark.mosquitto
+async def test_body_over_the_limit_is_413(mosquitto: Mosquitto, tiny_model: Path) -> None:
+    async with serving(tiny_model, mosquitto.url, edges=0) as api, httpx.AsyncClient(base_url=api.url) as http:
+        assert api.state.config.server.max_body_bytes == 256 * 1024  # the default
+        body = {"model": "pice", "messages": [{"role": "user", "content": "x" * 300_000}]}
+        response = await http.post("/v1/chat/completions", json=body)
+        assert response.status_code == 413
+        assert response.json()["error"]["code"] == "request_too_large"

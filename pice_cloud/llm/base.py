@@ -61,6 +61,13 @@ class TokenCounter(Protocol):
         ...
 
 
+def context_tokens(backend: object) -> int | None:
+    """The model's context window in tokens (prompt and completion together), or None when the
+    backend does not know it (then the engine behind it enforces its own)."""
+    value = getattr(backend, "context_tokens", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
 def estimate_tokens(text: str) -> int:
     """A tokenizer-free estimate (about four characters a token in English BPE vocabularies)."""
     return (len(text) + 3) // 4

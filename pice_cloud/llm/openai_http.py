@@ -40,10 +40,13 @@ class OpenAIHTTPBackend:
     name = "openai"
 
     def __init__(self, base_url: str, model: str, *, api_key: str | None = None, timeout_s: float = 120.0,
-                 max_parallel: int = 8, continue_final_message: bool = False) -> None:
+                 max_parallel: int = 8, continue_final_message: bool = False,
+                 context_tokens: int | None = None) -> None:
         root = base_url.rstrip("/")
         self.base_url = root if root.endswith("/v1") else root + "/v1"
         self.model_id = model
+        #: The engine's context window when configured (llm.context_tokens); None: the engine checks.
+        self.context_tokens = context_tokens
         self.continue_final_message = continue_final_message
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=timeout_s)

@@ -24,6 +24,8 @@ class TransformersBackend:
                  dtype: str = "float32", threads: int | None = None) -> None:
         self.runtime = TransformersRuntime(model, device=device, dtype=dtype, threads=threads)
         self.model_id = self.runtime.model_id
+        #: The model's context window (prompt + completion), from its config.
+        self.context_tokens: int | None = getattr(self.runtime.model.config, "max_position_embeddings", None)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pice-cloud-llm")
         self._counter: Any = None
 

@@ -14,13 +14,13 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pice_cloud.config import CloudConfig
-from pice_cloud.llm.base import LLMBackend
+from pice_cloud.llm.base import LLMBackend, context_tokens, count_prompt_tokens
 from pice_cloud.metrics import CONTENT_TYPE, Metrics
-from pice_cloud.openai_schema import APIError, ChatCompletionRequest, models_list, parse_request
+from pice_cloud.openai_schema import APIError, ChatCompletionRequest, conversation, models_list, parse_request
 from pice_cloud.server.admission import Admission
 from pice_cloud.server.completion import ChatJob, ClientGone, GuardedStream, api_error, error_response
 from pice_cloud.server.state import ApiState
-from pice_cloud.service import PiceService
+from pice_cloud.service import PiceService, too_long_message
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ def create_app(service: PiceService, llm: LLMBackend, config: CloudConfig) -> Fa
         authorize(request)
         try:
             req = await _parse(request, state)
+            check_limits(req, state)
         except APIError:
             metrics.requests.labels("unknown", "invalid").inc()
             raise
@@ -108,6 +109,31 @@ def create_app(service: PiceService, llm: LLMBackend, config: CloudConfig) -> Fa
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     return app
+
+
+def check_limits(req: ChatCompletionRequest, state: ApiState) -> None:
+    """Refuse, before any compute, a request that cannot be answered as asked: a conversation
+    that does not fit the model's context with the tokens asked for, or a question too long
+    for progressive mode. Under ``auto`` a long question is answered cloud-only instead.
+
+    Raises:
+        APIError: 400 in OpenAI's shape, naming the limit.
+    """
+    question, messages = conversation(req)
+    limit = state.service.config.max_question_chars
+    mode = req.pice.mode
+    if mode in ("progressive", "sot") and len(question) > limit:
+        raise APIError(400, too_long_message(len(question), limit, mode), param="messages",
+                       code="question_too_long")
+    window = context_tokens(state.llm)
+    if window is None:
+        return
+    prompt = count_prompt_tokens(state.llm, messages)
+    answer = min(req.token_limit or state.service.config.max_answer_tokens, state.service.config.max_answer_tokens)
+    if prompt + answer > window:
+        raise APIError(400, f"this model's maximum context length is {window} tokens; the messages take {prompt} "
+                            f"and up to {answer} more were asked for the answer ({prompt + answer}); shorten the "
+                            "messages or lower max_tokens", param="messages", code="context_length_exceeded")
 
 
 async def _parse(request: Request, state: ApiState) -> ChatCompletionRequest:

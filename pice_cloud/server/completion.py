@@ -22,7 +22,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from pice_cloud.errors import BackendError, CloudError
+from pice_cloud.errors import BackendError, CloudError, InputTooLongError
 from pice_cloud.llm.base import count_prompt_tokens, count_tokens
 from pice_cloud.openai_schema import (
     APIError,
@@ -227,6 +227,8 @@ def api_error(exc: BaseException) -> APIError:
     if isinstance(exc, _Aborted):
         return APIError(503, "the server shut down before this request finished; retry", type="server_error",
                         code="shutting_down")
+    if isinstance(exc, InputTooLongError):
+        return APIError(400, str(exc), param="messages", code="question_too_long")
     if isinstance(exc, BackendError):
         log.warning("LLM backend failed: %s", exc)
         return APIError(502, f"the LLM backend failed: {exc}", type="server_error", code="backend_error")
