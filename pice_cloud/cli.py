@@ -17,7 +17,7 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
-from pice_edge.errors import PiceError
+from pice_edge.errors import EXIT_CONFIG, EXIT_UNAVAILABLE, NotReachableError, PiceError
 from pice_edge.logs import log_level_option, setup_logging
 
 log = logging.getLogger("pice_cloud.cli")
@@ -146,9 +146,14 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_serve(args)
         return asyncio.run(_ask(args))
+    except NotReachableError as exc:
+        # Not a configuration problem: the broker or the cloud may come up later (a power cut that
+        # brings the broker up last). EXIT_UNAVAILABLE tells systemd to restart us.
+        print(f"pice-cloud: unavailable: {exc} (exit {EXIT_UNAVAILABLE}: try again later)", file=sys.stderr)
+        return EXIT_UNAVAILABLE
     except PiceError as exc:
         print(f"pice-cloud: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     except KeyboardInterrupt:
         return 130
 

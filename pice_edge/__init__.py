@@ -6,9 +6,13 @@ import their libraries (torch, onnxruntime, TensorRT-LLM) only when created.
 
 from pice_edge.discovery import CloudAdvert, Discovery, DiscoveryError, EdgeAdvert, Peer, TxtRecordError
 from pice_edge.errors import (
+    EXIT_CONFIG,
+    EXIT_UNAVAILABLE,
+    BrokerUnreachableError,
     ConfigError,
     ModelError,
     ModelNotFoundError,
+    NotReachableError,
     PayloadTooLargeError,
     PiceError,
     ProtocolError,
@@ -25,8 +29,11 @@ from pice_edge.transport import BrokerSettings, MqttTransport
 __version__ = "0.1.0"
 
 __all__ = [
+    "EXIT_CONFIG",
+    "EXIT_UNAVAILABLE",
     "PROTOCOL_VERSION",
     "BrokerSettings",
+    "BrokerUnreachableError",
     "Candidate",
     "ChatMessage",
     "CloudAdvert",
@@ -45,6 +52,7 @@ __all__ = [
     "ModelNotFoundError",
     "MqttTransport",
     "NodeStats",
+    "NotReachableError",
     "PayloadTooLargeError",
     "Peer",
     "PiceError",

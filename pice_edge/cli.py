@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from pice_edge.errors import ConfigError, PiceError
+from pice_edge.errors import EXIT_CONFIG, EXIT_UNAVAILABLE, ConfigError, NotReachableError, PiceError
 from pice_edge.logs import log_level_option, setup_logging
 from pice_edge.model_store import DEFAULT_MODEL
 
@@ -401,9 +401,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "profiles":
             return _profiles()
         return _models(args)
+    except NotReachableError as exc:
+        # Not a configuration problem: the broker or the cloud may come up later (a power cut that
+        # brings the broker up last). EXIT_UNAVAILABLE tells systemd to restart us.
+        print(f"pice-edge: unavailable: {exc} (exit {EXIT_UNAVAILABLE}: try again later)", file=sys.stderr)
+        return EXIT_UNAVAILABLE
     except PiceError as exc:
         print(f"pice-edge: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     except KeyboardInterrupt:
         return 130
 

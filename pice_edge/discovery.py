@@ -51,7 +51,7 @@ from zeroconf import BadTypeInNameException, IPVersion, ServiceStateChange, Zero
 from zeroconf import Error as ZeroconfError
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-from pice_edge.errors import ConfigError, PiceError
+from pice_edge.errors import ConfigError, NotReachableError, PiceError
 from pice_edge.protocol import FLEET_NAME_PATTERN, PROTOCOL_VERSION
 from pice_edge.transport import parse_broker_url
 
@@ -81,6 +81,10 @@ Interfaces = Literal["all"] | Sequence[str]
 
 class DiscoveryError(PiceError):
     """Zeroconf could not start, advertise, or find what was asked for."""
+
+
+class CloudNotFoundError(DiscoveryError, NotReachableError):
+    """No cloud of the fleet answered on zeroconf in time; it may still be starting."""
 
 
 class TxtRecordError(ConfigError):
@@ -514,7 +518,7 @@ class Discovery:
             return await asyncio.wait_for(found, timeout)
         except asyncio.TimeoutError:
             seen = f"; found only: {', '.join(others)}" if others else ""
-            raise DiscoveryError(
+            raise CloudNotFoundError(
                 f"no PICE cloud of fleet {fleet!r} answered on zeroconf (interfaces {self.interfaces}) within "
                 f"{timeout:.0f}s{seen}; start the cloud, or pass --broker mqtt://HOST:PORT"
             ) from None
@@ -528,6 +532,7 @@ __all__ = [
     "RECORD_TTL_S",
     "Advertisement",
     "CloudAdvert",
+    "CloudNotFoundError",
     "Discovery",
     "DiscoveryError",
     "EdgeAdvert",

@@ -6,6 +6,9 @@ Tree::
     ├── ProtocolError          a payload that is not a valid PICE message
     │   └── PayloadTooLargeError
     ├── TransportError         the MQTT connection could not be made or was lost
+    │   └── BrokerUnreachableError   (also a NotReachableError)
+    ├── NotReachableError      something the process needs is not reachable *yet* (broker, cloud):
+    │                          the CLIs exit with EXIT_UNAVAILABLE (69), which systemd restarts
     ├── ConfigError            a configuration file or value is invalid
     ├── ModelError             a model is missing, corrupt or cannot be converted
     │   └── ModelNotFoundError
@@ -17,9 +20,21 @@ one base class for the whole system.
 
 from __future__ import annotations
 
+#: Exit status of a command whose configuration is wrong: restarting cannot help (the units set
+#: ``RestartPreventExitStatus=2``).
+EXIT_CONFIG = 2
+#: Exit status (sysexits' EX_UNAVAILABLE) when the broker or the cloud is not reachable yet: the
+#: units restart the process, so a fleet whose broker comes up last still comes up.
+EXIT_UNAVAILABLE = 69
+
 
 class PiceError(Exception):
     """Base class of every error PICE raises on purpose."""
+
+
+class NotReachableError(PiceError):
+    """Something this process needs (the broker, the cloud) is not reachable now; the same
+    command may succeed later, so a service manager should restart it."""
 
 
 class ProtocolError(PiceError):
@@ -47,6 +62,10 @@ class PayloadTooLargeError(ProtocolError):
 
 class TransportError(PiceError):
     """The MQTT broker could not be reached or refused us."""
+
+
+class BrokerUnreachableError(TransportError, NotReachableError):
+    """The broker did not answer (down, not started yet, or a network problem); retry later."""
 
 
 class ConfigError(PiceError):

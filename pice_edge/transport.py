@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 import paho.mqtt.client as mqtt
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from pice_edge.errors import ConfigError, TransportError
+from pice_edge.errors import BrokerUnreachableError, ConfigError, TransportError
 from pice_edge.protocol import DEFAULT_MAX_PAYLOAD_BYTES
 from pice_edge.rejects import Rejections
 
@@ -279,7 +279,7 @@ class MqttTransport:
                 f"MQTT broker {self.settings.url} refused us ({reason}); check the username, password "
                 "and TLS files (ca_file, cert_file, key_file)"
             )
-        raise TransportError(
+        raise BrokerUnreachableError(
             f"cannot connect to MQTT broker {self.settings.url} within {timeout:.0f}s ({reason}); "
             "check that the broker runs and the URL, credentials and TLS files are right"
         )

@@ -62,6 +62,17 @@ def test_edge_extra_installs_no_torch(edge_venv: Path) -> None:
     assert probe.returncode != 0
 
 
+def _start_installed_edge(venv: Path, model: Path, broker_url: str, log_path: Path) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    with open(log_path, "w") as log:
+        # cwd outside the checkout: only the installed package can be imported.
+        return subprocess.Popen(
+            [str(venv / "bin" / "pice-edge"), "run", "--runtime", "onnxruntime", "--model", str(model),
+             "--broker", broker_url, "--no-zeroconf", "--device-id", "pkg-edge", "--threads", "1",
+             "--heartbeat", "0.5"],
+            stdout=subprocess.DEVNULL, stderr=log, cwd=log_path.parent, env=env)
+
+
 async def test_installed_edge_serves_an_onnx_export(edge_venv: Path, tiny_model: Path, mosquitto: Mosquitto,
                                                     tmp_path: Path) -> None:
     from pice_edge.runtimes.onnx_export import export
@@ -79,15 +90,8 @@ async def test_installed_edge_serves_an_onnx_export(edge_venv: Path, tiny_model:
     cloud.add_subscription(edge_status_topic("pkg-edge"), on_status)
     cloud.add_subscription(CANDIDATES_FILTER, lambda m: candidates.append(decode(Candidate, m.payload)))
     await cloud.connect()
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     log_path = tmp_path / "edge.log"
-    with open(log_path, "w") as log:
-        # cwd outside the checkout: only the installed package can be imported.
-        proc = subprocess.Popen(
-            [str(edge_venv / "bin" / "pice-edge"), "run", "--runtime", "onnxruntime", "--model", str(onnx_dir),
-             "--broker", mosquitto.url, "--no-zeroconf", "--device-id", "pkg-edge", "--threads", "1",
-             "--heartbeat", "0.5"],
-            stdout=subprocess.DEVNULL, stderr=log, cwd=tmp_path, env=env)
+    proc = _start_installed_edge(edge_venv, onnx_dir, mosquitto.url, log_path)
     try:
         await eventually(lambda: any(s.online for s in statuses) or proc.poll() is not None, timeout=120,
                          what="the installed edge's status")

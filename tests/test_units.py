@@ -1,0 +1,56 @@
+"""The systemd units: valid (``systemd-analyze verify``), hardened (``systemd-analyze security``),
+and restart semantics that match the commands' exit statuses."""
+
+from __future__ import annotations
+
+import configparser
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pice_edge.errors import EXIT_CONFIG, EXIT_UNAVAILABLE
+
+UNITS = Path(__file__).resolve().parents[1] / "tools" / "systemd"
+SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
+#: Most exposure `systemd-analyze security` may rate a unit, in its tenths (2.5 of 10).
+MAX_EXPOSURE = 25
+
+
+def _service(name: str) -> configparser.SectionProxy:
+    parser = configparser.ConfigParser(strict=False, interpolation=None)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read(UNITS / name)
+    return parser["Service"]
+
+
+@pytest.mark.parametrize("name", ["pice-cloud.service", "pice-edge.service"])
+def test_restart_semantics_match_exit_statuses(name: str) -> None:
+    service = _service(name)
+    assert service["RestartPreventExitStatus"].split() == [str(EXIT_CONFIG)]
+    assert service["Restart"] in ("on-failure", "always")  # both restart EXIT_UNAVAILABLE
+    assert str(EXIT_UNAVAILABLE) not in service.get("RestartPreventExitStatus", "")
+    assert "StartLimitIntervalSec=0" in (UNITS / name).read_text(), "systemd must never stop retrying"
+
+
+def test_edge_unit_can_reach_jetson_gpus() -> None:
+    assert "video" in _service("pice-edge.service")["SupplementaryGroups"].split()
+
+
+@pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze is not installed")
+@pytest.mark.parametrize("name", ["pice-cloud.service", "pice-edge.service"])
+def test_units_verify_and_are_hardened(name: str, tmp_path: Path) -> None:
+    assert SYSTEMD_ANALYZE is not None
+    # The unit as installed, with ExecStart pointing at this environment's commands.
+    bindir = str(Path(sys.executable).parent) + "/"
+    unit = tmp_path / name
+    unit.write_text((UNITS / name).read_text().replace("/opt/pice/venv/bin/", bindir))
+    verify = subprocess.run([SYSTEMD_ANALYZE, "verify", str(unit)], capture_output=True, text=True, timeout=60,
+                            check=False)
+    assert verify.returncode == 0, verify.stderr
+    assert verify.stderr.strip() == "", verify.stderr
+    security = subprocess.run([SYSTEMD_ANALYZE, "security", "--offline=true", f"--threshold={MAX_EXPOSURE}",
+                               str(unit)], capture_output=True, text=True, timeout=60, check=False)
+    assert security.returncode == 0, security.stdout[-600:]
