@@ -81,6 +81,9 @@ class PendingRequest:
         #: Set when a point has heard from all its edges but was not settled here (several
         #: candidates to choose from, or none usable), so the service acts before the deadline.
         self.wakeup = asyncio.Event()
+        #: time.monotonic() of the cloud's last reconnection to the broker while this request was
+        #: in flight: candidates may have been lost, so outstanding points get a short grace only.
+        self.reconnected_at: float | None = None
 
     def settle(self, chosen: ChosenPoint) -> bool:
         """Fix the text of a point; False if it was settled already."""

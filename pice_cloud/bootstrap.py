@@ -154,15 +154,18 @@ async def start_system(
         else:
             broker_settings = config.broker
         nodes = await _start_local_edges(config, broker_settings)
+        # A persistent session under a stable client id: candidates that edges publish while we
+        # reconnect (a broker restart) are queued for us instead of dropped.
         transport = MqttTransport(
-            broker_settings, client_id=config.cloud_id,
+            broker_settings, client_id=config.cloud_id, clean_session=False,
             will=(CLOUD_STATUS_TOPIC, encode(CloudStatus(cloud_id=config.cloud_id, online=False))),
         )
         service = PiceService(backend, transport, config=config.service, router=router, selector=selector,
                               cloud_max_batch=config.llm.max_batch)
+        online = encode(CloudStatus(cloud_id=config.cloud_id, online=True, api_url=api_url))
+        # On every (re)connect: a restarted broker without persistence has lost our retained status.
+        transport.on_connect(lambda: transport.publish(CLOUD_STATUS_TOPIC, online, retain=True))
         await transport.connect()
-        transport.publish(CLOUD_STATUS_TOPIC,
-                          encode(CloudStatus(cloud_id=config.cloud_id, online=True, api_url=api_url)), retain=True)
         if nodes and not await service.fleet.wait_for(len(nodes), config.edges.wait_s):
             log.warning("only %d of %d local edges registered within %.0fs", len(service.fleet.live()), len(nodes),
                         config.edges.wait_s)

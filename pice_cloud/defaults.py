@@ -42,6 +42,11 @@ DEADLINE_FLOOR_S: Final = 5.0
 DEADLINE_FACTOR: Final = 3.0
 DEADLINE_CAP_S: Final = 60.0
 
+#: After the cloud reconnects to the broker mid-request, how long outstanding points still wait
+#: for their edges (seconds): candidates queued in our persistent session, or re-sent by the
+#: edges, arrive within it; ones the broker lost (a crash without persistence) never will.
+RECONNECT_GRACE_S: Final = 2.0
+
 # --- edge sampling ------------------------------------------------------------------------------
 #: 0 is greedy decoding.
 TEMPERATURE: Final = 0.0

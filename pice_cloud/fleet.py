@@ -148,7 +148,21 @@ class Fleet:
             previous.last_seen = max(previous.last_seen, seen)
 
     def _alive(self, info: EdgeInfo, now: float) -> bool:
-        return now - info.last_seen <= self.expiry_heartbeats * info.status.heartbeat_s
+        return now <= self._expiry(info)
+
+    def _expiry(self, info: EdgeInfo) -> float:
+        return info.last_seen + self.expiry_heartbeats * info.status.heartbeat_s
+
+    def is_live(self, device_id: str) -> bool:
+        """Known, online, and heard from within ``expiry_heartbeats`` heartbeats (a frozen or
+        partitioned edge stops being live after that, before any last will arrives)."""
+        info = self._edges.get(device_id)
+        return info is not None and self._alive(info, self._clock())
+
+    def expires_at(self, device_id: str) -> float | None:
+        """When (on this fleet's clock) ``device_id`` stops being live without another status."""
+        info = self._edges.get(device_id)
+        return None if info is None else self._expiry(info)
 
     def live(self) -> list[EdgeInfo]:
         """Live edges, expired ones dropped; ordered by device id for determinism."""

@@ -124,6 +124,7 @@ class PiceService:
         self._in_flight: set[PendingRequest] = set()
         transport.add_subscription(EDGE_STATUS_FILTER, self._on_status)
         transport.add_subscription(CANDIDATES_FILTER, self.aggregator.handle_candidate)
+        transport.on_connect(self._on_reconnect)
 
     # --- public ----------------------------------------------------------------------------
 
@@ -211,8 +212,12 @@ class PiceService:
         pending = self.aggregator.open(request_id, placement.devices)
         self._in_flight.add(pending)
         settler = PointSettler(self.fleet, self.selector, self.cloud)
+
+        def replace(index: int, avoid: frozenset[str]) -> tuple[str, float] | None:
+            return self._replace(request_id, question, points, index, avoid, budget.tokens_per_point)
+
         supervisor = asyncio.create_task(
-            settler.run(question, points, pending, placement.deadlines_s, budget.tokens_per_point)
+            settler.run(question, points, pending, placement.deadlines_s, budget.tokens_per_point, replace)
         )
         try:
             self._dispatch(request_id, question, points, placement.devices, placement.deadlines_s,
@@ -243,15 +248,33 @@ class PiceService:
 
     def _dispatch(self, request_id: str, question: str, points: list[str],
                   devices: Sequence[Sequence[str]], deadlines_s: Sequence[float], tokens_per_point: int) -> None:
-        now = time.time()
         for index, (targets, wait) in enumerate(zip(devices, deadlines_s, strict=False)):
             for device_id in targets:
-                task = ExpandTask(
-                    request_id=request_id, point_index=index, question=question, sketch=points,
-                    max_new_tokens=tokens_per_point, deadline=now + wait, sampling=self._sampling,
-                )
-                self.fleet.task_sent(request_id, index, device_id)
-                self.transport.publish(edge_tasks_topic(device_id), encode(task))
+                self._send(request_id, question, points, index, device_id, wait, tokens_per_point)
+
+    def _send(self, request_id: str, question: str, points: list[str], index: int, device_id: str,
+              deadline_s: float, tokens_per_point: int) -> None:
+        task = ExpandTask(
+            request_id=request_id, point_index=index, question=question, sketch=points,
+            max_new_tokens=tokens_per_point, deadline=time.time() + deadline_s, sampling=self._sampling,
+        )
+        self.fleet.task_sent(request_id, index, device_id)
+        self.transport.publish(edge_tasks_topic(device_id), encode(task))
+
+    def _replace(self, request_id: str, question: str, points: list[str], index: int, avoid: frozenset[str],
+                 tokens_per_point: int) -> tuple[str, float] | None:
+        """Send point ``index`` to the live edge (not in ``avoid``) predicted to finish it first,
+        if one has a free slot now; its deadline, as at first placement."""
+        edges = [e for e in self.fleet.views() if e.device_id not in avoid and e.free_slots > 0]
+        if not edges:
+            return None
+        placement = place(1, edges, tokens_per_point=tokens_per_point, deadline_floor_s=self.config.deadline_floor_s,
+                          deadline_factor=self.config.deadline_factor, deadline_cap_s=self.config.deadline_cap_s)
+        [targets], [deadline_s] = placement.devices, placement.deadlines_s
+        if not targets:
+            return None
+        self._send(request_id, question, points, index, targets[0], deadline_s, tokens_per_point)
+        return targets[0], deadline_s
 
     # --- fleet events ------------------------------------------------------------------------
 
@@ -263,6 +286,14 @@ class PiceService:
             # An edge left (its last will, or a clean shutdown): settle its points now.
             for pending in self._in_flight:
                 pending.wakeup.set()
+
+    def _on_reconnect(self) -> None:
+        # Candidates may have been lost while we were away (a broker crash): requests in flight
+        # stop waiting for their edges after a short grace instead of their full deadlines.
+        now = time.monotonic()
+        for pending in self._in_flight:
+            pending.reconnected_at = now
+            pending.wakeup.set()
 
     def _release(self, pending: PendingRequest) -> None:
         for state in pending.points:

@@ -5,6 +5,10 @@ The aggregator settles a point with exactly one usable candidate the moment it a
 module does the rest: it runs the ensemble selector over points with several candidates, and
 has the cloud LLM expand points no edge answered in time (none assigned, the edges went
 offline, or the deadline passed). A request never waits past its points' deadlines.
+
+An edge that stops being live while it holds a point (its last will, or missed heartbeats: a
+frozen or partitioned device) does not hold the point until its deadline: the point is placed
+again at once, on another edge with a free slot (once per point), else expanded by the cloud.
 """
 
 from __future__ import annotations
@@ -13,9 +17,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from pice_cloud import defaults
 from pice_cloud.aggregator import ChosenPoint, PendingRequest, PointState
 from pice_cloud.cloud_meter import CloudMeter
 from pice_cloud.ensemble import ConfidenceSelector, SelectionItem, Selector
@@ -24,6 +29,10 @@ from pice_cloud.llm.base import ChatRequest
 from pice_edge.prompts import clean_expansion, expansion_messages
 
 log = logging.getLogger(__name__)
+
+#: Places point ``index`` on another edge, avoiding the given devices: returns the edge and the
+#: point's new deadline (seconds from now), or None when no edge has room.
+Replacer = Callable[[int, frozenset[str]], "tuple[str, float] | None"]
 
 
 @dataclass(frozen=True)
@@ -35,20 +44,43 @@ class PointSettler:
     cloud: CloudMeter
 
     async def run(self, question: str, points: list[str], pending: PendingRequest, deadlines_s: Sequence[float],
-                  tokens_per_point: int) -> None:
-        """Settle every point of ``pending``; returns when all are settled (cancel to stop)."""
+                  tokens_per_point: int, replace: Replacer | None = None) -> None:
+        """Settle every point of ``pending``; returns when all are settled (cancel to stop).
+
+        ``replace`` re-places a point whose edges all stopped being live before answering."""
         start = time.monotonic()
         due = [start + d for d in deadlines_s]
+        replaced: set[int] = set()
         while True:
             now = time.monotonic()
             missing: list[int] = []
             to_choose: list[PointState] = []
-            for state, when in zip(pending.points, due, strict=True):
-                # A point is due at its deadline, or once none of the edges it still waits for is
-                # live (all answered, none was assigned, or the rest went offline: a last will).
-                waiting = any(self.fleet.get(d) is not None for d in state.expected - state.received.keys())
-                if state.settled or (waiting and now < when):
+            if pending.reconnected_at is not None:
+                # The broker connection dropped while we waited: what was lost will not come.
+                grace_end = pending.reconnected_at + defaults.RECONNECT_GRACE_S
+                due = [min(d, grace_end) for d in due]
+            for state in pending.points:
+                if state.settled:
                     continue
+                outstanding = state.expected - state.received.keys()
+                # A point is due at its deadline, or once none of the edges it still waits for is
+                # live (all answered, none was assigned, or the rest went offline or went quiet).
+                waiting = any(self.fleet.is_live(d) for d in outstanding)
+                if waiting and now < due[state.index]:
+                    continue
+                if (outstanding and not waiting and not state.usable() and replace is not None
+                        and state.index not in replaced and now < due[state.index]):
+                    replaced.add(state.index)
+                    target = replace(state.index, state.expected)
+                    if target is not None:
+                        device, deadline_s = target
+                        log.info("request %s: point %d re-placed on %s (%s stopped answering)", pending.request_id,
+                                 state.index + 1, device, ", ".join(sorted(outstanding)))
+                        for gone in outstanding:
+                            self.fleet.task_abandoned(pending.request_id, state.index, gone, answered=False)
+                        state.expected = (state.expected - outstanding) | {device}
+                        due[state.index] = now + deadline_s
+                        continue
                 # Take what arrived in time before giving up on the edges.
                 usable = state.usable()
                 if not usable:
@@ -63,12 +95,17 @@ class PointSettler:
                 await self._cloud_expand(question, points, pending, missing, tokens_per_point)
             if to_choose or missing:
                 continue
-            open_due = [when for state, when in zip(pending.points, due, strict=False) if not state.settled]
-            if not open_due:
+            wake = [due[s.index] for s in pending.points if not s.settled]
+            if not wake:
                 return
+            # Also wake when an edge we wait for would stop being live (a missed heartbeat).
+            for s in pending.points:
+                if not s.settled:
+                    wake += [t for d in s.expected - s.received.keys()
+                             if (t := self.fleet.expires_at(d)) is not None and t > now]
             pending.wakeup.clear()
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(pending.wakeup.wait(), timeout=max(0.0, min(open_due) - time.monotonic()))
+                await asyncio.wait_for(pending.wakeup.wait(), timeout=max(0.0, min(wake) - time.monotonic()) + 0.01)
 
     async def _choose(self, question: str, points: list[str], pending: PendingRequest,
                       states: list[PointState], tokens_per_point: int) -> None:

@@ -131,7 +131,11 @@ class MqttTransport:
         client_id: str | None = None,
         will: tuple[str, bytes] | None = None,
         rejections: Rejections | None = None,
+        clean_session: bool = True,
     ) -> None:
+        """``clean_session`` False keeps our subscriptions and QoS 1 messages on the broker while
+        we are disconnected (with a stable ``client_id``): the cloud uses it so that candidates
+        published during a reconnect reach it afterwards instead of being dropped."""
         self.settings = settings
         self.client_id = client_id or f"pice-{uuid.uuid4().hex[:12]}"
         self.rejections = rejections or Rejections()
@@ -156,7 +160,7 @@ class MqttTransport:
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
             protocol=mqtt.MQTTv311,
-            clean_session=True,
+            clean_session=clean_session,
         )
         if will is not None:
             client.will_set(will[0], will[1], qos=QOS, retain=True)

@@ -114,7 +114,10 @@ async def test_edge_killed_while_holding_tasks(mosquitto: Mosquitto, tiny_model:
                      len(tasks_seen), took, final.stats.points_cloud)
 
             assert [d for d in final.stats.devices if d == "doomed"] == []
-            assert final.stats.points_cloud == len(tasks_seen) >= 1, "the dead edge's points went to the cloud"
+            # The dead edge's points were placed again: on the survivor, which has free slots.
+            assert len(tasks_seen) >= 1
+            assert final.stats.points_cloud == 0
+            assert final.stats.devices == ["steady"]
             assert final.stats.points_edge + final.stats.points_cloud == final.text.count("**") // 2
             # The last will settled them at once: far sooner than the 30 s point deadline.
             assert took < 30
@@ -149,23 +152,26 @@ async def test_broker_killed_and_restarted_mid_request(mosquitto: Mosquitto, tin
                                                        tmp_path: Path) -> None:
     for name in ("e1", "e2"):
         start_edge(edges, name, mosquitto, tiny_model, tmp_path)
-    async with start_system(cloud_config(mosquitto.url, edges=0, service=settings()), llm=tiny_llm) as system:
+    # A 30 s point deadline: a point that waited for it would show.
+    async with start_system(cloud_config(mosquitto.url, edges=0, service=settings(30)), llm=tiny_llm) as system:
         service = system.service
         assert await service.fleet.wait_for(2, 60)
         first = await answer(system)
         assert first[0].stats.points_edge >= 1
 
-        request = asyncio.create_task(answer(system))
+        request = asyncio.create_task(answer(system, limit=60))
         await eventually(lambda: service.aggregator.in_flight == 1, timeout=30)  # tasks are out
         mosquitto.kill()
         await eventually(lambda: not service.transport.connected, what="the cloud to notice the broker is gone")
         mosquitto.start()
-        # In flight: it completes (edge candidates, or the cloud after the deadline); no hang.
+        # In flight: it completes with the edges' candidates (queued in the cloud's persistent
+        # session, or re-sent by the edges), or, for what the crash lost, the cloud's own expansion
+        # after a short grace once the cloud is back: no point waits for its 30 s deadline.
         final, took = await request
         log.info("broker restarted mid-request: answered in %.1fs, edge/cloud points %d/%d",
                  took, final.stats.points_edge, final.stats.points_cloud)
         assert final.stats.points_edge + final.stats.points_cloud == first[0].stats.points_edge
-        assert took < DEADLINE_S + SLACK_S + 5
+        assert took < 15
 
         # Everyone reconnects and resubscribes by themselves; then requests succeed at the edges.
         await eventually(lambda: system.service.transport.connected, timeout=20)
@@ -174,6 +180,13 @@ async def test_broker_killed_and_restarted_mid_request(mosquitto: Mosquitto, tin
         assert after.stats.points_edge >= 1
         assert after.stats.points_cloud == 0, "candidates did not come back: a subscription was not re-made"
         assert system.service.transport.connect_count == 2
+        # The broker lost our retained status in the crash; we published it again on reconnect.
+        status_spy, statuses = await spy(mosquitto.url, CLOUD_STATUS_TOPIC)
+        try:
+            await eventually(lambda: bool(statuses), timeout=10, what="the cloud's retained status")
+            assert decode(CloudStatus, statuses[0].payload).online
+        finally:
+            await status_spy.close()
     for proc in edges:
         assert proc.alive
         assert "lost MQTT broker" in proc.log()
@@ -277,3 +290,39 @@ async def test_cloud_restarted_while_edges_run(mosquitto: Mosquitto, tiny_model:
         log.info("cloud restarted: new cloud saw %d edges from retained status, answer by %s",
                  len(system.service.fleet.live()), final.stats.devices)
     assert final.text.startswith("1. **")
+
+
+async def test_frozen_edge_points_are_replaced_at_once(mosquitto: Mosquitto, tiny_model: Path,
+                                                       tiny_llm: TransformersBackend, edges: list[EdgeProcess],
+                                                       tmp_path: Path) -> None:
+    """SIGSTOP: no last will, no goodbye; the edge just goes quiet. Its points must move on when
+    its heartbeats stop (3 x 0.5 s), not wait for the 30 s point deadline."""
+    delay = ("--delay", "2")  # each batch takes 2 s more: a device with real work to do
+    frozen = start_edge(edges, "frozen", mosquitto, tiny_model, tmp_path, fault=delay)
+    start_edge(edges, "steady", mosquitto, tiny_model, tmp_path, fault=delay)
+    watcher, frozen_tasks = await spy(mosquitto.url, edge_tasks_topic("frozen"))
+    try:
+        async with start_system(cloud_config(mosquitto.url, edges=0, service=settings(30)), llm=tiny_llm) as system:
+            assert await system.service.fleet.wait_for(2, 60)
+            normal, normal_s = await answer(system, limit=60)
+            assert set(normal.stats.devices) == {"frozen", "steady"}
+            frozen_tasks.clear()
+            request = asyncio.create_task(answer(system, limit=60))
+            await eventually(lambda: bool(frozen_tasks), timeout=30, what="a task for the edge to freeze")
+            frozen.proc.send_signal(signal.SIGSTOP)
+            try:
+                final, took = await request
+            finally:
+                frozen.proc.send_signal(signal.SIGCONT)
+            log.info("edge frozen holding %d task(s): answered in %.1fs (normal %.1fs, %.2fx); devices %s, "
+                     "cloud points %d", len(frozen_tasks), took, normal_s, took / normal_s, final.stats.devices,
+                     final.stats.points_cloud)
+            assert "frozen" not in final.stats.devices
+            assert final.stats.points_edge + final.stats.points_cloud == final.text.count("**") // 2
+            # Re-placed on the steady edge (a free slot) rather than expanded by the cloud.
+            assert final.stats.points_cloud == 0
+            assert final.stats.devices == ["steady"]
+            # Detection (1.5 s) plus one more batch on the steady edge: far from the 30 s deadline.
+            assert took < normal_s + 2 * 2 + 1.5 + SLACK_S
+    finally:
+        await watcher.close()
