@@ -412,3 +412,28 @@ def test_a_failed_install_leaves_nothing_half_written(trained: TrainResult, stor
         with pytest.raises(ModelError):
             model_store.install(source, bad_name)
     assert sorted(p.name for p in store.iterdir()) == before
+
+
+def test_left_padded_batches_score_like_single_rows(tiny_model: Path) -> None:
+    """Batching pads on the left and scores only the target positions: the same loss, finite gradients."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pice_cloud.finetune.data import Example
+    from pice_cloud.finetune.train import _pad, _token_loss_sum, encode, eos_id
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    sketch = ("Set clear goals", "Take short breaks")
+    rows = [encode(Example("expander", 1, q, sketch, 0, tuple(expansion_messages(q, list(sketch), 0)), "", t),
+                   tokenizer, eos_id(model, tokenizer))
+            for q, t in (("How can I plan?", "Plan your day with a calendar."),
+                         ("How can I plan my whole week well?", "Review it every morning and avoid distractions."))]
+    assert len(rows[0][0]) != len(rows[1][0])
+    pad = int(tokenizer.pad_token_id)
+    together, n = _token_loss_sum(model, _pad(rows, pad, torch), torch)
+    apart = [_token_loss_sum(model, _pad([row], pad, torch), torch) for row in rows]
+    assert n == sum(k for _, k in apart) == sum(sum(1 for x in lab if x != -100) for _, lab in rows)
+    assert together.item() == pytest.approx(sum(loss.item() for loss, _ in apart), rel=1e-4)
+    together.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

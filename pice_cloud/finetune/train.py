@@ -98,25 +98,42 @@ def encode(example: Example, tokenizer: Any, eos: int) -> tuple[list[int], list[
 
 
 def _pad(rows: Sequence[tuple[list[int], list[int]]], pad_id: int, torch: Any) -> dict[str, Any]:
+    """Left-padded batch tensors, with the position ids counted from each row's first real token.
+
+    Left padding (as the runtimes batch at serving) puts every row's target at the end, so the
+    forward pass computes logits for the last ``keep`` positions only (`logits_to_keep`): the
+    vocabulary projection of every prompt position (49k-wide on SmolLM2) is skipped.
+    """
     width = max(len(ids) for ids, _ in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, (row_ids, row_labels) in enumerate(rows):
-        ids[i, : len(row_ids)] = torch.tensor(row_ids)
-        labels[i, : len(row_labels)] = torch.tensor(row_labels)
-        mask[i, : len(row_ids)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        ids[i, width - len(row_ids):] = torch.tensor(row_ids)
+        labels[i, width - len(row_labels):] = torch.tensor(row_labels)
+        mask[i, width - len(row_ids):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    first_target = min(next(j for j, x in enumerate(lab) if x != IGNORE_INDEX) + width - len(lab) for _, lab in rows)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "labels": labels,
+            "keep": width - first_target + 1}
 
 
 def _token_loss_sum(model: Any, batch: dict[str, Any], torch: Any) -> tuple[Any, int]:
     """(sum of target-token cross-entropies, number of target tokens) of one padded batch."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    keep = int(batch["keep"])
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=batch["position_ids"], logits_to_keep=keep).logits
+    # Logits at position p predict the token at p + 1: the last `keep` positions, less the final
+    # one, predict the last `keep - 1` tokens, which hold every row's target.
     shifted = logits[:, :-1].float()
-    targets = batch["labels"][:, 1:]
+    targets = batch["labels"][:, -(keep - 1):]
     loss = torch.nn.functional.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1),
                                              ignore_index=IGNORE_INDEX, reduction="sum")
     return loss, int((targets != IGNORE_INDEX).sum())
+
+
+def _to(batch: dict[str, Any], device: str) -> dict[str, Any]:
+    return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
 
 
 class _Order:
@@ -200,7 +217,7 @@ def _eval_loss(model: Any, rows: list[tuple[list[int], list[int]]], micro: int, 
     model.eval()
     with torch.no_grad():
         for start in range(0, len(rows), micro):
-            batch = {k: v.to(device) for k, v in _pad(rows[start:start + micro], pad_id, torch).items()}
+            batch = _to(_pad(rows[start:start + micro], pad_id, torch), device)
             loss, n = _token_loss_sum(model, batch, torch)
             total += float(loss)
             tokens += n
@@ -332,8 +349,7 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, progress: bool = True
             tokens = sum(sum(1 for x in labels[1:] if x != IGNORE_INDEX) for _, labels in rows)
             step_loss = 0.0
             for start in range(0, len(rows), opt.micro_batch_size):
-                batch = {k: v.to(device) for k, v in
-                         _pad(rows[start:start + opt.micro_batch_size], pad_id, torch).items()}
+                batch = _to(_pad(rows[start:start + opt.micro_batch_size], pad_id, torch), device)
                 loss_sum, _ = _token_loss_sum(model, batch, torch)
                 # Mean over the target tokens of the whole step, whatever the micro-batching.
                 (loss_sum / max(tokens, 1)).backward()
