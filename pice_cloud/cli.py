@@ -55,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--selector", choices=("learned", "confidence"), default=None,
                      help="how one of several expansions of a point is chosen")
     ask.add_argument("--json", action="store_true", help="print the answer and its statistics as JSON")
+    from pice_edge.credentials import CLOUD_USERNAME, add_credential_options
+
+    add_credential_options(ask, default_username=CLOUD_USERNAME)
 
     from pice_cloud import fleet_cli
     from pice_cloud.finetune import cli as finetune_cli
@@ -95,11 +98,11 @@ def _ask_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 async def _ask(args: argparse.Namespace) -> int:
     from pice_cloud.bootstrap import start_system
-    from pice_cloud.config import load_config
+    from pice_cloud.cli_serve import load_with_credentials
     from pice_cloud.service import AnswerEvent, PointEvent, SketchEvent
     from pice_cloud.sketch import describe
 
-    config = load_config(args.config, _ask_overrides(args))
+    config = load_with_credentials(args.config, _ask_overrides(args), args)
     out = sys.stdout
     async with start_system(config) as system:
         if config.broker is not None and not config.local_edges:

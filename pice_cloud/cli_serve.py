@@ -10,7 +10,9 @@ import asyncio
 import sys
 from typing import Any, get_args
 
-from pice_cloud.config import BackendKind
+from pice_cloud.config import BackendKind, CloudConfig
+from pice_edge.credentials import CLOUD_USERNAME, add_credential_options, credential_fields
+from pice_edge.errors import ConfigError
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +34,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads of the cloud LLM (llm.threads)")
     parser.add_argument("--max-concurrent", type=int, default=None, help="server.max_concurrent")
     parser.add_argument("--max-queue", type=int, default=None, help="server.max_queue")
+    add_credential_options(parser, default_username=CLOUD_USERNAME)
 
 
 def overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -50,12 +53,33 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def load_with_credentials(path: str | None, flags: dict[str, Any], args: argparse.Namespace) -> CloudConfig:
+    """`load_config` with the broker credentials of the flags and ``PICE_BROKER_*`` variables
+    (the same ones the edge takes) folded into the ``broker`` section.
+
+    Raises:
+        ConfigError: invalid configuration, or credentials without a broker to use them on.
+    """
+    from pice_cloud.config import load_config
+
+    credentials = credential_fields(args, default_username=CLOUD_USERNAME)
+    if not credentials:
+        return load_config(path, flags)
+    config = load_config(path, flags)
+    if config.broker is None:
+        raise ConfigError("broker credentials were given (--username, --password-file, --ca-file, --cert-file, "
+                          "--key-file or PICE_BROKER_* variables) but no broker: give --broker mqtts://HOST:PORT or "
+                          "broker.url; the embedded broker needs none")
+    broker = {**flags.get("broker", {}), **credentials}
+    return load_config(path, {**flags, "broker": broker})
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """Load and validate the configuration, then serve until SIGTERM/SIGINT. Errors raise
     `PiceError` (the caller prints them and exits 2)."""
-    from pice_cloud.config import dump_config, load_config
+    from pice_cloud.config import dump_config
 
-    config = load_config(args.config, overrides(args))
+    config = load_with_credentials(args.config, overrides(args), args)
     if args.print_config:
         sys.stdout.write(dump_config(config))
         return 0

@@ -2,7 +2,7 @@
 variables and command-line flags (highest precedence last), validated before anything starts.
 
     server:  {host: 127.0.0.1, port: 8000, max_concurrent: 4, max_queue: 16}
-    broker:  {url: mqtt://broker.local:1883, username: cloud, password: ...}   # omit: embedded broker
+    broker:  {url: mqtt://broker.local:1883, username: pice-cloud, password: ...}   # omit: embedded broker
     llm:     {kind: transformers, model: smollm2-135m-instruct, threads: 1}
     edges:   {local: 2}                 # in-process edge nodes (default 2, or 0 with a broker)
     service: {max_points: 6, tokens_per_point: 80}

@@ -112,11 +112,11 @@ class Fleet:
 
     def handle_status(self, message: Message) -> None:
         """Transport handler for ``pice/v1/edge/+/status``."""
+        if message.payload == b"":
+            return  # a cleared retained status, or `pice-edge doctor`'s ACL probe
         try:
             status = decode(EdgeStatus, message.payload, max_bytes=self._max_payload)
         except ProtocolError as exc:
-            if message.payload == b"" and message.retain:
-                return  # a cleared retained status
             self.rejections.record("status", exc.kind, str(exc))
             return
         if status.device_id != topic_level(message.topic, -2):

@@ -29,12 +29,16 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     fleet.add_argument("--fleet", default=DEFAULT_FLEET, help="fleet name on zeroconf (default %(default)s)")
     fleet.add_argument("--interfaces", default="all", help="zeroconf interfaces: 'all' or comma-separated IPs")
     fleet.add_argument("--no-zeroconf", action="store_true", help="MQTT statuses only (needs --broker)")
+    from pice_edge.credentials import CLOUD_USERNAME, add_credential_options
+
+    add_credential_options(fleet, default_username=CLOUD_USERNAME)
     fleet.add_argument("--wait", type=float, default=3.0,
                        help="seconds to collect statuses and announcements (default %(default)s)")
     fleet.add_argument("--json", action="store_true", help="print the fleet as JSON")
 
 
-async def collect(broker_url: str | None, *, fleet_name: str = DEFAULT_FLEET, interfaces: Any = "all",
+async def collect(broker_url: str | None, *, credentials: dict[str, Any] | None = None,
+                  fleet_name: str = DEFAULT_FLEET, interfaces: Any = "all",
                   zeroconf: bool = True, wait_s: float = 3.0) -> tuple[str, list[FleetEntry]]:
     """(broker URL used, fleet snapshot) after listening for ``wait_s`` seconds.
 
@@ -55,7 +59,8 @@ async def collect(broker_url: str | None, *, fleet_name: str = DEFAULT_FLEET, in
             if broker_url is None:
                 broker_url = (await discovery.find_cloud(fleet_name, timeout=max(wait_s, 1.0))).broker_url()
         assert broker_url is not None
-        transport = MqttTransport(BrokerSettings(url=broker_url), client_id=f"pice-fleet-{uuid.uuid4().hex[:8]}",
+        transport = MqttTransport(BrokerSettings(url=broker_url, **(credentials or {})),
+                                  client_id=f"pice-fleet-{uuid.uuid4().hex[:8]}",
                                   rejections=fleet.rejections)
         transport.add_subscription(EDGE_STATUS_FILTER, fleet.handle_status)
         # connect() returns once the SUBACK is in, so retained statuses are on their way; the
@@ -87,7 +92,10 @@ def format_fleet(rows: list[FleetEntry]) -> str:
 
 async def run(args: argparse.Namespace) -> int:
     """The ``pice-cloud fleet`` command."""
-    broker_url, rows = await collect(args.broker, fleet_name=check_fleet(args.fleet),
+    from pice_edge.credentials import CLOUD_USERNAME, credential_fields
+
+    credentials = credential_fields(args, default_username=CLOUD_USERNAME)
+    broker_url, rows = await collect(args.broker, credentials=credentials, fleet_name=check_fleet(args.fleet),
                                      interfaces=parse_interfaces(args.interfaces), zeroconf=not args.no_zeroconf,
                                      wait_s=args.wait)
     if args.json:

@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import signal
 import socket
 import sys
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from pice_edge.credentials import add_credential_options
 from pice_edge.errors import EXIT_CONFIG, EXIT_UNAVAILABLE, ConfigError, NotReachableError, PiceError
 from pice_edge.logs import log_level_option, setup_logging
 from pice_edge.model_store import DEFAULT_MODEL
@@ -70,6 +70,10 @@ def _parser() -> argparse.ArgumentParser:
     doctor = sub.add_parser("doctor", help="check this device, its model and the broker", parents=[*common, config])
     doctor.add_argument("--timeout", type=float, default=3.0, help="seconds per network check (default %(default)s)")
     doctor.add_argument("--json", action="store_true", help="print the checks as JSON")
+    doctor.add_argument("--device-id", default=socket.gethostname().split(".")[0],
+                        help="the id `run` will use: the broker's ACL must let it publish its status (default: host "
+                             "name)")
+    add_credential_options(doctor, default_username="the device id")
 
     discover = sub.add_parser("discover", help="list PICE edges and clouds on the network (zeroconf)",
                               parents=common)
@@ -85,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
                           "(default: the profile's, or tensorrt,cuda,cpu)")
     run.add_argument("--memory-budget-mb", type=float, default=None,
                      help="KV-cache budget of a batch in MiB (default: the profile's memory budget less the weights)")
-    _broker_auth_options(run)
+    add_credential_options(run, default_username="the device id")
 
     sub.add_parser("profiles", help="list the device profiles", parents=common)
 
@@ -105,41 +109,10 @@ def _parser() -> argparse.ArgumentParser:
 # PICE_BROKER_PASSWORD or from a file. Each option also reads an environment variable, for
 # systemd units and containers.
 
-def _broker_auth_options(run: argparse.ArgumentParser) -> None:
-    env = os.environ.get
-    run.add_argument("--username", default=env("PICE_BROKER_USERNAME"),
-                     help="broker account (default $PICE_BROKER_USERNAME, else the device id when a password is set)")
-    run.add_argument("--password-file", default=env("PICE_BROKER_PASSWORD_FILE"),
-                     help="file holding the broker password (default $PICE_BROKER_PASSWORD_FILE; "
-                          "or put the password itself in $PICE_BROKER_PASSWORD)")
-    run.add_argument("--ca-file", default=env("PICE_BROKER_CA_FILE"),
-                     help="CA certificate that signed the broker's (TLS; default $PICE_BROKER_CA_FILE)")
-    run.add_argument("--cert-file", default=env("PICE_BROKER_CERT_FILE"),
-                     help="this device's client certificate (mutual TLS; default $PICE_BROKER_CERT_FILE)")
-    run.add_argument("--key-file", default=env("PICE_BROKER_KEY_FILE"),
-                     help="this device's client key (mutual TLS; default $PICE_BROKER_KEY_FILE)")
-
-
 def _broker_settings(args: argparse.Namespace, url: str) -> BrokerSettings:
-    from pydantic import SecretStr, ValidationError
+    from pice_edge.credentials import broker_settings
 
-    from pice_edge.errors import ConfigError
-    from pice_edge.transport import BrokerSettings
-
-    password = os.environ.get("PICE_BROKER_PASSWORD")
-    if args.password_file:
-        try:
-            with open(args.password_file, encoding="utf-8") as fh:
-                password = fh.read().strip()
-        except OSError as exc:
-            raise ConfigError(f"cannot read the broker password file {args.password_file}: {exc.strerror}") from exc
-    username = args.username or (args.device_id if password else None)
-    try:
-        return BrokerSettings(url=url, username=username, password=SecretStr(password) if password else None,
-                              ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise ConfigError(f"broker settings: {first['msg']} (check --broker and the TLS options)") from None
+    return broker_settings(args, url, default_username=args.device_id)
 
 
 @dataclass(frozen=True)
@@ -299,9 +272,12 @@ def _doctor(args: argparse.Namespace) -> int:
     from pice_edge.doctor import DoctorConfig, failed, format_checks, report_json, run_checks
 
     cfg = _config(args)
+    from pice_edge.credentials import credential_fields
+
     doctor_cfg = DoctorConfig(model=cfg.model, runtime=cfg.runtime, profile=cfg.profile, broker_url=args.broker,
                               fleet=check_fleet(args.fleet), interfaces=parse_interfaces(args.interfaces),
-                              timeout_s=args.timeout)
+                              timeout_s=args.timeout, device_id=args.device_id,
+                              credentials=credential_fields(args, default_username=args.device_id))
     checks = asyncio.run(run_checks(doctor_cfg))
     if args.json:
         print(json.dumps(report_json(checks), indent=2))

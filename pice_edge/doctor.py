@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -58,6 +58,10 @@ class DoctorConfig:
     fleet: str = "default"
     interfaces: Any = "all"
     timeout_s: float = 3.0
+    #: The device id `run` would use: checked against the broker's ACL when given.
+    device_id: str | None = None
+    #: `BrokerSettings` credential fields (username, password, TLS files), as `pice_edge.credentials` gives them.
+    credentials: dict[str, Any] = field(default_factory=dict)
 
 
 def failed(checks: list[Check]) -> list[Check]:
@@ -285,7 +289,7 @@ async def _broker_checks(cfg: DoctorConfig) -> list[Check]:
                           fix="pass --broker mqtt://HOST:PORT, or start the cloud on this network")]
         checks.append(Check("discovery", "ok", f"cloud {cloud.id!r} of fleet {cfg.fleet!r} advertises {url}"))
     try:
-        settings = BrokerSettings(url=url)
+        settings = BrokerSettings(url=url, **cfg.credentials)
     except ValueError as exc:
         return [*checks, Check("broker", "fail", str(exc).splitlines()[-1], required=True,
                                fix="give --broker as mqtt://HOST:PORT or mqtts://HOST:PORT")]
@@ -301,14 +305,49 @@ async def _broker_checks(cfg: DoctorConfig) -> list[Check]:
                                                   "mosquitto`) or fix --broker; check firewalls")]
     transport = MqttTransport(settings, client_id=f"pice-doctor-{uuid.uuid4().hex[:8]}")
     try:
-        await transport.connect(timeout=cfg.timeout_s)
-    except PiceError as exc:
-        return [*checks, Check("broker", "fail", f"TCP ok but MQTT connect failed: {exc}", required=True,
-                               fix="check that it is an MQTT 3.1.1 broker and the credentials / TLS files")]
+        try:
+            await transport.connect(timeout=cfg.timeout_s)
+        except PiceError as exc:
+            return [*checks, Check("broker", "fail", f"TCP ok but MQTT connect failed: {exc}", required=True,
+                                   fix="check that it is an MQTT 3.1.1 broker and the credentials / TLS files")]
+        ms = (time.perf_counter() - started) * 1000
+        checks.append(Check("broker", "ok", f"MQTT connect to {url} in {ms:.0f} ms", required=True))
+        if cfg.device_id is not None:
+            checks.append(await _acl_check(transport, cfg.device_id, settings.username, cfg.timeout_s))
+        return checks
     finally:
         await transport.close()
-    ms = (time.perf_counter() - started) * 1000
-    return [*checks, Check("broker", "ok", f"MQTT connect to {url} in {ms:.0f} ms", required=True)]
+
+
+async def _acl_check(transport: Any, device_id: str, username: str | None, timeout_s: float) -> Check:
+    """Whether the broker lets ``device_id`` use its status topic: with the fleet's ACL
+    (tools/mosquitto/acl) only when the device id equals the broker username. An edge the ACL
+    refuses would otherwise look alive to itself while the cloud never sees it.
+
+    The probe is an empty, non-retained message on the device's own status topic (the cloud
+    ignores empty statuses): it must come back to us. Brokers drop denied publishes silently, so
+    an echo is the only proof."""
+    from pice_edge.protocol import edge_status_topic
+
+    topic = edge_status_topic(device_id)
+    who = f"user {username!r}" if username else "this client"
+    fix = (f"run with --device-id equal to the broker username ({username or '?'}), or give the account access to "
+           "the device's topics in the broker's ACL")
+    echoed = asyncio.Event()
+
+    def on_message(message: Any) -> None:
+        if not message.payload and not message.retain:
+            echoed.set()
+
+    try:
+        await transport.subscribe(topic, on_message, timeout=timeout_s)
+        transport.publish(topic, b"")
+        await asyncio.wait_for(echoed.wait(), timeout_s)
+    except (PiceError, asyncio.TimeoutError) as exc:
+        detail = str(exc) or f"nothing came back within {timeout_s:g}s"
+        return Check("acl", "fail", f"the broker does not let {who} use the status topic of device {device_id!r} "
+                                    f"({detail})", required=True, fix=fix)
+    return Check("acl", "ok", f"device {device_id!r} may publish and read {topic}", required=True)
 
 
 async def run_checks(cfg: DoctorConfig) -> list[Check]:

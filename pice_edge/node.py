@@ -19,7 +19,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from pice_edge.errors import ProtocolError
+from pice_edge.errors import ConfigError, ProtocolError, TransportError
 from pice_edge.prompts import clean_expansion, expansion_messages
 from pice_edge.protocol import (
     Candidate,
@@ -38,6 +38,8 @@ from pice_edge.transport import BrokerSettings, Message, MqttTransport
 
 log = logging.getLogger(__name__)
 
+#: How long a starting edge waits to see its own status come back from the broker (seconds).
+STATUS_ECHO_TIMEOUT_S = 5.0
 #: Weight of a new sample in the moving average of the decode speed reported in status
 #: (new = (1 - w) * old + w * sample): a batch's rate swings with its size and prompt lengths, so
 #: the reported figure moves slowly.
@@ -123,6 +125,9 @@ class EdgeNode:
         self.memory_budget_bytes = int(memory_budget_mb * 2**20) if memory_budget_mb else None
         self.heartbeat_s = heartbeat_s
         self.stats = NodeStats()
+        #: Set once our own status came back from the broker (the cloud can see us).
+        self.status_visible = asyncio.Event()
+        self._started_at = time.time()
         self.rejections = rejections or Rejections()
         self._max_payload = broker.max_payload_bytes
         self._queue: asyncio.Queue[_Queued] = asyncio.Queue(maxsize=max_queue)
@@ -149,11 +154,31 @@ class EdgeNode:
     # --- lifecycle -------------------------------------------------------------------------
 
     async def start(self, connect_timeout: float = 10.0) -> None:
-        """Connect to the broker and start serving."""
+        """Connect to the broker and start serving.
+
+        Raises:
+            BrokerUnreachableError: the broker did not answer.
+            ConfigError: the broker refuses this device its own status topic (with the fleet's
+                ACL: the device id differs from the broker username).
+        """
+        self._started_at = time.time()
         await self.transport.connect(connect_timeout)
+        topic = edge_status_topic(self.device_id)
+        try:
+            # Our own status must come back to us: proof that the broker lets us publish it.
+            await self.transport.subscribe(topic, self._on_own_status)
+        except TransportError as exc:
+            await self.transport.close()
+            username = self.transport.settings.username
+            raise ConfigError(
+                f"the broker refuses device {self.device_id!r} its status topic {topic} ({exc}); with the fleet's "
+                f"ACL the device id must equal the broker username ({username or 'none given'}): use "
+                "--device-id USERNAME or --username DEVICE_ID"
+            ) from exc
         self._tasks = [
             asyncio.create_task(self._batch_loop(), name=f"{self.device_id}-batcher"),
             asyncio.create_task(self._heartbeat_loop(), name=f"{self.device_id}-heartbeat"),
+            asyncio.create_task(self._check_status_visible(), name=f"{self.device_id}-status-check"),
         ]
 
     async def stop(self) -> None:
@@ -213,6 +238,32 @@ class EdgeNode:
                 self.publish_status()
 
     # --- inbound ---------------------------------------------------------------------------
+
+    def _on_own_status(self, message: Message) -> None:
+        if not message.payload:
+            return  # a cleared retained status, or doctor's probe
+        try:
+            status = decode(EdgeStatus, message.payload, max_bytes=self._max_payload)
+        except ProtocolError:
+            return
+        if status.device_id == self.device_id and status.online and status.sent_at >= self._started_at - 1.0:
+            self.status_visible.set()
+
+    async def _check_status_visible(self) -> None:
+        """Say so when our status does not come back: the cloud cannot see us either (a broker
+        ACL that silently drops our publishes), however healthy we look from here."""
+        try:
+            await asyncio.wait_for(self.status_visible.wait(), STATUS_ECHO_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            log.error("edge %s: our status did not come back from the broker within %.0fs: the broker drops our "
+                      "publishes, so the cloud cannot schedule us. Likely its ACL: the device id must equal the broker "
+                      "username (%s); `pice-edge doctor` checks it", self.device_id, STATUS_ECHO_TIMEOUT_S,
+                      self.transport.settings.username or "none given")
+            # Keep running: once the broker's ACL is fixed (and reloaded) the next heartbeat gets through.
+            await self.status_visible.wait()
+            log.warning("edge %s: our status reaches the broker now", self.device_id)
+        # Seen once is proof enough: stop receiving our own heartbeats.
+        self.transport.unsubscribe(edge_status_topic(self.device_id))
 
     def _on_task(self, message: Message) -> None:
         try:

@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import getpass
+import json
 import logging
 import os
 import re
 import secrets
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -90,9 +92,23 @@ def rogue_pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return rogue
 
 
+def install_snippet(confd: Path, pki: Path, port: int) -> Path:
+    """tools/mosquitto/pice.conf as the README installs it into conf.d; only the PKI folder and
+    the port differ (a loopback listener on a free port)."""
+    confd.mkdir(exist_ok=True)
+    text = (TOOLS / "pice.conf").read_text()
+    assert "listener 8883\n" in text
+    text = text.replace("/etc/mosquitto/pice/acl", str(TOOLS / "acl")).replace("/etc/mosquitto/pice/", f"{pki}/")
+    target = confd / "pice.conf"
+    target.write_text(text.replace("listener 8883\n", f"listener {port} 127.0.0.1\n"))
+    return target
+
+
 @pytest.fixture
 def secure_broker(tmp_path: Path, pki: Path) -> Iterator[Mosquitto]:
-    broker = Mosquitto(tmp_path, "secure.conf", scheme="mqtts", pki=pki, acl=TOOLS / "acl", user=getpass.getuser())
+    confd = tmp_path / "conf.d"
+    broker = Mosquitto(tmp_path, "secure.conf", scheme="mqtts", user=getpass.getuser(), confd=confd)
+    install_snippet(confd, pki, broker.port)
     broker.start()
     yield broker
     broker.kill()
@@ -126,27 +142,23 @@ def _candidate(request_id: str, device_id: str, text: str = "text") -> Candidate
 
 # --- the configuration ---------------------------------------------------------------------
 
-def _directives(path: Path) -> list[tuple[str, str]]:
-    lines = [ln.strip() for ln in path.read_text().splitlines()]
-    pairs = [tuple(ln.split(None, 1)) for ln in lines if ln and not ln.startswith(("#", "user "))]
-    # Paths, the port and the log destination are what the test copy may change.
-    local = {"password_file", "acl_file", "cafile", "certfile", "keyfile", "persistence_location", "listener",
-             "log_dest"}
-    return [(p[0], "" if p[0] in local else p[1]) for p in pairs]
-
-
-def test_test_broker_runs_the_production_configuration() -> None:
-    production = _directives(TOOLS / "mosquitto.conf")
-    assert production == _directives(Path(__file__).parent / "mosquitto" / "secure.conf")
-    assert ("allow_anonymous", "false") in production
-    assert ("require_certificate", "true") in production
+def test_snippet_is_a_conf_d_file_for_debians_stock_mosquitto() -> None:
+    """What the stock main file sets must not be set again (Mosquitto refuses a duplicate
+    persistence_location), and the security settings are all there."""
+    directives = [ln.split(None, 1) for ln in (TOOLS / "pice.conf").read_text().splitlines()
+                  if ln.strip() and not ln.startswith("#")]
+    keys = {d[0] for d in directives}
+    assert not keys & {"pid_file", "persistence", "persistence_location", "log_dest", "include_dir"}
+    assert ["allow_anonymous", "false"] in directives
+    assert ["require_certificate", "true"] in directives
+    assert ["per_listener_settings", "false"] in directives
 
 
 def test_acl_confines_edges_with_username_patterns() -> None:
     rules = [ln.split() for ln in (TOOLS / "acl").read_text().splitlines() if ln and not ln.startswith("#")]
     patterns = {(r[1], r[2]) for r in rules if r[0] == "pattern"}
     assert patterns == {
-        ("write", "pice/v1/edge/%u/status"),
+        ("readwrite", "pice/v1/edge/%u/status"),
         ("write", "pice/v1/candidates/+/%u"),
         ("read", "pice/v1/edge/%u/tasks"),
         ("read", "pice/v1/cloud/status"),
@@ -363,6 +375,71 @@ async def test_edge_cli_takes_credentials_from_env_and_file(secure_broker: Mosqu
         assert "connected to MQTT broker" in out
         for password in PASSWORDS.values():
             assert password not in out
+
+
+async def _cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> tuple[int, str, str]:
+    """A PICE command as a subprocess, awaited (this loop keeps serving MQTT meanwhile)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PICE_BROKER_PASSWORD": "", **(env or {})}, cwd=Path(__file__).parents[1])
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_every_command_takes_the_same_credentials(secure_broker: Mosquitto, pki: Path, tiny_model: Path,
+                                                        tmp_path: Path) -> None:
+    """The documented flags work for the edge, `doctor`, and the cloud's `ask` and `fleet`
+    (`serve` shares `ask`'s loader); a wrong device id is reported, not served in silence."""
+    cloud_creds = (*_tls_flags(pki, "pice-cloud"), "--password-file", str(pki / "clients" / "pice-cloud.password"))
+    edge = EdgeProcess("edge-a", secure_broker.url, tiny_model, tmp_path,
+                       extra=(*_tls_flags(pki, "edge-a"), "--password-file",
+                              str(pki / "clients" / "edge-a.password")))
+    try:
+        rc, out, err = await _cli("pice_edge.cli", "doctor", "--model", str(tiny_model), "--broker", secure_broker.url,
+                                  "--device-id", "edge-a", *_tls_flags(pki, "edge-a"), "--password-file",
+                                  str(pki / "clients" / "edge-a.password"), "--json")
+        checks = {c["name"]: c for c in json.loads(out)["checks"]}
+        assert checks["broker"]["status"] == "ok", checks["broker"]
+        assert checks["acl"]["status"] == "ok", checks["acl"]
+        await eventually(lambda: " serving " in edge.log() or not edge.alive, timeout=90, what="edge-a serving")
+        assert edge.alive, edge.log()
+        # The fleet as the cloud's account sees it (the username defaults to pice-cloud).
+        rc, out, err = await _cli("pice_cloud.cli", "fleet", "--broker", secure_broker.url, "--no-zeroconf",
+                                  "--wait", "3", "--json", *cloud_creds)
+        assert rc == 0, err
+        assert [e["device_id"] for e in json.loads(out)["edges"]] == ["edge-a"]
+        rc, out, err = await _cli("pice_cloud.cli", "ask", "Hi?", "--model", str(tiny_model), "--mode", "cloud",
+                                  "--broker", secure_broker.url, "--json", *cloud_creds)
+        assert rc == 0, err
+        assert json.loads(out)["stats"]["mode"] == "cloud"
+        # The same account, from the environment instead of flags.
+        env = {"PICE_BROKER_CA_FILE": str(pki / "ca.crt"),
+               "PICE_BROKER_CERT_FILE": str(pki / "clients" / "pice-cloud.crt"),
+               "PICE_BROKER_KEY_FILE": str(pki / "clients" / "pice-cloud.key"),
+               "PICE_BROKER_PASSWORD": PASSWORDS["pice-cloud"]}
+        rc, out, err = await _cli("pice_cloud.cli", "fleet", "--broker", secure_broker.url, "--no-zeroconf",
+                                  "--wait", "1", "--json", env=env)
+        assert rc == 0, err
+    finally:
+        edge.stop()
+    # edge-b's account, another device id: the ACL would drop its status; it says so and stops.
+    wrong = ("--device-id", "not-edge-b", "--username", "edge-b", *_tls_flags(pki, "edge-b"), "--password-file",
+             str(pki / "clients" / "edge-b.password"))
+    rc, out, err = await _cli("pice_edge.cli", "doctor", "--model", str(tiny_model), "--broker", secure_broker.url,
+                              "--json", *wrong)
+    checks = {c["name"]: c for c in json.loads(out)["checks"]}
+    assert rc == 1
+    assert checks["acl"]["status"] == "fail"
+    assert "--device-id equal to the broker username (edge-b)" in checks["acl"]["fix"]
+    wrong_edge = EdgeProcess("not-edge-b", secure_broker.url, tiny_model, tmp_path, extra=wrong[2:])
+    try:
+        await eventually(lambda: "did not come back from the broker" in wrong_edge.log() or not wrong_edge.alive,
+                         timeout=90, what="the edge to report its invisible status")
+        assert wrong_edge.alive, wrong_edge.log()  # it keeps trying: a fixed ACL lets the next heartbeat through
+        assert "the device id must equal the broker username (edge-b)" in wrong_edge.log()
+    finally:
+        wrong_edge.stop()
 
 
 def test_edge_cli_wrong_password_is_a_clear_error(secure_broker: Mosquitto, pki: Path, tiny_model: Path,
