@@ -18,11 +18,14 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from pice_cloud.bootstrap import System, start_system
+from pice_cloud.broker import free_port
 from pice_cloud.llm.transformers import TransformersBackend
 from pice_cloud.service import AnswerEvent
+from pice_edge.errors import EXIT_CONFIG, EXIT_UNAVAILABLE
 from pice_edge.protocol import (
     CANDIDATES_FILTER,
     CLOUD_STATUS_TOPIC,
@@ -326,3 +329,71 @@ async def test_frozen_edge_points_are_replaced_at_once(mosquitto: Mosquitto, tin
             assert took < normal_s + 2 * 2 + 1.5 + SLACK_S
     finally:
         await watcher.close()
+
+
+class Supervisor:
+    """What the systemd units do: restart the command when it exits with anything but 0 or
+    EXIT_CONFIG (``Restart=on-failure``, ``RestartPreventExitStatus=2``), after ``restart_s``."""
+
+    def __init__(self, cmd: list[str], log_path: Path, restart_s: float = 1.0) -> None:
+        self.cmd, self.log_path, self.restart_s = cmd, log_path, restart_s
+        self.exits: list[int] = []
+        self.proc: asyncio.subprocess.Process | None = None
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            with open(self.log_path, "ab") as log:  # noqa: ASYNC230 (a local file, opened once per start)
+                self.proc = await asyncio.create_subprocess_exec(*self.cmd, stdout=asyncio.subprocess.DEVNULL,
+                                                                 stderr=log, cwd=Path(__file__).parents[1])
+            code = await self.proc.wait()
+            self.exits.append(code)
+            if code in (0, EXIT_CONFIG):
+                return
+            await asyncio.sleep(self.restart_s)  # RestartSec
+
+    async def stop(self) -> None:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.terminate()
+            await self.proc.wait()
+
+
+async def test_broker_up_last_the_fleet_comes_up_by_itself(tmp_path: Path, tiny_model: Path) -> None:
+    """A power cut that brings the broker up last: the edge and the cloud started first give up
+    with EXIT_UNAVAILABLE, are restarted as the units would, and come up once the broker does."""
+    broker = Mosquitto(tmp_path)  # its port is chosen now; nothing listens there yet
+    edge = Supervisor([sys.executable, "-m", "pice_edge.cli", "run", "--broker", broker.url, "--no-zeroconf",
+                       "--device-id", "late-edge", "--model", str(tiny_model), "--threads", "1", "--heartbeat", "0.5"],
+                      tmp_path / "edge.log")
+    port = free_port()
+    cloud = Supervisor([sys.executable, "-m", "pice_cloud.cli", "serve", "--broker", broker.url, "--port", str(port),
+                        "--model", str(tiny_model), "--edges", "0"], tmp_path / "cloud.log")
+    try:
+        await eventually(lambda: bool(edge.exits) and bool(cloud.exits), timeout=120,
+                         what="both to give up on the missing broker once")
+        assert edge.exits[0] == EXIT_UNAVAILABLE, (tmp_path / "edge.log").read_text()[-2000:]
+        assert cloud.exits[0] == EXIT_UNAVAILABLE, (tmp_path / "cloud.log").read_text()[-2000:]
+        broker.start()
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+
+            async def health() -> dict[str, Any]:
+                try:
+                    return dict((await http.get("/health")).json())
+                except httpx.HTTPError:
+                    return {}
+
+            seen: dict[str, Any] = {}
+
+            async def poll() -> None:
+                while seen.get("edges") != ["late-edge"]:
+                    seen.update(await health())
+                    await asyncio.sleep(0.5)
+
+            await asyncio.wait_for(poll(), 120)
+        assert seen["status"] == "ok"
+    finally:
+        await edge.stop()
+        await cloud.stop()
+        broker.kill()

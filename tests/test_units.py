@@ -54,3 +54,12 @@ def test_units_verify_and_are_hardened(name: str, tmp_path: Path) -> None:
     security = subprocess.run([SYSTEMD_ANALYZE, "security", "--offline=true", f"--threshold={MAX_EXPOSURE}",
                                str(unit)], capture_output=True, text=True, timeout=60, check=False)
     assert security.returncode == 0, security.stdout[-600:]
+
+
+def test_example_cloud_config_validates() -> None:
+    from pice_cloud.config import load_config
+
+    config = load_config(UNITS / "cloud.yaml")
+    assert config.broker is not None
+    assert config.broker.username == "pice-cloud"
+    assert config.local_edges == 0
