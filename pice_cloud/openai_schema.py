@@ -86,8 +86,41 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+#: Most stop strings per request (OpenAI's limit).
+MAX_STOP_STRINGS = 4
+
+#: OpenAI request parameters PICE does not implement, with the value that means "not used":
+#: a request that sets one to anything else is refused with a 400 naming it, never silently
+#: served without it. (vLLM's rule: implemented, or refused.)
+UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
+    "tools": ((None, []), "tool calling is not supported: PICE serves text answers"),
+    "tool_choice": ((None, "none"), "tool calling is not supported: PICE serves text answers"),
+    "functions": ((None, []), "function calling is not supported: PICE serves text answers"),
+    "function_call": ((None, "none"), "function calling is not supported: PICE serves text answers"),
+    "response_format": ((None, {"type": "text"}), "only plain text answers are supported (response_format "
+                                                   "{'type': 'text'})"),
+    "logit_bias": ((None, {}), "logit_bias is not supported"),
+    "logprobs": ((None, False), "logprobs are not supported yet"),
+    "top_logprobs": ((None, 0), "logprobs are not supported yet"),
+    "presence_penalty": ((None, 0, 0.0), "presence_penalty is not supported; repetition is controlled by the "
+                                         "edges' device profiles"),
+    "frequency_penalty": ((None, 0, 0.0), "frequency_penalty is not supported; repetition is controlled by the "
+                                          "edges' device profiles"),
+    "audio": ((None,), "audio output is not supported"),
+    "modalities": ((None, ["text"]), "only the text modality is supported"),
+    "prediction": ((None,), "predicted outputs are not supported"),
+    "reasoning_effort": ((None,), "reasoning_effort is not supported (no reasoning model)"),
+    "web_search_options": ((None,), "web search is not supported"),
+    "verbosity": ((None,), "verbosity is not supported"),
+}
+#: OpenAI parameters that do not change an answer; accepted and ignored (documented).
+IGNORED = ("user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier",
+           "parallel_tool_calls")
+
+
 class ChatCompletionRequest(BaseModel):
-    """``POST /v1/chat/completions`` body. Unknown OpenAI parameters are accepted and ignored."""
+    """``POST /v1/chat/completions`` body. OpenAI parameters PICE does not implement are refused
+    (`UNSUPPORTED`) unless set to their "not used" value; unknown parameters are refused."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -96,9 +129,10 @@ class ChatCompletionRequest(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1)
     seed: int | None = None
+    stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     pice: PiceOptions = Field(default_factory=PiceOptions)
@@ -107,12 +141,42 @@ class ChatCompletionRequest(BaseModel):
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
 
 def _param(loc: tuple[int | str, ...]) -> str:
     out = ""
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out
+
+
+def check_parameters(request: BaseModel) -> None:
+    """Refuse what would otherwise be dropped in silence: an OpenAI parameter PICE does not
+    implement, set to a value that would change the answer, or a parameter nobody knows.
+
+    Raises:
+        APIError: 400 naming the parameter (``code`` ``unsupported_parameter`` or
+            ``unknown_parameter``).
+    """
+    for name, value in (request.model_extra or {}).items():
+        if name in UNSUPPORTED:
+            unused, why = UNSUPPORTED[name]
+            if value in unused:
+                continue
+            raise APIError(400, f"unsupported parameter '{name}': {why}; remove it (see the README's compatibility "
+                                "table)", param=name, code="unsupported_parameter")
+        if name not in IGNORED:
+            raise APIError(400, f"unrecognized request argument supplied: '{name}'", param=name,
+                           code="unknown_parameter")
+    stop = getattr(request, "stop_strings", ())
+    if len(stop) > MAX_STOP_STRINGS or any(not s for s in stop):
+        raise APIError(400, f"'stop' takes 1 to {MAX_STOP_STRINGS} non-empty strings", param="stop",
+                       code="invalid_value")
 
 
 def parse_request(data: Any, *, max_tokens_limit: int) -> ChatCompletionRequest:
@@ -146,6 +210,7 @@ def parse_request(data: Any, *, max_tokens_limit: int) -> ChatCompletionRequest:
                        code="invalid_value")
     if request.n != 1:
         raise APIError(400, "only n=1 is supported", param="n", code="invalid_value")
+    check_parameters(request)
     limit = request.token_limit
     if limit is not None and limit > max_tokens_limit:
         param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"

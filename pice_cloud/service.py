@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from pice_cloud.aggregator import Aggregator, ChosenPoint, PendingRequest
@@ -72,6 +73,36 @@ class AnswerStats:
     devices: list[str] = field(default_factory=list)
     #: The mode router's P(suits a sketch), when it ran (``auto`` with live edges).
     route_probability: float | None = None
+    #: A stop string ended the text (cloud-only), or a point's text (progressive).
+    stopped: bool = False
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """A request's own sampling and stop strings; None takes the service's configured default.
+
+    One request's ``seed`` drives every generation it causes, each with its own derived seed
+    (`derive_seed`): the cloud-only answer and the sketch use ``seed``, point ``i``'s expansion
+    (at an edge, or by the cloud as a fallback) uses ``seed + 1 + i``. The same seed gives the
+    same answer; points of one answer do not share a random stream.
+    """
+
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    #: Cut the text at the first of these (each point's text in progressive mode).
+    stop: tuple[str, ...] = ()
+
+
+def derive_seed(seed: int | None, offset: int) -> int | None:
+    """The seed of the ``offset``-th generation of a request seeded with ``seed``."""
+    return None if seed is None else (seed + offset) % 2**32
+
+
+def apply_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """``text`` up to the first occurrence of any stop string, and whether one was found."""
+    cut = min((i for s in stop if s and (i := text.find(s)) >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
 
 
 @dataclass(frozen=True)
@@ -120,7 +151,6 @@ class PiceService:
         self.fleet = fleet or Fleet(rejections=transport.rejections, max_payload_bytes=max_payload)
         self.aggregator = aggregator or Aggregator(rejections=transport.rejections, max_payload_bytes=max_payload)
         self.aggregator.add_listener(self.fleet.candidate_received)
-        self._sampling = Sampling(temperature=self.config.temperature, top_p=self.config.top_p)
         self._in_flight: set[PendingRequest] = set()
         transport.add_subscription(EDGE_STATUS_FILTER, self._on_status)
         transport.add_subscription(CANDIDATES_FILTER, self.aggregator.handle_candidate)
@@ -129,12 +159,15 @@ class PiceService:
     # --- public ----------------------------------------------------------------------------
 
     async def answer(self, question: str, *, mode: RequestedMode = "auto", max_tokens: int | None = None,
-                     messages: Sequence[ChatMessage] | None = None) -> AsyncGenerator[Event, None]:
+                     messages: Sequence[ChatMessage] | None = None,
+                     options: GenerationOptions | None = None) -> AsyncGenerator[Event, None]:
         """Answer ``question``; yields events and always ends with an `AnswerEvent`.
 
         ``messages`` is the whole conversation for a cloud-only answer (default: ``question``
-        as one user turn); the sketch and expansions work from ``question`` alone.
+        as one user turn); the sketch and expansions work from ``question`` alone. ``options``
+        are the request's sampling and stop strings (see `GenerationOptions`).
         """
+        options = options or GenerationOptions()
         started = time.perf_counter()
         fits = len(question) <= self.config.max_question_chars
         if not fits and mode in ("progressive", "sot"):
@@ -147,16 +180,20 @@ class PiceService:
         if chosen_mode == "cloud":
             limit = min(max_tokens or self.config.max_answer_tokens, self.config.max_answer_tokens)
             conversation = list(messages) if messages else [ChatMessage("user", question)]
-            [done] = await self.cloud.complete([ChatRequest(conversation, max_tokens=limit)])
+            sampling = self._sampling(options, 0)
+            [done] = await self.cloud.complete([ChatRequest(conversation, max_tokens=limit,
+                                                            temperature=sampling.temperature, top_p=sampling.top_p,
+                                                            seed=sampling.seed)])
             stats.cloud_tokens = done.tokens
             stats.total_s = stats.first_token_s = time.perf_counter() - started
-            yield AnswerEvent(done.text.strip(), stats)
+            text, stats.stopped = apply_stop(done.text, options.stop)
+            yield AnswerEvent(text.strip(), stats)
             return
         if chosen_mode == "sot":
             edges = []  # every point is then expanded by the cloud itself, in one batch
         # aclosing: when our consumer stops early (a client that disconnected), the inner
         # generator's finally (cancel the supervisor, release edges) runs now, not at GC time.
-        async with contextlib.aclosing(self._progressive(question, edges, stats, started)) as events:
+        async with contextlib.aclosing(self._progressive(question, edges, stats, started, options)) as events:
             async for event in events:
                 yield event
 
@@ -184,15 +221,25 @@ class PiceService:
 
     # --- progressive path ------------------------------------------------------------------
 
+    def _sampling(self, options: GenerationOptions, offset: int) -> Sampling:
+        """The sampling of a request's ``offset``-th generation (0: answer or sketch; 1 + i: point i)."""
+        return Sampling(
+            temperature=self.config.temperature if options.temperature is None else options.temperature,
+            top_p=self.config.top_p if options.top_p is None else options.top_p,
+            seed=derive_seed(options.seed, offset),
+        )
+
     async def _progressive(self, question: str, edges: list[EdgeView], stats: AnswerStats,
-                           started: float) -> AsyncGenerator[Event, None]:
+                           started: float, options: GenerationOptions) -> AsyncGenerator[Event, None]:
         budget = Budget.from_config(self.config)
         if self.config.adaptive_budget:
             budget = plan_budget(budget, self.cloud.view(), edges)
+        sampling = self._sampling(options, 0)
         sketch_request = ChatRequest(
             sketch_messages(question, max_points=budget.max_points, max_words=budget.max_words),
             max_tokens=budget.sketch_tokens,
             prefill=SKETCH_PREFILL,
+            temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed,
         )
         [raw] = await self.cloud.complete([sketch_request])
         stats.cloud_tokens += raw.tokens
@@ -211,17 +258,21 @@ class PiceService:
         )
         pending = self.aggregator.open(request_id, placement.devices)
         self._in_flight.add(pending)
-        settler = PointSettler(self.fleet, self.selector, self.cloud)
+        def point_sampling(index: int) -> Sampling:
+            return self._sampling(options, 1 + index)
+
+        settler = PointSettler(self.fleet, self.selector, self.cloud, point_sampling)
 
         def replace(index: int, avoid: frozenset[str]) -> tuple[str, float] | None:
-            return self._replace(request_id, question, points, index, avoid, budget.tokens_per_point)
+            return self._replace(request_id, question, points, index, avoid, budget.tokens_per_point,
+                                 point_sampling(index))
 
         supervisor = asyncio.create_task(
             settler.run(question, points, pending, placement.deadlines_s, budget.tokens_per_point, replace)
         )
         try:
             self._dispatch(request_id, question, points, placement.devices, placement.deadlines_s,
-                           budget.tokens_per_point)
+                           budget.tokens_per_point, point_sampling)
             parts: list[str] = []
             for state in pending.points:
                 chosen = await asyncio.shield(state.future)
@@ -235,6 +286,11 @@ class PiceService:
                 else:
                     stats.points_cloud += 1
                     stats.cloud_tokens += chosen.tokens
+                if options.stop:
+                    text, stopped = apply_stop(chosen.text, options.stop)
+                    if stopped:
+                        stats.stopped = True
+                        chosen = dataclasses.replace(chosen, text=text.rstrip())
                 parts.append(render_point(chosen.index, points[chosen.index], chosen.text))
                 yield PointEvent(chosen, points[chosen.index])
             stats.total_s = time.perf_counter() - started
@@ -246,23 +302,23 @@ class PiceService:
             self._release(pending)
             self.aggregator.close(request_id)
 
-    def _dispatch(self, request_id: str, question: str, points: list[str],
-                  devices: Sequence[Sequence[str]], deadlines_s: Sequence[float], tokens_per_point: int) -> None:
+    def _dispatch(self, request_id: str, question: str, points: list[str], devices: Sequence[Sequence[str]],
+                  deadlines_s: Sequence[float], tokens_per_point: int, sampling: Callable[[int], Sampling]) -> None:
         for index, (targets, wait) in enumerate(zip(devices, deadlines_s, strict=False)):
             for device_id in targets:
-                self._send(request_id, question, points, index, device_id, wait, tokens_per_point)
+                self._send(request_id, question, points, index, device_id, wait, tokens_per_point, sampling(index))
 
     def _send(self, request_id: str, question: str, points: list[str], index: int, device_id: str,
-              deadline_s: float, tokens_per_point: int) -> None:
+              deadline_s: float, tokens_per_point: int, sampling: Sampling) -> None:
         task = ExpandTask(
             request_id=request_id, point_index=index, question=question, sketch=points,
-            max_new_tokens=tokens_per_point, deadline=time.time() + deadline_s, sampling=self._sampling,
+            max_new_tokens=tokens_per_point, deadline=time.time() + deadline_s, sampling=sampling,
         )
         self.fleet.task_sent(request_id, index, device_id)
         self.transport.publish(edge_tasks_topic(device_id), encode(task))
 
     def _replace(self, request_id: str, question: str, points: list[str], index: int, avoid: frozenset[str],
-                 tokens_per_point: int) -> tuple[str, float] | None:
+                 tokens_per_point: int, sampling: Sampling) -> tuple[str, float] | None:
         """Send point ``index`` to the live edge (not in ``avoid``) predicted to finish it first,
         if one has a free slot now; its deadline, as at first placement."""
         edges = [e for e in self.fleet.views() if e.device_id not in avoid and e.free_slots > 0]
@@ -273,7 +329,7 @@ class PiceService:
         [targets], [deadline_s] = placement.devices, placement.deadlines_s
         if not targets:
             return None
-        self._send(request_id, question, points, index, targets[0], deadline_s, tokens_per_point)
+        self._send(request_id, question, points, index, targets[0], deadline_s, tokens_per_point, sampling)
         return targets[0], deadline_s
 
     # --- fleet events ------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from pice_cloud.ensemble import ConfidenceSelector, SelectionItem, Selector
 from pice_cloud.fleet import Fleet
 from pice_cloud.llm.base import ChatRequest
 from pice_edge.prompts import clean_expansion, expansion_messages
+from pice_edge.protocol import Sampling
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ class PointSettler:
     fleet: Fleet
     selector: Selector
     cloud: CloudMeter
+    #: Point index -> its sampling (the request's, with the point's derived seed).
+    sampling: Callable[[int], Sampling] = lambda index: Sampling()
 
     async def run(self, question: str, points: list[str], pending: PendingRequest, deadlines_s: Sequence[float],
                   tokens_per_point: int, replace: Replacer | None = None) -> None:
@@ -123,8 +126,11 @@ class PointSettler:
     async def _cloud_expand(self, question: str, points: list[str], pending: PendingRequest,
                             indices: list[int], tokens_per_point: int) -> None:
         log.info("request %s: cloud expands point(s) %s", pending.request_id, [i + 1 for i in indices])
-        requests = [ChatRequest(expansion_messages(question, points, i), max_tokens=tokens_per_point)
-                    for i in indices]
+        requests = []
+        for i in indices:
+            sampling = self.sampling(i)
+            requests.append(ChatRequest(expansion_messages(question, points, i), max_tokens=tokens_per_point,
+                                        temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed))
         results = await self.cloud.complete(requests)
         for index, res in zip(indices, results, strict=True):
             text = clean_expansion(res.text, truncated=res.tokens >= tokens_per_point, point=points[index]) \

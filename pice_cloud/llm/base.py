@@ -18,6 +18,7 @@ class ChatRequest:
     max_tokens: int
     prefill: str = ""
     temperature: float = 0.0
+    top_p: float = 1.0
     seed: int | None = None
 
 

@@ -58,7 +58,7 @@ class OpenAIHTTPBackend:
     def _body(self, request: ChatRequest) -> dict[str, Any]:
         messages: list[dict[str, str]] = [{"role": m.role, "content": m.content} for m in request.messages]
         body: dict[str, Any] = {"model": self.model_id, "messages": messages, "max_tokens": request.max_tokens,
-                                "temperature": request.temperature, "stream": False}
+                                "temperature": request.temperature, "top_p": request.top_p, "stream": False}
         if request.seed is not None:
             body["seed"] = request.seed
         if request.prefill and self.continue_final_message:

@@ -55,6 +55,7 @@ class TransformersBackend:
                 prompt=self.runtime.format_chat(r.messages, r.prefill),
                 max_new_tokens=r.max_tokens,
                 temperature=r.temperature,
+                top_p=r.top_p,
                 seed=r.seed,
             )
             for r in requests

@@ -36,7 +36,7 @@ from pice_cloud.openai_schema import (
     usage_chunk,
 )
 from pice_cloud.server.state import ApiState
-from pice_cloud.service import AnswerEvent, AnswerStats, Event, PointEvent, render_point
+from pice_cloud.service import AnswerEvent, AnswerStats, Event, GenerationOptions, PointEvent, render_point
 from pice_edge.errors import PiceError
 
 log = logging.getLogger(__name__)
@@ -92,8 +92,11 @@ class ChatJob:
 
     async def events(self) -> AsyncGenerator[Event, None]:
         """The service's events; raises `ClientGone` / `_Aborted`, closing the service's work."""
-        answer = self.state.service.answer(self.question, mode=self.request.pice.mode,
-                                           max_tokens=self.request.token_limit, messages=self.messages)
+        req = self.request
+        options = GenerationOptions(temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+                                    stop=req.stop_strings)
+        answer = self.state.service.answer(self.question, mode=req.pice.mode, max_tokens=req.token_limit,
+                                           messages=self.messages, options=options)
         watcher = asyncio.ensure_future(self._watch_disconnect())
         aborted = asyncio.ensure_future(self.state.aborted.wait())
         step: asyncio.Future[Event] | None = None
@@ -127,11 +130,14 @@ class ChatJob:
         stats = final.stats
         limit = min(self.request.token_limit or self.state.service.config.max_answer_tokens,
                     self.state.service.config.max_answer_tokens)
-        finish: FinishReason = "length" if stats.mode == "cloud" and stats.cloud_tokens >= limit else "stop"
+        cut_by_limit = stats.mode == "cloud" and stats.cloud_tokens >= limit and not stats.stopped
+        finish: FinishReason = "length" if cut_by_limit else "stop"
         llm = self.state.llm
         # Cloud-only: the answer is exactly what the LLM generated, so its own count is exact. A
-        # progressive answer adds headings to what the models wrote: count the text itself.
-        completion_tokens = stats.cloud_tokens if stats.mode == "cloud" else count_tokens(llm, final.text)
+        # progressive answer adds headings to what the models wrote, and a stop string cuts what
+        # was generated: count the text itself.
+        exact = stats.mode == "cloud" and not stats.stopped
+        completion_tokens = stats.cloud_tokens if exact else count_tokens(llm, final.text)
         use = usage(count_prompt_tokens(llm, self.messages), completion_tokens, stats.cloud_tokens, stats.edge_tokens)
         self.record(stats, "ok")
         return finish, use, _pice_info(stats)
