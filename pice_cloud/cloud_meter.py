@@ -8,9 +8,11 @@ edges report theirs), so that `CloudMeter.view` gives the scheduler a fresh `Clo
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable
 
 from pice_cloud import defaults
-from pice_cloud.llm.base import ChatRequest, Completion, LLMBackend
+from pice_cloud.errors import BackendError
+from pice_cloud.llm.base import ChatRequest, Completion, LLMBackend, RawCompleter, TextRequest
 from pice_cloud.scheduler import CloudView
 
 
@@ -27,10 +29,19 @@ class CloudMeter:
 
     async def complete(self, requests: list[ChatRequest]) -> list[Completion]:
         """Run ``requests`` on the cloud LLM, recording load and speed."""
+        return await self._metered(self.llm.complete(requests))
+
+    async def complete_raw(self, requests: list[TextRequest]) -> list[Completion]:
+        """Continue raw prompts (the backend must be a `RawCompleter`), recording load and speed."""
+        if not isinstance(self.llm, RawCompleter):
+            raise BackendError(f"the {self.llm.name} backend cannot continue raw prompts; use /v1/chat/completions")
+        return await self._metered(self.llm.complete_raw(requests))
+
+    async def _metered(self, call: Awaitable[list[Completion]]) -> list[Completion]:
         self.busy += 1
         started = time.perf_counter()
         try:
-            results = await self.llm.complete(requests)
+            results = await call
         finally:
             self.busy -= 1
         self._sample(max((r.tokens for r in results), default=0), time.perf_counter() - started)

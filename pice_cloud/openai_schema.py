@@ -17,7 +17,7 @@ Extensions (ignored by clients that do not know them):
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -112,6 +112,10 @@ UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "reasoning_effort": ((None,), "reasoning_effort is not supported (no reasoning model)"),
     "web_search_options": ((None,), "web search is not supported"),
     "verbosity": ((None,), "verbosity is not supported"),
+    # Legacy completions.
+    "echo": ((None, False), "echo is not supported"),
+    "suffix": ((None, ""), "suffix (insertion) is not supported"),
+    "best_of": ((None, 1), "best_of is not supported"),
 }
 #: OpenAI parameters that do not change an answer; accepted and ignored (documented).
 IGNORED = ("user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier",
@@ -148,6 +152,38 @@ class ChatCompletionRequest(BaseModel):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
 
+class CompletionRequest(BaseModel):
+    """``POST /v1/completions`` body (the legacy endpoint): a prompt continued by the cloud LLM."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1)
+    prompt: str | list[str]
+    #: OpenAI's default for this endpoint.
+    max_tokens: int | None = Field(default=16, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    n: int = Field(default=1, ge=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_tokens
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    @property
+    def text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
 def _param(loc: tuple[int | str, ...]) -> str:
     out = ""
     for part in loc:
@@ -179,12 +215,14 @@ def check_parameters(request: BaseModel) -> None:
                        code="invalid_value")
 
 
-def parse_request(data: Any, *, max_tokens_limit: int) -> ChatCompletionRequest:
-    """Validate a decoded JSON body; raise `APIError` (400) naming the first bad parameter."""
+M = TypeVar("M", bound=BaseModel)
+
+
+def _validate(model: type[M], data: Any) -> M:
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_type")
     try:
-        request = ChatCompletionRequest.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = tuple(err["loc"])
@@ -195,6 +233,32 @@ def parse_request(data: Any, *, max_tokens_limit: int) -> ChatCompletionRequest:
         code = "invalid_type" if err["type"].endswith(("_type", "_parsing")) or "type" in err["type"] \
             else "invalid_value"
         raise APIError(400, f"invalid value for '{param}': {err['msg']}", param=param, code=code) from None
+
+
+def _check_token_limit(limit: int | None, param: str, max_tokens_limit: int) -> None:
+    if limit is not None and limit > max_tokens_limit:
+        raise APIError(400, f"{param} is too large: {limit}; this server allows at most {max_tokens_limit}",
+                       param=param, code="invalid_value")
+
+
+def parse_completion_request(data: Any, *, max_tokens_limit: int) -> CompletionRequest:
+    """Validate a ``/v1/completions`` body; raise `APIError` (400) naming the first bad parameter."""
+    request = _validate(CompletionRequest, data)
+    if isinstance(request.prompt, list) and len(request.prompt) != 1:
+        raise APIError(400, "prompt must be one string (a list of several prompts is not supported)",
+                       param="prompt", code="invalid_value")
+    if not request.text.strip():
+        raise APIError(400, "prompt must not be empty", param="prompt", code="invalid_value")
+    if request.n != 1:
+        raise APIError(400, "only n=1 is supported", param="n", code="invalid_value")
+    check_parameters(request)
+    _check_token_limit(request.max_tokens, "max_tokens", max_tokens_limit)
+    return request
+
+
+def parse_request(data: Any, *, max_tokens_limit: int) -> ChatCompletionRequest:
+    """Validate a decoded JSON body; raise `APIError` (400) naming the first bad parameter."""
+    request = _validate(ChatCompletionRequest, data)
     for i, message in enumerate(request.messages):
         if message.role not in SUPPORTED_ROLES:
             raise APIError(400, f"unsupported role {message.role!r} in messages[{i}]: this server accepts "
@@ -211,11 +275,8 @@ def parse_request(data: Any, *, max_tokens_limit: int) -> ChatCompletionRequest:
     if request.n != 1:
         raise APIError(400, "only n=1 is supported", param="n", code="invalid_value")
     check_parameters(request)
-    limit = request.token_limit
-    if limit is not None and limit > max_tokens_limit:
-        param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
-        raise APIError(400, f"{param} is too large: {limit}; this server allows at most {max_tokens_limit}",
-                       param=param, code="invalid_value")
+    param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
+    _check_token_limit(request.token_limit, param, max_tokens_limit)
     return request
 
 
@@ -274,6 +335,21 @@ def chunk(request_id: str, model: str, created: int, delta: dict[str, Any], fini
         "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
         **extra,
     }
+
+
+def text_completion(request_id: str, model: str, text: str, finish: FinishReason, usage_: dict[str, int],
+                    pice: dict[str, Any], created: int) -> dict[str, Any]:
+    """A ``text_completion`` object (the legacy endpoint)."""
+    return {"id": request_id, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+            "usage": usage_, "pice": pice}
+
+
+def text_chunk(request_id: str, model: str, created: int, text: str, finish: FinishReason | None = None,
+               **extra: Any) -> dict[str, Any]:
+    """One streamed piece of a ``text_completion``."""
+    return {"id": request_id, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}], **extra}
 
 
 def usage_chunk(request_id: str, model: str, created: int, usage_: dict[str, int]) -> dict[str, Any]:

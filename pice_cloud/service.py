@@ -25,7 +25,7 @@ from pice_cloud.config import ServiceConfig
 from pice_cloud.ensemble import ConfidenceSelector, Selector
 from pice_cloud.errors import InputTooLongError
 from pice_cloud.fleet import Fleet
-from pice_cloud.llm.base import ChatRequest, LLMBackend
+from pice_cloud.llm.base import ChatRequest, LLMBackend, TextRequest
 from pice_cloud.router import ModeRouter, Route
 from pice_cloud.scheduler import Budget, EdgeView, Mode, RequestedMode, choose_mode, ensemble_width, place, plan_budget
 from pice_cloud.settling import PointSettler
@@ -196,6 +196,21 @@ class PiceService:
         async with contextlib.aclosing(self._progressive(question, edges, stats, started, options)) as events:
             async for event in events:
                 yield event
+
+    async def complete_text(self, prompt: str, *, max_tokens: int | None = None,
+                            options: GenerationOptions | None = None) -> AsyncGenerator[Event, None]:
+        """Continue a raw prompt with the cloud LLM (the legacy completions endpoint: always
+        cloud-only); yields one `AnswerEvent`."""
+        options = options or GenerationOptions()
+        started = time.perf_counter()
+        limit = min(max_tokens or self.config.max_answer_tokens, self.config.max_answer_tokens)
+        sampling = self._sampling(options, 0)
+        [done] = await self.cloud.complete_raw([TextRequest(prompt, max_tokens=limit, temperature=sampling.temperature,
+                                                            top_p=sampling.top_p, seed=sampling.seed)])
+        stats = AnswerStats(mode="cloud", cloud_tokens=done.tokens)
+        stats.total_s = stats.first_token_s = time.perf_counter() - started
+        text, stats.stopped = apply_stop(done.text, options.stop)
+        yield AnswerEvent(text, stats)
 
     async def ask(self, question: str, *, mode: RequestedMode = "auto") -> AnswerEvent:
         """Answer ``question`` and return only the final event."""

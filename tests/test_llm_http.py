@@ -12,7 +12,7 @@ import pytest
 from pice_cloud.bootstrap import start_system
 from pice_cloud.errors import BackendError
 from pice_cloud.llm import create_backend
-from pice_cloud.llm.base import ChatRequest, LLMBackend
+from pice_cloud.llm.base import ChatRequest, LLMBackend, TextRequest
 from pice_cloud.llm.openai_http import OpenAIHTTPBackend
 from pice_cloud.llm.transformers import TransformersBackend
 from pice_cloud.sketch import SKETCH_PREFILL, sketch_messages
@@ -57,6 +57,19 @@ async def test_http_backend_matches_the_model_behind_it(upstream: Api, direct: T
         assert remote.text == local.text.strip()
         assert remote.tokens == local.tokens
     assert got[1].tokens <= 7
+
+
+@pytest.mark.mosquitto
+async def test_http_backend_continues_raw_prompts_through_v1_completions(upstream: Api,
+                                                                       direct: TransformersBackend) -> None:
+    backend = OpenAIHTTPBackend(upstream.url + "/v1", "pice")
+    try:
+        [remote] = await backend.complete_raw([TextRequest("Once upon a time", max_tokens=9)])
+    finally:
+        await backend.close()
+    [local] = await direct.complete_raw([TextRequest("Once upon a time", max_tokens=9)])
+    assert remote.text == local.text
+    assert remote.tokens == local.tokens == 9
 
 
 @pytest.mark.mosquitto

@@ -114,3 +114,46 @@ async def test_stream_equals_non_stream_for_the_same_seed(api: Api) -> None:
             seed=7, stream=True)
         parts = [chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices]
         assert "".join(parts) == whole
+
+
+# --- the legacy endpoint ---------------------------------------------------------------------------
+
+async def test_legacy_completions_stream_and_not(api: Api) -> None:
+    client = api.client()
+    prompt = "Once upon a time"
+    whole = await client.completions.create(model="pice", prompt=prompt, max_tokens=8, seed=3, temperature=0.8)
+    choice = whole.choices[0]
+    assert choice.text
+    assert choice.finish_reason == "length"
+    assert whole.usage is not None
+    assert whole.usage.completion_tokens == 8
+    assert whole.usage.prompt_tokens > 0
+    again = await client.completions.create(model="pice", prompt=prompt, max_tokens=8, seed=3, temperature=0.8)
+    assert again.choices[0].text == choice.text
+    stream = await client.completions.create(model="pice", prompt=prompt, max_tokens=8, seed=3, temperature=0.8,
+                                             stream=True)
+    pieces = [c async for c in stream]
+    assert "".join(c.choices[0].text for c in pieces if c.choices) == choice.text
+    assert pieces[-1].choices[0].finish_reason == "length"
+    # Greedy by default: the default max_tokens of this endpoint is OpenAI's 16.
+    default = await client.completions.create(model="pice", prompt=prompt)
+    assert default.usage is not None
+    assert default.usage.completion_tokens == 16
+
+
+async def test_legacy_completions_apply_stop_and_refuse_by_name(api: Api) -> None:
+    client = api.client()
+    full = (await client.completions.create(model="pice", prompt="Hello", max_tokens=12)).choices[0].text
+    stop = full[len(full) // 2: len(full) // 2 + 2]
+    if not stop.strip():
+        pytest.skip("the tiny model wrote whitespace where the stop string would go")
+    cut = (await client.completions.create(model="pice", prompt="Hello", max_tokens=12, stop=stop)).choices[0]
+    assert cut.text == full[: full.index(stop)]
+    assert cut.finish_reason == "stop"
+    for param, value in (("echo", True), ("best_of", 3), ("logprobs", 2), ("suffix", "end")):
+        with pytest.raises(openai.BadRequestError) as info:
+            await client.completions.create(model="pice", prompt="Hello", max_tokens=2, **{param: value})
+        assert info.value.param == param
+    requests = api.state.metrics.registry.get_sample_value("pice_requests_total", {"mode": "cloud", "outcome": "ok"})
+    assert requests is not None
+    assert requests >= 2, "the legacy endpoint is counted like chat"

@@ -23,6 +23,17 @@ class ChatRequest:
 
 
 @dataclass(frozen=True)
+class TextRequest:
+    """A raw prompt to continue as it is (no chat template): the legacy completions endpoint."""
+
+    prompt: str
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
 class Completion:
     text: str
     tokens: int
@@ -42,6 +53,15 @@ class LLMBackend(Protocol):
 
     async def close(self) -> None:
         """Release resources."""
+        ...
+
+
+@runtime_checkable
+class RawCompleter(Protocol):
+    """Optional: a backend that can continue a raw prompt (``POST /v1/completions``)."""
+
+    async def complete_raw(self, requests: Sequence[TextRequest]) -> list[Completion]:
+        """Continue each prompt as it is; results in request order."""
         ...
 
 

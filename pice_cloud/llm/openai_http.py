@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 
 from pice_cloud.errors import BackendError
-from pice_cloud.llm.base import ChatRequest, Completion, estimate_tokens
+from pice_cloud.llm.base import ChatRequest, Completion, TextRequest, estimate_tokens
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,33 @@ class OpenAIHTTPBackend:
         if not isinstance(tokens, int):
             tokens = estimate_tokens(text)
         return Completion(text=text, tokens=tokens)
+
+    async def complete_raw(self, requests: Sequence[TextRequest]) -> list[Completion]:
+        """Raw prompts through the engine's own ``/v1/completions``."""
+        return list(await asyncio.gather(*(self._one_raw(r) for r in requests)))
+
+    async def _one_raw(self, request: TextRequest) -> Completion:
+        body: dict[str, Any] = {"model": self.model_id, "prompt": request.prompt, "max_tokens": request.max_tokens,
+                                "temperature": request.temperature, "top_p": request.top_p, "stream": False}
+        if request.seed is not None:
+            body["seed"] = request.seed
+        async with self._limit:
+            try:
+                response = await self._client.post("/completions", json=body)
+            except httpx.HTTPError as exc:
+                raise BackendError(f"LLM server {self.base_url} unreachable: {type(exc).__name__}: {exc}; "
+                                   "check llm.url and that the server runs") from exc
+        if response.status_code != 200:
+            raise BackendError(f"LLM server {self.base_url} answered {response.status_code}: "
+                               f"{_error_message(response)}")
+        try:
+            data = response.json()
+            text = data["choices"][0]["text"] or ""
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise BackendError(f"LLM server {self.base_url} sent a response that is not a text completion: "
+                               f"{response.text[:200]!r}") from exc
+        tokens = (data.get("usage") or {}).get("completion_tokens")
+        return Completion(text=text, tokens=tokens if isinstance(tokens, int) else estimate_tokens(text))
 
     async def close(self) -> None:
         await self._client.aclose()

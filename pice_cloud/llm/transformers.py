@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from pice_cloud.llm.base import ChatRequest, Completion
+from pice_cloud.llm.base import ChatRequest, Completion, TextRequest
 from pice_edge.model_store import DEFAULT_MODEL
 from pice_edge.runtimes.base import ChatMessage, GenerationRequest
 from pice_edge.runtimes.transformers import TransformersRuntime
@@ -60,6 +60,16 @@ class TransformersBackend:
             )
             for r in requests
         ]
+        loop = asyncio.get_running_loop()
+        results = await loop.run_in_executor(self._executor, self.runtime.generate, gen)
+        return [Completion(text=x.text, tokens=x.token_count, mean_logprob=x.mean_logprob) for x in results]
+
+    async def complete_raw(self, requests: Sequence[TextRequest]) -> list[Completion]:
+        """Continue raw prompts (no chat template) on the model's worker thread."""
+        if not requests:
+            return []
+        gen = [GenerationRequest(prompt=r.prompt, max_new_tokens=r.max_tokens, temperature=r.temperature,
+                                 top_p=r.top_p, seed=r.seed) for r in requests]
         loop = asyncio.get_running_loop()
         results = await loop.run_in_executor(self._executor, self.runtime.generate, gen)
         return [Completion(text=x.text, tokens=x.token_count, mean_logprob=x.mean_logprob) for x in results]

@@ -8,17 +8,26 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pice_cloud.config import CloudConfig
-from pice_cloud.llm.base import LLMBackend, context_tokens, count_prompt_tokens
+from pice_cloud.llm.base import LLMBackend, RawCompleter, context_tokens, count_prompt_tokens, count_tokens
 from pice_cloud.metrics import CONTENT_TYPE, Metrics
-from pice_cloud.openai_schema import APIError, ChatCompletionRequest, conversation, models_list, parse_request
+from pice_cloud.openai_schema import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    conversation,
+    models_list,
+    parse_completion_request,
+    parse_request,
+)
 from pice_cloud.server.admission import Admission
-from pice_cloud.server.completion import ChatJob, ClientGone, GuardedStream, api_error, error_response
+from pice_cloud.server.completion import ChatJob, ClientGone, GuardedStream, TextJob, api_error, error_response
 from pice_cloud.server.state import ApiState
 from pice_cloud.service import PiceService, too_long_message
 
@@ -69,20 +78,23 @@ def create_app(service: PiceService, llm: LLMBackend, config: CloudConfig) -> Fa
         except APIError:
             metrics.requests.labels(req.pice.mode, "rejected").inc()
             raise
-        job = ChatJob(state, req, request)
-        if req.stream:
-            return GuardedStream(job)
+        return await _respond(ChatJob(state, req, request))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        """The legacy endpoint: a raw prompt continued by the cloud LLM (always cloud-only)."""
+        authorize(request)
         try:
-            return JSONResponse(await job.run())
-        except ClientGone:
-            log.info("%s: client disconnected; request cancelled", job.id)
-            job.record(None, "cancelled")
-            return Response(status_code=499)
-        except Exception as exc:
-            job.record(None, "error")
-            return error_response(api_error(exc))
-        finally:
-            job.release()
+            req = await _parse_completion(request, state)
+        except APIError:
+            metrics.requests.labels("cloud", "invalid").inc()
+            raise
+        try:
+            await admission.acquire()
+        except APIError:
+            metrics.requests.labels("cloud", "rejected").inc()
+            raise
+        return await _respond(TextJob(state, req, request))
 
     @app.get("/v1/models")
     async def models(request: Request) -> JSONResponse:
@@ -111,6 +123,41 @@ def create_app(service: PiceService, llm: LLMBackend, config: CloudConfig) -> Fa
     return app
 
 
+async def _respond(job: ChatJob) -> Response:
+    """Run an admitted job: a stream of server-sent events, or one JSON body."""
+    if job.request.stream:
+        return GuardedStream(job)
+    try:
+        return JSONResponse(await job.run())
+    except ClientGone:
+        log.info("%s: client disconnected; request cancelled", job.id)
+        job.record(None, "cancelled")
+        return Response(status_code=499)
+    except Exception as exc:
+        job.record(None, "error")
+        return error_response(api_error(exc))
+    finally:
+        job.release()
+
+
+async def _parse_completion(request: Request, state: ApiState) -> CompletionRequest:
+    data = await _read_json(request, state)
+    req = parse_completion_request(data, max_tokens_limit=state.config.server.max_tokens_limit)
+    _check_model(req.model, state)
+    if not isinstance(state.llm, RawCompleter):
+        raise APIError(400, f"this server's LLM backend ({state.llm.name}) cannot continue raw prompts; use "
+                            "/v1/chat/completions", code="unsupported_endpoint")
+    window = context_tokens(state.llm)
+    if window is not None:
+        prompt = count_tokens(state.llm, req.text)
+        answer = min(req.max_tokens or state.service.config.max_answer_tokens, state.service.config.max_answer_tokens)
+        if prompt + answer > window:
+            raise APIError(400, f"this model's maximum context length is {window} tokens; the prompt takes {prompt} "
+                                f"and up to {answer} more were asked ({prompt + answer}); shorten the prompt or "
+                                "lower max_tokens", param="prompt", code="context_length_exceeded")
+    return req
+
+
 def check_limits(req: ChatCompletionRequest, state: ApiState) -> None:
     """Refuse, before any compute, a request that cannot be answered as asked: a conversation
     that does not fit the model's context with the tokens asked for, or a question too long
@@ -137,6 +184,21 @@ def check_limits(req: ChatCompletionRequest, state: ApiState) -> None:
 
 
 async def _parse(request: Request, state: ApiState) -> ChatCompletionRequest:
+    data = await _read_json(request, state)
+    req = parse_request(data, max_tokens_limit=state.config.server.max_tokens_limit)
+    _check_model(req.model, state)
+    return req
+
+
+def _check_model(model: str, state: ApiState) -> None:
+    if model not in state.model_ids:
+        raise APIError(404, f"the model {model!r} does not exist; this server serves "
+                            f"{', '.join(repr(i) for i in state.model_ids)} (see GET /v1/models)",
+                       param="model", code="model_not_found")
+
+
+async def _read_json(request: Request, state: ApiState) -> Any:
+    """The request body as JSON: size-limited (413) and time-limited (408) before parsing."""
     limit = state.config.server.max_body_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -156,12 +218,6 @@ async def _parse(request: Request, state: ApiState) -> ChatCompletionRequest:
     except asyncio.TimeoutError:
         raise APIError(408, f"the request body did not arrive within {wait:g}s", code="request_timeout") from None
     try:
-        data = json.loads(body)
+        return json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise APIError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
-    req = parse_request(data, max_tokens_limit=state.config.server.max_tokens_limit)
-    if req.model not in state.model_ids:
-        raise APIError(404, f"the model {req.model!r} does not exist; this server serves "
-                            f"{', '.join(repr(i) for i in state.model_ids)} (see GET /v1/models)",
-                       param="model", code="model_not_found")
-    return req

@@ -27,11 +27,14 @@ from pice_cloud.llm.base import count_prompt_tokens, count_tokens
 from pice_cloud.openai_schema import (
     APIError,
     ChatCompletionRequest,
+    CompletionRequest,
     FinishReason,
     chunk,
     completion,
     conversation,
     error_body,
+    text_chunk,
+    text_completion,
     usage,
     usage_chunk,
 )
@@ -90,13 +93,35 @@ class ChatJob:
             if message["type"] == "http.disconnect":
                 return
 
-    async def events(self) -> AsyncGenerator[Event, None]:
-        """The service's events; raises `ClientGone` / `_Aborted`, closing the service's work."""
+    def _open_answer(self) -> AsyncGenerator[Event, None]:
+        """The service's event stream for this request."""
         req = self.request
         options = GenerationOptions(temperature=req.temperature, top_p=req.top_p, seed=req.seed,
                                     stop=req.stop_strings)
-        answer = self.state.service.answer(self.question, mode=req.pice.mode, max_tokens=req.token_limit,
-                                           messages=self.messages, options=options)
+        return self.state.service.answer(self.question, mode=req.pice.mode, max_tokens=req.token_limit,
+                                         messages=self.messages, options=options)
+
+    def _prompt_tokens(self) -> int:
+        return count_prompt_tokens(self.state.llm, self.messages)
+
+    def _whole(self, text: str, finish: FinishReason, use: dict[str, int], info: dict[str, Any]) -> dict[str, Any]:
+        return completion(self.id, self.request.model, text, finish, use, info, self.created)
+
+    def _opening_chunks(self) -> list[dict[str, Any]]:
+        return [chunk(self.id, self.request.model, self.created, {"role": "assistant", "content": ""})]
+
+    def _delta(self, text: str) -> dict[str, Any]:
+        return chunk(self.id, self.request.model, self.created, {"content": text})
+
+    def _closing_chunk(self, finish: FinishReason, info: dict[str, Any]) -> dict[str, Any]:
+        return chunk(self.id, self.request.model, self.created, {}, finish, pice=info)
+
+    def _usage_chunk(self, use: dict[str, int]) -> dict[str, Any]:
+        return usage_chunk(self.id, self.request.model, self.created, use)
+
+    async def events(self) -> AsyncGenerator[Event, None]:
+        """The service's events; raises `ClientGone` / `_Aborted`, closing the service's work."""
+        answer = self._open_answer()
         watcher = asyncio.ensure_future(self._watch_disconnect())
         aborted = asyncio.ensure_future(self.state.aborted.wait())
         step: asyncio.Future[Event] | None = None
@@ -138,7 +163,7 @@ class ChatJob:
         # was generated: count the text itself.
         exact = stats.mode == "cloud" and not stats.stopped
         completion_tokens = stats.cloud_tokens if exact else count_tokens(llm, final.text)
-        use = usage(count_prompt_tokens(llm, self.messages), completion_tokens, stats.cloud_tokens, stats.edge_tokens)
+        use = usage(self._prompt_tokens(), completion_tokens, stats.cloud_tokens, stats.edge_tokens)
         self.record(stats, "ok")
         return finish, use, _pice_info(stats)
 
@@ -171,13 +196,13 @@ class ChatJob:
             raise CloudError("the service ended without an answer")
         self._content_started()
         finish, use, info = self.finish(final)
-        return completion(self.id, self.request.model, final.text, finish, use, info, self.created)
+        return self._whole(final.text, finish, use, info)
 
     async def stream(self) -> AsyncGenerator[bytes, None]:
         """Server-sent events: the role, one delta per point (or the cloud answer), the finish."""
-        model = self.request.model
         try:
-            yield _sse(chunk(self.id, model, self.created, {"role": "assistant", "content": ""}))
+            for opening in self._opening_chunks():
+                yield _sse(opening)
             sent = 0
             final: AnswerEvent | None = None
             # aclosing: if our consumer stops (Starlette cancels the response when the client goes),
@@ -196,13 +221,13 @@ class ChatJob:
                     if text:
                         self._content_started()
                         sent += 1
-                        yield _sse(chunk(self.id, model, self.created, {"content": text}))
+                        yield _sse(self._delta(text))
             if final is None:
                 raise CloudError("the service ended without an answer")
             finish, use, info = self.finish(final)
-            yield _sse(chunk(self.id, model, self.created, {}, finish, pice=info))
+            yield _sse(self._closing_chunk(finish, info))
             if self.request.stream_options is not None and self.request.stream_options.include_usage:
-                yield _sse(usage_chunk(self.id, model, self.created, use))
+                yield _sse(self._usage_chunk(use))
             yield _sse("[DONE]")
         except ClientGone:
             log.info("%s: client disconnected; request cancelled", self.id)
@@ -266,3 +291,47 @@ class GuardedStream(StreamingResponse):
 
 def error_response(exc: APIError) -> JSONResponse:
     return JSONResponse(error_body(exc), status_code=exc.status, headers=exc.headers)
+
+
+class TextJob(ChatJob):
+    """One admitted legacy completion (``POST /v1/completions``): the prompt continued by the
+    cloud LLM as it is, as one ``text_completion`` or as server-sent events."""
+
+    def __init__(self, state: ApiState, request: CompletionRequest, http: Request) -> None:
+        self.state = state
+        self.request = request  # type: ignore[assignment]  # the same fields the base class reads
+        self.text_request = request
+        self.http = http
+        self.id = "cmpl-" + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.question = request.text
+        self.messages = []
+        self.started = time.perf_counter()
+        self.mode = "cloud"
+        self.first_content_s = None
+        self._released = False
+
+    def _open_answer(self) -> AsyncGenerator[Event, None]:
+        req = self.text_request
+        options = GenerationOptions(temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+                                    stop=req.stop_strings)
+        return self.state.service.complete_text(req.text, max_tokens=req.max_tokens, options=options)
+
+    def _prompt_tokens(self) -> int:
+        return count_tokens(self.state.llm, self.text_request.text)
+
+    def _whole(self, text: str, finish: FinishReason, use: dict[str, int], info: dict[str, Any]) -> dict[str, Any]:
+        return text_completion(self.id, self.text_request.model, text, finish, use, info, self.created)
+
+    def _opening_chunks(self) -> list[dict[str, Any]]:
+        return []
+
+    def _delta(self, text: str) -> dict[str, Any]:
+        return text_chunk(self.id, self.text_request.model, self.created, text)
+
+    def _closing_chunk(self, finish: FinishReason, info: dict[str, Any]) -> dict[str, Any]:
+        return text_chunk(self.id, self.text_request.model, self.created, "", finish, pice=info)
+
+    def _usage_chunk(self, use: dict[str, int]) -> dict[str, Any]:
+        return {"id": self.id, "object": "text_completion", "created": self.created,
+                "model": self.text_request.model, "choices": [], "usage": use}
