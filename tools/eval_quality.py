@@ -1,0 +1,395 @@
+#!/usr/bin/env python3
+"""Answer quality of fine-tuned expanders and sketchers against the base model (issue 10, "Measured").
+
+Two measurements, one run:
+
+1. **Through the real API**, per configuration (``--modes``), on Vicuna-bench questions minus
+   coding and math: ``pice-cloud serve`` runs as a subprocess (embedded broker, two local edges)
+   and the official ``openai`` client asks each question with ``pice.mode = progressive``.
+
+   ========  ===================  ==================
+   mode      cloud (sketcher)     edges (expander)
+   ========  ===================  ==================
+   base      ``--base``           ``--base``
+   expander  ``--base``           ``--expander``
+   sketcher  ``--sketcher``       ``--base``
+   both      ``--sketcher``       ``--expander``
+   ========  ===================  ==================
+
+   ``base`` and ``expander`` share the cloud model, so they get the same (greedy) sketches; the
+   report says how many sketches actually matched. Per answer: MiniLM cosine to the GPT-4o answer,
+   ROUGE-L (F), words, repeated-sentence rate (`pice_cloud.guards.repeated_sentence_rate`: share of
+   sentences that repeat an earlier one), meta-heading and cut-heading rates of the headings
+   (`pice_cloud.guards.is_meta_heading` / `is_cut_heading`: "The first point", "Point 3", "The
+   island of Maui is famous"), the share of points the edges wrote (the response's ``pice``
+   extension; the rest fell back to the cloud), and a point-level cosine: each point's text
+   against its closest paragraph or list item of the GPT-4o answer.
+
+2. **Point level on held-out alpaca_eval** (``--points N``): the instructions the expander never
+   trained on (the same seeded split as training, read from its report), each point of their
+   outline expanded by the base and the fine-tuned expander with the edge's exact prompt and
+   clean-up; MiniLM cosine and ROUGE-L against GPT-4-Turbo's own text for that point.
+
+    python tools/eval_quality.py --questions 16 --points 100 \\
+        --json tools/results/quality_finetune.json --md tools/results/quality_finetune.md
+
+The alpaca_eval answers are CC BY-NC 4.0 (training and measurement only); Vicuna-bench and its
+GPT-4o answers come from lm-sys/FastChat (Apache-2.0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from vicuna import DATA_DIR, read_vicuna
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE = "smollm2-135m-instruct"
+EXPANDER = "smollm2-135m-pice-expander"
+SKETCHER = "smollm2-135m-pice-sketcher"
+#: Vicuna-bench categories where a sketch does not fit the question (and which the issue excludes).
+EXCLUDED = {"coding", "math"}
+_POINT = re.compile(r"^\s*(\d{1,2})\.\s+\*\*(?P<heading>.+?)\*\*\s*(?P<text>.*)$", re.DOTALL)
+
+
+def configurations(base: str, expander: str, sketcher: str) -> dict[str, tuple[str, str]]:
+    """mode -> (cloud model, edge model)."""
+    return {"base": (base, base), "expander": (base, expander), "sketcher": (sketcher, base),
+            "both": (sketcher, expander)}
+
+
+def questions(count: int) -> list[dict[str, Any]]:
+    """The first ``count`` Vicuna-bench questions outside coding and math, with GPT-4o answers."""
+    rows = [q for q in read_vicuna() if q["category"] not in EXCLUDED and q["reference"]]
+    return rows[:count]
+
+
+def start_server(cloud_model: str, edge_model: str, extra: list[str]) -> tuple[subprocess.Popen[str], str]:
+    """``pice-cloud serve`` on a free port with these models; (process, base URL of the API)."""
+    cmd = [sys.executable, "-m", "pice_cloud.cli", "serve", "--port", "0", "--model", cloud_model,
+           "--edge-model", edge_model, *extra]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.stderr is not None
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        found = re.search(r"serving on (http://\S+/v1)", line)
+        if found:
+            return proc, found.group(1)
+    proc.kill()
+    raise SystemExit(f"pice-cloud serve did not start ({' '.join(cmd)}): {proc.stderr.read()[-2000:]}")
+
+
+def stop_server(proc: subprocess.Popen[str]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def split_answer(text: str) -> list[tuple[str, str]]:
+    """(heading, text) of each point of a progressive answer ("1. **Heading** text" paragraphs)."""
+    out = []
+    for para in text.split("\n\n"):
+        match = _POINT.match(para)
+        if match:
+            out.append((match["heading"].strip(), " ".join(match["text"].split())))
+    return out
+
+
+def reference_chunks(reference: str) -> list[str]:
+    """The GPT-4o answer's paragraphs and list items, the units a point is compared with."""
+    chunks = []
+    for block in re.split(r"\n\s*\n", reference):
+        lines = [ln for ln in block.split("\n") if ln.strip()]
+        items = [ln for ln in lines if re.match(r"^\s*(?:\d{1,2}[.)]|[-*•])\s", ln)]
+        chunks += [re.sub(r"[*#`]", "", ln).strip() for ln in items] if len(items) >= 2 else [" ".join(lines)]
+    return [c for c in chunks if len(c.split()) >= 3] or [reference]
+
+
+class Scorer:
+    """MiniLM cosine (pice_cloud.embeddings.Embedder) and ROUGE-L F."""
+
+    def __init__(self) -> None:
+        from rouge_score import rouge_scorer
+
+        from pice_cloud.embeddings import Embedder
+
+        self.embedder = Embedder()
+        self.rouge = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+    def cosine(self, a: str, b: str) -> float:
+        return float(self.embedder.similarity([a], [b])[0, 0])
+
+    def best_cosines(self, texts: list[str], pool: list[str]) -> list[float]:
+        if not texts:
+            return []
+        return [float(x) for x in self.embedder.similarity(texts, pool).max(dim=1).values]
+
+    def rouge_l(self, prediction: str, reference: str) -> float:
+        return float(self.rouge.score(reference, prediction)["rougeL"].fmeasure)
+
+
+def ask(client: Any, question: str, max_tokens: int | None) -> tuple[str, dict[str, Any], float]:
+    started = time.perf_counter()
+    extra: dict[str, Any] = {"pice": {"mode": "progressive"}}
+    response = client.chat.completions.create(model="pice", messages=[{"role": "user", "content": question}],
+                                              extra_body=extra, **({"max_tokens": max_tokens} if max_tokens else {}))
+    info = (response.model_extra or {}).get("pice") or {}
+    return response.choices[0].message.content or "", info, time.perf_counter() - started
+
+
+def answer_metrics(scorer: Scorer, text: str, reference: str, info: dict[str, Any]) -> dict[str, Any]:
+    from pice_cloud.guards import is_cut_heading, is_meta_heading, repeated_sentence_rate
+
+    points = split_answer(text)
+    headings = [h for h, _ in points]
+    point_texts = [t for _, t in points if t]
+    edge, cloud = info.get("points_edge") or 0, info.get("points_cloud") or 0
+    return {
+        "mode_served": info.get("mode"),
+        "cosine": round(scorer.cosine(text, reference), 4),
+        "rouge_l": round(scorer.rouge_l(text, reference), 4),
+        "words": len(text.split()),
+        "repeated_sentence_rate": round(repeated_sentence_rate(text), 4),
+        "headings": headings,
+        "meta_headings": sum(is_meta_heading(h) for h in headings),
+        "cut_headings": sum(is_cut_heading(h) for h in headings),
+        "points_edge": edge, "points_cloud": cloud,
+        "point_cosines": [round(c, 4) for c in scorer.best_cosines(point_texts, reference_chunks(reference))],
+    }
+
+
+def run_mode(mode: str, cloud: str, edge: str, qs: list[dict[str, Any]], scorer: Scorer,
+             args: argparse.Namespace) -> list[dict[str, Any]]:
+    from openai import OpenAI
+
+    print(f"[{mode}] starting serve: cloud {cloud}, edges {edge}", file=sys.stderr, flush=True)
+    proc, url = start_server(cloud, edge, args.serve_arg)
+    rows = []
+    try:
+        client = OpenAI(base_url=url, api_key="pice", max_retries=0, timeout=900)
+        for q in qs:
+            text, info, seconds = ask(client, q["question"], args.max_tokens)
+            row = {"mode": mode, "question_id": q["id"], "category": q["category"], "latency_s": round(seconds, 2),
+                   **answer_metrics(scorer, text, q["reference"], info), "answer": text}
+            rows.append(row)
+            print(f"[{mode}] q{q['id']:>2} {seconds:6.1f}s cos {row['cosine']:.3f} words {row['words']:>4} "
+                  f"points edge/cloud {row['points_edge']}/{row['points_cloud']} "
+                  f"rep {row['repeated_sentence_rate']:.2f}", file=sys.stderr, flush=True)
+    finally:
+        stop_server(proc)
+    return rows
+
+
+def _mean(values: list[float]) -> float | None:
+    return round(statistics.fmean(values), 4) if values else None
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    headings = sum(len(r["headings"]) for r in rows)
+    points = sum(r["points_edge"] + r["points_cloud"] for r in rows)
+    point_cos = [c for r in rows for c in r["point_cosines"]]
+    return {
+        "answers": len(rows),
+        "progressive": sum(r["mode_served"] == "progressive" for r in rows),
+        "cosine": _mean([r["cosine"] for r in rows]), "rouge_l": _mean([r["rouge_l"] for r in rows]),
+        "words_median": statistics.median(r["words"] for r in rows) if rows else None,
+        "repeated_sentence_rate": _mean([r["repeated_sentence_rate"] for r in rows]),
+        "answers_with_repeats": sum(r["repeated_sentence_rate"] > 0 for r in rows),
+        "headings": headings,
+        "meta_heading_rate": round(sum(r["meta_headings"] for r in rows) / headings, 4) if headings else None,
+        "cut_heading_rate": round(sum(r["cut_headings"] for r in rows) / headings, 4) if headings else None,
+        "bad_heading_rate": round(sum(r["meta_headings"] + r["cut_headings"] for r in rows) / headings, 4)
+        if headings else None,
+        "points_edge_share": round(sum(r["points_edge"] for r in rows) / points, 4) if points else None,
+        "point_cosine": _mean(point_cos),
+        "latency_median_s": statistics.median(r["latency_s"] for r in rows) if rows else None,
+    }
+
+
+# --- point level on held-out alpaca_eval ---------------------------------------------------------
+
+
+def heldout_points(report_path: Path, limit: int) -> tuple[list[Any], dict[str, Any]]:
+    """The held-out expander examples of the training run whose report is ``report_path``."""
+    from pice_cloud.finetune.config import FinetuneConfig
+    from pice_cloud.finetune.train import prepare_for
+
+    report = json.loads(report_path.read_text())
+    cfg = FinetuneConfig.model_validate(report["config"])
+    prepared, _ = prepare_for(cfg)
+    return prepared.heldout[:limit], {"seed": cfg.seed, "holdout_fraction": cfg.data_prep.holdout_fraction,
+                                      "data": str(cfg.data), "instructions": prepared.counts["heldout_instructions"]}
+
+
+def expand_points(model: str, examples: list[Any], max_new_tokens: int, threads: int) -> list[str]:
+    """Each example's point expanded as an edge does it: its prompt, greedy, its clean-up."""
+    from pice_edge.prompts import clean_expansion, expansion_messages
+    from pice_edge.runtimes.base import GenerationRequest
+    from pice_edge.runtimes.transformers import TransformersRuntime
+
+    runtime = TransformersRuntime(model, threads=threads)
+    out: list[str] = []
+    for start in range(0, len(examples), 8):
+        batch = examples[start:start + 8]
+        requests = [GenerationRequest(prompt=runtime.format_chat(expansion_messages(e.question, list(e.sketch),
+                                                                                    e.point_index)),
+                                      max_new_tokens=max_new_tokens) for e in batch]
+        for e, result in zip(batch, runtime.generate(requests), strict=True):
+            out.append(clean_expansion(result.text, truncated=result.token_count >= max_new_tokens,
+                                       point=e.sketch[e.point_index]))
+        print(f"[points {model}] {len(out)}/{len(examples)}", file=sys.stderr, flush=True)
+    runtime.close()
+    return out
+
+
+def point_level(scorer: Scorer, args: argparse.Namespace) -> dict[str, Any]:
+    examples, split = heldout_points(args.expander_report, args.points)
+    result: dict[str, Any] = {"split": split, "points": len(examples), "models": {}}
+    texts = {}
+    for label, model in (("base", args.base), ("expander", args.expander)):
+        texts[label] = expand_points(model, examples, args.tokens_per_point, args.threads)
+        cos = [scorer.cosine(t, e.target) if t else 0.0 for t, e in zip(texts[label], examples, strict=True)]
+        result["models"][label] = {
+            "model": model, "cosine": _mean(cos),
+            "rouge_l": _mean([scorer.rouge_l(t, e.target) for t, e in zip(texts[label], examples, strict=True)]),
+            "words_median": statistics.median(len(t.split()) for t in texts[label]),
+            "empty": sum(not t for t in texts[label]),
+        }
+    base, tuned = result["models"]["base"]["cosine"], result["models"]["expander"]["cosine"]
+    result["cosine_gain"] = round(tuned - base, 4) if base is not None and tuned is not None else None
+    result["examples"] = [{"question": e.question, "sketch": list(e.sketch), "point": e.sketch[e.point_index],
+                           "reference": e.target, "base": texts["base"][i], "expander": texts["expander"][i]}
+                          for i, e in enumerate(examples[:6])]
+    return result
+
+
+# --- output ------------------------------------------------------------------------------------------
+
+
+def table(summary: dict[str, dict[str, Any]]) -> str:
+    cols = [("answers", "n"), ("progressive", "prog"), ("cosine", "cosine"), ("rouge_l", "ROUGE-L"),
+            ("words_median", "words"), ("repeated_sentence_rate", "rep.sent"), ("answers_with_repeats", "ans.rep"),
+            ("meta_heading_rate", "meta.hd"), ("cut_heading_rate", "cut.hd"), ("points_edge_share", "edge.pts"),
+            ("point_cosine", "pt.cos"), ("latency_median_s", "lat.s")]
+    lines = ["| mode | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for mode, s in summary.items():
+        cells = [("-" if s[k] is None else f"{s[k]:.0f}" if k == "words_median" else f"{s[k]:.3f}"
+                  if isinstance(s[k], float) else str(s[k])) for k, _ in cols]
+        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    out = ["# Answer quality: fine-tuned expander and sketcher vs base (SmolLM2-135M)", "",
+           f"Vicuna-bench minus coding/math, first {result['questions']} questions, through `pice-cloud serve` "
+           "(progressive mode, 2 local edges); metrics against the GPT-4o answers.", "",
+           table(result["summary"]), "",
+           "n: answers; prog: answered progressively; cosine: MiniLM cosine to GPT-4o; words: median; rep.sent: mean "
+           "repeated-sentence rate; ans.rep: answers with a repeated sentence; meta.hd / cut.hd: share of headings "
+           "that are meta or cut off; edge.pts: share of points the edges wrote; pt.cos: each point vs its closest "
+           "paragraph of the GPT-4o answer; lat.s: median seconds per answer.", ""]
+    if result.get("same_sketches") is not None:
+        out += [f"Sketches identical between base and expander modes: {result['same_sketches']}.", ""]
+    pl = result.get("point_level")
+    if pl:
+        b, e = pl["models"]["base"], pl["models"]["expander"]
+        out += ["## Point level, held-out alpaca_eval instructions", "",
+                f"{pl['points']} points of {pl['split']['instructions']} instructions never trained on; each "
+                "expanded with the edge's prompt and clean-up, compared with GPT-4-Turbo's text for that point "
+                "(CC BY-NC data: measurement only).", "",
+                "| expander | cosine | ROUGE-L | words | empty |", "|---|---|---|---|---|",
+                f"| base | {b['cosine']} | {b['rouge_l']} | {b['words_median']} | {b['empty']} |",
+                f"| fine-tuned | {e['cosine']} | {e['rouge_l']} | {e['words_median']} | {e['empty']} |", "",
+                f"Gain in mean cosine: {pl['cosine_gain']:+.4f}.", ""]
+    out += ["## Example answers", ""]
+    by_q: dict[int, dict[str, str]] = {}
+    for row in result["rows"]:
+        by_q.setdefault(row["question_id"], {})[row["mode"]] = row["answer"]
+    for qid, answers in list(by_q.items())[:3]:
+        question = next(r for r in result["questions_list"] if r["id"] == qid)["question"]
+        out += [f"### Q{qid}: {question}", ""]
+        for mode, text in answers.items():
+            out += [f"**{mode}**", "", text.strip(), ""]
+    return "\n".join(out)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--questions", type=int, default=16, help="Vicuna questions (non-coding/math)")
+    parser.add_argument("--modes", default="base,expander,sketcher,both",
+                        help="comma-separated: base, expander, sketcher, both ('' for none)")
+    parser.add_argument("--base", default=BASE)
+    parser.add_argument("--expander", default=EXPANDER)
+    parser.add_argument("--sketcher", default=SKETCHER)
+    parser.add_argument("--points", type=int, default=0, help="held-out alpaca_eval points to expand (0: skip)")
+    parser.add_argument("--expander-report", type=Path, default=ROOT / "tools" / "results" / "finetune_expander.json",
+                        help="the expander's training report (its seed and held-out split)")
+    parser.add_argument("--tokens-per-point", type=int, default=80, help="expansion budget (serving default 80)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads for the point-level generation")
+    parser.add_argument("--max-tokens", type=int, default=None, help="max_tokens of each API request")
+    parser.add_argument("--serve-arg", action="append", default=[], help="extra argument for pice-cloud serve")
+    parser.add_argument("--json", type=Path, default=Path("quality.json"))
+    parser.add_argument("--md", type=Path, default=None, help="also write a markdown summary with example answers")
+    args = parser.parse_args()
+
+    modes = [m for m in args.modes.split(",") if m]
+    configs = configurations(args.base, args.expander, args.sketcher)
+    unknown = [m for m in modes if m not in configs]
+    if unknown:
+        parser.error(f"unknown mode(s) {unknown}; choose from {', '.join(configs)}")
+    scorer = Scorer()
+    qs = questions(args.questions) if modes else []
+    rows: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    for mode in modes:
+        rows += run_mode(mode, *configs[mode], qs, scorer, args)
+    summary = {mode: summarise([r for r in rows if r["mode"] == mode]) for mode in modes}
+    same = None
+    if {"base", "expander"} <= set(modes):
+        base_sk = {r["question_id"]: r["headings"] for r in rows if r["mode"] == "base"}
+        same = sum(base_sk.get(r["question_id"]) == r["headings"] for r in rows if r["mode"] == "expander")
+        same = f"{same}/{len(base_sk)}"
+    result: dict[str, Any] = {
+        "questions": len(qs), "modes": {m: {"cloud": configs[m][0], "edges": configs[m][1]} for m in modes},
+        "summary": summary, "same_sketches": same, "rows": rows,
+        "questions_list": [{k: q[k] for k in ("id", "category", "question")} for q in qs],
+        "data": str(DATA_DIR), "data_note": "Vicuna-bench questions and GPT-4o answers from lm-sys/FastChat "
+        "(Apache-2.0); point level: alpaca_eval GPT-4-Turbo answers (CC BY-NC 4.0, measurement only).",
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_avg_at_end": os.getloadavg()},
+    }
+    if args.points:
+        result["point_level"] = point_level(scorer, args)
+    result["wall_s"] = round(time.perf_counter() - started, 1)
+    if summary:
+        print(table(summary))
+    if result.get("point_level"):
+        pl = result["point_level"]
+        print(f"\npoint level ({pl['points']} held-out alpaca_eval points): cosine base "
+              f"{pl['models']['base']['cosine']} -> fine-tuned {pl['models']['expander']['cosine']} "
+              f"({pl['cosine_gain']:+.4f})")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2))
+    if args.md:
+        args.md.write_text(markdown(result))
+    print(f"wrote {args.json}" + (f" and {args.md}" if args.md else ""), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
