@@ -56,6 +56,8 @@ class PointState:
     index: int
     expected: frozenset[str]
     received: dict[str, Candidate] = field(default_factory=dict)
+    #: Device -> why its candidate may not go into the answer (the expansion guards).
+    rejected: dict[str, str] = field(default_factory=dict)
     future: asyncio.Future[ChosenPoint] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
     @property
@@ -68,15 +70,19 @@ class PointState:
         return bool(self.expected) and self.expected.issubset(self.received)
 
     def usable(self) -> list[Candidate]:
-        """Non-empty candidates, in a stable order (by device id)."""
-        return sorted((c for c in self.received.values() if c.text.strip()), key=lambda c: c.device_id)
+        """Non-empty candidates the guards accepted, in a stable order (by device id)."""
+        return sorted((c for c in self.received.values() if c.text.strip() and c.device_id not in self.rejected),
+                      key=lambda c: c.device_id)
 
 
 class PendingRequest:
     """Points of one request in flight."""
 
-    def __init__(self, request_id: str, assignments: Sequence[Sequence[str]]) -> None:
+    def __init__(self, request_id: str, assignments: Sequence[Sequence[str]],
+                 check: CandidateCheck | None = None) -> None:
         self.request_id = request_id
+        #: The expansion guard: why a candidate must not be used (None: it may).
+        self.check = check
         self.points = [PointState(i, frozenset(devs)) for i, devs in enumerate(assignments)]
         #: Set when a point has heard from all its edges but was not settled here (several
         #: candidates to choose from, or none usable), so the service acts before the deadline.
@@ -112,14 +118,17 @@ class Aggregator:
 
     def __init__(self, *, rejections: Rejections | None = None, max_payload_bytes: int = 64 * 1024) -> None:
         self.rejections = rejections or Rejections()
+        #: Candidates refused by the expansion guards, by reason (valid messages, bad text).
+        self.quality = Rejections()
         self._max_payload = max_payload_bytes
         self._pending: dict[str, PendingRequest] = {}
         self._on_candidate: list[_CandidateListener] = []
         self._closed: OrderedDict[str, None] = OrderedDict()
         self.accepted = 0
 
-    def open(self, request_id: str, assignments: Sequence[Sequence[str]]) -> PendingRequest:
-        pending = PendingRequest(request_id, assignments)
+    def open(self, request_id: str, assignments: Sequence[Sequence[str]],
+             check: CandidateCheck | None = None) -> PendingRequest:
+        pending = PendingRequest(request_id, assignments, check)
         self._pending[request_id] = pending
         return pending
 
@@ -172,6 +181,13 @@ class Aggregator:
             return
         state.received[cand.device_id] = cand
         self.accepted += 1
+        if pending.check is not None and cand.text.strip():
+            others = [c.text for s in pending.points if s.index != state.index for c in s.usable()]
+            reason = pending.check(cand, others)
+            if reason is not None:
+                state.rejected[cand.device_id] = reason
+                self.quality.record("candidate", reason, f"{cand.request_id}/{cand.point_index} from "
+                                                         f"{cand.device_id}")
         for listener in self._on_candidate:
             listener(cand)
         if state.settled:
@@ -180,6 +196,13 @@ class Aggregator:
         if state.ready and not pending.settle_single(cand.point_index):
             log.debug("%s/%d: all edges answered; choosing among candidates", cand.request_id, cand.point_index)
             pending.wakeup.set()
+
+
+class CandidateCheck(Protocol):
+    """The expansion guard of one request: why ``candidate`` must not be used, given the texts
+    of the request's other points, or None."""
+
+    def __call__(self, candidate: Candidate, other_texts: Sequence[str]) -> str | None: ...
 
 
 class _CandidateListener(Protocol):

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Final
 from pice_cloud.broker import EmbeddedBroker
 from pice_cloud.config import CloudConfig, LLMConfig, RouterKind, SelectorKind
 from pice_cloud.ensemble import ConfidenceSelector, EnsembleWeights, LearnedSelector, LikelihoodScorer, Selector
+from pice_cloud.guards import Embed
 from pice_cloud.llm import create_backend
 from pice_cloud.llm.base import LLMBackend
 from pice_cloud.router import EmbeddingRouter, HeuristicRouter, ModeRouter
@@ -114,6 +115,18 @@ def build_selector(kind: SelectorKind, llm: LLMBackend, ensemble_width: int) -> 
     return LearnedSelector(EnsembleWeights.load(), scorer=scorer, embedder=embedder)
 
 
+def build_sketch_embed() -> Embed | None:
+    """MiniLM sentence embeddings for the sketch guard's near-duplicate check, or None when the
+    model is not fetched (the guard then compares shared words only)."""
+    try:
+        from pice_cloud.embeddings import Embedder
+
+        return Embedder().encode
+    except PiceError as exc:
+        log.info("sketch guard without sentence embeddings (shared words only): %s", exc)
+        return None
+
+
 @contextlib.asynccontextmanager
 async def start_system(
     config: CloudConfig,
@@ -160,8 +173,9 @@ async def start_system(
             broker_settings, client_id=config.cloud_id, clean_session=False,
             will=(CLOUD_STATUS_TOPIC, encode(CloudStatus(cloud_id=config.cloud_id, online=False))),
         )
+        embed = await asyncio.to_thread(build_sketch_embed) if config.service.sketch_guard else None
         service = PiceService(backend, transport, config=config.service, router=router, selector=selector,
-                              cloud_max_batch=config.llm.max_batch)
+                              cloud_max_batch=config.llm.max_batch, embed=embed)
         online = encode(CloudStatus(cloud_id=config.cloud_id, online=True, api_url=api_url))
         # On every (re)connect: a restarted broker without persistence has lost our retained status.
         transport.on_connect(lambda: transport.publish(CLOUD_STATUS_TOPIC, online, retain=True))

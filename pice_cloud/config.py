@@ -157,6 +157,12 @@ class ServiceConfig(BaseModel):
     selector: SelectorKind = Field(
         default="learned", description="how one of several candidates of a point is chosen (ensemble_width > 1)")
     adaptive_budget: bool = Field(default=True, description="shorten sketches and expansions under load")
+    sketch_guard: bool = Field(
+        default=True, description="check each sketch (too few, duplicate, meta, cut or restating headings); a failed "
+                                  "one is re-sampled once, then the request is answered cloud-only")
+    expansion_guard: bool = Field(
+        default=True, description="refuse candidates that are empty, echo the prompt, start a letter, repeat "
+                                  "another point or themselves; the next candidate or the cloud expands the point")
     max_question_chars: int = Field(
         default=defaults.MAX_QUESTION_CHARS, ge=1, le=MAX_QUESTION_CHARS,
         description="longest question (with its chat history) answered progressively: longer ones are answered "

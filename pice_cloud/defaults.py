@@ -47,6 +47,10 @@ DEADLINE_CAP_S: Final = 60.0
 #: edges, arrive within it; ones the broker lost (a crash without persistence) never will.
 RECONNECT_GRACE_S: Final = 2.0
 
+#: A sketch that fails the guards is sampled once more at this temperature (at least), with a
+#: seed of its own: greedy decoding would write the same outline again.
+SKETCH_RESAMPLE_TEMPERATURE: Final = 0.7
+
 # --- edge sampling ------------------------------------------------------------------------------
 #: 0 is greedy decoding.
 TEMPERATURE: Final = 0.0

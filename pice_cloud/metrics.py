@@ -35,11 +35,25 @@ class _RejectionsCollector(Collector):
         yield family
 
 
+class _QualityCollector(Collector):
+    """Sketches and candidates the guards refused (well-formed messages, text not good enough)."""
+
+    def __init__(self, name: str, help_text: str, counts: Rejections) -> None:
+        self._name, self._help, self._counts = name, help_text, counts
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self._name, self._help, labels=["reason"])
+        for (_, reason), count in sorted(self._counts.snapshot().items()):
+            family.add_metric([reason], count)
+        yield family
+
+
 class Metrics:
     """The service's counters, histograms and gauges."""
 
     def __init__(self, rejections: Rejections, *, live_edges: Callable[[], float], queued: Callable[[], float],
-                 in_flight: Callable[[], float]) -> None:
+                 in_flight: Callable[[], float], sketch_rejections: Rejections | None = None,
+                 candidate_rejections: Rejections | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("pice_requests", "Chat completion requests, by mode and outcome "
@@ -56,6 +70,10 @@ class Metrics:
         Gauge("pice_requests_in_flight", "Requests being answered", registry=r).set_function(in_flight)
         Gauge("pice_live_edges", "Edges currently live", registry=r).set_function(live_edges)
         r.register(_RejectionsCollector(rejections))
+        r.register(_QualityCollector("pice_sketch_rejected", "Sketches refused by the guards, by reason",
+                                     sketch_rejections or Rejections()))
+        r.register(_QualityCollector("pice_candidate_rejected", "Edge expansions refused by the guards, by reason",
+                                     candidate_rejections or Rejections()))
 
     def render(self) -> bytes:
         """The text exposition of every metric."""

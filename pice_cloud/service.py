@@ -19,26 +19,31 @@ import uuid
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 
-from pice_cloud.aggregator import Aggregator, ChosenPoint, PendingRequest
+from pice_cloud import defaults
+from pice_cloud.aggregator import Aggregator, CandidateCheck, ChosenPoint, PendingRequest
 from pice_cloud.cloud_meter import CloudMeter
 from pice_cloud.config import ServiceConfig
 from pice_cloud.ensemble import ConfidenceSelector, Selector
-from pice_cloud.errors import InputTooLongError
+from pice_cloud.errors import InputTooLongError, SketchError
 from pice_cloud.fleet import Fleet
+from pice_cloud.guards import Embed, check_expansion, check_sketch, sketch_rejection_reason
 from pice_cloud.llm.base import ChatRequest, LLMBackend, TextRequest
 from pice_cloud.router import ModeRouter, Route
 from pice_cloud.scheduler import Budget, EdgeView, Mode, RequestedMode, choose_mode, ensemble_width, place, plan_budget
 from pice_cloud.settling import PointSettler
 from pice_cloud.sketch import SKETCH_PREFILL, parse_sketch, sketch_messages
+from pice_edge.prompts import SYSTEM_PROMPT, format_sketch
 from pice_edge.protocol import (
     CANDIDATES_FILTER,
     EDGE_STATUS_FILTER,
+    Candidate,
     ExpandTask,
     Sampling,
     edge_tasks_topic,
     encode,
     topic_level,
 )
+from pice_edge.rejects import Rejections
 from pice_edge.runtimes.base import ChatMessage
 from pice_edge.transport import Message, MqttTransport
 
@@ -75,6 +80,8 @@ class AnswerStats:
     route_probability: float | None = None
     #: A stop string ended the text (cloud-only), or a point's text (progressive).
     stopped: bool = False
+    #: Why the sketches were refused, when the guards sent the request cloud-only.
+    sketch_rejected: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -92,6 +99,10 @@ class GenerationOptions:
     seed: int | None = None
     #: Cut the text at the first of these (each point's text in progressive mode).
     stop: tuple[str, ...] = ()
+
+
+#: Offset of the re-sampled sketch's seed (far from the points' seed + 1 + i).
+SKETCH_RESAMPLE_SEED_OFFSET = 1 << 20
 
 
 def derive_seed(seed: int | None, offset: int) -> int | None:
@@ -139,7 +150,7 @@ class PiceService:
     def __init__(self, llm: LLMBackend, transport: MqttTransport, *, config: ServiceConfig | None = None,
                  fleet: Fleet | None = None, aggregator: Aggregator | None = None,
                  selector: Selector | None = None, router: ModeRouter | None = None,
-                 cloud_max_batch: int | None = None) -> None:
+                 cloud_max_batch: int | None = None, embed: Embed | None = None) -> None:
         self.llm = llm
         #: Advises cloud-only vs progressive for ``auto`` requests; None: progressive whenever edges are live.
         self.router = router
@@ -152,6 +163,10 @@ class PiceService:
         self.aggregator = aggregator or Aggregator(rejections=transport.rejections, max_payload_bytes=max_payload)
         self.aggregator.add_listener(self.fleet.candidate_received)
         self._in_flight: set[PendingRequest] = set()
+        #: Sentence embeddings for the sketch guard's near-duplicate check (None: shared words only).
+        self.embed = embed
+        #: Sketches refused by the guards, by reason (``pice_sketch_rejected_total``).
+        self.sketch_rejections = Rejections()
         transport.add_subscription(EDGE_STATUS_FILTER, self._on_status)
         transport.add_subscription(CANDIDATES_FILTER, self.aggregator.handle_candidate)
         transport.on_connect(self._on_reconnect)
@@ -178,22 +193,15 @@ class PiceService:
                                   question_fits=fits)
         stats = AnswerStats(mode=chosen_mode, route_probability=None if route is None else route.probability)
         if chosen_mode == "cloud":
-            limit = min(max_tokens or self.config.max_answer_tokens, self.config.max_answer_tokens)
-            conversation = list(messages) if messages else [ChatMessage("user", question)]
-            sampling = self._sampling(options, 0)
-            [done] = await self.cloud.complete([ChatRequest(conversation, max_tokens=limit,
-                                                            temperature=sampling.temperature, top_p=sampling.top_p,
-                                                            seed=sampling.seed)])
-            stats.cloud_tokens = done.tokens
-            stats.total_s = stats.first_token_s = time.perf_counter() - started
-            text, stats.stopped = apply_stop(done.text, options.stop)
-            yield AnswerEvent(text.strip(), stats)
+            async for event in self._cloud_answer(question, messages, max_tokens, options, stats, started):
+                yield event
             return
         if chosen_mode == "sot":
             edges = []  # every point is then expanded by the cloud itself, in one batch
         # aclosing: when our consumer stops early (a client that disconnected), the inner
         # generator's finally (cancel the supervisor, release edges) runs now, not at GC time.
-        async with contextlib.aclosing(self._progressive(question, edges, stats, started, options)) as events:
+        progressive = self._progressive(question, edges, stats, started, options, messages, max_tokens)
+        async with contextlib.aclosing(progressive) as events:
             async for event in events:
                 yield event
 
@@ -236,6 +244,56 @@ class PiceService:
 
     # --- progressive path ------------------------------------------------------------------
 
+    async def _sketch(self, question: str, budget: Budget, options: GenerationOptions,
+                      stats: AnswerStats) -> list[str] | None:
+        """The sketch's headings, or None when it failed the guards twice (the reasons are in
+        ``stats.sketch_rejected`` and counted in `sketch_rejections`)."""
+        base = self._sampling(options, 0)
+        attempts = 2 if self.config.sketch_guard else 1
+        for attempt in range(attempts):
+            sampling = base if attempt == 0 else Sampling(
+                temperature=max(base.temperature, defaults.SKETCH_RESAMPLE_TEMPERATURE), top_p=base.top_p,
+                seed=derive_seed(base.seed if base.seed is not None else attempt, SKETCH_RESAMPLE_SEED_OFFSET))
+            request = ChatRequest(
+                sketch_messages(question, max_points=budget.max_points, max_words=budget.max_words),
+                max_tokens=budget.sketch_tokens, prefill=SKETCH_PREFILL,
+                temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed,
+            )
+            [raw] = await self.cloud.complete([request])
+            stats.cloud_tokens += raw.tokens
+            try:
+                points = parse_sketch(raw.text, max_points=budget.max_points)
+            except SketchError:
+                if not self.config.sketch_guard:
+                    raise
+                points = []
+            if not self.config.sketch_guard:
+                return points
+            problems = await asyncio.to_thread(check_sketch, question, points, embed=self.embed) \
+                if self.embed is not None else check_sketch(question, points)
+            reason = sketch_rejection_reason(problems)
+            if reason is None:
+                return points
+            stats.sketch_rejected.append(reason)
+            self.sketch_rejections.record("sketch", reason, "; ".join(p.detail for p in problems[:3]))
+            log.info("sketch refused (%s)%s: %s", reason, "" if attempt else ", sampling another", points)
+        return None
+
+    async def _cloud_answer(self, question: str, messages: Sequence[ChatMessage] | None, max_tokens: int | None,
+                            options: GenerationOptions, stats: AnswerStats,
+                            started: float) -> AsyncGenerator[Event, None]:
+        """The cloud LLM answers the conversation itself (cloud-only mode, or a refused sketch)."""
+        limit = min(max_tokens or self.config.max_answer_tokens, self.config.max_answer_tokens)
+        conversation = list(messages) if messages else [ChatMessage("user", question)]
+        sampling = self._sampling(options, 0)
+        [done] = await self.cloud.complete([ChatRequest(conversation, max_tokens=limit,
+                                                        temperature=sampling.temperature, top_p=sampling.top_p,
+                                                        seed=sampling.seed)])
+        stats.cloud_tokens += done.tokens
+        stats.total_s = stats.first_token_s = time.perf_counter() - started
+        text, stats.stopped = apply_stop(done.text, options.stop)
+        yield AnswerEvent(text.strip(), stats)
+
     def _sampling(self, options: GenerationOptions, offset: int) -> Sampling:
         """The sampling of a request's ``offset``-th generation (0: answer or sketch; 1 + i: point i)."""
         return Sampling(
@@ -244,22 +302,21 @@ class PiceService:
             seed=derive_seed(options.seed, offset),
         )
 
-    async def _progressive(self, question: str, edges: list[EdgeView], stats: AnswerStats,
-                           started: float, options: GenerationOptions) -> AsyncGenerator[Event, None]:
+    async def _progressive(self, question: str, edges: list[EdgeView], stats: AnswerStats, started: float,
+                           options: GenerationOptions, messages: Sequence[ChatMessage] | None,
+                           max_tokens: int | None) -> AsyncGenerator[Event, None]:
         budget = Budget.from_config(self.config)
         if self.config.adaptive_budget:
             budget = plan_budget(budget, self.cloud.view(), edges)
-        sampling = self._sampling(options, 0)
-        sketch_request = ChatRequest(
-            sketch_messages(question, max_points=budget.max_points, max_words=budget.max_words),
-            max_tokens=budget.sketch_tokens,
-            prefill=SKETCH_PREFILL,
-            temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed,
-        )
-        [raw] = await self.cloud.complete([sketch_request])
-        stats.cloud_tokens += raw.tokens
-        points = parse_sketch(raw.text, max_points=budget.max_points, max_words=budget.max_words)
+        points = await self._sketch(question, budget, options, stats)
         stats.sketch_s = time.perf_counter() - started
+        if points is None:
+            # Two sketches failed the guards: the cloud answers alone rather than send a broken
+            # outline to the edges.
+            stats.mode = "cloud"
+            async for event in self._cloud_answer(question, messages, max_tokens, options, stats, started):
+                yield event
+            return
         yield SketchEvent(points)
 
         request_id = uuid.uuid4().hex[:16]
@@ -271,7 +328,8 @@ class PiceService:
             deadline_floor_s=self.config.deadline_floor_s, deadline_factor=self.config.deadline_factor,
             deadline_cap_s=self.config.deadline_cap_s, cloud=self.cloud.view(),
         )
-        pending = self.aggregator.open(request_id, placement.devices)
+        pending = self.aggregator.open(request_id, placement.devices,
+                                       self._candidate_check(question, points) if self.config.expansion_guard else None)
         self._in_flight.add(pending)
         def point_sampling(index: int) -> Sampling:
             return self._sampling(options, 1 + index)
@@ -316,6 +374,17 @@ class PiceService:
             self._in_flight.discard(pending)
             self._release(pending)
             self.aggregator.close(request_id)
+
+    @staticmethod
+    def _candidate_check(question: str, points: list[str]) -> CandidateCheck:
+        """The expansion guard of one request (`pice_cloud.guards.check_expansion`)."""
+        outline = format_sketch(points)
+
+        def check(candidate: Candidate, other_texts: Sequence[str]) -> str | None:
+            return check_expansion(candidate.text, point=points[candidate.point_index], question=question,
+                                   other_texts=other_texts, prompt_texts=(outline, SYSTEM_PROMPT))
+
+        return check
 
     def _dispatch(self, request_id: str, question: str, points: list[str], devices: Sequence[Sequence[str]],
                   deadlines_s: Sequence[float], tokens_per_point: int, sampling: Callable[[int], Sampling]) -> None:

@@ -86,7 +86,9 @@ def cloud_config(broker: str | BrokerSettings | None, *, edges: int = 0, edge_mo
     flags: dict[str, Any] = {
         "llm": {"threads": 1},
         "edges": {"local": edges, "threads": 1, **({"model": str(edge_model)} if edge_model else {})},
-        "service": {"router": "off", "selector": "confidence", **(service or {})},
+        # The tiny random model writes gibberish the guards would (rightly) refuse every time.
+        "service": {"router": "off", "selector": "confidence", "sketch_guard": False, "expansion_guard": False,
+                    **(service or {})},
         "discovery": {"enabled": False},
     }
     if isinstance(broker, str):

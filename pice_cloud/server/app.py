@@ -40,7 +40,8 @@ def create_app(service: PiceService, llm: LLMBackend, config: CloudConfig) -> Fa
     admission = Admission(server_cfg.max_concurrent, server_cfg.max_queue, queue_timeout_s=server_cfg.queue_timeout_s,
                           retry_after_s=server_cfg.retry_after_s)
     metrics = Metrics(service.transport.rejections, live_edges=lambda: len(service.fleet.live()),
-                      queued=lambda: admission.queued, in_flight=lambda: admission.active)
+                      queued=lambda: admission.queued, in_flight=lambda: admission.active,
+                      sketch_rejections=service.sketch_rejections, candidate_rejections=service.aggregator.quality)
     state = ApiState(service=service, llm=llm, config=config, admission=admission, metrics=metrics)
     app = FastAPI(title="PICE", description="Progressive inference across cloud and edge; OpenAI-compatible API",
                   docs_url=None, redoc_url=None, openapi_url=None)

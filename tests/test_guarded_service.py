@@ -1,0 +1,134 @@
+"""The guards inside the request path: a refused sketch is sampled again, then the request goes
+cloud-only; a refused candidate is never used (the next candidate, or the cloud, expands the
+point). Real broker and real edges; the sketches are scripted by a test backend."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from pice_cloud.aggregator import Aggregator
+from pice_cloud.bootstrap import start_system
+from pice_cloud.llm.base import ChatRequest, Completion
+from pice_cloud.llm.transformers import TransformersBackend
+from pice_cloud.metrics import Metrics
+from pice_cloud.service import PiceService
+from pice_cloud.sketch import SKETCH_PREFILL
+from pice_edge.protocol import Candidate, candidate_topic, encode
+from pice_edge.transport import Message
+from tests.conftest import Mosquitto, cloud_config
+
+QUESTION = "How can I improve my time management skills?"
+BAD = [" The first point\n2. The second point\n", " Set clear goals\n2. Point two\n3. In conclusion\n"]
+GOOD = " Set clear daily goals\n2. Plan each morning\n3. Take short breaks\n"
+
+
+class ScriptedSketches:
+    """The tiny model for everything but sketches, which come from a script (one per call)."""
+
+    def __init__(self, inner: TransformersBackend, sketches: Sequence[str]) -> None:
+        self.inner, self.sketches = inner, list(sketches)
+        self.name, self.model_id = inner.name, inner.model_id
+        self.sketch_requests: list[ChatRequest] = []
+
+    async def complete(self, requests: Sequence[ChatRequest]) -> list[Completion]:
+        if len(requests) == 1 and requests[0].prefill == SKETCH_PREFILL:
+            self.sketch_requests.append(requests[0])
+            text = self.sketches.pop(0) if len(self.sketches) > 1 else self.sketches[0]
+            return [Completion(text=text, tokens=12)]
+        return await self.inner.complete(requests)
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+async def tiny_llm(tiny_model: Path) -> AsyncIterator[TransformersBackend]:
+    llm = TransformersBackend(tiny_model, threads=1)
+    yield llm
+    await llm.close()
+
+
+def _config(url: str, tiny_model: Path) -> object:
+    return cloud_config(url, edges=2, edge_model=tiny_model,
+                        service={"sketch_guard": True, "tokens_per_point": 8, "max_answer_tokens": 12})
+
+
+@pytest.mark.mosquitto
+async def test_a_refused_sketch_is_sampled_again_and_the_answer_is_complete(
+        mosquitto: Mosquitto, tiny_model: Path, tiny_llm: TransformersBackend) -> None:
+    llm = ScriptedSketches(tiny_llm, [BAD[0], GOOD])
+    async with start_system(_config(mosquitto.url, tiny_model), llm=llm) as system:  # type: ignore[arg-type]
+        final = await system.service.ask(QUESTION, mode="progressive")
+        rejections = system.service.sketch_rejections.snapshot()
+    assert final.stats.mode == "progressive"
+    assert final.stats.sketch_rejected == ["too_few_points"]
+    assert rejections == {("sketch", "too_few_points"): 1}
+    # The second sketch was sampled, not decoded greedily again.
+    first, second = llm.sketch_requests
+    assert first.temperature == 0.0
+    assert second.temperature >= 0.7
+    assert second.seed is not None
+    assert [line.split("**")[1] for line in final.text.split("\n\n")] == \
+        ["Set clear daily goals", "Plan each morning", "Take short breaks"]
+    assert final.stats.points_edge + final.stats.points_cloud == 3
+
+
+@pytest.mark.mosquitto
+async def test_two_refused_sketches_send_the_request_cloud_only(
+        mosquitto: Mosquitto, tiny_model: Path, tiny_llm: TransformersBackend) -> None:
+    llm = ScriptedSketches(tiny_llm, BAD)
+    async with start_system(_config(mosquitto.url, tiny_model), llm=llm) as system:  # type: ignore[arg-type]
+        final = await system.service.ask(QUESTION, mode="progressive")
+        metrics = Metrics(system.service.transport.rejections, live_edges=lambda: 0, queued=lambda: 0,
+                          in_flight=lambda: 0, sketch_rejections=system.service.sketch_rejections)
+        assert system.service.aggregator.accepted == 0, "no task went to an edge"
+    assert final.stats.mode == "cloud"
+    assert final.stats.sketch_rejected == ["too_few_points", "meta_heading"]
+    assert final.text  # the cloud's own answer
+    assert "**" not in final.text
+    value = metrics.registry.get_sample_value("pice_sketch_rejected_total", {"reason": "meta_heading"})
+    assert value == 1
+
+
+def _candidate(point: int, device: str, text: str) -> Message:
+    cand = Candidate(request_id="r1", point_index=point, device_id=device, text=text, token_count=20,
+                     mean_logprob=-0.5, latency_s=0.1)
+    return Message(candidate_topic("r1", device), encode(cand), retain=False)
+
+
+async def test_a_candidate_that_repeats_another_point_is_refused() -> None:
+    points = ["Set clear goals", "Plan the day"]
+    check = PiceService._candidate_check(QUESTION, points)
+    aggregator = Aggregator()
+    pending = aggregator.open("r1", [("a",), ("a", "b")], check)
+    first = "Write down three goals for the week and check them every evening before you sleep."
+    aggregator.handle_candidate(_candidate(0, "a", first))
+    # Point 2, from two edges: one repeats point 1's sentence, one is its own.
+    aggregator.handle_candidate(_candidate(1, "a", first))
+    own = "Block the morning for deep work and leave meetings and e-mail for the afternoon hours."
+    aggregator.handle_candidate(_candidate(1, "b", own))
+    assert pending.points[0].future.result().text == first
+    state = pending.points[1]
+    assert state.rejected == {"a": "repeats_other_point"}
+    assert [c.text for c in state.usable()] == [own]
+    assert aggregator.quality.snapshot() == {("candidate", "repeats_other_point"): 1}
+
+
+@pytest.mark.parametrize(("text", "reason"), [
+    ("Dear [Supervisor's Name], I am writing to tell you about my time.", "other_document"),
+    ("", None),  # empty candidates were never usable; the guard is not asked
+    ("Plan the day", "echoes_prompt"),
+])
+async def test_refused_candidates_leave_the_point_to_the_cloud(text: str, reason: str | None) -> None:
+    check = PiceService._candidate_check(QUESTION, ["Set clear goals", "Plan the day"])
+    aggregator = Aggregator()
+    pending = aggregator.open("r1", [("a",), ("a",)], check)
+    aggregator.handle_candidate(_candidate(1, "a", text))
+    state = pending.points[1]
+    assert not state.settled, "no usable candidate: the settler (cloud) expands the point"
+    assert state.usable() == []
+    assert state.rejected == ({"a": reason} if reason else {})
+    assert pending.wakeup.is_set()
