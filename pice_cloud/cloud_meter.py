@@ -7,12 +7,13 @@ edges report theirs), so that `CloudMeter.view` gives the scheduler a fresh `Clo
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Awaitable
+from collections.abc import AsyncGenerator, Awaitable
 
 from pice_cloud import defaults
 from pice_cloud.errors import BackendError
-from pice_cloud.llm.base import ChatRequest, Completion, LLMBackend, RawCompleter, TextRequest
+from pice_cloud.llm.base import ChatRequest, Completion, LLMBackend, RawCompleter, StreamingBackend, TextRequest
 from pice_cloud.scheduler import CloudView
 
 
@@ -36,6 +37,27 @@ class CloudMeter:
         if not isinstance(self.llm, RawCompleter):
             raise BackendError(f"the {self.llm.name} backend cannot continue raw prompts; use /v1/chat/completions")
         return await self._metered(self.llm.complete_raw(requests))
+
+    async def stream(self, request: ChatRequest) -> AsyncGenerator[str | Completion, None]:
+        """Stream one continuation (the backend must be a `StreamingBackend`), recording load and speed."""
+        if not isinstance(self.llm, StreamingBackend):
+            raise BackendError(f"the {self.llm.name} backend cannot stream")
+        self.busy += 1
+        started = time.perf_counter()
+        try:
+            # aclosing: a consumer that stops early stops the generation now, not at GC time.
+            async with contextlib.aclosing(self.llm.stream(request)) as pieces:
+                async for piece in pieces:
+                    if isinstance(piece, Completion):
+                        self._sample(piece.tokens, time.perf_counter() - started)
+                    yield piece
+        finally:
+            self.busy -= 1
+
+    @property
+    def streams(self) -> bool:
+        """Whether the backend can stream tokens."""
+        return isinstance(self.llm, StreamingBackend)
 
     async def _metered(self, call: Awaitable[list[Completion]]) -> list[Completion]:
         self.busy += 1

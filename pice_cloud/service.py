@@ -27,7 +27,7 @@ from pice_cloud.ensemble import ConfidenceSelector, Selector
 from pice_cloud.errors import InputTooLongError, SketchError
 from pice_cloud.fleet import Fleet
 from pice_cloud.guards import Embed, check_expansion, check_sketch, sketch_rejection_reason
-from pice_cloud.llm.base import ChatRequest, LLMBackend, TextRequest
+from pice_cloud.llm.base import ChatRequest, Completion, LLMBackend, TextRequest, count_tokens
 from pice_cloud.router import ModeRouter, Route
 from pice_cloud.scheduler import Budget, EdgeView, Mode, RequestedMode, choose_mode, ensemble_width, place, plan_budget
 from pice_cloud.settling import PointSettler
@@ -55,6 +55,14 @@ class SketchEvent:
     """The outline, as soon as the cloud LLM wrote it."""
 
     points: list[str]
+
+
+@dataclass(frozen=True)
+class DeltaEvent:
+    """A piece of a cloud-only answer as the cloud LLM writes it; the pieces of one answer
+    concatenate to its `AnswerEvent` text."""
+
+    text: str
 
 
 @dataclass(frozen=True)
@@ -124,7 +132,7 @@ class AnswerEvent:
     stats: AnswerStats
 
 
-Event = SketchEvent | PointEvent | AnswerEvent
+Event = SketchEvent | DeltaEvent | PointEvent | AnswerEvent
 
 
 def too_long_message(chars: int, limit: int, mode: str) -> str:
@@ -286,13 +294,47 @@ class PiceService:
         limit = min(max_tokens or self.config.max_answer_tokens, self.config.max_answer_tokens)
         conversation = list(messages) if messages else [ChatMessage("user", question)]
         sampling = self._sampling(options, 0)
-        [done] = await self.cloud.complete([ChatRequest(conversation, max_tokens=limit,
-                                                        temperature=sampling.temperature, top_p=sampling.top_p,
-                                                        seed=sampling.seed)])
-        stats.cloud_tokens += done.tokens
-        stats.total_s = stats.first_token_s = time.perf_counter() - started
-        text, stats.stopped = apply_stop(done.text, options.stop)
-        yield AnswerEvent(text.strip(), stats)
+        request = ChatRequest(conversation, max_tokens=limit, temperature=sampling.temperature, top_p=sampling.top_p,
+                              seed=sampling.seed)
+        if not self.cloud.streams:
+            [done] = await self.cloud.complete([request])
+            stats.cloud_tokens += done.tokens
+            stats.total_s = stats.first_token_s = time.perf_counter() - started
+            text, stats.stopped = apply_stop(done.text, options.stop)
+            yield AnswerEvent(text.strip(), stats)
+            return
+        # Stream, holding back what could still change: leading and trailing whitespace (the
+        # answer is stripped) and a tail that could be the start of a stop string.
+        hold = max((len(s) for s in options.stop), default=1) - 1
+        raw, sent, tokens = "", "", 0
+        pieces = contextlib.aclosing(self.cloud.stream(request))
+        async with pieces as stream:
+            async for piece in stream:
+                if isinstance(piece, Completion):
+                    tokens = piece.tokens
+                    continue
+                raw += piece
+                cut, stopped = apply_stop(raw, options.stop)
+                visible = cut.lstrip()
+                if not stopped and hold:
+                    visible = visible[: max(0, len(visible) - hold)]
+                visible = visible.rstrip()
+                if len(visible) > len(sent):
+                    if not sent:
+                        stats.first_token_s = time.perf_counter() - started
+                    yield DeltaEvent(visible[len(sent):])
+                    sent = visible
+                if stopped:
+                    break  # closing the stream stops the generation
+        text, stats.stopped = apply_stop(raw, options.stop)
+        text = text.strip()
+        if len(text) > len(sent):
+            if not sent:
+                stats.first_token_s = time.perf_counter() - started
+            yield DeltaEvent(text[len(sent):])
+        stats.cloud_tokens += tokens if tokens else count_tokens(self.llm, raw)
+        stats.total_s = time.perf_counter() - started
+        yield AnswerEvent(text, stats)
 
     def _sampling(self, options: GenerationOptions, offset: int) -> Sampling:
         """The sampling of a request's ``offset``-th generation (0: answer or sketch; 1 + i: point i)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,10 +13,13 @@ import pytest
 from pice_edge.errors import EXIT_UNAVAILABLE
 from tests.conftest import Mosquitto
 
+#: The tiny random model writes sketches and expansions the guards would refuse every time.
+NO_GUARDS = {"PICE_SERVICE__SKETCH_GUARD": "false", "PICE_SERVICE__EXPANSION_GUARD": "false"}
+
 
 def run(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout,
-                          check=False, env=env)
+                          check=False, env={**os.environ, **NO_GUARDS, **(env or {})})
 
 
 def test_ask_single_host_prints_sketch_then_answer(tiny_model: Path) -> None:

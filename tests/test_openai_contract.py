@@ -157,3 +157,27 @@ async def test_legacy_completions_apply_stop_and_refuse_by_name(api: Api) -> Non
     requests = api.state.metrics.registry.get_sample_value("pice_requests_total", {"mode": "cloud", "outcome": "ok"})
     assert requests is not None
     assert requests >= 2, "the legacy endpoint is counted like chat"
+
+
+# --- token streaming ---------------------------------------------------------------------------------
+
+async def test_cloud_answer_streams_token_by_token(api: Api) -> None:
+    client = api.client()
+    whole, _ = await _text(client, CLOUD, max_tokens=24, temperature=0.8, seed=11)
+    stream = await client.chat.completions.create(
+        model="pice", messages=[{"role": "user", "content": QUESTION}], extra_body=CLOUD, max_tokens=24,
+        temperature=0.8, seed=11, stream=True)
+    pieces = [chunk.choices[0].delta.content for chunk in [c async for c in stream] if chunk.choices
+              and chunk.choices[0].delta.content]
+    assert "".join(pieces) == whole
+    assert len(pieces) > 5, "the answer came in many pieces, not one"
+    # A stop string mid-answer: the streamed text ends before it, like the whole one.
+    stop = whole[len(whole) // 2: len(whole) // 2 + 2]
+    if stop.strip():
+        cut, _ = await _text(client, CLOUD, max_tokens=24, temperature=0.8, seed=11, stop=stop)
+        stream = await client.chat.completions.create(
+            model="pice", messages=[{"role": "user", "content": QUESTION}], extra_body=CLOUD, max_tokens=24,
+            temperature=0.8, seed=11, stream=True, stop=stop)
+        streamed = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        assert streamed == cut
+        assert stop not in streamed

@@ -324,7 +324,9 @@ def test_serve_subprocess_sigterm_finishes_in_flight_and_publishes_offline(
 ) -> None:
     config = tmp_path / "pice.yaml"
     config.write_text(f"server:\n  port: 0\nbroker:\n  url: {mosquitto.url}\nedges:\n  local: 1\n"
-                      "service:\n  max_points: 3\n  tokens_per_point: 8\n  sketch_tokens: 30\n")
+                      "service:\n  max_points: 3\n  tokens_per_point: 8\n  sketch_tokens: 30\n"
+                      # the tiny random model's sketches would never pass the guards
+                      "  sketch_guard: false\n  expansion_guard: false\n")
     proc = subprocess.Popen(
         [sys.executable, "-m", "pice_cloud.cli", "serve", "--config", str(config), "--model", str(tiny_model),
          "--log-level", "warning"],

@@ -126,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
            "PICE_SERVER__MAX_QUEUE": str(args.max_queue), "PICE_SERVER__QUEUE_TIMEOUT_S": str(args.timeout),
            "PICE_SERVICE__MAX_POINTS": "3", "PICE_SERVICE__TOKENS_PER_POINT": "8",
            "PICE_SERVICE__MAX_ANSWER_TOKENS": "24", "PICE_SERVICE__ROUTER": "off",
-           "PICE_DISCOVERY__ENABLED": "false", "OMP_NUM_THREADS": "1"}
+           "PICE_DISCOVERY__ENABLED": "false", "OMP_NUM_THREADS": "1",
+           # A random model's sketches never pass the guards: keep the progressive path under load.
+           "PICE_SERVICE__SKETCH_GUARD": "false", "PICE_SERVICE__EXPANSION_GUARD": "false"}
     log = tempfile.NamedTemporaryFile(prefix="pice-load-server-", suffix=".log", delete=False)  # noqa: SIM115
     server = subprocess.Popen(
         [sys.executable, "-m", "pice_cloud.cli", "serve", "--port", str(port), "--edges", str(args.edges),

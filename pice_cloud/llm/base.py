@@ -3,7 +3,7 @@ expands points whose edges missed their deadline)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -53,6 +53,17 @@ class LLMBackend(Protocol):
 
     async def close(self) -> None:
         """Release resources."""
+        ...
+
+
+@runtime_checkable
+class StreamingBackend(Protocol):
+    """Optional: a backend that streams one conversation's continuation as it is decoded."""
+
+    def stream(self, request: ChatRequest) -> AsyncGenerator[str | Completion, None]:
+        """Text pieces as they are decoded, then the whole `Completion` (always last). The pieces
+        concatenate to the completion's text, which equals what `LLMBackend.complete` returns
+        for the same request."""
         ...
 
 

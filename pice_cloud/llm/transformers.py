@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import threading
+from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,46 @@ from pice_cloud.llm.base import ChatRequest, Completion, TextRequest
 from pice_edge.model_store import DEFAULT_MODEL
 from pice_edge.runtimes.base import ChatMessage, GenerationRequest
 from pice_edge.runtimes.transformers import TransformersRuntime
+
+
+class _Stopped(Exception):
+    """Ends a streamed generation early (the consumer stopped reading)."""
+
+
+def _generate_streaming(runtime: TransformersRuntime, request: GenerationRequest,
+                        push: Callable[[list[int]], None], stop: threading.Event) -> None:
+    """``model.generate`` for one request with the settings `TransformersRuntime.generate`
+    uses (greedy, or sampling with the request's seed), pushing each new token as it comes."""
+    import torch
+
+    model, tokenizer = runtime.model, runtime.tokenizer
+    enc = tokenizer([request.prompt], return_tensors="pt", add_special_tokens=False)
+    enc = {k: v.to(runtime.device) for k, v in enc.items()}
+    kwargs: dict[str, Any] = {"do_sample": request.temperature > 0}
+    if request.temperature > 0:
+        kwargs.update(temperature=request.temperature, top_p=request.top_p)
+        if request.seed is not None:
+            torch.manual_seed(request.seed)
+    else:
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+
+    class Streamer:
+        prompt_seen = False
+
+        def put(self, value: Any) -> None:
+            if not self.prompt_seen:  # generate() first hands over the prompt itself
+                self.prompt_seen = True
+                return
+            if stop.is_set():
+                raise _Stopped
+            push([int(t) for t in value.reshape(-1).tolist()])
+
+        def end(self) -> None:
+            pass
+
+    with torch.inference_mode():
+        model.generate(**enc, max_new_tokens=request.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                       streamer=Streamer(), **kwargs)
 
 
 class TransformersBackend:
@@ -63,6 +104,66 @@ class TransformersBackend:
         loop = asyncio.get_running_loop()
         results = await loop.run_in_executor(self._executor, self.runtime.generate, gen)
         return [Completion(text=x.text, tokens=x.token_count, mean_logprob=x.mean_logprob) for x in results]
+
+    async def stream(self, request: ChatRequest) -> AsyncGenerator[str | Completion, None]:
+        """Stream one continuation token by token (`StreamingBackend`).
+
+        The generation runs on the model's worker thread like `complete`, with the same
+        settings as `TransformersRuntime.generate` gives one request (same seed, same tokens), so
+        the pieces concatenate to what `complete` returns. Closing the iterator early stops the
+        generation at the next token.
+        """
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[list[int] | BaseException | None] = asyncio.Queue()
+        stop = threading.Event()
+        gen = GenerationRequest(prompt=self.runtime.format_chat(request.messages, request.prefill),
+                                max_new_tokens=request.max_tokens, temperature=request.temperature,
+                                top_p=request.top_p, seed=request.seed)
+
+        def push(item: list[int] | BaseException | None) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        def work() -> None:
+            try:
+                _generate_streaming(self.runtime, gen, push, stop)
+                push(None)
+            except _Stopped:
+                push(None)
+            except BaseException as exc:  # handed to the consumer, raised there
+                push(exc)
+
+        future = loop.run_in_executor(self._executor, work)
+        ids: list[int] = []
+        sent = ""
+        eos = self.runtime._eos_ids  # the runtime's own end-of-sequence set
+        try:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                for token in item:
+                    if token in eos or len(ids) >= request.max_tokens:
+                        stop.set()
+                        break
+                    ids.append(token)
+                text = self.runtime.tokenizer.decode(ids, skip_special_tokens=True)
+                # Hold back a trailing replacement character: a multi-byte character whose
+                # remaining bytes come with the next token.
+                safe = text[:-1] if text.endswith("\ufffd") else text
+                if len(safe) > len(sent) and safe.startswith(sent):
+                    yield safe[len(sent):]
+                    sent = safe
+                if stop.is_set():
+                    break
+            text = self.runtime.tokenizer.decode(ids, skip_special_tokens=True)
+            if len(text) > len(sent) and text.startswith(sent):
+                yield text[len(sent):]
+            yield Completion(text=text, tokens=len(ids))
+        finally:
+            stop.set()
+            await asyncio.shield(future)
 
     async def complete_raw(self, requests: Sequence[TextRequest]) -> list[Completion]:
         """Continue raw prompts (no chat template) on the model's worker thread."""

@@ -39,7 +39,15 @@ from pice_cloud.openai_schema import (
     usage_chunk,
 )
 from pice_cloud.server.state import ApiState
-from pice_cloud.service import AnswerEvent, AnswerStats, Event, GenerationOptions, PointEvent, render_point
+from pice_cloud.service import (
+    AnswerEvent,
+    AnswerStats,
+    DeltaEvent,
+    Event,
+    GenerationOptions,
+    PointEvent,
+    render_point,
+)
 from pice_edge.errors import PiceError
 
 log = logging.getLogger(__name__)
@@ -209,13 +217,16 @@ class ChatJob:
             # closing this generator must close the service's work now, not when GC gets to it.
             async with contextlib.aclosing(self.events()) as events:
                 async for event in events:
-                    if isinstance(event, PointEvent):
+                    if isinstance(event, DeltaEvent):
+                        text = event.text
+                    elif isinstance(event, PointEvent):
                         p = event.point
                         text = ("\n\n" if sent else "") + render_point(p.index, event.heading, p.text)
                     elif isinstance(event, AnswerEvent):
                         final = event
-                        # A cloud-only answer arrives whole; a progressive one was streamed already.
-                        text = event.text if event.stats.mode == "cloud" else ""
+                        # A cloud-only answer from a backend that cannot stream arrives whole here;
+                        # otherwise its pieces (or a progressive answer's points) went out already.
+                        text = event.text if event.stats.mode == "cloud" and not sent else ""
                     else:
                         continue
                     if text:
