@@ -436,7 +436,7 @@ def plot_loss(report: dict[str, Any], path: Path) -> Path | None:
         return None
     losses = report["loss_curve"]
     steps = list(range(1, len(losses) + 1))
-    window = max(1, len(losses) // 20)
+    window = max(1, len(losses) // 8)
     smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1])
               for i in range(len(losses))]
     fig, ax = plt.subplots(figsize=(7, 4))
