@@ -22,7 +22,10 @@ CLOUD = {"pice": {"mode": "cloud"}}
 @pytest.fixture
 async def api(mosquitto: Mosquitto, tiny_model: Path) -> AsyncIterator[Api]:
     async with serving(tiny_model, mosquitto.url, edges=1,
-                       overrides={"service": {"max_answer_tokens": 24, "tokens_per_point": 12}}) as served:
+                       # Long point deadlines: on a busy machine a point must not fall back to the cloud,
+                       # whose sampling path differs from the edge's (the seed tests compare texts).
+                       overrides={"service": {"max_answer_tokens": 24, "tokens_per_point": 12,
+                                              "deadline_floor_s": 60, "deadline_cap_s": 60}}) as served:
         assert await served.system.service.fleet.wait_for(1, 10)
         yield served
 
