@@ -177,7 +177,9 @@ async def test_cloud_and_edges_answer_over_tls_with_acl(secure_broker: Mosquitto
                       broker=creds(secure_broker, pki, name), heartbeat_s=1.0) for name in ("edge-a", "edge-b")]
     cloud = MqttTransport(creds(secure_broker, pki, "pice-cloud"), client_id="pice-cloud",
                           will=(CLOUD_STATUS_TOPIC, encode(CloudStatus(cloud_id="pice-cloud", online=False))))
-    service = PiceService(llm, cloud, config=ServiceConfig(max_points=3, tokens_per_point=8, sketch_tokens=30))
+    # The tiny random model's sketches would never pass the guards.
+    service = PiceService(llm, cloud, config=ServiceConfig(max_points=3, tokens_per_point=8, sketch_tokens=30,
+                                                           sketch_guard=False, expansion_guard=False))
     try:
         for node in nodes:
             await node.start(connect_timeout=5)
