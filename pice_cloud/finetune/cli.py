@@ -42,10 +42,10 @@ def add_parser(subparsers: Any, common_parents: list[argparse.ArgumentParser]) -
     p.add_argument("--base", default=None, help="base model: a store name or a Hugging Face folder "
                                                 "(default smollm2-135m-instruct)")
     p.add_argument("--name", default=None, help="the new model's store name (default <base>-pice-<role>)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 120)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 40)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the work folder")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 3e-4)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 5e-4)")
     p.add_argument("--batch-size", type=int, default=None, help="examples per optimizer step (default 8)")
     p.add_argument("--micro-batch-size", type=int, default=None,
                    help="examples per forward pass; gradients accumulate up to --batch-size (default 4)")
@@ -62,7 +62,7 @@ def add_parser(subparsers: Any, common_parents: list[argparse.ArgumentParser]) -
     p.add_argument("--work-dir", default=None, help="checkpoints (default ~/.cache/pice/finetune/<name>)")
     p.add_argument("--report-dir", default=None,
                    help="where finetune_<role>.json and .png are written (default: the work folder)")
-    p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default 20)")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default 10)")
     p.add_argument("--replace", action="store_true", default=None, help="overwrite an installed model of that name")
     p.add_argument("--no-store", dest="store", action="store_false", default=None,
                    help="train and report only; do not merge and install the model")
