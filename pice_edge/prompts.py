@@ -45,11 +45,19 @@ def expansion_messages(question: str, sketch: Sequence[str], point_index: int) -
 
 
 _LEADING_NUMBER = re.compile(r"^\s*\d{1,2}[.)]\s+")
+#: Where a letter or e-mail starts (at the start of the text, a line or a sentence): its
+#: salutation, subject line, or sign-off.
+_LETTER_START = re.compile(
+    r"(?:^|\n|(?<=[.!?])[ \t]+)[ \t]*(?:Dear\s|Subject\s*:|To whom it may concern|(?:Hi|Hello)\s+\[|"
+    r"(?:Best|Kind|Warm)\s+regards\b|Sincerely,|Yours (?:sincerely|truly|faithfully)\b)",
+    re.IGNORECASE,
+)
 
 
 def clean_expansion(text: str, *, truncated: bool, point: str = "") -> str:
-    """Keep the expansion of one point: stop where the model starts the next point, and drop
-    a trailing half sentence when generation was cut by the token budget.
+    """Keep the expansion of one point: stop where the model starts the next point or another
+    document ("Dear ...", "Subject:", a sign-off), and drop a trailing half sentence when
+    generation was cut by the token budget.
 
     With ``point``, a leading echo of the point ("2. Plan the day") is removed, and an
     expansion that is nothing but that echo counts as empty (worthless to the answer).
@@ -66,6 +74,11 @@ def clean_expansion(text: str, *, truncated: bool, point: str = "") -> str:
     if match:
         text = text[: match.start()]
     text = text.split("\n\n")[0] if text.strip().split("\n\n")[0].strip() else text
+    # A small model may drift into another document (a letter, an e-mail): keep what came
+    # before it; an expansion that is only that document is worthless.
+    letter = _LETTER_START.search(text)
+    if letter:
+        text = text[: letter.start()]
     text = text.strip()
     # Small models sometimes parrot the prompt back; such an expansion is worthless.
     if any(text.startswith(echo) for echo in _ECHOES):

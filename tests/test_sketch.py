@@ -1,11 +1,12 @@
-"""The sketch parser on messy LLM output."""
+"""The sketch prompt, and the sketch parser on messy LLM output (headings kept whole)."""
 
 from __future__ import annotations
 
 import pytest
 
 from pice_cloud.errors import SketchError
-from pice_cloud.sketch import parse_sketch
+from pice_cloud.guards import check_sketch
+from pice_cloud.sketch import SKETCH_EXAMPLES, describe, parse_sketch, sketch_messages
 from pice_edge.prompts import clean_expansion
 
 CASES = [
@@ -22,8 +23,16 @@ CASES = [
     (" Plan ahead\n2. plan AHEAD\n3. Take breaks", ["Plan ahead", "Take breaks"]),
     ("".join(f"\n{i}. Point number {i}" for i in range(2, 20)), [f"Point number {i}" for i in range(2, 8)]),
     (" Plan ahead - because time is scarce\n2. Take breaks – they help", ["Plan ahead", "Take breaks"]),
+    # Headings are never cut at a word count: the guards reject long ones instead.
     (" A very long point that goes on and on well past the word limit\n2. Short",
-     ["A very long point that goes", "Short"]),
+     ["A very long point that goes on and on well past the word limit", "Short"]),
+    # ...but what follows the first full stop is an explanation, not the heading.
+    (" Plan ahead. It saves time later.\n2. Dr. Smith's method. Rest.\n3. U.S. holidays",
+     ["Plan ahead", "Dr. Smith's method", "U.S. holidays"]),
+    # Numbers alone are list debris.
+    (" Plan ahead\n2. 3\n3. 100%\n4. Take breaks", ["Plan ahead", "Take breaks"]),
+    # A model that cut its own heading short says so with an ellipsis: kept for the guards.
+    (" Plan your...\n2. Take breaks…", ["Plan your...", "Take breaks..."]),
     ("\n## Plan ahead\n## Take breaks", ["Plan ahead", "Take breaks"]),
     (" Plan ahead\nSome explanation line without a marker\n2. Take breaks", ["Plan ahead", "Take breaks"]),
     (" Plan, prioritize, rest", ["Plan", "prioritize", "rest"]),
@@ -41,6 +50,40 @@ def test_no_usable_point_is_an_error(raw: str) -> None:
         parse_sketch(raw)
 
 
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (" Plan ahead\n2. Take breaks\n3. Sleep eno", ["Plan ahead", "Take breaks"]),
+        (" Plan ahead\n2. Take breaks\n", ["Plan ahead", "Take breaks"]),  # the budget ran out after a line
+        (" Plan ahead\n2. Take breaks\n3.", ["Plan ahead", "Take breaks"]),
+        (" Plan ahead. Take breaks. Sleep eno", ["Plan ahead", "Take breaks"]),
+        (" Plan ahead and sle", ["Plan ahead and sle"]),  # nothing finished: the guards judge it
+    ],
+)
+def test_a_truncated_sketch_loses_its_unfinished_line(raw: str, expected: list[str]) -> None:
+    assert parse_sketch(raw, truncated=True) == expected
+
+
+def test_max_words_is_accepted_but_no_longer_cuts() -> None:
+    raw = " Write every single task into one long list\n2. Rest"
+    assert parse_sketch(raw, max_words=3) == parse_sketch(raw) == ["Write every single task into one long list", "Rest"]
+
+
+def test_prompt_asks_for_short_complete_headings_with_worked_examples() -> None:
+    messages = sketch_messages("How do I learn Spanish?", max_points=5, max_words=6)
+    system = messages[0]
+    assert system.role == "system"
+    for wanted in ("3 to 5", "2 to 6 words", "complete phrase", "No introduction or conclusion"):
+        assert wanted in system.content
+    assert [m.role for m in messages[1:]] == ["user", "assistant"] * len(SKETCH_EXAMPLES) + ["user"]
+    assert messages[-1].content == "How do I learn Spanish?"
+    # The examples are what the guards want: the prompt must not teach what they reject.
+    for question, outline in SKETCH_EXAMPLES:
+        points = parse_sketch(outline, prefilled="")
+        assert describe(points) == outline
+        assert check_sketch(question, points) == []
+
+
 def test_without_prefill() -> None:
     assert parse_sketch("1. One\n2. Two", prefilled="") == ["One", "Two"]
 
@@ -54,6 +97,12 @@ def test_without_prefill() -> None:
         ("Locals know the area. They eat\n2. Next point", False, "Locals know the area. They eat"),
         ("Locals know the area. They eat where", True, "Locals know the area."),
         ("Question: where?\nOutline: 1. x", False, ""),  # the prompt parroted back
+        # Another document begins: keep what came before it.
+        ("Locals know the area. Dear [Supervisor's Name],\nI am writing", False, "Locals know the area."),
+        ("Locals know the area.\nSubject: Local tips", False, "Locals know the area."),
+        ("Locals know the area.\nBest regards,\n[Your Name]", False, "Locals know the area."),
+        ("Dear [Supervisor's Name],\n\nI hope this email finds you well.", False, ""),
+        ("Locals hold dear memories of the area.", False, "Locals hold dear memories of the area."),
     ],
 )
 def test_clean_expansion(raw: str, truncated: bool, expected: str) -> None:
