@@ -8,6 +8,7 @@ Tree::
         ├── ServiceUnavailable the service cannot take the request now (overload, shutdown)
         ├── BackendError       an LLM backend failed (HTTP error, missing extra, ...)
         ├── InputTooLongError  a question too long for the requested mode
+        ├── UnavailableInModeError  a request option the requested mode cannot honour
         └── FinetuneError      `pice-cloud finetune` cannot go on (training, checkpoints)
             └── DataError      a training data file is malformed; the message names the line
 """
@@ -37,6 +38,10 @@ class InputTooLongError(CloudError):
     """The input does not fit the requested mode (the message says the limit and what to do)."""
 
 
+class UnavailableInModeError(CloudError):
+    """The request asks for something its mode cannot give (logprobs of a progressive answer)."""
+
+
 class FinetuneError(CloudError):
     """Fine-tuning cannot go on: no usable example, a checkpoint that does not match, ..."""
 
@@ -63,4 +68,5 @@ __all__ = [
     "ServiceUnavailable",
     "SketchError",
     "TransportError",
+    "UnavailableInModeError",
 ]

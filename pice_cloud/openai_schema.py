@@ -17,10 +17,12 @@ Extensions (ignored by clients that do not know them):
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pice_cloud.llm.base import TokenLogprob
 from pice_cloud.scheduler import RequestedMode
 from pice_edge.runtimes.base import ChatMessage
 
@@ -88,6 +90,8 @@ class StreamOptions(BaseModel):
 
 #: Most stop strings per request (OpenAI's limit).
 MAX_STOP_STRINGS = 4
+#: Most alternatives per token in ``top_logprobs`` (OpenAI's limit).
+MAX_TOP_LOGPROBS = 20
 
 #: OpenAI request parameters PICE does not implement, with the value that means "not used":
 #: a request that sets one to anything else is refused with a 400 naming it, never silently
@@ -100,8 +104,9 @@ UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "response_format": ((None, {"type": "text"}), "only plain text answers are supported (response_format "
                                                    "{'type': 'text'})"),
     "logit_bias": ((None, {}), "logit_bias is not supported"),
-    "logprobs": ((None, False), "logprobs are not supported yet"),
-    "top_logprobs": ((None, 0), "logprobs are not supported yet"),
+    # Chat declares these (cloud-only answers); the legacy endpoint refuses them.
+    "logprobs": ((None, False), "logprobs are not supported on /v1/completions; use /v1/chat/completions"),
+    "top_logprobs": ((None, 0), "logprobs are not supported on /v1/completions; use /v1/chat/completions"),
     "presence_penalty": ((None, 0, 0.0), "presence_penalty is not supported; repetition is controlled by the "
                                          "edges' device profiles"),
     "frequency_penalty": ((None, 0, 0.0), "frequency_penalty is not supported; repetition is controlled by the "
@@ -137,6 +142,8 @@ class ChatCompletionRequest(BaseModel):
     n: int = Field(default=1, ge=1)
     seed: int | None = None
     stop: str | list[str] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     stream: bool = False
     stream_options: StreamOptions | None = None
     pice: PiceOptions = Field(default_factory=PiceOptions)
@@ -150,6 +157,11 @@ class ChatCompletionRequest(BaseModel):
         if self.stop is None:
             return ()
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    @property
+    def logprob_alternatives(self) -> int | None:
+        """None: no logprobs; else how many alternatives per token (``top_logprobs``)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(BaseModel):
@@ -275,6 +287,12 @@ def parse_request(data: Any, *, max_tokens_limit: int) -> ChatCompletionRequest:
     if request.n != 1:
         raise APIError(400, "only n=1 is supported", param="n", code="invalid_value")
     check_parameters(request)
+    if request.top_logprobs is not None and not request.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+    if request.logprobs and request.pice.mode in ("progressive", "sot"):
+        raise APIError(400, f"logprobs are available for cloud-only answers; mode {request.pice.mode!r} writes the "
+                            "answer from several models' expansions: use mode 'cloud' or 'auto' (which then answers "
+                            "cloud-only)", param="logprobs", code="unsupported_parameter")
     param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
     _check_token_limit(request.token_limit, param, max_tokens_limit)
     return request
@@ -309,15 +327,25 @@ def usage(prompt_tokens: int, completion_tokens: int, cloud_tokens: int, edge_to
     }
 
 
+def logprobs_content(entries: Sequence[TokenLogprob]) -> dict[str, Any]:
+    """OpenAI's ``choices[].logprobs`` object for generated tokens."""
+    def one(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+    return {"content": [{**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]}
+                        for e in entries]}
+
+
 def completion(request_id: str, model: str, text: str, finish: FinishReason, usage_: dict[str, int],
-               pice: dict[str, Any], created: int | None = None) -> dict[str, Any]:
+               pice: dict[str, Any], created: int | None = None,
+               logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     """A ``chat.completion`` object."""
     return {
         "id": request_id,
         "object": "chat.completion",
         "created": created or int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                      "finish_reason": finish}],
         "usage": usage_,
         "pice": pice,
@@ -325,14 +353,14 @@ def completion(request_id: str, model: str, text: str, finish: FinishReason, usa
 
 
 def chunk(request_id: str, model: str, created: int, delta: dict[str, Any], finish: FinishReason | None = None,
-          **extra: Any) -> dict[str, Any]:
+          logprobs: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
     """A ``chat.completion.chunk`` with one choice."""
     return {
         "id": request_id,
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
         **extra,
     }
 

@@ -24,10 +24,10 @@ from pice_cloud.aggregator import Aggregator, CandidateCheck, ChosenPoint, Pendi
 from pice_cloud.cloud_meter import CloudMeter
 from pice_cloud.config import ServiceConfig
 from pice_cloud.ensemble import ConfidenceSelector, Selector
-from pice_cloud.errors import InputTooLongError, SketchError
+from pice_cloud.errors import InputTooLongError, SketchError, UnavailableInModeError
 from pice_cloud.fleet import Fleet
 from pice_cloud.guards import Embed, check_expansion, check_sketch, sketch_rejection_reason
-from pice_cloud.llm.base import ChatRequest, Completion, LLMBackend, TextRequest, count_tokens
+from pice_cloud.llm.base import ChatRequest, Completion, LLMBackend, TextRequest, TokenLogprob, count_tokens
 from pice_cloud.router import ModeRouter, Route
 from pice_cloud.scheduler import Budget, EdgeView, Mode, RequestedMode, choose_mode, ensemble_width, place, plan_budget
 from pice_cloud.settling import PointSettler
@@ -107,6 +107,9 @@ class GenerationOptions:
     seed: int | None = None
     #: Cut the text at the first of these (each point's text in progressive mode).
     stop: tuple[str, ...] = ()
+    #: Per-token log-probabilities with this many alternatives (None: none). Cloud-only answers
+    #: only: ``auto`` then answers cloud-only, ``progressive`` and ``sot`` refuse.
+    logprobs: int | None = None
 
 
 #: Offset of the re-sampled sketch's seed (far from the points' seed + 1 + i).
@@ -130,6 +133,8 @@ class AnswerEvent:
 
     text: str
     stats: AnswerStats
+    #: The answer's tokens with their log-probabilities, when asked for (cloud-only answers).
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 Event = SketchEvent | DeltaEvent | PointEvent | AnswerEvent
@@ -139,6 +144,19 @@ def too_long_message(chars: int, limit: int, mode: str) -> str:
     """Why a question cannot be answered in ``mode``, and what to do instead."""
     return (f"the question (with its chat history) has {chars} characters; mode {mode!r} sends it to the edges, "
             f"which takes at most {limit} (service.max_question_chars): shorten it, or use mode 'cloud' or 'auto'")
+
+
+def _within(entries: tuple[TokenLogprob, ...] | None, length: int) -> tuple[TokenLogprob, ...] | None:
+    """The tokens that make up the first ``length`` characters of the text (a stop string cut the rest)."""
+    if entries is None:
+        return None
+    kept, total = [], 0
+    for entry in entries:
+        if total >= length:
+            break
+        kept.append(entry)
+        total += len(entry.token)
+    return tuple(kept)
 
 
 def render_point(index: int, heading: str, text: str) -> str:
@@ -195,6 +213,11 @@ class PiceService:
         fits = len(question) <= self.config.max_question_chars
         if not fits and mode in ("progressive", "sot"):
             raise InputTooLongError(too_long_message(len(question), self.config.max_question_chars, mode))
+        if options.logprobs is not None:
+            if mode in ("progressive", "sot"):
+                raise UnavailableInModeError(f"logprobs are available for cloud-only answers; mode {mode!r} writes "
+                                             "the answer from several models' expansions: use mode 'cloud' or 'auto'")
+            mode = "cloud"  # the caller wants the tokens' probabilities: the cloud answers alone
         edges = self.fleet.views()
         route = await self._route(question) if mode == "auto" and edges and fits else None
         chosen_mode = choose_mode(mode, len(edges), None if route is None else route.mode == "progressive",
@@ -295,13 +318,14 @@ class PiceService:
         conversation = list(messages) if messages else [ChatMessage("user", question)]
         sampling = self._sampling(options, 0)
         request = ChatRequest(conversation, max_tokens=limit, temperature=sampling.temperature, top_p=sampling.top_p,
-                              seed=sampling.seed)
-        if not self.cloud.streams:
+                              seed=sampling.seed, logprobs=options.logprobs)
+        # With logprobs the answer arrives whole (its tokens' probabilities with it).
+        if not self.cloud.streams or options.logprobs is not None:
             [done] = await self.cloud.complete([request])
             stats.cloud_tokens += done.tokens
             stats.total_s = stats.first_token_s = time.perf_counter() - started
-            text, stats.stopped = apply_stop(done.text, options.stop)
-            yield AnswerEvent(text.strip(), stats)
+            cut, stats.stopped = apply_stop(done.text, options.stop)
+            yield AnswerEvent(cut.strip(), stats, _within(done.token_logprobs, len(cut)))
             return
         # Stream, holding back what could still change: leading and trailing whitespace (the
         # answer is stripped) and a tail that could be the start of a stop string.

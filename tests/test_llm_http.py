@@ -136,3 +136,19 @@ def test_unknown_backend_and_missing_url() -> None:
         create_backend("vllm")
     with pytest.raises(BackendError, match="needs the server's base URL"):
         create_backend("openai", model="x")
+
+
+@pytest.mark.mosquitto
+async def test_http_backend_passes_logprobs_through(upstream: Api, direct: TransformersBackend) -> None:
+    backend = OpenAIHTTPBackend(upstream.url + "/v1", "pice")
+    request = ChatRequest([ChatMessage("user", QUESTION)], max_tokens=6, logprobs=3)
+    try:
+        [remote] = await backend.complete([request])
+    finally:
+        await backend.close()
+    [local] = await direct.complete([request])
+    assert remote.token_logprobs is not None
+    assert local.token_logprobs is not None
+    assert [e.token for e in remote.token_logprobs] == [e.token for e in local.token_logprobs]
+    assert all(len(e.top) == 3 for e in remote.token_logprobs)
+    assert remote.token_logprobs[0].logprob == pytest.approx(local.token_logprobs[0].logprob, abs=1e-4)

@@ -42,8 +42,6 @@ async def _text(client: openai.AsyncOpenAI, extra: dict[str, Any], **params: Any
     ("tool_choice", "auto"),
     ("response_format", {"type": "json_object"}),
     ("logit_bias", {"50": 10}),
-    ("logprobs", True),
-    ("top_logprobs", 2),
     ("presence_penalty", 0.5),
     ("frequency_penalty", 0.5),
     ("n", 2),
@@ -184,3 +182,42 @@ async def test_cloud_answer_streams_token_by_token(api: Api) -> None:
         streamed = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
         assert streamed == cut
         assert stop not in streamed
+
+
+# --- logprobs (cloud-only answers) ------------------------------------------------------------------
+
+async def test_logprobs_have_one_entry_per_token(api: Api) -> None:
+    client = api.client()
+    reply = await client.chat.completions.create(
+        model="pice", messages=[{"role": "user", "content": QUESTION}], max_tokens=10, logprobs=True,
+        top_logprobs=2)  # mode auto: asking for logprobs answers cloud-only
+    choice = reply.choices[0]
+    assert reply.model_extra is not None
+    assert reply.model_extra["pice"]["mode"] == "cloud"
+    assert choice.logprobs is not None
+    assert choice.logprobs.content is not None
+    entries = choice.logprobs.content
+    assert reply.usage is not None
+    assert len(entries) == reply.usage.completion_tokens == 10
+    for entry in entries:
+        assert entry.logprob <= 0
+        assert len(entry.top_logprobs) == 2
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
+        assert entry.top_logprobs[0].logprob >= entry.logprob - 1e-4  # greedy: the chosen one is the best
+    assert "".join(e.token for e in entries).strip() == choice.message.content
+    # Streamed: the same tokens, with the text.
+    stream = await client.chat.completions.create(
+        model="pice", messages=[{"role": "user", "content": QUESTION}], max_tokens=10, logprobs=True, stream=True)
+    chunks = [c async for c in stream if c.choices and c.choices[0].logprobs and c.choices[0].logprobs.content]
+    streamed = [e.token for c in chunks for e in c.choices[0].logprobs.content]  # type: ignore[union-attr]
+    assert streamed == [e.token for e in entries]
+
+
+async def test_logprobs_are_refused_in_progressive_mode(api: Api) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        await _text(api.client(), PROGRESSIVE, logprobs=True)
+    assert info.value.param == "logprobs"
+    assert "cloud-only" in info.value.message
+    with pytest.raises(openai.BadRequestError) as info:
+        await _text(api.client(), CLOUD, top_logprobs=2)
+    assert info.value.param == "top_logprobs"

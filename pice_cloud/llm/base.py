@@ -20,6 +20,8 @@ class ChatRequest:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    #: Return each generated token's log-probability with this many alternatives (None: none).
+    logprobs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -34,10 +36,22 @@ class TextRequest:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token: its text, its log-probability under the model, and the most likely
+    alternatives at that position (OpenAI's ``logprobs.content`` entry)."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class Completion:
     text: str
     tokens: int
     mean_logprob: float = 0.0
+    #: Per-token log-probabilities, when the request asked for them (`ChatRequest.logprobs`).
+    token_logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @runtime_checkable

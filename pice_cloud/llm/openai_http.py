@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 
 from pice_cloud.errors import BackendError
-from pice_cloud.llm.base import ChatRequest, Completion, TextRequest, estimate_tokens
+from pice_cloud.llm.base import ChatRequest, Completion, TextRequest, TokenLogprob, estimate_tokens
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,8 @@ class OpenAIHTTPBackend:
                                 "temperature": request.temperature, "top_p": request.top_p, "stream": False}
         if request.seed is not None:
             body["seed"] = request.seed
+        if request.logprobs is not None:
+            body.update(logprobs=True, top_logprobs=request.logprobs)
         if request.prefill and self.continue_final_message:
             messages.append({"role": "assistant", "content": request.prefill})
             body.update(continue_final_message=True, add_generation_prompt=False)
@@ -91,7 +93,7 @@ class OpenAIHTTPBackend:
         tokens = usage.get("completion_tokens")
         if not isinstance(tokens, int):
             tokens = estimate_tokens(text)
-        return Completion(text=text, tokens=tokens)
+        return Completion(text=text, tokens=tokens, token_logprobs=_logprobs(choice, request))
 
     async def complete_raw(self, requests: Sequence[TextRequest]) -> list[Completion]:
         """Raw prompts through the engine's own ``/v1/completions``."""
@@ -122,6 +124,22 @@ class OpenAIHTTPBackend:
 
     async def close(self) -> None:
         await self._client.aclose()
+
+
+def _logprobs(choice: Any, request: ChatRequest) -> tuple[TokenLogprob, ...] | None:
+    """The engine's ``logprobs.content`` as `TokenLogprob` entries (None when not asked or not sent)."""
+    if request.logprobs is None:
+        return None
+    content = (choice.get("logprobs") or {}).get("content")
+    if not isinstance(content, list):
+        raise BackendError("the LLM server did not return logprobs although they were asked for; it may not "
+                           "support them")
+    try:
+        return tuple(TokenLogprob(str(e["token"]), float(e["logprob"]),
+                                  tuple((str(t["token"]), float(t["logprob"])) for t in e.get("top_logprobs") or ()))
+                     for e in content)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BackendError(f"the LLM server sent malformed logprobs: {exc}") from exc
 
 
 def _error_message(response: httpx.Response) -> str:

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from pice_cloud.llm.base import ChatRequest, Completion, TextRequest
+from pice_cloud.llm.base import ChatRequest, Completion, TextRequest, TokenLogprob
 from pice_edge.model_store import DEFAULT_MODEL
 from pice_edge.runtimes.base import ChatMessage, GenerationRequest
 from pice_edge.runtimes.transformers import TransformersRuntime
@@ -55,6 +55,43 @@ def _generate_streaming(runtime: TransformersRuntime, request: GenerationRequest
                        streamer=Streamer(), **kwargs)
 
 
+def _generate_with_logprobs(runtime: TransformersRuntime, request: ChatRequest) -> Completion:
+    """One request with per-token log-probabilities (raw model distribution, as vLLM reports
+    them) and ``request.logprobs`` alternatives; same sampling settings as `_generate_streaming`."""
+    import torch
+
+    assert request.logprobs is not None
+    model, tokenizer = runtime.model, runtime.tokenizer
+    prompt = runtime.format_chat(request.messages, request.prefill)
+    enc = tokenizer([prompt], return_tensors="pt", add_special_tokens=False)
+    enc = {k: v.to(runtime.device) for k, v in enc.items()}
+    kwargs: dict[str, Any] = {"do_sample": request.temperature > 0}
+    if request.temperature > 0:
+        kwargs.update(temperature=request.temperature, top_p=request.top_p)
+        if request.seed is not None:
+            torch.manual_seed(request.seed)
+    else:
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    with torch.inference_mode():
+        out = model.generate(**enc, max_new_tokens=request.max_tokens, pad_token_id=tokenizer.pad_token_id,
+                             return_dict_in_generate=True, output_logits=True, **kwargs)
+    new = out.sequences[0, enc["input_ids"].shape[1]:].tolist()
+    logprobs = torch.log_softmax(torch.stack(out.logits, dim=1)[0].float(), dim=-1)
+    ids: list[int] = []
+    entries: list[TokenLogprob] = []
+    for pos, token in enumerate(new):
+        if token in runtime._eos_ids:  # the runtime's own end-of-sequence set
+            break
+        ids.append(token)
+        top_values, top_ids = logprobs[pos].topk(request.logprobs) if request.logprobs else (None, None)
+        top = () if top_ids is None or top_values is None else tuple(
+            (tokenizer.decode([int(i)]), float(v)) for v, i in zip(top_values.tolist(), top_ids.tolist(), strict=True))
+        entries.append(TokenLogprob(tokenizer.decode([token]), float(logprobs[pos, token]), top))
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    mean = sum(e.logprob for e in entries) / len(entries) if entries else 0.0
+    return Completion(text=text, tokens=len(ids), mean_logprob=mean, token_logprobs=tuple(entries))
+
+
 class TransformersBackend:
     """Runs the model on one worker thread: requests are serialised (batched by the caller),
     so the event loop never blocks and two generations never fight for the same cores."""
@@ -91,6 +128,10 @@ class TransformersBackend:
     async def complete(self, requests: Sequence[ChatRequest]) -> list[Completion]:
         if not requests:
             return []
+        if any(r.logprobs is not None for r in requests):
+            loop = asyncio.get_running_loop()
+            return [await loop.run_in_executor(self._executor, _generate_with_logprobs, self.runtime, r)
+                    for r in requests]
         gen = [
             GenerationRequest(
                 prompt=self.runtime.format_chat(r.messages, r.prefill),

@@ -22,7 +22,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from pice_cloud.errors import BackendError, CloudError, InputTooLongError
+from pice_cloud.errors import BackendError, CloudError, InputTooLongError, UnavailableInModeError
 from pice_cloud.llm.base import count_prompt_tokens, count_tokens
 from pice_cloud.openai_schema import (
     APIError,
@@ -33,6 +33,7 @@ from pice_cloud.openai_schema import (
     completion,
     conversation,
     error_body,
+    logprobs_content,
     text_chunk,
     text_completion,
     usage,
@@ -88,6 +89,8 @@ class ChatJob:
         self.mode = request.pice.mode
         self.first_content_s: float | None = None
         self._released = False
+        #: OpenAI's logprobs object of the answer, once known (asked-for, cloud-only answers).
+        self._logprobs: dict[str, Any] | None = None
 
     def release(self) -> None:
         if not self._released:
@@ -105,7 +108,7 @@ class ChatJob:
         """The service's event stream for this request."""
         req = self.request
         options = GenerationOptions(temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-                                    stop=req.stop_strings)
+                                    stop=req.stop_strings, logprobs=req.logprob_alternatives)
         return self.state.service.answer(self.question, mode=req.pice.mode, max_tokens=req.token_limit,
                                          messages=self.messages, options=options)
 
@@ -113,13 +116,13 @@ class ChatJob:
         return count_prompt_tokens(self.state.llm, self.messages)
 
     def _whole(self, text: str, finish: FinishReason, use: dict[str, int], info: dict[str, Any]) -> dict[str, Any]:
-        return completion(self.id, self.request.model, text, finish, use, info, self.created)
+        return completion(self.id, self.request.model, text, finish, use, info, self.created, self._logprobs)
 
     def _opening_chunks(self) -> list[dict[str, Any]]:
         return [chunk(self.id, self.request.model, self.created, {"role": "assistant", "content": ""})]
 
     def _delta(self, text: str) -> dict[str, Any]:
-        return chunk(self.id, self.request.model, self.created, {"content": text})
+        return chunk(self.id, self.request.model, self.created, {"content": text}, logprobs=self._logprobs)
 
     def _closing_chunk(self, finish: FinishReason, info: dict[str, Any]) -> dict[str, Any]:
         return chunk(self.id, self.request.model, self.created, {}, finish, pice=info)
@@ -202,6 +205,8 @@ class ChatJob:
                     final = event
         if final is None:  # the service always ends with an AnswerEvent
             raise CloudError("the service ended without an answer")
+        if final.logprobs is not None:
+            self._logprobs = logprobs_content(final.logprobs)
         self._content_started()
         finish, use, info = self.finish(final)
         return self._whole(final.text, finish, use, info)
@@ -224,6 +229,8 @@ class ChatJob:
                         text = ("\n\n" if sent else "") + render_point(p.index, event.heading, p.text)
                     elif isinstance(event, AnswerEvent):
                         final = event
+                        if event.logprobs is not None:
+                            self._logprobs = logprobs_content(event.logprobs)
                         # A cloud-only answer from a backend that cannot stream arrives whole here;
                         # otherwise its pieces (or a progressive answer's points) went out already.
                         text = event.text if event.stats.mode == "cloud" and not sent else ""
@@ -271,6 +278,8 @@ def api_error(exc: BaseException) -> APIError:
                         code="shutting_down")
     if isinstance(exc, InputTooLongError):
         return APIError(400, str(exc), param="messages", code="question_too_long")
+    if isinstance(exc, UnavailableInModeError):
+        return APIError(400, str(exc), code="unsupported_parameter")
     if isinstance(exc, BackendError):
         log.warning("LLM backend failed: %s", exc)
         return APIError(502, f"the LLM backend failed: {exc}", type="server_error", code="backend_error")
@@ -321,6 +330,7 @@ class TextJob(ChatJob):
         self.mode = "cloud"
         self.first_content_s = None
         self._released = False
+        self._logprobs = None
 
     def _open_answer(self) -> AsyncGenerator[Event, None]:
         req = self.text_request
