@@ -29,6 +29,7 @@ from pice_edge.credentials import add_credential_options
 from pice_edge.errors import EXIT_CONFIG, EXIT_UNAVAILABLE, ConfigError, NotReachableError, PiceError
 from pice_edge.logs import log_level_option, setup_logging
 from pice_edge.model_store import DEFAULT_MODEL
+from pice_edge.prompts import EXPANSION_NO_REPEAT_NGRAM_SIZE, EXPANSION_REPETITION_PENALTY
 
 if TYPE_CHECKING:
     from pice_edge.profiles import DeviceProfile
@@ -127,6 +128,8 @@ class _EdgeConfig:
     precision: str = "fp32"
     providers: tuple[str, ...] = ("tensorrt", "cuda", "cpu")
     memory_budget_mb: float | None = None
+    repetition_penalty: float = EXPANSION_REPETITION_PENALTY
+    no_repeat_ngram_size: int | None = EXPANSION_NO_REPEAT_NGRAM_SIZE
 
 
 def _config(args: argparse.Namespace) -> _EdgeConfig:
@@ -145,6 +148,8 @@ def _config(args: argparse.Namespace) -> _EdgeConfig:
         if getattr(args, "providers", None) else
         (tuple(profile.execution_providers) if profile else ("tensorrt", "cuda", "cpu")),
         memory_budget_mb=getattr(args, "memory_budget_mb", None),
+        repetition_penalty=profile.repetition_penalty if profile else EXPANSION_REPETITION_PENALTY,
+        no_repeat_ngram_size=profile.no_repeat_ngram_size if profile else EXPANSION_NO_REPEAT_NGRAM_SIZE,
     )
 
 
@@ -249,7 +254,8 @@ async def _run(args: argparse.Namespace) -> int:
         profile_name = cfg.profile.name if cfg.profile else ""
         node = EdgeNode(runtime, device_id=args.device_id, broker=broker, profile=profile_name,
                         max_batch=cfg.max_batch, heartbeat_s=args.heartbeat,
-                        memory_budget_mb=_kv_budget_mb(cfg, runtime))
+                        memory_budget_mb=_kv_budget_mb(cfg, runtime), repetition_penalty=cfg.repetition_penalty,
+                        no_repeat_ngram_size=cfg.no_repeat_ngram_size)
         await node.start()
         if discovery is not None:
             ad = await discovery.advertise_edge(EdgeAdvert(

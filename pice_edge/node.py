@@ -20,7 +20,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from pice_edge.errors import ConfigError, ProtocolError, TransportError
-from pice_edge.prompts import clean_expansion, expansion_messages
+from pice_edge.prompts import (
+    EXPANSION_NO_REPEAT_NGRAM_SIZE,
+    EXPANSION_REPETITION_PENALTY,
+    clean_expansion,
+    expansion_messages,
+)
 from pice_edge.protocol import (
     Candidate,
     EdgeStatus,
@@ -99,6 +104,11 @@ class EdgeNode:
         memory_budget_mb: most KV-cache memory (MiB) the sequences of a batch may take, estimated
             by the runtime's ``kv_cache_bytes`` where it has one; ``None`` bounds by ``max_batch``
             only. A single task larger than the budget still runs, alone.
+        repetition_penalty: repetition penalty of expansions (1.0 = off; ``None``: the model
+            folder's ``generation_config.json`` decides); a task whose sampling sets one uses its
+            own. ``pice-edge run`` passes its device profile's.
+        no_repeat_ngram_size: never repeat a token n-gram of this size in an expansion (0 = off;
+            ``None``: the model folder's ``generation_config.json`` decides).
     """
 
     def __init__(
@@ -114,6 +124,8 @@ class EdgeNode:
         max_queue: int = 256,
         rejections: Rejections | None = None,
         memory_budget_mb: float | None = None,
+        repetition_penalty: float | None = EXPANSION_REPETITION_PENALTY,
+        no_repeat_ngram_size: int | None = EXPANSION_NO_REPEAT_NGRAM_SIZE,
     ) -> None:
         if not is_valid_id(device_id):
             raise ValueError(f"device id {device_id!r} must be 1-64 characters of A-Z a-z 0-9 . _ : -")
@@ -124,6 +136,8 @@ class EdgeNode:
         self.batch_window_s = batch_window_s
         self.memory_budget_bytes = int(memory_budget_mb * 2**20) if memory_budget_mb else None
         self.heartbeat_s = heartbeat_s
+        self.repetition_penalty = repetition_penalty
+        self.no_repeat_ngram_size = no_repeat_ngram_size
         self.stats = NodeStats()
         #: Set once our own status came back from the broker (the cloud can see us).
         self.status_visible = asyncio.Event()
@@ -434,6 +448,9 @@ class EdgeNode:
             temperature=task.sampling.temperature,
             top_p=task.sampling.top_p,
             seed=task.sampling.seed,
+            repetition_penalty=self.repetition_penalty if task.sampling.repetition_penalty is None
+            else task.sampling.repetition_penalty,
+            no_repeat_ngram_size=self.no_repeat_ngram_size,
         )
 
     def _step_rate(self, rows: int, elapsed: float) -> None:

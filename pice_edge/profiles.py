@@ -27,6 +27,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pice_edge.errors import ConfigError
+from pice_edge.prompts import EXPANSION_NO_REPEAT_NGRAM_SIZE, EXPANSION_REPETITION_PENALTY
 
 PROFILES_ENV = "PICE_PROFILES_DIR"
 _PACKAGED = "firmware_configs"
@@ -37,6 +38,7 @@ RuntimeName = Literal["transformers", "onnxruntime", "tensorrt_llm"]
 Precision = Literal["fp32", "fp16", "bf16", "int8", "int4"]
 #: onnxruntime's names of the execution providers PICE knows how to configure.
 ExecutionProvider = Literal["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+
 
 
 def _cpu_only() -> list[ExecutionProvider]:
@@ -70,6 +72,15 @@ class DeviceProfile(BaseModel):
         description="sampling temperature for ensemble replicas, so that candidates of one point differ",
     )
     model: str | None = Field(default=None, max_length=500, description="default model name or folder")
+    repetition_penalty: float = Field(
+        default=EXPANSION_REPETITION_PENALTY, ge=1.0, le=2.0,
+        description="repetition penalty of expansions (Hugging Face semantics, 1.0 = off); a task's own wins",
+    )
+    no_repeat_ngram_size: int | None = Field(
+        default=EXPANSION_NO_REPEAT_NGRAM_SIZE, ge=0, le=32,
+        description="never repeat a token n-gram of this size within an expansion and its prompt (0 = off); "
+        "unset: the model folder's generation_config.json decides",
+    )
 
     @field_validator("execution_providers")
     @classmethod

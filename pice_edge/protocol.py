@@ -27,7 +27,16 @@ import re
 import time
 from typing import Annotated, Any, Final, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    StringConstraints,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
 from pice_edge.errors import PayloadTooLargeError, ProtocolError
 
@@ -72,6 +81,18 @@ class Sampling(BaseModel):
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
+    #: Hugging Face repetition penalty the cloud asks for (1.0 = off). ``None``, what senders
+    #: older than this field send, leaves the edge's own setting (its device profile's).
+    repetition_penalty: float | None = Field(default=None, ge=1.0, le=2.0)
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_additions(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Receivers forbid unknown fields, so a field added to v1 goes on the wire only when
+        # set: an edge older than the field still accepts every task that does not use it.
+        data: dict[str, Any] = handler(self)
+        if data.get("repetition_penalty") is None:
+            data.pop("repetition_penalty", None)
+        return data
 
 
 class ExpandTask(_Message):

@@ -10,7 +10,16 @@ import pytest
 
 from pice_edge.node import EdgeNode
 from pice_edge.prompts import expansion_messages
-from pice_edge.protocol import CANDIDATES_FILTER, Candidate, ExpandTask, decode, edge_tasks_topic, encode
+from pice_edge.protocol import (
+    CANDIDATES_FILTER,
+    Candidate,
+    ExpandTask,
+    Sampling,
+    decode,
+    edge_tasks_topic,
+    encode,
+)
+from pice_edge.runtimes._decode import StepBatch
 from pice_edge.runtimes.base import GenerationRequest
 from pice_edge.runtimes.transformers import TransformersRuntime
 from pice_edge.transport import BrokerSettings, MqttTransport
@@ -126,3 +135,39 @@ async def test_plain_runtime_batches_are_bounded(embedded_broker: str, tiny_mode
     assert max(runtime.sizes) <= max_batch
     assert node.stats.peak_batch == max(runtime.sizes)
 
+
+async def test_repetition_control_comes_from_the_node_unless_the_task_sets_it(embedded_broker: str,
+                                                                               tiny_model: Path) -> None:
+    class Recording(TransformersRuntime):
+        """Records the requests of each decode batch."""
+
+        seen: list[GenerationRequest]
+
+        def new_batch(self) -> StepBatch:
+            batch = super().new_batch()
+            add = batch.add
+
+            def recording_add(key: object, request: GenerationRequest) -> None:
+                self.seen.append(request)
+                add(key, request)
+
+            batch.add = recording_add  # type: ignore[method-assign]
+            return batch
+
+    runtime = Recording(tiny_model, threads=1)
+    runtime.seen = []
+    # The profile's setting, and a task that asks for the penalty off.
+    node = EdgeNode(runtime, device_id="cb-edge", broker=BrokerSettings(url=embedded_broker), max_batch=4,
+                    repetition_penalty=1.2, no_repeat_ngram_size=3)
+    got: list[Candidate] = []
+    await node.start()
+    cloud = await _cloud(embedded_broker, got)
+    try:
+        _publish(cloud, _task("profile", 0, 8))
+        await eventually(lambda: len(got) == 1)
+        _publish(cloud, _task("task", 1, 8).model_copy(update={"sampling": Sampling(repetition_penalty=1.0)}))
+        await eventually(lambda: len(got) == 2)
+    finally:
+        await cloud.close()
+        await node.stop()
+    assert [(r.repetition_penalty, r.no_repeat_ngram_size) for r in runtime.seen] == [(1.2, 3), (1.0, 3)]

@@ -3,7 +3,10 @@ to ONNX here), provider fallback, step-level batching, and the optional runtimes
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -71,6 +74,74 @@ def test_sequences_joining_a_running_batch_decode_as_if_alone(tiny_model: Path, 
         while len(batch):
             done.update(batch.step())
         assert [done[k].text for k in "abc"] == [r.text for r in alone], runtime.name
+
+
+def _with(requests: list[GenerationRequest], **changes: object) -> list[GenerationRequest]:
+    return [dataclasses.replace(r, **changes) for r in requests]  # type: ignore[arg-type]
+
+
+def test_repetition_control_matches_transformers_and_changes_the_output(tiny_model: Path, tiny_onnx: Path) -> None:
+    hf = TransformersRuntime(tiny_model, threads=1)
+    ort = OnnxRuntime(tiny_onnx, threads=1)
+    plain = _requests(hf, [30, 24, 30])
+    # The tiny model's generation_config.json asks for penalty 1.3 and no repeated 2-grams
+    # (random weights loop on one token without them): a request's settings override those.
+    settings = {"folder": {}, "same as folder": {"repetition_penalty": 1.3, "no_repeat_ngram_size": 2},
+                "off": {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0},
+                "strong": {"repetition_penalty": 2.0, "no_repeat_ngram_size": 3},
+                "penalty only": {"repetition_penalty": 3.0, "no_repeat_ngram_size": 0},
+                "n-grams only": {"repetition_penalty": 1.0, "no_repeat_ngram_size": 2}}
+    texts = {}
+    for name, changes in settings.items():
+        requests = _with(plain, **changes)
+        texts[name] = [r.text for r in ort.generate(requests)]
+        assert texts[name] == [r.text for r in hf.generate(requests)], name
+    assert texts["same as folder"] == texts["folder"]
+    distinct = ["folder", "off", "strong", "penalty only", "n-grams only"]
+    for i, a in enumerate(distinct):
+        for b in distinct[:i]:
+            assert all(x != y for x, y in zip(texts[a], texts[b], strict=True)), (a, b)
+    # Without control the random model loops on one token; with it, it writes varied text.
+    assert all(len(set(t)) < 3 for t in texts["off"])
+    assert all(len(set(t)) > 5 for t in texts["strong"])
+
+
+def test_penalty_off_leaves_a_model_without_one_unchanged(tiny_onnx: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "no-penalty"
+    shutil.copytree(tiny_onnx, folder)
+    config_file = folder / "generation_config.json"
+    config = json.loads(config_file.read_text())
+    config.pop("repetition_penalty")
+    config.pop("no_repeat_ngram_size")
+    config_file.write_text(json.dumps(config))
+    ort = OnnxRuntime(folder, threads=1)
+    requests = [GenerationRequest(prompt=ort.format_chat(expansion_messages(q, SKETCH, i)), max_new_tokens=20)
+                for i, q in enumerate(QUESTIONS)]
+    default = [r.text for r in ort.generate(requests)]
+    assert [r.text for r in ort.generate(_with(requests, repetition_penalty=1.0, no_repeat_ngram_size=0))] == default
+    assert [r.text for r in ort.generate(_with(requests, repetition_penalty=3.0))] != default
+
+
+def test_rows_with_and_without_repetition_control_share_a_batch(tiny_model: Path, tiny_onnx: Path) -> None:
+    hf = TransformersRuntime(tiny_model, threads=1)
+    plain = _requests(hf, [25, 25, 25, 25])
+    mixed = [plain[0], dataclasses.replace(plain[1], repetition_penalty=1.5),
+             dataclasses.replace(plain[2], no_repeat_ngram_size=2), plain[3]]
+    alone = [hf.generate([r])[0].text for r in mixed]
+    for runtime in (OnnxRuntime(tiny_onnx, threads=1), hf):
+        batch = runtime.new_batch()
+        batch.add(0, mixed[0])
+        batch.add(1, mixed[1])
+        done = dict(batch.step())
+        for _ in range(4):
+            done.update(batch.step())
+        batch.add(2, mixed[2])  # joins a running batch, with other settings than its rows
+        batch.add(3, mixed[3])
+        while len(batch):
+            done.update(batch.step())
+        assert [done[i].text for i in range(4)] == alone, runtime.name
+    # transformers' own generate() groups a mixed batch by setting and gives the same texts.
+    assert [r.text for r in hf.generate(mixed)] == alone
 
 
 def test_sampling_is_seeded_and_within_top_p(tiny_onnx: Path) -> None:

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from pice_edge.errors import ConfigError
-from pice_edge.profiles import PROFILES_ENV, find_profile, list_profiles, load_profile, packaged_dir
+from pice_edge.profiles import PROFILES_ENV, DeviceProfile, find_profile, list_profiles, load_profile, packaged_dir
+from pice_edge.prompts import EXPANSION_NO_REPEAT_NGRAM_SIZE, EXPANSION_REPETITION_PENALTY
 from pice_edge.protocol import EdgeStatus, decode, edge_status_topic
 from pice_edge.transport import BrokerSettings, Message, MqttTransport
 from tests.conftest import Mosquitto, eventually
@@ -46,6 +47,16 @@ def test_jetson_profiles_prefer_tensorrt_then_cuda_and_cite_their_source(name: s
     assert profile.engine_cache_path is not None
     assert "~" not in str(profile.engine_cache_path)
     assert "Source:" in find_profile(name).read_text()
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
+def test_every_profile_sets_the_measured_repetition_control(path: Path) -> None:
+    # Explicit in every file, so that an integrator sees the knob, at the measured default.
+    assert "\nrepetition_penalty:" in path.read_text()
+    profile = load_profile(path)
+    assert profile.repetition_penalty == EXPANSION_REPETITION_PENALTY
+    assert profile.no_repeat_ngram_size == EXPANSION_NO_REPEAT_NGRAM_SIZE
+    assert DeviceProfile(name="bare", memory_budget_mb=1024).repetition_penalty == EXPANSION_REPETITION_PENALTY
 
 
 def test_memory_budgets_grow_with_the_device() -> None:
@@ -91,6 +102,9 @@ GOOD = "runtime: transformers\nmemory_budget_mb: 1024\n"
         (GOOD + "precision: int8\n", r"precision int8 needs runtime onnxruntime"),
         (GOOD + "name: other\n", r"field 'name': 'other' must equal the file name 'broken'"),
         (GOOD + "ensemble_temperature: 5\n", r"field 'ensemble_temperature': Input should be less than or equal"),
+        (GOOD + "repetition_penalty: 0.9\n", r"field 'repetition_penalty': Input should be greater than or equal"),
+        (GOOD + "no_repeat_ngram_size: -1\n", r"field 'no_repeat_ngram_size': Input should be greater than or equal"),
+        (GOOD + "no_repeat_ngram_size: 3.5\n", r"field 'no_repeat_ngram_size': Input should be a valid integer"),
         ("- runtime: transformers\n", r"a profile must be a YAML mapping"),
         ("runtime: [unclosed\n", r"not valid YAML"),
     ],

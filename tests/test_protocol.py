@@ -75,7 +75,24 @@ BAD_TASKS = {
     "future version": json.dumps(_task(v=2)).encode(),
     "bool for float": json.dumps(_task(deadline=True)).encode(),
     "bad sampling": json.dumps(_task(sampling={"temperature": 9})).encode(),
+    "penalty below 1": json.dumps(_task(sampling={"repetition_penalty": 0.5})).encode(),
+    "penalty above 2": json.dumps(_task(sampling={"repetition_penalty": 3.0})).encode(),
+    "string penalty": json.dumps(_task(sampling={"repetition_penalty": "1.2"})).encode(),
 }
+
+
+def test_repetition_penalty_is_optional_and_absent_from_the_wire_when_unset() -> None:
+    # A v1 sender older than the field: the edge uses its own profile's penalty.
+    old = decode(ExpandTask, json.dumps(_task(sampling={"temperature": 0.7, "top_p": 0.9, "seed": 3})).encode())
+    assert old.sampling.repetition_penalty is None
+    # An edge older than the field forbids unknown keys: unset, it is not sent at all.
+    assert "repetition_penalty" not in json.loads(encode(old))["sampling"]
+    asked = decode(ExpandTask, json.dumps(_task(sampling={"repetition_penalty": 1.2})).encode())
+    assert asked.sampling.repetition_penalty == 1.2
+    assert json.loads(encode(asked))["sampling"]["repetition_penalty"] == 1.2
+    assert decode(ExpandTask, encode(asked)) == asked
+    assert decode(ExpandTask, json.dumps(_task(sampling={"repetition_penalty": 1})).encode()).sampling \
+        .repetition_penalty == 1.0
 
 
 @pytest.mark.parametrize("payload", BAD_TASKS.values(), ids=BAD_TASKS.keys())

@@ -5,7 +5,9 @@ Rows of the running batch carry their own left padding and position ids, so a se
 prefilled and join the batch between any two decode steps (continuous batching), and finished
 rows leave it at once. The logits processing reproduces the Hugging Face ``generate`` defaults a
 model folder's ``generation_config.json`` asks for (repetition penalty, no-repeat n-grams,
-suppressed tokens), so greedy outputs agree with the transformers runtime.
+suppressed tokens), so greedy outputs agree with the transformers runtime; a request's own
+repetition settings override the folder's for its row only, so rows with different settings
+share one batch.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +75,14 @@ class LogitsPolicy:
                    repetition_penalty=float(gen.get("repetition_penalty") or 1.0),
                    no_repeat_ngram_size=int(gen.get("no_repeat_ngram_size") or 0))
 
+    def for_request(self, request: GenerationRequest) -> LogitsPolicy:
+        """This policy with the request's repetition settings where it sets them."""
+        penalty = self.repetition_penalty if request.repetition_penalty is None else request.repetition_penalty
+        ngram = self.no_repeat_ngram_size if request.no_repeat_ngram_size is None else request.no_repeat_ngram_size
+        if (penalty, ngram) == (self.repetition_penalty, self.no_repeat_ngram_size):
+            return self
+        return replace(self, repetition_penalty=penalty, no_repeat_ngram_size=ngram)
+
     def process(self, logits: FloatArray, history: Sequence[int]) -> FloatArray:
         """Scores of one row after the processors (a copy; ``logits`` is left untouched)."""
         scores = logits.astype(np.float32, copy=True)
@@ -126,6 +136,7 @@ class _Row:
     request: GenerationRequest
     history: list[int]  # prompt + generated ids (what the processors look at)
     rng: np.random.Generator
+    policy: LogitsPolicy  # the batch's policy with this request's repetition settings
     generated: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     position: int = 0  # position id of the next token fed to the model
@@ -192,7 +203,8 @@ class StepBatch:
         rows = []
         for i, ((key, req), prompt) in enumerate(zip(items, prompts, strict=True)):
             rng = np.random.default_rng(req.seed)
-            row = _Row(key=key, request=req, history=list(prompt), rng=rng, position=len(prompt))
+            row = _Row(key=key, request=req, history=list(prompt), rng=rng, policy=self._policy.for_request(req),
+                       position=len(prompt))
             rows.append(row)
             self._accept(row, logits[i])
         self._merge(rows, present, mask)
@@ -229,7 +241,7 @@ class StepBatch:
         self._drop_finished()
 
     def _accept(self, row: _Row, logits: FloatArray) -> None:
-        scores = self._policy.process(logits, row.history)
+        scores = row.policy.process(logits, row.history)
         token, logprob = choose(scores, logits, row.request, row.rng)
         row.generated.append(token)
         row.history.append(token)

@@ -14,13 +14,22 @@ from typing import Protocol, runtime_checkable
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One prompt to continue. ``temperature == 0`` means greedy decoding."""
+    """One prompt to continue. ``temperature == 0`` means greedy decoding.
+
+    Repetition control follows Hugging Face ``generate``: ``repetition_penalty`` divides the
+    positive logits (multiplies the negative ones) of every token already in the sequence,
+    prompt included (1.0 = off); ``no_repeat_ngram_size`` n forbids any token n-gram from
+    occurring twice (0 = off). ``None`` leaves the model folder's ``generation_config.json``
+    value (usually off).
+    """
 
     prompt: str
     max_new_tokens: int
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    repetition_penalty: float | None = None
+    no_repeat_ngram_size: int | None = None
 
 
 @dataclass(frozen=True)

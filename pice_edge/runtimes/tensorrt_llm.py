@@ -65,7 +65,8 @@ class TensorRTLLMRuntime:
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         params = [self._sampling(max_tokens=r.max_new_tokens, temperature=r.temperature or None,
-                                 top_p=r.top_p if r.temperature > 0 else None, seed=r.seed, logprobs=0)
+                                 top_p=r.top_p if r.temperature > 0 else None, seed=r.seed, logprobs=0,
+                                 **repetition_params(r))
                   for r in requests]
         outputs = self._llm.generate([r.prompt for r in requests], params)
         results = []
@@ -81,6 +82,22 @@ class TensorRTLLMRuntime:
         shutdown = getattr(self._llm, "shutdown", None)
         if callable(shutdown):
             shutdown()
+
+
+def repetition_params(request: GenerationRequest) -> dict[str, Any]:
+    """The request's repetition control as ``tensorrt_llm.SamplingParams`` arguments.
+
+    TensorRT-LLM's ``repetition_penalty`` has Hugging Face's semantics (divide positive logits,
+    multiply negative ones, over prompt and output tokens) and ``no_repeat_ngram_size`` blocks
+    repeated n-grams; settings the request leaves at ``None`` are not passed, so the engine's
+    defaults (off) apply.
+    """
+    params: dict[str, Any] = {}
+    if request.repetition_penalty is not None and request.repetition_penalty != 1.0:
+        params["repetition_penalty"] = request.repetition_penalty
+    if request.no_repeat_ngram_size:
+        params["no_repeat_ngram_size"] = request.no_repeat_ngram_size
+    return params
 
 
 def _logprob(entry: Any) -> float:

@@ -95,9 +95,16 @@ class TransformersRuntime:
     @torch.inference_mode()
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         results: dict[int, GenerationResult] = {}
+
+        def setting(i: int) -> tuple[float, float, float, int]:
+            r = requests[i]
+            # None sorts with the model's own default; -1 keeps it apart from an explicit value.
+            return (r.temperature, r.top_p, -1.0 if r.repetition_penalty is None else r.repetition_penalty,
+                    -1 if r.no_repeat_ngram_size is None else r.no_repeat_ngram_size)
+
         # One generate() call per sampling setting; in practice a batch shares one.
-        order = sorted(range(len(requests)), key=lambda i: (requests[i].temperature, requests[i].top_p))
-        for _, group in groupby(order, key=lambda i: (requests[i].temperature, requests[i].top_p)):
+        order = sorted(range(len(requests)), key=setting)
+        for _, group in groupby(order, key=setting):
             idx = list(group)
             for i, res in zip(idx, self._generate_group([requests[i] for i in idx]), strict=False):
                 results[i] = res
@@ -116,6 +123,10 @@ class TransformersRuntime:
         else:
             # Silence generation_config's sampling defaults when decoding greedily.
             kwargs.update(temperature=None, top_p=None, top_k=None)
+        if first.repetition_penalty is not None:
+            kwargs["repetition_penalty"] = first.repetition_penalty
+        if first.no_repeat_ngram_size is not None:
+            kwargs["no_repeat_ngram_size"] = first.no_repeat_ngram_size
         out = self.model.generate(
             **enc,
             max_new_tokens=max(r.max_new_tokens for r in requests),
