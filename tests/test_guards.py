@@ -40,6 +40,7 @@ GOOD_OUTLINES = [
       "Keep your work area clean"]),
     ("How did US states get their names?", ["Native American origins", "Spanish origins", "French origins",
                                             "English origins", "Unique or unclear origins"]),
+    ("How can I eat better?", ["Plan daily meals", "Cook with family", "Eat more vegetables"]),
 ]
 
 
@@ -60,6 +61,7 @@ def test_good_outlines_pass(question: str, points: list[str]) -> None:
         (["Set clear goals", "Prioritise tasks", "Set goals", "Take breaks"], "duplicate_points", 2),
         (["Set clear goals", "Prioritise tasks", "prioritise TASKS!", "Take breaks"], "duplicate_points", 2),
         (["Setting clear goals", "Prioritise tasks", "Set clear goal", "Take breaks"], "duplicate_points", 2),
+        (["Set clear goals", "Prioritise tasks", "Prioritize your tasks", "Take breaks"], "duplicate_points", 2),
         (["The first point to consider is", "Prioritise tasks", "Take breaks"], "meta_heading", 0),
         (["Set clear goals", "Point 3", "Take breaks"], "meta_heading", 1),
         (["Introduction", "Prioritise tasks", "Take breaks"], "meta_heading", 0),
@@ -276,18 +278,21 @@ def test_repeated_sentence_rate(text: str, rate: float) -> None:
 
 
 @pytest.mark.slow
-def test_real_minilm_flags_paraphrased_headings_only(minilm: Path) -> None:
+def test_real_minilm_sees_restatements_words_miss_and_passes_good_outlines(minilm: Path) -> None:
     from pice_cloud.embeddings import Embedder
 
     embed = Embedder(minilm).encode
     question = "What are the most effective ways to deal with stress?"
+    # The question in other words (MiniLM cosine ~0.81): no shared-word rule catches it.
+    restated = ["Coping with stress effectively", "Exercise regularly", "Talk to a friend"]
+    assert _reasons(question, restated) == set()
+    problems = check_sketch(question, restated, embed=embed)
+    assert [(p.reason, p.point) for p in problems] == [("restates_question", 0)]
+    # A paraphrased pair is one point, with or without embeddings (shared stems).
     paraphrased = ["Exercise regularly", "Practice deep breathing", "Get regular exercise", "Talk to a friend"]
-    # Shared stems ("exercis", "regular") already catch this pair without embeddings.
-    assert _reasons(question, paraphrased) <= {"duplicate_points"}
-    problems = check_sketch(question, paraphrased, embed=embed)
-    assert [(p.reason, p.point) for p in problems] == [("duplicate_points", 2)]
-    for question, points in GOOD_OUTLINES:
-        assert check_sketch(question, points, embed=embed) == [], points
-    restated = ["Effective ways to deal with stress", "Exercise regularly", "Get enough sleep"]
-    assert _reasons(question, restated, embed=embed) == set() or "restates_question" in _reasons(
-        "What are the most effective ways to deal with stress?", restated, embed=embed)
+    for kwargs in ({}, {"embed": embed}):
+        found = check_sketch(question, paraphrased, **kwargs)  # type: ignore[arg-type]
+        assert [(p.reason, p.point) for p in found] == [("duplicate_points", 2)]
+    # Distinct points of one topic are not duplicates, and good outlines pass.
+    for good_question, points in GOOD_OUTLINES:
+        assert check_sketch(good_question, points, embed=embed) == [], points

@@ -119,7 +119,11 @@ def main() -> None:
         "heading_words": _quantiles([float(n) for n in lengths]),
         "headings_over_max_words": sum(n > guards.MAX_HEADING_WORDS for n in lengths) / headings,
         "max_pairwise_heading_cosine_per_outline": _quantiles(heading_pairs),
+        "outlines_with_a_heading_pair_at_or_above": {
+            str(t): sum(c >= t for c in heading_pairs) for t in (0.8, 0.83, 0.86, 0.9)} if heading_pairs else {},
         "heading_question_cosine": _quantiles(heading_question),
+        "headings_at_or_above_question_cosine": {
+            str(t): sum(c >= t for c in heading_question) for t in (0.7, 0.75, 0.8, 0.85)} if heading_question else {},
         "sketch_problems_per_heading": {r: round(c / headings, 4) for r, c in reasons.most_common()},
         "outlines_rejected": sum(bool(guards.check_sketch(o["question"], o["headings"], embed=embed)) for o in data),
         "sketch_examples": {r: v[:8] for r, v in flagged.items()},

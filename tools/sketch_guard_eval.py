@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from vicuna import DATA_DIR, read_vicuna  # noqa: E402
+from guard_calibration import outlines  # noqa: E402
+from vicuna import read_vicuna  # noqa: E402
 
 from pice_cloud import guards  # noqa: E402
 from pice_cloud.errors import SketchError  # noqa: E402
@@ -64,10 +65,9 @@ def questions(source: str, limit: int) -> list[str]:
         # Round-robin over categories, so a small limit still covers every kind of question.
         mixed = [q for group in itertools.zip_longest(*by_category.values()) for q in group if q]
         return mixed[:limit]
-    lines = (DATA_DIR / "alpaca_eval" / "gpt-4-turbo.jsonl").read_text().splitlines()
-    # Every 7th instruction from the end: spread over the file's sources (helpful_base, koala, ...).
-    picked = [json.loads(line)["instruction"] for line in lines[::-7]]
-    return [q for q in picked if len(q) < 400][:limit]
+    # Instructions whose GPT-4-Turbo answer is a list of headings (questions a sketch suits),
+    # every 7th, spread over the file's sources (helpful_base, koala, ...).
+    return [o["question"] for o in outlines(725)[1::7] if len(o["question"]) < 300][:limit]
 
 
 def judge(question: str, raw: str, *, cut_words: int | None, embed: guards.Embed | None,
