@@ -443,6 +443,30 @@ def check_expansion(text: str, *, point: str, question: str, other_texts: Sequen
     return None
 
 
+@dataclass(frozen=True)
+class RepetitionSignals:
+    """Graded repetition measures of one candidate, for a learned selector (0 = none, 1 = all).
+
+    Attributes:
+        own_sentences: `repeated_sentence_rate` of the candidate.
+        own_4grams: `repeated_ngram_share` of the candidate.
+        other_points: the largest share of its 4-grams found in any one of ``other_texts``.
+    """
+
+    own_sentences: float
+    own_4grams: float
+    other_points: float
+
+
+def repetition_signals(text: str, other_texts: Sequence[str] = ()) -> RepetitionSignals:
+    """What `check_expansion` thresholds, as numbers: a candidate that passes the guard can still
+    repeat more than another one of the same point, and a selector may prefer the other."""
+    grams = _ngrams(_words(text))
+    overlap = max((_share_found(grams, set(_ngrams(_words(other)))) for other in other_texts), default=0.0)
+    return RepetitionSignals(own_sentences=repeated_sentence_rate(text), own_4grams=repeated_ngram_share(text),
+                             other_points=overlap)
+
+
 __all__ = [
     "DUPLICATE_COSINE",
     "DUPLICATE_JACCARD",
@@ -460,6 +484,7 @@ __all__ = [
     "SKETCH_REASONS",
     "Embed",
     "ExpansionReason",
+    "RepetitionSignals",
     "SketchProblem",
     "SketchReason",
     "check_expansion",
@@ -469,6 +494,7 @@ __all__ = [
     "is_meta_heading",
     "repeated_ngram_share",
     "repeated_sentence_rate",
+    "repetition_signals",
     "sentences",
     "sketch_rejection_reason",
 ]

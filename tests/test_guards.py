@@ -274,6 +274,17 @@ def test_repeated_sentence_rate(text: str, rate: float) -> None:
     assert repeated_sentence_rate(text) == pytest.approx(rate)
 
 
+def test_repetition_signals_grade_what_the_guard_thresholds() -> None:
+    clean = guards.repetition_signals(GOOD_EXPANSIONS[0][1], [OTHER])
+    assert clean == guards.RepetitionSignals(own_sentences=0.0, own_4grams=0.0, other_points=0.0)
+    looping = guards.repetition_signals("Goals give you direction. Goals give you direction. Plan well each day.")
+    assert looping.own_sentences == pytest.approx(1 / 3)
+    assert looping.own_4grams > 0
+    half = guards.repetition_signals("Write down your goals for the week. " + OTHER, [OTHER, "Unrelated text here."])
+    assert 0.5 < half.other_points < 1.0
+    assert half.own_sentences == half.own_4grams == 0.0
+
+
 # --- the real MiniLM ---------------------------------------------------------------------------
 
 
