@@ -6,11 +6,12 @@ from pice_cloud.config import CloudConfig, ServiceConfig, load_config
 from pice_cloud.embeddings import Embedder
 from pice_cloud.ensemble import ConfidenceSelector, EnsembleWeights, LearnedSelector, Selector
 from pice_cloud.errors import CloudError
+from pice_cloud.events import AnswerEvent, AnswerStats, PointEvent, SketchEvent
 from pice_cloud.fleet import Fleet
 from pice_cloud.llm.base import ChatRequest, Completion, LLMBackend
 from pice_cloud.router import EmbeddingRouter, HeuristicRouter, ModeRouter, Route
 from pice_cloud.scheduler import Budget, EdgeView, Placement, choose_mode, place
-from pice_cloud.service import AnswerEvent, AnswerStats, PiceService, PointEvent, SketchEvent
+from pice_cloud.service import PiceService
 from pice_cloud.sketch import parse_sketch
 
 __all__ = [

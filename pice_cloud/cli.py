@@ -99,7 +99,7 @@ def _ask_overrides(args: argparse.Namespace) -> dict[str, Any]:
 async def _ask(args: argparse.Namespace) -> int:
     from pice_cloud.bootstrap import start_system
     from pice_cloud.cli_serve import load_with_credentials
-    from pice_cloud.service import AnswerEvent, PointEvent, SketchEvent
+    from pice_cloud.events import AnswerEvent, PointEvent, SketchEvent
     from pice_cloud.sketch import describe
 
     config = load_with_credentials(args.config, _ask_overrides(args), args)

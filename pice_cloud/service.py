@@ -17,19 +17,33 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable, Sequence
-from dataclasses import dataclass, field
 
 from pice_cloud import defaults
-from pice_cloud.aggregator import Aggregator, CandidateCheck, ChosenPoint, PendingRequest
+from pice_cloud.aggregator import Aggregator, CandidateCheck, PendingRequest
 from pice_cloud.cloud_meter import CloudMeter
 from pice_cloud.config import ServiceConfig
 from pice_cloud.ensemble import ConfidenceSelector, Selector
 from pice_cloud.errors import InputTooLongError, SketchError, UnavailableInModeError
+from pice_cloud.events import (
+    SKETCH_RESAMPLE_SEED_OFFSET,
+    AnswerEvent,
+    AnswerStats,
+    DeltaEvent,
+    Event,
+    GenerationOptions,
+    PointEvent,
+    SketchEvent,
+    apply_stop,
+    derive_seed,
+    render_point,
+    too_long_message,
+    within_length,
+)
 from pice_cloud.fleet import Fleet
 from pice_cloud.guards import Embed, check_expansion, check_sketch, sketch_rejection_reason
-from pice_cloud.llm.base import ChatRequest, Completion, LLMBackend, TextRequest, TokenLogprob, count_tokens
+from pice_cloud.llm.base import ChatRequest, Completion, LLMBackend, TextRequest, count_tokens
 from pice_cloud.router import ModeRouter, Route
-from pice_cloud.scheduler import Budget, EdgeView, Mode, RequestedMode, choose_mode, ensemble_width, place, plan_budget
+from pice_cloud.scheduler import Budget, EdgeView, RequestedMode, choose_mode, ensemble_width, place, plan_budget
 from pice_cloud.settling import PointSettler
 from pice_cloud.sketch import SKETCH_PREFILL, parse_sketch, sketch_messages
 from pice_edge.prompts import SYSTEM_PROMPT, format_sketch
@@ -48,120 +62,6 @@ from pice_edge.runtimes.base import ChatMessage
 from pice_edge.transport import Message, MqttTransport
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SketchEvent:
-    """The outline, as soon as the cloud LLM wrote it."""
-
-    points: list[str]
-
-
-@dataclass(frozen=True)
-class DeltaEvent:
-    """A piece of a cloud-only answer as the cloud LLM writes it; the pieces of one answer
-    concatenate to its `AnswerEvent` text."""
-
-    text: str
-
-
-@dataclass(frozen=True)
-class PointEvent:
-    """One point's expansion, in point order."""
-
-    point: ChosenPoint
-    heading: str
-
-
-@dataclass
-class AnswerStats:
-    mode: Mode = "cloud"
-    cloud_tokens: int = 0
-    edge_tokens: int = 0
-    points_edge: int = 0
-    points_cloud: int = 0
-    sketch_s: float = 0.0
-    first_token_s: float = 0.0
-    total_s: float = 0.0
-    devices: list[str] = field(default_factory=list)
-    #: The mode router's P(suits a sketch), when it ran (``auto`` with live edges).
-    route_probability: float | None = None
-    #: A stop string ended the text (cloud-only), or a point's text (progressive).
-    stopped: bool = False
-    #: Why the sketches were refused, when the guards sent the request cloud-only.
-    sketch_rejected: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class GenerationOptions:
-    """A request's own sampling and stop strings; None takes the service's configured default.
-
-    One request's ``seed`` drives every generation it causes, each with its own derived seed
-    (`derive_seed`): the cloud-only answer and the sketch use ``seed``, point ``i``'s expansion
-    (at an edge, or by the cloud as a fallback) uses ``seed + 1 + i``. The same seed gives the
-    same answer; points of one answer do not share a random stream.
-    """
-
-    temperature: float | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    #: Cut the text at the first of these (each point's text in progressive mode).
-    stop: tuple[str, ...] = ()
-    #: Per-token log-probabilities with this many alternatives (None: none). Cloud-only answers
-    #: only: ``auto`` then answers cloud-only, ``progressive`` and ``sot`` refuse.
-    logprobs: int | None = None
-
-
-#: Offset of the re-sampled sketch's seed (far from the points' seed + 1 + i).
-SKETCH_RESAMPLE_SEED_OFFSET = 1 << 20
-
-
-def derive_seed(seed: int | None, offset: int) -> int | None:
-    """The seed of the ``offset``-th generation of a request seeded with ``seed``."""
-    return None if seed is None else (seed + offset) % 2**32
-
-
-def apply_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
-    """``text`` up to the first occurrence of any stop string, and whether one was found."""
-    cut = min((i for s in stop if s and (i := text.find(s)) >= 0), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
-
-
-@dataclass(frozen=True)
-class AnswerEvent:
-    """The complete answer; always the last event."""
-
-    text: str
-    stats: AnswerStats
-    #: The answer's tokens with their log-probabilities, when asked for (cloud-only answers).
-    logprobs: tuple[TokenLogprob, ...] | None = None
-
-
-Event = SketchEvent | DeltaEvent | PointEvent | AnswerEvent
-
-
-def too_long_message(chars: int, limit: int, mode: str) -> str:
-    """Why a question cannot be answered in ``mode``, and what to do instead."""
-    return (f"the question (with its chat history) has {chars} characters; mode {mode!r} sends it to the edges, "
-            f"which takes at most {limit} (service.max_question_chars): shorten it, or use mode 'cloud' or 'auto'")
-
-
-def _within(entries: tuple[TokenLogprob, ...] | None, length: int) -> tuple[TokenLogprob, ...] | None:
-    """The tokens that make up the first ``length`` characters of the text (a stop string cut the rest)."""
-    if entries is None:
-        return None
-    kept, total = [], 0
-    for entry in entries:
-        if total >= length:
-            break
-        kept.append(entry)
-        total += len(entry.token)
-    return tuple(kept)
-
-
-def render_point(index: int, heading: str, text: str) -> str:
-    """One point of the final answer: a numbered, bold heading and its expansion."""
-    return f"{index + 1}. **{heading}** {text}".rstrip()
 
 
 class PiceService:
@@ -325,7 +225,7 @@ class PiceService:
             stats.cloud_tokens += done.tokens
             stats.total_s = stats.first_token_s = time.perf_counter() - started
             cut, stats.stopped = apply_stop(done.text, options.stop)
-            yield AnswerEvent(cut.strip(), stats, _within(done.token_logprobs, len(cut)))
+            yield AnswerEvent(cut.strip(), stats, within_length(done.token_logprobs, len(cut)))
             return
         # Stream, holding back what could still change: leading and trailing whitespace (the
         # answer is stripped) and a tail that could be the start of a stop string.

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from pice_cloud.bootstrap import start_system
+from pice_cloud.events import AnswerEvent, PointEvent, SketchEvent
 from pice_cloud.llm.base import ChatRequest
 from pice_cloud.llm.transformers import TransformersBackend
-from pice_cloud.service import AnswerEvent, PointEvent, SketchEvent
 from pice_edge.prompts import expansion_messages
 from pice_edge.protocol import EdgeStatus, edge_status_topic, edge_tasks_topic, encode
 from pice_edge.transport import BrokerSettings, Message, MqttTransport

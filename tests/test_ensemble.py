@@ -20,9 +20,9 @@ from pice_cloud.ensemble import (
     length_fit,
 )
 from pice_cloud.errors import CloudError
+from pice_cloud.events import AnswerEvent, PointEvent
 from pice_cloud.llm.base import ChatRequest
 from pice_cloud.llm.transformers import TransformersBackend
-from pice_cloud.service import AnswerEvent, PointEvent
 from pice_edge.prompts import expansion_messages
 from pice_edge.protocol import Candidate
 from tests.conftest import Mosquitto, cloud_config

@@ -24,8 +24,8 @@ import pytest
 
 from pice_cloud.bootstrap import System, start_system
 from pice_cloud.broker import free_port
+from pice_cloud.events import AnswerEvent
 from pice_cloud.llm.transformers import TransformersBackend
-from pice_cloud.service import AnswerEvent
 from pice_edge.errors import EXIT_CONFIG, EXIT_UNAVAILABLE
 from pice_edge.protocol import (
     CANDIDATES_FILTER,

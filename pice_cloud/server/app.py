@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pice_cloud.config import CloudConfig
+from pice_cloud.events import too_long_message
 from pice_cloud.llm.base import LLMBackend, RawCompleter, context_tokens, count_prompt_tokens, count_tokens
 from pice_cloud.metrics import CONTENT_TYPE, Metrics
 from pice_cloud.openai_schema import (
@@ -29,7 +30,7 @@ from pice_cloud.openai_schema import (
 from pice_cloud.server.admission import Admission
 from pice_cloud.server.completion import ChatJob, ClientGone, GuardedStream, TextJob, api_error, error_response
 from pice_cloud.server.state import ApiState
-from pice_cloud.service import PiceService, too_long_message
+from pice_cloud.service import PiceService
 
 log = logging.getLogger(__name__)
 

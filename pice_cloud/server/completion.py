@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from pice_cloud.errors import BackendError, CloudError, InputTooLongError, UnavailableInModeError
+from pice_cloud.events import AnswerEvent, AnswerStats, DeltaEvent, Event, GenerationOptions, PointEvent, render_point
 from pice_cloud.llm.base import count_prompt_tokens, count_tokens
 from pice_cloud.openai_schema import (
     APIError,
@@ -40,15 +41,6 @@ from pice_cloud.openai_schema import (
     usage_chunk,
 )
 from pice_cloud.server.state import ApiState
-from pice_cloud.service import (
-    AnswerEvent,
-    AnswerStats,
-    DeltaEvent,
-    Event,
-    GenerationOptions,
-    PointEvent,
-    render_point,
-)
 from pice_edge.errors import PiceError
 
 log = logging.getLogger(__name__)
