@@ -54,8 +54,8 @@ class Embedder:
             import torch
             from transformers import AutoModel, AutoTokenizer
         except ImportError as exc:
-            raise ModelError(f"sentence embeddings need torch and transformers: pip install 'pice[torch]' ({exc})") \
-                from exc
+            raise ModelError(f"sentence embeddings need torch and transformers: pip install "
+                             f"'pice[cloud-torch]' ({exc})") from exc
         try:
             self._tokenizer = AutoTokenizer.from_pretrained(str(self.path))
             self._model = AutoModel.from_pretrained(str(self.path), dtype=torch.float32).to(device).eval()

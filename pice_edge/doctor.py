@@ -187,7 +187,7 @@ def _library_checks(runtime: str, profile: DeviceProfile | None) -> list[Check]:
     need = runtime == "transformers"
     if torch is None:
         checks.append(Check("torch", "fail" if need else "info", why, required=need, fix=(
-            "pip install 'pice[torch]' (on a Jetson, install NVIDIA's torch wheel for your JetPack first)"
+            "pip install 'pice[edge-torch]' (on a Jetson, install NVIDIA's torch wheel for your JetPack first)"
             if need else "")))
     else:
         if torch.cuda.is_available():

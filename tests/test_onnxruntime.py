@@ -192,7 +192,7 @@ def test_missing_export_names_the_tool(tiny_model: Path) -> None:
 def test_missing_onnxruntime_names_the_extra(tiny_onnx: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # An edge without the library: importing it fails (None in sys.modules makes `import` raise).
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
-    with pytest.raises(RuntimeUnavailableError, match=r"pice\[onnx\]"):
+    with pytest.raises(RuntimeUnavailableError, match=r"pice\[edge\]"):
         create_runtime("onnxruntime", model=str(tiny_onnx))
 
 

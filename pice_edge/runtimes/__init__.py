@@ -21,8 +21,8 @@ from pice_edge.runtimes.base import (
 
 # name -> (module, class, pip extra that provides its library)
 _FACTORIES: dict[str, tuple[str, str, str]] = {
-    "transformers": ("pice_edge.runtimes.transformers", "TransformersRuntime", "pice[torch]"),
-    "onnxruntime": ("pice_edge.runtimes.onnxruntime", "OnnxRuntime", "pice[onnx]"),
+    "transformers": ("pice_edge.runtimes.transformers", "TransformersRuntime", "pice[edge-torch]"),
+    "onnxruntime": ("pice_edge.runtimes.onnxruntime", "OnnxRuntime", "pice[edge]"),
     "tensorrt_llm": ("pice_edge.runtimes.tensorrt_llm", "TensorRTLLMRuntime", "pice[tensorrt-llm]"),
 }
 

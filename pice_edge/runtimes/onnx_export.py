@@ -143,7 +143,7 @@ def _quantization() -> Any:
     try:
         from onnxruntime import quantization
     except ImportError as exc:
-        raise RuntimeUnavailableError(f"quantizing needs onnxruntime: pip install 'pice[onnx]' ({exc})") from exc
+        raise RuntimeUnavailableError(f"quantizing needs onnxruntime: pip install 'pice[edge]' ({exc})") from exc
     return quantization
 
 

@@ -1,4 +1,4 @@
-"""Runtime on onnxruntime (CPU, CUDA or TensorRT execution provider); needs ``pice[onnx]``.
+"""Runtime on onnxruntime (CPU, CUDA or TensorRT execution provider); needs ``pice[edge]``.
 
 The model is the ONNX export of a Hugging Face folder made by ``tools/export_onnx.py`` (see
 `pice_edge.runtimes.onnx_export`); tokenizer and chat template are read with ``tokenizers`` and
@@ -41,7 +41,7 @@ def _import_ort() -> Any:
         import onnxruntime
     except ImportError as exc:
         raise RuntimeUnavailableError(
-            f"the onnxruntime runtime needs onnxruntime ({exc}); install it with `pip install 'pice[onnx]'` "
+            f"the onnxruntime runtime needs onnxruntime ({exc}); install it with `pip install 'pice[edge]'` "
             "(on Jetson, take onnxruntime-gpu from NVIDIA's index)"
         ) from exc
     return onnxruntime
@@ -100,7 +100,7 @@ class ChatTemplate:
             import jinja2
             from jinja2.sandbox import ImmutableSandboxedEnvironment
         except ImportError as exc:
-            raise RuntimeUnavailableError(f"chat templates need jinja2: pip install 'pice[onnx]' ({exc})") from exc
+            raise RuntimeUnavailableError(f"chat templates need jinja2: pip install 'pice[edge]' ({exc})") from exc
         config: dict[str, Any] = {}
         if (folder / "tokenizer_config.json").is_file():
             config = json.loads((folder / "tokenizer_config.json").read_text())
@@ -149,7 +149,7 @@ class OnnxRuntime:
         try:
             from tokenizers import Tokenizer
         except ImportError as exc:
-            raise RuntimeUnavailableError(f"the onnxruntime runtime needs `tokenizers`: pip install 'pice[onnx]' "
+            raise RuntimeUnavailableError(f"the onnxruntime runtime needs `tokenizers`: pip install 'pice[edge]' "
                                           f"({exc})") from exc
         self.folder, self.path = _locate(model, precision)
         self.precision = precision
