@@ -25,12 +25,20 @@ Two measurements, one run:
    extension; the rest fell back to the cloud), and a point-level cosine: each point's text
    against its closest paragraph or list item of the GPT-4o answer.
 
-2. **Point level on held-out alpaca_eval** (``--points N``): the instructions the expander never
+2. **Sketch level** (``--sketches N``): the raw sketches of the base and the fine-tuned sketcher for
+   N Vicuna questions (coding and math excluded), before any serving guard sees them — the
+   served answers above only show headings that passed the guards. Per model: points per
+   sketch, words per heading, meta-heading and cut-heading rates, the share of sketches the
+   serving guards (`pice_cloud.guards.check_sketch`, without embeddings) accept and why the
+   others fail, and DESIGN.md's "well-formed" (3+ distinct headings of at most ``max_words``
+   words, no sentence).
+
+3. **Point level on held-out alpaca_eval** (``--points N``): the instructions the expander never
    trained on (the same seeded split as training, read from its report), each point of their
    outline expanded by the base and the fine-tuned expander with the edge's exact prompt and
    clean-up; MiniLM cosine and ROUGE-L against GPT-4-Turbo's own text for that point.
 
-    python tools/eval_quality.py --questions 16 --points 100 \\
+    python tools/eval_quality.py --questions 12 --sketches 70 --points 100 \\
         --json tools/results/quality_finetune.json --md tools/results/quality_finetune.md
 
 The alpaca_eval answers are CC BY-NC 4.0 (training and measurement only); Vicuna-bench and its
@@ -222,6 +230,59 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+# --- sketch level: raw sketches before the serving guards ------------------------------------------
+
+
+def sketch_level(args: argparse.Namespace) -> dict[str, Any]:
+    """Raw sketches of the base and the fine-tuned sketcher, with the serving prompt and parser."""
+    from collections import Counter
+
+    from pice_cloud.guards import check_sketch, is_cut_heading, is_meta_heading
+    from pice_cloud.sketch import SKETCH_PREFILL, parse_sketch, sketch_messages
+    from pice_edge.runtimes.base import GenerationRequest
+    from pice_edge.runtimes.transformers import TransformersRuntime
+
+    qs = questions(args.sketches)
+    out: dict[str, Any] = {"questions": len(qs), "max_points": args.max_points, "max_words": args.max_words,
+                           "models": {}}
+    for label, model in (("base", args.base), ("sketcher", args.sketcher)):
+        runtime = TransformersRuntime(model, threads=args.threads)
+        sketches: list[list[str]] = []
+        for start in range(0, len(qs), 8):
+            batch = qs[start:start + 8]
+            requests = [GenerationRequest(prompt=runtime.format_chat(
+                sketch_messages(q["question"], max_points=args.max_points, max_words=args.max_words), SKETCH_PREFILL),
+                max_new_tokens=args.sketch_tokens) for q in batch]
+            for result in runtime.generate(requests):
+                try:
+                    sketches.append(parse_sketch(result.text, max_points=args.max_points))
+                except Exception:  # SketchError: nothing usable; counts as a failed sketch
+                    sketches.append([])
+            print(f"[sketches {model}] {len(sketches)}/{len(qs)}", file=sys.stderr, flush=True)
+        runtime.close()
+        headings = [h for sk in sketches for h in sk]
+        reasons: Counter[str] = Counter()
+        accepted = 0
+        for q, sk in zip(qs, sketches, strict=True):
+            problems = check_sketch(q["question"], sk)
+            accepted += not problems
+            reasons.update({p.reason for p in problems})
+        well_formed = sum(len(sk) >= 3 and len({h.casefold() for h in sk}) == len(sk)
+                          and all(len(h.split()) <= args.max_words and not re.search(r"[.!?]", h) for h in sk)
+                          for sk in sketches)
+        out["models"][label] = {
+            "model": model, "points_mean": _mean([float(len(sk)) for sk in sketches]),
+            "words_per_heading": _mean([float(len(h.split())) for h in headings]),
+            "meta_heading_rate": round(sum(map(is_meta_heading, headings)) / len(headings), 4) if headings else None,
+            "cut_heading_rate": round(sum(map(is_cut_heading, headings)) / len(headings), 4) if headings else None,
+            "guard_accepted": accepted, "guard_reasons": dict(reasons.most_common()), "well_formed": well_formed,
+            "sketches": [{"id": q["id"], "category": q["category"], "sketch": sk,
+                          "problems": sorted({p.reason for p in check_sketch(q["question"], sk)})}
+                         for q, sk in zip(qs, sketches, strict=True)],
+        }
+    return out
+
+
 # --- point level on held-out alpaca_eval ---------------------------------------------------------
 
 
@@ -306,6 +367,18 @@ def markdown(result: dict[str, Any]) -> str:
            "paragraph of the GPT-4o answer; lat.s: median seconds per answer.", ""]
     if result.get("same_sketches") is not None:
         out += [f"Sketches identical between base and expander modes: {result['same_sketches']}.", ""]
+    sl = result.get("sketch_level")
+    if sl:
+        out += ["## Raw sketches (before the serving guards)", "",
+                f"{sl['questions']} Vicuna questions (coding and math excluded), serving prompt and parser, "
+                "greedy.", "",
+                "| sketcher | points | words/heading | meta-heading | cut heading | guards accept | well-formed | "
+                "guard rejections |", "|---|---|---|---|---|---|---|---|"]
+        for label, m in sl["models"].items():
+            out.append(f"| {label} | {m['points_mean']} | {m['words_per_heading']} | {m['meta_heading_rate']} | "
+                       f"{m['cut_heading_rate']} | {m['guard_accepted']}/{sl['questions']} | "
+                       f"{m['well_formed']}/{sl['questions']} | {m['guard_reasons']} |")
+        out.append("")
     pl = result.get("point_level")
     if pl:
         b, e = pl["models"]["base"], pl["models"]["expander"]
@@ -337,6 +410,11 @@ def main() -> int:
     parser.add_argument("--base", default=BASE)
     parser.add_argument("--expander", default=EXPANDER)
     parser.add_argument("--sketcher", default=SKETCHER)
+    parser.add_argument("--sketches", type=int, default=0,
+                        help="Vicuna questions whose raw sketches are compared, base vs fine-tuned (0: skip)")
+    parser.add_argument("--max-points", type=int, default=6, help="sketch budget (serving default 6)")
+    parser.add_argument("--max-words", type=int, default=6, help="words per heading asked for (serving default 6)")
+    parser.add_argument("--sketch-tokens", type=int, default=64, help="sketch decode budget (serving default 64)")
     parser.add_argument("--points", type=int, default=0, help="held-out alpaca_eval points to expand (0: skip)")
     parser.add_argument("--expander-report", type=Path, default=ROOT / "tools" / "results" / "finetune_expander.json",
                         help="the expander's training report (its seed and held-out split)")
@@ -346,6 +424,9 @@ def main() -> int:
     parser.add_argument("--serve-arg", action="append", default=[], help="extra argument for pice-cloud serve")
     parser.add_argument("--json", type=Path, default=Path("quality.json"))
     parser.add_argument("--md", type=Path, default=None, help="also write a markdown summary with example answers")
+    parser.add_argument("--update", action="store_true",
+                        help="add this run's sections to an existing --json instead of replacing it (e.g. "
+                             "--modes '' --sketches 70 after a full run)")
     args = parser.parse_args()
 
     modes = [m for m in args.modes.split(",") if m]
@@ -373,11 +454,23 @@ def main() -> int:
         "(Apache-2.0); point level: alpaca_eval GPT-4-Turbo answers (CC BY-NC 4.0, measurement only).",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_avg_at_end": os.getloadavg()},
     }
+    if args.sketches:
+        result["sketch_level"] = sketch_level(args)
     if args.points:
         result["point_level"] = point_level(scorer, args)
     result["wall_s"] = round(time.perf_counter() - started, 1)
+    if args.update and args.json.is_file():
+        previous = json.loads(args.json.read_text())
+        keep = {k: v for k, v in result.items() if k in ("sketch_level", "point_level") or (modes and k != "wall_s")}
+        result = {**previous, **keep}
+        summary = result.get("summary", {})
     if summary:
         print(table(summary))
+    if result.get("sketch_level"):
+        for label, m in result["sketch_level"]["models"].items():
+            print(f"raw sketches, {label}: {m['points_mean']} points, {m['words_per_heading']} words/heading, meta "
+                  f"{m['meta_heading_rate']}, cut {m['cut_heading_rate']}, guards accept {m['guard_accepted']}/"
+                  f"{result['sketch_level']['questions']} {m['guard_reasons']}, well-formed {m['well_formed']}")
     if result.get("point_level"):
         pl = result["point_level"]
         print(f"\npoint level ({pl['points']} held-out alpaca_eval points): cosine base "
