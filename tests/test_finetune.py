@@ -302,6 +302,9 @@ def test_interrupted_run_resumes_where_it_stopped(trained: TrainResult, tmp_path
     changed = cfg.model_copy(update={"seed": 99})
     with pytest.raises(FinetuneError, match="different seed"):
         finetune(changed, resume=True, progress=False)
+    # Starting afresh in the same folder discards the earlier run's checkpoints.
+    finetune(cfg.model_copy(update={"steps": 2, "checkpoint_every": 1}), progress=False)
+    assert [p.name for p in sorted((tmp_path / "work").iterdir())] == ["checkpoint-000001.pt", "checkpoint-000002.pt"]
 
 
 def test_merged_model_is_in_the_store_with_checksums(trained: TrainResult, store: Path) -> None:

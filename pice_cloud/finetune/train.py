@@ -311,6 +311,11 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, progress: bool = True
     elapsed_before = 0.0
     eval_before = None
     state = _resume_state(work, fingerprint, torch) if resume else None
+    if not resume and _checkpoints(work):
+        # A fresh run must not leave an earlier run's checkpoints for a later --resume to pick up.
+        log.warning("starting afresh: removing %d checkpoint(s) of an earlier run in %s", len(_checkpoints(work)), work)
+        for old in _checkpoints(work):
+            old.unlink()
     if state is not None:
         peft.set_peft_model_state_dict(model, state["adapter"])
         optimizer.load_state_dict(state["optimizer"])
