@@ -300,7 +300,12 @@ def heldout_points(report_path: Path, limit: int) -> tuple[list[Any], dict[str, 
 
 def expand_points(model: str, examples: list[Any], max_new_tokens: int, threads: int) -> list[str]:
     """Each example's point expanded as an edge does it: its prompt, greedy, its clean-up."""
-    from pice_edge.prompts import clean_expansion, expansion_messages
+    from pice_edge.prompts import (
+        EXPANSION_NO_REPEAT_NGRAM_SIZE,
+        EXPANSION_REPETITION_PENALTY,
+        clean_expansion,
+        expansion_messages,
+    )
     from pice_edge.runtimes.base import GenerationRequest
     from pice_edge.runtimes.transformers import TransformersRuntime
 
@@ -308,9 +313,11 @@ def expand_points(model: str, examples: list[Any], max_new_tokens: int, threads:
     out: list[str] = []
     for start in range(0, len(examples), 8):
         batch = examples[start:start + 8]
+        # The edge's request (`EdgeNode._request`): its prompt and its repetition control.
         requests = [GenerationRequest(prompt=runtime.format_chat(expansion_messages(e.question, list(e.sketch),
                                                                                     e.point_index)),
-                                      max_new_tokens=max_new_tokens) for e in batch]
+                                      max_new_tokens=max_new_tokens, repetition_penalty=EXPANSION_REPETITION_PENALTY,
+                                      no_repeat_ngram_size=EXPANSION_NO_REPEAT_NGRAM_SIZE) for e in batch]
         for e, result in zip(batch, runtime.generate(requests), strict=True):
             out.append(clean_expansion(result.text, truncated=result.token_count >= max_new_tokens,
                                        point=e.sketch[e.point_index]))
