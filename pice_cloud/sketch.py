@@ -32,10 +32,11 @@ _SPLIT_SENTENCES = re.compile(r"(?<=[.!?;])\s+")
 
 
 #: Worked examples shown before the question, as earlier turns of the conversation. Measured
-#: on SmolLM2-135M (tools/sketch_guard_eval.py, 30 alpaca_eval questions, greedy): instructions
-#: alone gave 1-3 outlines out of 30 that pass the guards, whatever their wording; with these
-#: two examples, 11. Two topics far apart, so that the model copies their form rather than
-#: one topic (with a single example it sometimes answered about that example instead).
+#: on SmolLM2-135M (tools/sketch_guard_eval.py --source alpaca, 30 development questions; results
+#: in tools/results/sketch_guards.jsonl): with instructions alone, 1-3 outlines out of 30 passed
+#: the guards greedily, whatever the wording; with these two examples, 10 (16 counting one
+#: re-sample, against 6). Two topics far apart, so that the model copies their form rather than
+#: a topic (with a single example it sometimes answered about that example instead).
 SKETCH_EXAMPLES: tuple[tuple[str, str], ...] = (
     ("How can I sleep better?",
      "1. Keep a regular bedtime\n2. Make the bedroom dark\n3. Limit caffeine after noon\n4. Avoid screens before bed"),

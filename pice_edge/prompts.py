@@ -24,11 +24,12 @@ _NEXT_POINT = re.compile(r"\n\s*(?:\d{1,2}[.)]|[-*•])\s")
 
 #: Repetition penalty of an expansion (Hugging Face semantics, 1.0 = off): the device profiles'
 #: default, and what the cloud should use when it expands a point itself. Measured with
-#: tools/repetition_eval.py (SmolLM2-135M, greedy, 55 points of 12 alpaca_eval outlines; results
-#: in tools/results/repetition_control.jsonl): off, 13% of an answer's sentences repeated an
-#: earlier one and 20 of 55 expansions failed the expansion guard; at 1.1, 4% and 5 of 55, with
-#: text as close to GPT-4-Turbo's (MiniLM cosine 0.55 vs 0.52 off); 1.2 and 1.3 repeat no less
-#: and read worse (cosine 0.49, 0.47: odd word choices once common words are penalised).
+#: tools/repetition_eval.py (SmolLM2-135M, greedy, two samples of 12 alpaca_eval outlines, 111
+#: points; tools/results/repetition_control.jsonl): off, 13% and 10% of an answer's sentences
+#: repeated an earlier one and 20/55 and 20/56 expansions failed the expansion guard; at 1.1, 4%
+#: and 6%, 5/55 and 9/56, with text as close to GPT-4-Turbo's (MiniLM cosine 0.55 vs 0.52, 0.51
+#: vs 0.51); 1.15 to 1.3 repeat no less and read worse (cosine 0.47-0.49: odd word choices once
+#: common words are penalised).
 EXPANSION_REPETITION_PENALTY = 1.1
 #: No-repeat n-gram size of an expansion: ``None`` leaves the model folder's own setting (none
 #: for SmolLM2), since the right size depends on the model's tokenizer. For SmolLM2, on top of
