@@ -145,7 +145,14 @@ class ServiceConfig(BaseModel):
     tokens_per_point: int = Field(default=defaults.TOKENS_PER_POINT, ge=1, le=4096)
     max_answer_tokens: int = Field(default=defaults.MAX_ANSWER_TOKENS, ge=1, le=1_000_000,
                                    description="longest cloud-only answer")
-    ensemble_width: int = Field(default=defaults.ENSEMBLE_WIDTH, ge=1, le=16)
+    ensemble_width: int = Field(
+        default=defaults.ENSEMBLE_WIDTH, ge=1, le=16,
+        description="most candidates per point (distinct edges); replicas only use free slots, so width falls to 1 "
+                    "under load")
+    ensemble_temperature: float = Field(
+        default=defaults.ENSEMBLE_TEMPERATURE, ge=0.0, le=2.0,
+        description="sampling temperature of a point's second and later replicas (the first keeps the request's), "
+                    "so that candidates differ")
     deadline_floor_s: float = Field(default=defaults.DEADLINE_FLOOR_S, gt=0, le=3600)
     deadline_factor: float = Field(default=defaults.DEADLINE_FACTOR, gt=0, le=100)
     deadline_cap_s: float = Field(default=defaults.DEADLINE_CAP_S, gt=0, le=3600)

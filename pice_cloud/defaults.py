@@ -35,8 +35,12 @@ MAX_QUESTION_CHARS: Final = PROTOCOL_MAX_QUESTION_CHARS
 MAX_BODY_BYTES: Final = 256 * 1024
 
 # --- ensemble and deadlines ---------------------------------------------------------------------
-#: Most edges expanding one point; replicas only use free slots.
-ENSEMBLE_WIDTH: Final = 1
+#: Most edges expanding one point; replicas only use slots that are free now, so under load the
+#: width falls to 1 by itself. Measured in tools/results/ensemble.json and quality_auto.md.
+ENSEMBLE_WIDTH: Final = 3
+#: Sampling temperature of a point's replicas 2..width (the first keeps the request's sampling):
+#: greedy replicas of the same model would write the same text and give the selector no choice.
+ENSEMBLE_TEMPERATURE: Final = 0.7
 #: A point's deadline is DEADLINE_FACTOR x its predicted finish, clamped to [floor, cap] seconds.
 DEADLINE_FLOOR_S: Final = 5.0
 DEADLINE_FACTOR: Final = 3.0

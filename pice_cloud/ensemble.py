@@ -1,6 +1,6 @@
 """Choosing one candidate per point when several edges expanded it (the ensemble).
 
-Each candidate gets five features; the selector picks the highest weighted sum. The weights
+Each candidate gets seven features; the selector picks the highest weighted sum. The weights
 are fitted by ``tools/fit_ensemble.py`` on a calibration set whose target is the candidate's
 similarity to a reference answer, and loaded from ``pice_cloud/data/ensemble.json``.
 
@@ -13,7 +13,11 @@ because the selector takes an argmax per point):
   the candidate closest to the consensus);
 - ``relevance``: embedding cosine between the candidate and "question + point";
 - ``edge_logprob``: the edge model's own mean token log-prob;
-- ``length_fit``: closeness of the candidate's length to the expected expansion length.
+- ``length_fit``: closeness of the candidate's length to the expected expansion length;
+- ``self_repetition``: minus how much the candidate repeats itself (its repeated-sentence rate
+  plus its share of repeated 4-grams: the expansion guard's signals, graded);
+- ``cross_repetition``: minus the largest share of its 4-grams found in another point's
+  candidate (text one point would repeat from another, below the guard's threshold).
 
 Without a scorer or an embedder the corresponding features are 0 for every candidate, which
 leaves the argmax to the others.
@@ -34,13 +38,15 @@ from typing import Any, Protocol
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pice_cloud.errors import CloudError
+from pice_cloud.guards import repetition_signals
 from pice_cloud.llm.base import ChatRequest
 from pice_edge.prompts import expansion_messages
 from pice_edge.protocol import Candidate
 
 log = logging.getLogger(__name__)
 
-FEATURES = ("cloud_loglik", "agreement", "relevance", "edge_logprob", "length_fit")
+FEATURES = ("cloud_loglik", "agreement", "relevance", "edge_logprob", "length_fit", "self_repetition",
+            "cross_repetition")
 #: Expected expansion length as a fraction of the token budget: the prompt asks for two
 #: sentences, which SmolLM2 writes in roughly 60% of an 80-token budget.
 LENGTH_TARGET = 0.6
@@ -55,6 +61,8 @@ class SelectionItem:
     index: int
     candidates: Sequence[Candidate]
     tokens_per_point: int = 80
+    #: The usable candidates' texts of the request's other points (for ``cross_repetition``).
+    other_texts: Sequence[str] = ()
 
 
 class Selector(Protocol):
@@ -163,8 +171,10 @@ async def compute_features(
                 others = [vectors[pos + m] for m in range(k) if m != j]
                 agreement = sum(_cos(mine, o) for o in others) / len(others) if others else 0.0
                 relevance = _cos(mine, contexts[n])
+            rep = repetition_signals(cand.text, it.other_texts)
             rows.append([loglik[pos + j], agreement, relevance, cand.mean_logprob,
-                         length_fit(cand.token_count, it.tokens_per_point)])
+                         length_fit(cand.token_count, it.tokens_per_point),
+                         -(rep.own_sentences + rep.own_4grams), -rep.other_points])
         out.append(rows)
         pos += k
     return out

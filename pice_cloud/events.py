@@ -79,6 +79,8 @@ class GenerationOptions:
 
 #: Offset of the re-sampled sketch's seed (far from the points' seed + 1 + i).
 SKETCH_RESAMPLE_SEED_OFFSET = 1 << 20
+#: Offset (times the replica number) of an ensemble replica's seed from its point's seed.
+REPLICA_SEED_OFFSET = 1 << 21
 
 
 def derive_seed(seed: int | None, offset: int) -> int | None:

@@ -279,3 +279,74 @@ def is_held_out(text: str, fraction: float = 0.2) -> bool:
     """Deterministic split by a hash of the text: the same questions are held out on every machine."""
     bucket = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2**64
     return bucket < fraction
+
+
+# --- threshold calibration ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CalibrationSample:
+    """One held-back question answered both ways, for `calibrate_threshold`.
+
+    Attributes:
+        probability: the router's P(suits a sketch) for the question.
+        cloud: (quality metrics, cloud tokens) of its cloud-only answer; metrics are higher-better
+            (e.g. MiniLM cosine and ROUGE-L to a reference answer).
+        progressive: the same for its progressive answer.
+        served_progressive: whether that answer was really progressive (the sketch guards may
+            have sent it cloud-only, as they would under ``auto``).
+    """
+
+    probability: float
+    cloud: tuple[tuple[float, ...], float]
+    progressive: tuple[tuple[float, ...], float]
+    served_progressive: bool
+
+
+@dataclass(frozen=True)
+class ThresholdPoint:
+    """What ``auto`` gives at one threshold: shares of questions and mean metrics."""
+
+    threshold: float
+    routed_progressive: float
+    served_progressive: float
+    quality: tuple[float, ...]
+    cloud_tokens: float
+
+
+def simulate_auto(samples: Sequence[CalibrationSample], threshold: float) -> ThresholdPoint:
+    """``auto`` at ``threshold``: a question with P >= threshold takes its progressive answer."""
+    routed = [s.probability >= threshold for s in samples]
+    picks = [s.progressive if r else s.cloud for s, r in zip(samples, routed, strict=True)]
+    n = len(samples)
+    width = len(samples[0].cloud[0])
+    return ThresholdPoint(
+        threshold=threshold,
+        routed_progressive=sum(routed) / n,
+        served_progressive=sum(r and s.served_progressive for s, r in zip(samples, routed, strict=True)) / n,
+        quality=tuple(math.fsum(p[0][i] for p in picks) / n for i in range(width)),
+        cloud_tokens=math.fsum(p[1] for p in picks) / n,
+    )
+
+
+def calibrate_threshold(samples: Sequence[CalibrationSample]) -> tuple[ThresholdPoint, list[ThresholdPoint]]:
+    """The threshold that serves the most questions progressively while every mean quality
+    metric of ``auto`` stays >= cloud-only's (ties: the better first metric, then the higher
+    threshold), and the whole curve. With no such threshold the answer routes nothing
+    progressive (the highest threshold the weights file accepts).
+
+    Raises:
+        ValueError: no samples, or samples with different numbers of metrics.
+    """
+    if not samples:
+        raise ValueError("no calibration samples")
+    if len({len(s.cloud[0]) for s in samples} | {len(s.progressive[0]) for s in samples}) != 1:
+        raise ValueError("every sample needs the same quality metrics for both modes")
+    cloud = simulate_auto(samples, math.inf)
+    # The routing only changes at the samples' own probabilities.
+    thresholds = sorted({min(max(s.probability, 1e-4), 1 - 1e-4) for s in samples} | {1 - 1e-4})
+    curve = [simulate_auto(samples, t) for t in thresholds]
+    feasible = [c for c in curve if all(a >= b for a, b in zip(c.quality, cloud.quality, strict=True))]
+    if not feasible:
+        return curve[-1], curve
+    return max(feasible, key=lambda c: (c.served_progressive, c.quality[0], c.threshold)), curve

@@ -25,6 +25,7 @@ from pice_cloud.config import ServiceConfig
 from pice_cloud.ensemble import ConfidenceSelector, Selector
 from pice_cloud.errors import InputTooLongError, SketchError, UnavailableInModeError
 from pice_cloud.events import (
+    REPLICA_SEED_OFFSET,
     SKETCH_RESAMPLE_SEED_OFFSET,
     AnswerEvent,
     AnswerStats,
@@ -268,6 +269,16 @@ class PiceService:
             seed=derive_seed(options.seed, offset),
         )
 
+    def _replica_sampling(self, first: Sampling, replica: int) -> Sampling:
+        """The sampling of a point's ``replica``-th candidate: the first keeps the request's, the
+        others sample at least at ``ensemble_temperature`` with seeds of their own, so that a
+        greedy request still gets candidates that differ."""
+        if replica == 0:
+            return first
+        seed = derive_seed(first.seed, REPLICA_SEED_OFFSET * replica)  # unseeded stays unseeded
+        return Sampling(temperature=max(first.temperature, self.config.ensemble_temperature), top_p=first.top_p,
+                        seed=seed, repetition_penalty=first.repetition_penalty)
+
     async def _progressive(self, question: str, edges: list[EdgeView], stats: AnswerStats, started: float,
                            options: GenerationOptions, messages: Sequence[ChatMessage] | None,
                            max_tokens: int | None) -> AsyncGenerator[Event, None]:
@@ -297,8 +308,8 @@ class PiceService:
         pending = self.aggregator.open(request_id, placement.devices,
                                        self._candidate_check(question, points) if self.config.expansion_guard else None)
         self._in_flight.add(pending)
-        def point_sampling(index: int) -> Sampling:
-            return self._sampling(options, 1 + index)
+        def point_sampling(index: int, replica: int = 0) -> Sampling:
+            return self._replica_sampling(self._sampling(options, 1 + index), replica)
 
         settler = PointSettler(self.fleet, self.selector, self.cloud, point_sampling)
 
@@ -353,10 +364,12 @@ class PiceService:
         return check
 
     def _dispatch(self, request_id: str, question: str, points: list[str], devices: Sequence[Sequence[str]],
-                  deadlines_s: Sequence[float], tokens_per_point: int, sampling: Callable[[int], Sampling]) -> None:
+                  deadlines_s: Sequence[float], tokens_per_point: int,
+                  sampling: Callable[[int, int], Sampling]) -> None:
         for index, (targets, wait) in enumerate(zip(devices, deadlines_s, strict=False)):
-            for device_id in targets:
-                self._send(request_id, question, points, index, device_id, wait, tokens_per_point, sampling(index))
+            for replica, device_id in enumerate(targets):
+                self._send(request_id, question, points, index, device_id, wait, tokens_per_point,
+                           sampling(index, replica))
 
     def _send(self, request_id: str, question: str, points: list[str], index: int, device_id: str,
               deadline_s: float, tokens_per_point: int, sampling: Sampling) -> None:

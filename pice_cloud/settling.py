@@ -113,7 +113,9 @@ class PointSettler:
     async def _choose(self, question: str, points: list[str], pending: PendingRequest,
                       states: list[PointState], tokens_per_point: int) -> None:
         """Run the ensemble selector over every point that has several candidates."""
-        items = [SelectionItem(question, points, s.index, s.usable(), tokens_per_point) for s in states]
+        items = [SelectionItem(question, points, s.index, s.usable(), tokens_per_point,
+                               [c.text for o in pending.points if o.index != s.index for c in o.usable()])
+                 for s in states]
         try:
             picks = await self.selector.choose(items)
         except Exception:

@@ -69,7 +69,8 @@ class DeviceProfile(BaseModel):
     threads: int | None = Field(default=None, ge=1, le=1024, description="CPU threads; None = runtime default")
     ensemble_temperature: float = Field(
         default=0.7, ge=0.0, le=2.0,
-        description="sampling temperature for ensemble replicas, so that candidates of one point differ",
+        description="deprecated, ignored: the cloud sets each replica's sampling in its task "
+                    "(service.ensemble_temperature); accepted so that older profile files still load",
     )
     model: str | None = Field(default=None, max_length=500, description="default model name or folder")
     repetition_penalty: float = Field(

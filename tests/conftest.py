@@ -79,7 +79,9 @@ async def eventually(check: Callable[[], bool], timeout: float = 30.0, what: str
 def cloud_config(broker: str | BrokerSettings | None, *, edges: int = 0, edge_model: Path | str | None = None,
                  service: dict[str, Any] | None = None, **sections: Any) -> CloudConfig:
     """A cloud configuration for tests: ``edges`` local nodes on ``edge_model``, one thread each,
-    no zeroconf, no mode router and the confidence selector unless ``service`` says otherwise.
+    no zeroconf, no mode router, no guards, one candidate per point and the confidence selector
+    unless ``service`` says otherwise (tests of placement and faults count who expanded what;
+    the ensemble has tests of its own).
 
     ``broker`` None is the embedded broker; ``sections`` are further top-level overrides
     (``server={...}``, ``cloud_id="..."``)."""
@@ -88,7 +90,7 @@ def cloud_config(broker: str | BrokerSettings | None, *, edges: int = 0, edge_mo
         "edges": {"local": edges, "threads": 1, **({"model": str(edge_model)} if edge_model else {})},
         # The tiny random model writes gibberish the guards would (rightly) refuse every time.
         "service": {"router": "off", "selector": "confidence", "sketch_guard": False, "expansion_guard": False,
-                    **(service or {})},
+                    "ensemble_width": 1, **(service or {})},
         "discovery": {"enabled": False},
     }
     if isinstance(broker, str):

@@ -85,6 +85,32 @@ async def test_agreement_picks_the_consensus_candidate() -> None:
     assert (await relevance.choose([item]))[0] in (0, 2)
 
 
+async def test_repetition_features_pick_the_candidate_that_does_not_repeat() -> None:
+    other = "Go to bed at the same time every night, even on weekends, so your body learns when to sleep."
+    repeats_other = cand("a", "Go to bed at the same time every night, even on weekends, so your body rests.",
+                         index=1)
+    # Passes the expansion guard (no repeated sentence, few repeated 4-grams), but repeats itself.
+    repeats_itself = cand("b", "Keep your room dark and cool at night, and keep your room dark and quiet in the "
+                               "morning.", logprob=-0.2, index=1)
+    fresh = cand("c", "Blue light from phones delays melatonin, so put them away an hour before bed.",
+                 logprob=-0.9, index=1)
+    item = SelectionItem(Q, SKETCH, 1, [repeats_other, repeats_itself, fresh], other_texts=[other])
+    [rows] = await compute_features([item])
+    cross, own = FEATURES.index("cross_repetition"), FEATURES.index("self_repetition")
+    assert rows[0][cross] < -0.5  # most of its 4-grams are in the other point's text
+    assert -0.5 < rows[1][own] < 0.0
+    assert rows[2][cross] == rows[2][own] == 0.0
+    # Between the two that pass the guard, the edge's confidence alone takes the one that
+    # repeats itself; the packaged (fitted) weights take the other.
+    guarded = SelectionItem(Q, SKETCH, 1, [repeats_itself, fresh], other_texts=[other])
+    assert (await ConfidenceSelector().choose([guarded]))[0] == 0
+    assert (await LearnedSelector().choose([guarded]))[0] == 1
+    # Fitted weights never reward repetition (tools/fit_ensemble.py constrains their sign).
+    weights = EnsembleWeights.load().weights
+    assert weights["self_repetition"] > 0
+    assert weights.get("cross_repetition", 0.0) >= 0
+
+
 async def test_cloud_loglik_feature_matches_the_backend_scores(tiny_model: Path) -> None:
     llm = TransformersBackend(tiny_model, threads=1)
     try:
@@ -103,9 +129,11 @@ async def test_cloud_loglik_feature_matches_the_backend_scores(tiny_model: Path)
 class RecordingSelector(ConfidenceSelector):
     def __init__(self) -> None:
         self.seen: list[int] = []
+        self.texts: list[set[str]] = []
 
     async def choose(self, items: Sequence[SelectionItem]) -> list[int]:
         self.seen.extend(len(it.candidates) for it in items)
+        self.texts.extend({c.text for c in it.candidates} for it in items)
         return await super().choose(items)
 
 
@@ -136,6 +164,26 @@ async def test_service_replicates_points_and_chooses(mosquitto: Mosquitto, tiny_
             assert all(p.point.candidates == 2 for p in points)
             if not broken:
                 assert recorder.seen == [2] * len(points)
+                # The request is greedy, its replicas sample (ensemble_temperature): candidates differ.
+                assert any(len(texts) == 2 for texts in recorder.texts)
             assert sum(n.stats.candidates_published for n in system.edges) == 2 * len(points)
     finally:
         await llm.close()
+
+
+def test_replicas_sample_apart_from_the_request() -> None:
+    from pice_cloud.config import ServiceConfig
+    from pice_cloud.events import REPLICA_SEED_OFFSET
+    from pice_cloud.service import PiceService
+    from pice_edge.protocol import Sampling
+
+    service = PiceService.__new__(PiceService)  # only the config is read
+    service.config = ServiceConfig(ensemble_temperature=0.8)
+    first = Sampling(temperature=0.0, top_p=0.9, seed=7)
+    assert service._replica_sampling(first, 0) is first
+    second, third = service._replica_sampling(first, 1), service._replica_sampling(first, 2)
+    assert (second.temperature, second.top_p, second.seed) == (0.8, 0.9, 7 + REPLICA_SEED_OFFSET)
+    assert third.seed == 7 + 2 * REPLICA_SEED_OFFSET
+    hot = Sampling(temperature=1.2, seed=None)
+    assert service._replica_sampling(hot, 1).temperature == 1.2  # never cooler than asked
+    assert service._replica_sampling(hot, 1).seed is None

@@ -334,6 +334,45 @@ async def test_frozen_edge_points_are_replaced_at_once(mosquitto: Mosquitto, tin
         await watcher.close()
 
 
+async def test_frozen_edge_costs_nothing_when_replicas_cover_its_points(
+        mosquitto: Mosquitto, tiny_model: Path, tiny_llm: TransformersBackend, edges: list[EdgeProcess],
+        tmp_path: Path) -> None:
+    """The default configuration (ensemble on): with free slots, every point is also at the other
+    edge, so a frozen edge costs no re-placement and no extra batch: the answer arrives as soon
+    as the survivor's candidates do (measured ~1.0x normal; the target is 1.5x)."""
+    delay = ("--delay", "2")
+    frozen = start_edge(edges, "frozen", mosquitto, tiny_model, tmp_path, fault=delay)
+    start_edge(edges, "steady", mosquitto, tiny_model, tmp_path, fault=delay)
+    watcher, frozen_tasks = await spy(mosquitto.url, edge_tasks_topic("frozen"))
+    steady_watcher, steady_tasks = await spy(mosquitto.url, edge_tasks_topic("steady"))
+    try:
+        config = cloud_config(mosquitto.url, edges=0, service={**settings(30), "ensemble_width": 2})
+        async with start_system(config, llm=tiny_llm) as system:
+            assert await system.service.fleet.wait_for(2, 60)
+            normal, normal_s = await answer(system, limit=60)
+            assert normal.stats.points_cloud == 0
+            frozen_tasks.clear()
+            steady_tasks.clear()
+            request = asyncio.create_task(answer(system, limit=60))
+            await eventually(lambda: bool(frozen_tasks), timeout=30, what="a task for the edge to freeze")
+            frozen.proc.send_signal(signal.SIGSTOP)
+            try:
+                final, took = await request
+            finally:
+                frozen.proc.send_signal(signal.SIGCONT)
+            points = final.stats.points_edge + final.stats.points_cloud
+            log.info("edge frozen, replicas on: answered in %.1fs (normal %.1fs, %.2fx)", took, normal_s,
+                     took / normal_s)
+            assert final.stats.devices == ["steady"]
+            assert final.stats.points_cloud == 0
+            # Every point was already at the steady edge: nothing had to be placed again.
+            assert len(steady_tasks) == points == len(frozen_tasks)
+            assert took < 1.5 * normal_s + 1.0
+    finally:
+        await watcher.close()
+        await steady_watcher.close()
+
+
 class Supervisor:
     """What the systemd units do: restart the command when it exits with anything but 0 or
     EXIT_CONFIG (``Restart=on-failure``, ``RestartPreventExitStatus=2``), after ``restart_s``."""

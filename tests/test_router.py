@@ -19,12 +19,14 @@ from pice_cloud.bootstrap import start_system
 from pice_cloud.errors import CloudError
 from pice_cloud.llm.transformers import TransformersBackend
 from pice_cloud.router import (
+    CalibrationSample,
     EmbeddingRouter,
     HeuristicRouter,
     ModeRouter,
     Route,
     RouterWeights,
     RouterWeightsError,
+    calibrate_threshold,
     heuristic_reason,
     is_held_out,
     read_labels,
@@ -330,3 +332,40 @@ async def test_real_router_through_the_service(
     assert coding_p is not None
     assert generic_p is not None
     assert coding_p < real_router.weights.threshold <= generic_p
+
+
+def _sample(p: float, cloud: float, prog: float, served: bool = True) -> CalibrationSample:
+    return CalibrationSample(p, ((cloud, cloud), 300.0), ((prog, prog), 60.0 if served else 300.0), served)
+
+
+def test_calibrated_threshold_keeps_auto_as_good_as_cloud_only() -> None:
+    # High-probability questions gain from a sketch, low ones lose; the middle one loses a little.
+    samples = [_sample(0.9, 0.70, 0.80), _sample(0.8, 0.70, 0.75), _sample(0.6, 0.70, 0.66),
+               _sample(0.4, 0.70, 0.50), _sample(0.2, 0.70, 0.30)]
+    best, curve = calibrate_threshold(samples)
+    # At 0.6 the mean is 0.70 + (0.10 + 0.05 - 0.04) / 5 > 0.70: three of five progressive.
+    assert best.threshold == pytest.approx(0.6)
+    assert best.served_progressive == pytest.approx(0.6)
+    assert all(q >= 0.70 for q in best.quality)
+    assert best.cloud_tokens == pytest.approx((3 * 60 + 2 * 300) / 5)
+    # Lower thresholds were on the curve and rejected: they make auto worse than cloud-only.
+    assert any(c.threshold < best.threshold and c.quality[0] < 0.70 for c in curve)
+    # The router's own weights file accepts the chosen value.
+    assert 0.0 < best.threshold < 1.0
+
+
+def test_calibration_counts_guard_fallbacks_as_cloud_only() -> None:
+    # Routed progressive but the guards refused the sketch: the answer was cloud-only, so it
+    # adds no progressive share (and the tie-break then prefers the better quality).
+    samples = [_sample(0.9, 0.70, 0.70, served=False), _sample(0.5, 0.70, 0.72)]
+    best, _ = calibrate_threshold(samples)
+    assert best.served_progressive == pytest.approx(0.5)
+    assert best.threshold == pytest.approx(0.5)
+
+
+def test_calibration_routes_nothing_when_every_threshold_loses_quality() -> None:
+    best, _ = calibrate_threshold([_sample(0.9, 0.80, 0.50), _sample(0.7, 0.80, 0.60)])
+    assert best.routed_progressive == 0.0
+    assert 0.0 < best.threshold < 1.0
+    with pytest.raises(ValueError, match="no calibration samples"):
+        calibrate_threshold([])

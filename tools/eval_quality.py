@@ -83,9 +83,11 @@ def questions(count: int) -> list[dict[str, Any]]:
 
 
 def start_server(cloud_model: str, edge_model: str, extra: list[str]) -> tuple[subprocess.Popen[str], str]:
-    """``pice-cloud serve`` on a free port with these models; (process, base URL of the API)."""
-    cmd = [sys.executable, "-m", "pice_cloud.cli", "serve", "--port", "0", "--model", cloud_model,
-           "--edge-model", edge_model, *extra]
+    """``pice-cloud serve`` on a free port with these models (empty: the defaults); (process, base
+    URL of the API)."""
+    cmd = [sys.executable, "-m", "pice_cloud.cli", "serve", "--port", "0",
+           *(["--model", cloud_model] if cloud_model else []), *(["--edge-model", edge_model] if edge_model else []),
+           *extra]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.stderr is not None
     deadline = time.monotonic() + 600

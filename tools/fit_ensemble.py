@@ -1,15 +1,20 @@
 #!/usr/bin/env python3
-"""Fit the ensemble selector's feature weights on a calibration set built from Vicuna-bench.
+"""Fit the ensemble selector's feature weights on a calibration set built from alpaca_eval.
 
-Two steps (each can be re-run alone; the first is the slow one and is cached):
+Two steps (each can be re-run alone; the first is the slow one and resumes where it stopped):
 
-    # 1. sketch each question with the cloud LLM, expand every point K times with different
-    #    sampling (edges with different temperatures), record each candidate's edge log-prob
-    #    and the cloud LLM's log-likelihood of it
-    python tools/fit_ensemble.py generate --questions 24 --k 3
+    # 1. sketch each question as the service does (sketches the guards refuse are skipped: those
+    #    requests are answered cloud-only), expand every point K times as the edges do (replica 0
+    #    greedy, the others at the ensemble temperature), record each candidate's edge log-prob,
+    #    the cloud LLM's log-likelihood of it and the expansion guard's verdict
+    python tools/fit_ensemble.py generate --questions 96 --k 3
     # 2. embed, compute features and the target (MiniLM similarity of the candidate to the
-    #    best-matching passage of the GPT-4o reference answer), fit, report, write weights
+    #    best-matching passage of the reference answer), fit, report, write weights
     python tools/fit_ensemble.py fit
+
+Questions come from alpaca_eval's fitting part (``tools/vicuna.py``: never the fifth the mode
+router is calibrated on, never the Vicuna questions the benchmarks report); ``--source vicuna``
+uses Vicuna-bench instead.
 
 Fitting: per point, features and target are centred (only differences between candidates of
 one point matter to an argmax), then a ridge regression of target on features, with the
@@ -35,14 +40,21 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "tools" / "results"
 CALIBRATION = RESULTS / "ensemble_calibration.jsonl"
 SKIP_CATEGORIES = {"coding", "math"}  # routed cloud-only: no sketch, no ensemble
-TEMPERATURES = (0.0, 0.7, 1.0, 1.2)
+#: Features whose weight may not be negative (each is minus an amount of repetition).
+PENALTIES = {"self_repetition", "cross_repetition"}
+#: Standardised weights below this share of the largest are dropped (see ``fit_on``).
+NEGLIGIBLE = 0.02
 
 
-def load_questions(data: Path, limit: int) -> list[dict[str, Any]]:
-    from vicuna import read_vicuna
+def load_questions(source: str, data: Path | None, limit: int) -> list[dict[str, Any]]:
+    """``limit`` questions spread over categories (round-robin): alpaca_eval's fitting part
+    (never the router's calibration part) or Vicuna-bench without coding and math."""
+    from vicuna import VICUNA, read_alpaca, read_vicuna
 
-    picked = [q for q in read_vicuna(data) if q["category"] not in SKIP_CATEGORIES]
-    # Spread over categories: round-robin.
+    if source == "alpaca":
+        picked = read_alpaca("fit", data) if data else read_alpaca("fit")
+    else:
+        picked = [q for q in read_vicuna(data or VICUNA) if q["category"] not in SKIP_CATEGORIES]
     by_cat: dict[str, list[dict[str, Any]]] = {}
     for q in picked:
         by_cat.setdefault(q["category"], []).append(q)
@@ -55,45 +67,86 @@ def load_questions(data: Path, limit: int) -> list[dict[str, Any]]:
 
 
 async def generate(args: argparse.Namespace) -> None:
+    """Candidates as the served path makes them: the serving sketch prompt and budget, only
+    sketches that pass the sketch guard (the others are answered cloud-only), each point
+    expanded ``--k`` times by the edge runtime with the edge's prompt and repetition control
+    (replica 0 with the request's sampling, greedy; the others at the ensemble temperature with
+    seeds of their own, as `PiceService` samples replicas), and every candidate's expansion-guard
+    verdict (the selector only ever sees candidates that pass it)."""
+    from pice_cloud import defaults
+    from pice_cloud.errors import SketchError
+    from pice_cloud.guards import check_expansion, check_sketch, sketch_rejection_reason
     from pice_cloud.llm.base import ChatRequest
     from pice_cloud.llm.transformers import TransformersBackend
     from pice_cloud.sketch import SKETCH_PREFILL, parse_sketch, sketch_messages
-    from pice_edge.prompts import clean_expansion, expansion_messages
+    from pice_edge.prompts import (
+        EXPANSION_NO_REPEAT_NGRAM_SIZE,
+        EXPANSION_REPETITION_PENALTY,
+        SYSTEM_PROMPT,
+        clean_expansion,
+        expansion_messages,
+        format_sketch,
+    )
+    from pice_edge.runtimes.base import GenerationRequest
+    from pice_edge.runtimes.transformers import TransformersRuntime
 
     llm = TransformersBackend(args.model, threads=args.threads)
+    edge = TransformersRuntime(args.model, threads=args.threads)
     done = set()
     if CALIBRATION.exists() and not args.fresh:
         done = {json.loads(line)["id"] for line in CALIBRATION.read_text().splitlines() if line.strip()}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    from vicuna import VICUNA
-
-    questions = [q for q in load_questions(Path(args.data) if args.data else VICUNA, args.questions)
+    questions = [q for q in load_questions(args.source, Path(args.data) if args.data else None, args.questions)
                  if q["id"] not in done]
     started = time.perf_counter()
+    refused = 0
     with CALIBRATION.open("w" if args.fresh else "a") as out:
         for n, q in enumerate(questions, 1):
-            [raw] = await llm.complete([ChatRequest(sketch_messages(q["question"], max_points=5, max_words=6),
-                                                    max_tokens=64, prefill=SKETCH_PREFILL)])
-            points = parse_sketch(raw.text, max_points=5, max_words=6)
-            requests = []
+            [raw] = await llm.complete([ChatRequest(
+                sketch_messages(q["question"], max_points=defaults.MAX_POINTS, max_words=defaults.MAX_WORDS),
+                max_tokens=defaults.SKETCH_TOKENS, prefill=SKETCH_PREFILL)])
+            try:
+                points = parse_sketch(raw.text, max_points=defaults.MAX_POINTS)
+            except SketchError:  # an unparsable sketch is refused like a bad one
+                points = []
+            reason = sketch_rejection_reason(check_sketch(q["question"], points))
+            if reason is not None:
+                refused += 1
+                print(f"[{n}/{len(questions)}] q{q['id']} sketch refused ({reason})", file=sys.stderr, flush=True)
+                continue
+            requests, temps = [], []
             for i in range(len(points)):
                 for k in range(args.k):
-                    requests.append(ChatRequest(
-                        expansion_messages(q["question"], points, i), max_tokens=args.tokens,
-                        temperature=TEMPERATURES[k % len(TEMPERATURES)], seed=1000 * q["id"] + k,
-                    ))
-            results = await llm.complete(requests)
-            texts = [clean_expansion(r.text, truncated=r.tokens >= args.tokens, point=points[j // args.k])
+                    temperature = 0.0 if k == 0 else args.temperature
+                    temps.append(temperature)
+                    requests.append(GenerationRequest(
+                        prompt=edge.format_chat(expansion_messages(q["question"], points, i)),
+                        max_new_tokens=args.tokens, temperature=temperature, seed=1000 * q["id"] + 7 * i + k,
+                        repetition_penalty=EXPANSION_REPETITION_PENALTY,
+                        no_repeat_ngram_size=EXPANSION_NO_REPEAT_NGRAM_SIZE))
+            results = []
+            for start in range(0, len(requests), 8):
+                results.extend(edge.generate(requests[start:start + 8]))
+            texts = [clean_expansion(r.text, truncated=r.token_count >= args.tokens, point=points[j // args.k])
                      for j, r in enumerate(results)]
-            scores = await llm.score(requests, texts)
+            scores = await llm.score([ChatRequest(expansion_messages(q["question"], points, j // args.k), max_tokens=0)
+                                      for j in range(len(texts))], texts)
+            outline = format_sketch(points)
             cands = []
-            for j, (req, res, text, cloud_ll) in enumerate(zip(requests, results, texts, scores, strict=True)):
-                cands.append({"point": j // args.k, "temperature": req.temperature, "text": text,
-                              "tokens": res.tokens, "edge_logprob": res.mean_logprob, "cloud_loglik": cloud_ll})
+            for j, (res, text, cloud_ll) in enumerate(zip(results, texts, scores, strict=True)):
+                point = j // args.k
+                others = [t for m, t in enumerate(texts) if m // args.k != point]
+                guard = check_expansion(text, point=points[point], question=q["question"], other_texts=others,
+                                        prompt_texts=(outline, SYSTEM_PROMPT))
+                cands.append({"point": point, "temperature": temps[j], "text": text, "tokens": res.token_count,
+                              "edge_logprob": res.mean_logprob, "cloud_loglik": cloud_ll, "guard": guard})
             out.write(json.dumps({**q, "sketch": points, "tokens_per_point": args.tokens, "candidates": cands}) + "\n")
             out.flush()
-            print(f"[{n}/{len(questions)}] q{q['id']} {len(points)} points, {len(cands)} candidates "
+            print(f"[{n}/{len(questions)}] q{q['id']} {len(points)} points, {len(cands)} candidates, "
+                  f"{sum(c['guard'] is not None for c in cands)} refused by the guard "
                   f"({time.perf_counter() - started:.0f}s)", file=sys.stderr, flush=True)
+    print(f"{refused} sketches refused by the guard", file=sys.stderr)
+    edge.close()
     await llm.close()
 
 
@@ -132,29 +185,35 @@ def _evaluate(groups: list[dict[str, Any]], weights: list[float]) -> tuple[float
 def fit(args: argparse.Namespace) -> None:
     from pice_cloud.embeddings import Embedder
     from pice_cloud.ensemble import FEATURES, length_fit
+    from pice_cloud.guards import repetition_signals
 
     rows = [json.loads(line) for line in CALIBRATION.read_text().splitlines() if line.strip()]
     embedder = Embedder()
     groups: list[dict[str, Any]] = []
     for q in rows:
         ref = embedder.encode_lists(_chunks(q["reference"]))
+        # What the selector sees in service: non-empty candidates the expansion guard accepted.
+        usable = [c for c in q["candidates"] if c["text"].strip() and c.get("guard") is None]
         by_point: dict[int, list[dict[str, Any]]] = {}
-        for c in q["candidates"]:
-            if c["text"].strip():
-                by_point.setdefault(c["point"], []).append(c)
+        for c in usable:
+            by_point.setdefault(c["point"], []).append(c)
         for point, cands in sorted(by_point.items()):
             if len(cands) < 2:
                 continue
+            others = [c["text"] for c in usable if c["point"] != point]
             vecs = embedder.encode_lists([c["text"] for c in cands])
             ctx = embedder.encode_lists([f"{q['question']} {q['sketch'][point]}"])[0]
             x, y = [], []
             for j, c in enumerate(cands):
-                others = [vecs[m] for m in range(len(cands)) if m != j]
-                agreement = sum(_dot(vecs[j], o) for o in others) / len(others)
+                peers = [vecs[m] for m in range(len(cands)) if m != j]
+                agreement = sum(_dot(vecs[j], o) for o in peers) / len(peers)
+                rep = repetition_signals(c["text"], others)
                 x.append([c["cloud_loglik"], agreement, _dot(vecs[j], ctx), c["edge_logprob"],
-                          length_fit(c["tokens"], q["tokens_per_point"])])
+                          length_fit(c["tokens"], q["tokens_per_point"]), -(rep.own_sentences + rep.own_4grams),
+                          -rep.other_points])
                 y.append(max(_dot(vecs[j], r) for r in ref))
-            groups.append({"qid": q["id"], "x": x, "y": y})
+            first = next((j for j, c in enumerate(cands) if c.get("temperature", 0.0) == 0.0), 0)
+            groups.append({"qid": q["id"], "x": x, "y": y, "first": first})
 
     qids = sorted({g["qid"] for g in groups})
     rng = random.Random(args.seed)
@@ -173,8 +232,22 @@ def fit(args: argparse.Namespace) -> None:
             ys.extend(v - ymean for v in g["y"])
         # Standardise so one penalty suits features of different scales; map back after.
         scale = [max(1e-9, (sum(r[i] ** 2 for r in xs) / len(xs)) ** 0.5) for i in range(len(FEATURES))]
-        w = _ridge([[v / s for v, s in zip(r, scale, strict=True)] for r in xs], ys, lam)
-        return [wi / s for wi, s in zip(w, scale, strict=True)]
+        active = list(range(len(FEATURES)))
+        while True:
+            w = _ridge([[r[i] / scale[i] for i in active] for r in xs], ys, lam)
+            full = [0.0] * len(FEATURES)
+            for i, wi in zip(active, w, strict=True):
+                full[i] = wi / scale[i]
+            # Repetition is never a merit: a penalty feature whose fitted weight would reward it
+            # is noise of a small sample; drop it and fit the others again (sign-constrained).
+            wrong = [i for i in active if FEATURES[i] in PENALTIES and full[i] < 0]
+            # A feature that barely moves the choice still costs its computation (the cloud's
+            # scoring prefill, the embeddings): below 2% of the strongest, drop it too.
+            top = max(abs(w[k]) for k in range(len(active))) if active else 0.0
+            wrong += [i for k, i in enumerate(active) if abs(w[k]) < NEGLIGIBLE * top and i not in wrong]
+            if not wrong:
+                return full
+            active = [i for i in active if i not in wrong]
 
     # Penalty by leave-one-question-out accuracy on the training questions.
     train_ids = sorted({g["qid"] for g in train})
@@ -195,6 +268,10 @@ def fit(args: argparse.Namespace) -> None:
     rand_hit = sum(1 / len(g["y"]) for g in test) / len(test)
     rand_mean = sum(sum(g["y"]) / len(g["y"]) for g in test) / len(test)
     report.append({"selector": "random pick", "oracle_hit": rand_hit, "mean_similarity": rand_mean})
+    # Width 1: the request's own (greedy) candidate, what a point gets without an ensemble.
+    first_hit = sum(g["y"][g["first"]] == max(g["y"]) for g in test) / len(test)
+    first_mean = sum(g["y"][g["first"]] for g in test) / len(test)
+    report.append({"selector": "no ensemble (greedy replica)", "oracle_hit": first_hit, "mean_similarity": first_mean})
     for i, name in enumerate(FEATURES):
         # Sign from the training data: a single feature used the way it helps there.
         sign = 1.0 if fit_on(train, 1e6)[i] >= 0 else -1.0
@@ -210,7 +287,8 @@ def fit(args: argparse.Namespace) -> None:
         print(f"{r['selector']:<28}{r['oracle_hit']:>14.3f}{r['mean_similarity']:>10.4f}")
     meta = {"questions": len(qids), "test_questions": len(test_ids), "train_points": len(train),
             "test_points": len(test), "ridge_lambda": best_lam, "candidates_per_point": args_k(rows),
-            "target": "MiniLM cosine to the best-matching passage of the GPT-4o answer",
+            "target": "MiniLM cosine to the best-matching passage of the reference answer",
+            "source": sorted({str(r.get("category", "")) for r in rows})[:8],
             "report": report, "command": "python tools/fit_ensemble.py fit"}
     out = {"weights": dict(zip(FEATURES, weights, strict=True)), "fit": meta}
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
@@ -235,10 +313,14 @@ def main() -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate")
     gen.add_argument("--model", default="smollm2-135m-instruct")
-    gen.add_argument("--data", default=None, help="vicuna_bench folder (default: $PICE_DATA_DIR/vicuna_bench)")
-    gen.add_argument("--questions", type=int, default=24)
+    gen.add_argument("--source", choices=("alpaca", "vicuna"), default="alpaca",
+                     help="alpaca_eval's fitting part (default) or Vicuna-bench without coding/math")
+    gen.add_argument("--data", default=None, help="the source's file or folder (default: under $PICE_DATA_DIR)")
+    gen.add_argument("--questions", type=int, default=48)
     gen.add_argument("--k", type=int, default=3, help="candidates per point")
-    gen.add_argument("--tokens", type=int, default=64, help="expansion budget per point")
+    gen.add_argument("--temperature", type=float, default=0.7,
+                     help="sampling temperature of replicas 1.. (service.ensemble_temperature)")
+    gen.add_argument("--tokens", type=int, default=80, help="expansion budget per point (serving default)")
     gen.add_argument("--threads", type=int, default=2)
     gen.add_argument("--fresh", action="store_true", help="start over instead of resuming")
     f = sub.add_parser("fit")

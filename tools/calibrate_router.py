@@ -1,0 +1,137 @@
+#!/usr/bin/env python3
+"""Choose the mode router's threshold on held-back answers: as many progressive answers as
+possible while ``auto`` stays at least as good as cloud-only.
+
+Input: answers to the same questions in modes ``cloud`` and ``progressive`` from
+``tools/eval_modes.py --source alpaca`` (alpaca_eval's held-out fifth: never used to fit the
+router, never the Vicuna questions the benchmark reports). For every candidate threshold t,
+``auto`` is simulated question by question: the router's P(suits a sketch) >= t takes the
+progressive answer (which is itself cloud-only when the sketch guards refused both sketches, as
+in service), otherwise the cloud-only one. The chosen t maximises the share of questions served
+progressively subject to mean MiniLM cosine and mean ROUGE-L of auto >= cloud-only's; ties go to
+the higher cosine. The curve (share progressive vs quality, per threshold) and the choice are
+written to ``tools/results/router_calibration.{json,png}``; ``--write`` also stores the threshold
+and how it was chosen in ``pice_cloud/data/router.json``.
+
+    python tools/eval_modes.py --source alpaca --modes cloud,progressive \\
+        --rows tools/results/quality_modes_alpaca.jsonl
+    python tools/calibrate_router.py --rows tools/results/quality_modes_alpaca.jsonl --write
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pice_cloud.router import (  # noqa: E402  (the repo root must be on sys.path first)
+    CalibrationSample,
+    EmbeddingRouter,
+    RouterWeights,
+    ThresholdPoint,
+    calibrate_threshold,
+    simulate_auto,
+)
+
+RESULTS = ROOT / "tools" / "results"
+WEIGHTS = ROOT / "pice_cloud" / "data" / "router.json"
+
+
+def paired(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Questions answered in both modes: {question, cloud row, progressive row}."""
+    by_q: dict[Any, dict[str, Any]] = {}
+    for r in rows:
+        by_q.setdefault(r["question_id"], {"question": r["question"]})[r["mode"]] = r
+    return [q for q in by_q.values() if "cloud" in q and "progressive" in q]
+
+
+def sample(q: dict[str, Any], probability: float) -> CalibrationSample:
+    def side(r: dict[str, Any]) -> tuple[tuple[float, ...], float]:
+        return (r["cosine"], r["rouge_l"]), float(r["cloud_tokens"] or 0)
+
+    return CalibrationSample(probability, side(q["cloud"]), side(q["progressive"]),
+                             q["progressive"]["mode_served"] == "progressive")
+
+
+def as_dict(point: ThresholdPoint) -> dict[str, Any]:
+    return {"threshold": round(point.threshold, 4), "routed_progressive": round(point.routed_progressive, 4),
+            "served_progressive": round(point.served_progressive, 4), "cosine": round(point.quality[0], 4),
+            "rouge_l": round(point.quality[1], 4), "cloud_tokens": round(point.cloud_tokens, 1)}
+
+
+def plot(curve: list[dict[str, Any]], chosen: dict[str, Any], cloud: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    xs = [c["served_progressive"] for c in curve]
+    ax.plot(xs, [c["cosine"] for c in curve], marker=".", label="auto: MiniLM cosine")
+    ax.axhline(cloud["cosine"], color="grey", linestyle="--", label="cloud-only cosine")
+    ax.scatter([chosen["served_progressive"]], [chosen["cosine"]], color="red", zorder=3,
+               label=f"chosen threshold {chosen['threshold']}")
+    ax.set_xlabel("share of questions served progressively")
+    ax.set_ylabel("mean cosine to the reference answer")
+    ax.set_title("Mode router calibration (alpaca_eval held-out)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=Path, required=True, help="eval_modes.py answers (modes cloud, progressive)")
+    parser.add_argument("--weights", type=Path, default=WEIGHTS)
+    parser.add_argument("--write", action="store_true", help="store the chosen threshold in --weights")
+    args = parser.parse_args()
+    rows = [json.loads(line) for line in args.rows.read_text().splitlines() if line.strip()]
+    pairs = paired(rows)
+    if len(pairs) < 10:
+        raise SystemExit(f"{args.rows}: only {len(pairs)} questions answered in both modes; need 10 or more")
+    weights = RouterWeights.load(args.weights)
+    router = EmbeddingRouter.load(weights_path=args.weights)
+    if router.name != "embedding":
+        raise SystemExit("the embedding model is not available (pice-edge models fetch all-minilm-l6-v2): "
+                         "a threshold calibrated on the keyword fallback would be meaningless")
+    samples = [sample(q, router.predict(q["question"]).probability) for q in pairs]
+    best, points = calibrate_threshold(samples)
+    chosen, curve = as_dict(best), [as_dict(p) for p in points]
+    cloud, always = as_dict(simulate_auto(samples, math.inf)), as_dict(simulate_auto(samples, 0.0))
+    print(f"{len(pairs)} questions; cloud-only cosine {cloud['cosine']} ROUGE-L {cloud['rouge_l']}; "
+          f"all progressive: cosine {always['cosine']} ROUGE-L {always['rouge_l']} "
+          f"(served progressive {always['served_progressive']})")
+    print(f"{'threshold':>10}{'routed':>8}{'served':>8}{'cosine':>8}{'ROUGE-L':>9}{'cloud tok':>10}")
+    for c in curve:
+        mark = "  <- chosen" if c["threshold"] == chosen["threshold"] else ""
+        print(f"{c['threshold']:>10}{c['routed_progressive']:>8}{c['served_progressive']:>8}{c['cosine']:>8}"
+              f"{c['rouge_l']:>9}{c['cloud_tokens']:>10}{mark}")
+    previous = weights.threshold
+    result = {"questions": len(pairs), "rows": str(args.rows.relative_to(ROOT)) if args.rows.is_absolute()
+              and args.rows.is_relative_to(ROOT) else str(args.rows),
+              "rule": "max share served progressively s.t. auto's mean cosine and ROUGE-L >= cloud-only's",
+              "previous_threshold": previous, "chosen": chosen, "cloud_only": cloud, "all_progressive": always,
+              "curve": curve, "command": "python tools/calibrate_router.py " + " ".join(sys.argv[1:]),
+              "created": time.strftime("%Y-%m-%d")}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "router_calibration.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(curve, chosen, cloud, RESULTS / "router_calibration.png")
+    if args.write:
+        data = json.loads(args.weights.read_text())
+        data["threshold"] = best.threshold  # exact: a rounded one could drop the question at the boundary
+        data["threshold_calibration"] = {k: result[k] for k in ("questions", "rule", "previous_threshold", "chosen",
+                                                                 "cloud_only", "command", "created")}
+        args.weights.write_text(json.dumps(data, indent=1) + "\n")
+        print(f"threshold {previous} -> {chosen['threshold']} written to {args.weights}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
