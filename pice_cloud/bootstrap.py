@@ -72,7 +72,8 @@ def build_backend(config: LLMConfig) -> LLMBackend:
         PiceError: the backend's library or the model is missing (the message says what to do).
     """
     if config.kind == "transformers":
-        options: dict[str, Any] = {"device": config.device, "dtype": config.dtype, "threads": config.threads}
+        options: dict[str, Any] = {"device": config.device, "dtype": config.dtype, "threads": config.threads,
+                                   "max_batch": config.max_batch, "memory_budget_mb": config.memory_budget_mb}
     elif config.kind == "openai":
         options = {"url": config.url, "api_key": config.api_key.get_secret_value() if config.api_key else None,
                    "timeout_s": config.timeout_s, "max_parallel": config.max_parallel,

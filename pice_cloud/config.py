@@ -85,7 +85,12 @@ class LLMConfig(BaseModel):
         description="the model's context window in tokens; default: from the model's config (transformers), "
                     "unchecked here for a remote engine (it refuses itself)")
     max_batch: int = Field(default=defaults.CLOUD_MAX_BATCH, ge=1, le=4096,
-                           description="requests the engine batches together (the scheduler's load estimate)")
+                           description="sequences decoded together (transformers: continuous batching; other kinds: "
+                                       "what the engine batches, for the scheduler's load estimate)")
+    memory_budget_mb: int | None = Field(
+        default=None, ge=1, le=10_000_000,
+        description="transformers: most KV-cache megabytes of the sequences in the batch (none: max_batch alone "
+                    "bounds it)")
     continue_final_message: bool = Field(
         default=False,
         description="send pre-fills as a final assistant turn to continue (vLLM, SGLang); otherwise an "

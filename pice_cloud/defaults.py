@@ -71,8 +71,9 @@ LINK_DELAY_SAMPLE_WEIGHT: Final = 0.2
 MIN_RATE_SAMPLE_TOKENS: Final = 8
 
 # --- the cloud LLM ----------------------------------------------------------------------------
-#: Requests the cloud LLM batches together (for the scheduler's load estimate).
-CLOUD_MAX_BATCH: Final = 1
+#: Sequences the cloud LLM decodes together (the embedded backend batches continuously; for a
+#: remote engine, the scheduler's load estimate).
+CLOUD_MAX_BATCH: Final = 8
 
 # --- local edges (single-host setup) ----------------------------------------------------------
 #: In-process edges on the embedded broker (0 with an external broker).

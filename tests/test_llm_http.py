@@ -12,7 +12,7 @@ import pytest
 from pice_cloud.bootstrap import start_system
 from pice_cloud.errors import BackendError
 from pice_cloud.llm import create_backend
-from pice_cloud.llm.base import ChatRequest, LLMBackend, TextRequest
+from pice_cloud.llm.base import ChatRequest, Completion, LLMBackend, StreamingBackend, TextRequest
 from pice_cloud.llm.openai_http import OpenAIHTTPBackend
 from pice_cloud.llm.transformers import TransformersBackend
 from pice_cloud.sketch import SKETCH_PREFILL, sketch_messages
@@ -57,6 +57,37 @@ async def test_http_backend_matches_the_model_behind_it(upstream: Api, direct: T
         assert remote.text == local.text.strip()
         assert remote.tokens == local.tokens
     assert got[1].tokens <= 7
+
+
+@pytest.mark.mosquitto
+async def test_http_backend_streams_what_it_completes(upstream: Api, direct: TransformersBackend) -> None:
+    backend = OpenAIHTTPBackend(upstream.url, "pice")
+    assert isinstance(backend, StreamingBackend)
+    request = ChatRequest([ChatMessage("user", QUESTION)], max_tokens=24)
+    try:
+        pieces: list[str] = []
+        final = None
+        async for item in backend.stream(request):
+            if isinstance(item, Completion):
+                final = item
+            else:
+                pieces.append(item)
+        [whole] = await backend.complete([request])
+        # A sketch's pre-fill echoed by a server without continue_final_message is stripped,
+        # as complete() strips it.
+        sketch = ChatRequest(sketch_messages(QUESTION, max_points=3, max_words=5), max_tokens=20,
+                             prefill=SKETCH_PREFILL)
+        streamed_sketch = [p async for p in backend.stream(sketch)]
+        [completed_sketch] = await backend.complete([sketch])
+    finally:
+        await backend.close()
+    assert final is not None
+    assert len(pieces) > 1  # token by token, not one chunk at the end
+    assert "".join(pieces) == final.text == whole.text
+    assert final.tokens == whole.tokens  # from the server's usage chunk
+    last = streamed_sketch[-1]
+    assert isinstance(last, Completion)
+    assert last.text == completed_sketch.text
 
 
 @pytest.mark.mosquitto

@@ -25,7 +25,7 @@ BACKENDS = ("transformers", "openai", "tensorrt_llm")
 def create_backend(kind: str, *, model: str | Path = DEFAULT_MODEL, **options: Any) -> LLMBackend:
     """The backend of ``kind`` on ``model``; ``options`` go to its constructor.
 
-    - transformers: ``device``, ``dtype``, ``threads``
+    - transformers: ``device``, ``dtype``, ``threads``, ``max_batch``, ``memory_budget_mb``
     - openai: ``url`` (required), ``api_key``, ``timeout_s``, ``max_parallel``, ``continue_final_message``
     - tensorrt_llm: keyword arguments of ``tensorrt_llm.LLM``
 

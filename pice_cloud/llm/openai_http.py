@@ -13,8 +13,9 @@ is stripped, so callers always get the continuation after the pre-fill.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 import httpx
@@ -95,6 +96,52 @@ class OpenAIHTTPBackend:
             tokens = estimate_tokens(text)
         return Completion(text=text, tokens=tokens, token_logprobs=_logprobs(choice, request))
 
+    async def stream(self, request: ChatRequest) -> AsyncGenerator[str | Completion, None]:
+        """Stream one continuation from the engine (``"stream": true``, server-sent events) as it
+        decodes (`StreamingBackend`). The token count comes from the engine's final usage chunk
+        (``stream_options.include_usage``) when it sends one, else an estimate. Closing the
+        iterator early closes the connection, which vLLM, llama.cpp and trtllm-serve take as
+        "stop generating"."""
+        body = {**self._body(request), "stream": True, "stream_options": {"include_usage": True}}
+        strip = request.prefill if request.prefill and not self.continue_final_message else ""
+        text, held, tokens = "", "", None
+        async with self._limit:
+            try:
+                async with self._client.stream("POST", "/chat/completions", json=body) as response:
+                    if response.status_code != 200:
+                        await response.aread()
+                        raise BackendError(f"LLM server {self.base_url} answered {response.status_code}: "
+                                           f"{_error_message(response)}")
+                    async for line in response.aiter_lines():
+                        if not line.startswith("data:"):
+                            continue  # blank separators, comments, "event:" lines
+                        data = line[5:].strip()
+                        if data == "[DONE]":
+                            break
+                        piece, used = _stream_chunk(data, self.base_url)
+                        tokens = used if used is not None else tokens
+                        if not piece:
+                            continue
+                        if strip:
+                            # Hold the start back until we know whether it echoes the pre-fill.
+                            held += piece
+                            if len(held.lstrip()) < len(strip) and strip.startswith(held.lstrip()):
+                                continue
+                            piece, strip = _without_prefill(held, strip), ""
+                            if not piece:
+                                continue
+                        text += piece
+                        yield piece
+            except httpx.HTTPError as exc:
+                raise BackendError(f"LLM server {self.base_url} unreachable: {type(exc).__name__}: {exc}; "
+                                   "check llm.url and that the server runs") from exc
+        if strip and held:  # the whole answer was shorter than the pre-fill
+            rest = _without_prefill(held, strip)
+            text += rest
+            if rest:
+                yield rest
+        yield Completion(text=text, tokens=tokens if isinstance(tokens, int) else estimate_tokens(text))
+
     async def complete_raw(self, requests: Sequence[TextRequest]) -> list[Completion]:
         """Raw prompts through the engine's own ``/v1/completions``."""
         return list(await asyncio.gather(*(self._one_raw(r) for r in requests)))
@@ -124,6 +171,33 @@ class OpenAIHTTPBackend:
 
     async def close(self) -> None:
         await self._client.aclose()
+
+
+def _stream_chunk(data: str, where: str) -> tuple[str, int | None]:
+    """(content delta, completion tokens if this chunk carries usage) of one streamed chunk."""
+    try:
+        chunk = json.loads(data)
+    except ValueError as exc:
+        raise BackendError(f"LLM server {where} streamed a chunk that is not JSON: {data[:200]!r}") from exc
+    if not isinstance(chunk, dict):
+        raise BackendError(f"LLM server {where} streamed a chunk that is not an object: {data[:200]!r}")
+    if "error" in chunk:
+        raise BackendError(f"LLM server {where} failed mid-stream: {str(chunk['error'])[:300]}")
+    usage = chunk.get("usage") or {}
+    tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
+    piece = ""
+    choices = chunk.get("choices") or []
+    if choices and isinstance(choices[0], dict):
+        delta = choices[0].get("delta") or {}
+        content = delta.get("content") if isinstance(delta, dict) else None
+        piece = content if isinstance(content, str) else ""
+    return piece, tokens if isinstance(tokens, int) else None
+
+
+def _without_prefill(text: str, prefill: str) -> str:
+    """``text`` without a leading echo of ``prefill`` (as `OpenAIHTTPBackend.complete` strips it)."""
+    stripped = text.lstrip()
+    return stripped[len(prefill):] if stripped.startswith(prefill) else text
 
 
 def _logprobs(choice: Any, request: ChatRequest) -> tuple[TokenLogprob, ...] | None:

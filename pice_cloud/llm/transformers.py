@@ -1,58 +1,26 @@
-"""Cloud LLM backend on a local Hugging Face model (default: the bundled SmolLM2)."""
+"""Cloud LLM backend on a local Hugging Face model (default: the bundled SmolLM2).
+
+Generations are continuously batched (`pice_cloud.llm.step_engine.StepEngine` over the runtime's
+step engine): concurrent sketches, answers and expansions share decode steps, and streamed and
+non-streamed answers come out of the same loop, so they are the same text for the same seed.
+Requests for per-token log-probabilities with alternatives run alone on the model thread (the
+step engine keeps only the chosen token's log-probability).
+"""
 
 from __future__ import annotations
 
 import asyncio
-import threading
-from collections.abc import AsyncGenerator, Callable, Sequence
+import contextlib
+from collections.abc import AsyncGenerator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from pice_cloud.llm.base import ChatRequest, Completion, TextRequest, TokenLogprob
+from pice_cloud.llm.step_engine import StepEngine
 from pice_edge.model_store import DEFAULT_MODEL
 from pice_edge.runtimes.base import ChatMessage, GenerationRequest
 from pice_edge.runtimes.transformers import TransformersRuntime
-
-
-class _Stopped(Exception):
-    """Ends a streamed generation early (the consumer stopped reading)."""
-
-
-def _generate_streaming(runtime: TransformersRuntime, request: GenerationRequest,
-                        push: Callable[[list[int]], None], stop: threading.Event) -> None:
-    """``model.generate`` for one request with the settings `TransformersRuntime.generate`
-    uses (greedy, or sampling with the request's seed), pushing each new token as it comes."""
-    import torch
-
-    model, tokenizer = runtime.model, runtime.tokenizer
-    enc = tokenizer([request.prompt], return_tensors="pt", add_special_tokens=False)
-    enc = {k: v.to(runtime.device) for k, v in enc.items()}
-    kwargs: dict[str, Any] = {"do_sample": request.temperature > 0}
-    if request.temperature > 0:
-        kwargs.update(temperature=request.temperature, top_p=request.top_p)
-        if request.seed is not None:
-            torch.manual_seed(request.seed)
-    else:
-        kwargs.update(temperature=None, top_p=None, top_k=None)
-
-    class Streamer:
-        prompt_seen = False
-
-        def put(self, value: Any) -> None:
-            if not self.prompt_seen:  # generate() first hands over the prompt itself
-                self.prompt_seen = True
-                return
-            if stop.is_set():
-                raise _Stopped
-            push([int(t) for t in value.reshape(-1).tolist()])
-
-        def end(self) -> None:
-            pass
-
-    with torch.inference_mode():
-        model.generate(**enc, max_new_tokens=request.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                       streamer=Streamer(), **kwargs)
 
 
 def _generate_with_logprobs(runtime: TransformersRuntime, request: ChatRequest) -> Completion:
@@ -93,19 +61,23 @@ def _generate_with_logprobs(runtime: TransformersRuntime, request: ChatRequest) 
 
 
 class TransformersBackend:
-    """Runs the model on one worker thread: requests are serialised (batched by the caller),
-    so the event loop never blocks and two generations never fight for the same cores."""
+    """Runs the model on one worker thread, so the event loop never blocks and two
+    generations never fight for the same cores; generations share decode steps (continuous
+    batching, up to ``max_batch`` sequences whose KV caches fit ``memory_budget_mb``)."""
 
     name = "transformers"
 
     def __init__(self, model: str | Path = DEFAULT_MODEL, *, device: str = "cpu",
-                 dtype: str = "float32", threads: int | None = None) -> None:
+                 dtype: str = "float32", threads: int | None = None, max_batch: int = 8,
+                 memory_budget_mb: int | None = None) -> None:
         self.runtime = TransformersRuntime(model, device=device, dtype=dtype, threads=threads)
         self.model_id = self.runtime.model_id
         #: The model's context window (prompt + completion), from its config.
         self.context_tokens: int | None = getattr(self.runtime.model.config, "max_position_embeddings", None)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pice-cloud-llm")
         self._counter: Any = None
+        self.engine = StepEngine(self.runtime, self._executor, max_batch=max_batch,  # type: ignore[arg-type]
+                                 memory_budget_bytes=None if memory_budget_mb is None else memory_budget_mb << 20)
 
     def _tokenizer(self) -> Any:
         # A tokenizer of our own for counting on the event loop: a fast tokenizer used by two
@@ -132,88 +104,55 @@ class TransformersBackend:
             loop = asyncio.get_running_loop()
             return [await loop.run_in_executor(self._executor, _generate_with_logprobs, self.runtime, r)
                     for r in requests]
-        gen = [
-            GenerationRequest(
-                prompt=self.runtime.format_chat(r.messages, r.prefill),
-                max_new_tokens=r.max_tokens,
-                temperature=r.temperature,
-                top_p=r.top_p,
-                seed=r.seed,
-            )
-            for r in requests
-        ]
-        loop = asyncio.get_running_loop()
-        results = await loop.run_in_executor(self._executor, self.runtime.generate, gen)
+        results = await asyncio.gather(*(self.engine.generate(self._request(r)) for r in requests))
         return [Completion(text=x.text, tokens=x.token_count, mean_logprob=x.mean_logprob) for x in results]
+
+    def _request(self, r: ChatRequest) -> GenerationRequest:
+        return GenerationRequest(prompt=self.runtime.format_chat(r.messages, r.prefill), max_new_tokens=r.max_tokens,
+                                 temperature=r.temperature, top_p=r.top_p, seed=r.seed)
 
     async def stream(self, request: ChatRequest) -> AsyncGenerator[str | Completion, None]:
         """Stream one continuation token by token (`StreamingBackend`).
 
-        The generation runs on the model's worker thread like `complete`, with the same
-        settings as `TransformersRuntime.generate` gives one request (same seed, same tokens), so
-        the pieces concatenate to what `complete` returns. Closing the iterator early stops the
-        generation at the next token.
+        The generation joins the shared batch like `complete` (same seed, same tokens), and the
+        text grows after every decode step, so the pieces concatenate to what `complete` returns.
+        Closing the iterator early frees the sequence's slot at the next step.
         """
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[list[int] | BaseException | None] = asyncio.Queue()
-        stop = threading.Event()
-        gen = GenerationRequest(prompt=self.runtime.format_chat(request.messages, request.prefill),
-                                max_new_tokens=request.max_tokens, temperature=request.temperature,
-                                top_p=request.top_p, seed=request.seed)
-
-        def push(item: list[int] | BaseException | None) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-
-        def work() -> None:
-            try:
-                _generate_streaming(self.runtime, gen, push, stop)
-                push(None)
-            except _Stopped:
-                push(None)
-            except BaseException as exc:  # handed to the consumer, raised there
-                push(exc)
-
-        future = loop.run_in_executor(self._executor, work)
-        ids: list[int] = []
+        queue: asyncio.Queue[list[int]] = asyncio.Queue()
+        job = asyncio.ensure_future(self.engine.generate(self._request(request), queue.put_nowait))
         sent = ""
-        eos = self.runtime._eos_ids  # the runtime's own end-of-sequence set
         try:
-            while True:
-                item = await queue.get()
-                if item is None:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                for token in item:
-                    if token in eos or len(ids) >= request.max_tokens:
-                        stop.set()
-                        break
-                    ids.append(token)
-                text = self.runtime.tokenizer.decode(ids, skip_special_tokens=True)
+            while not job.done() or not queue.empty():
+                waiter = asyncio.ensure_future(queue.get())
+                await asyncio.wait({waiter, job}, return_when=asyncio.FIRST_COMPLETED)
+                if not waiter.done():
+                    waiter.cancel()
+                    continue
+                # Our own tokenizer: the runtime's is in use on the model thread.
+                text = self._tokenizer().decode(waiter.result(), skip_special_tokens=True)
                 # Hold back a trailing replacement character: a multi-byte character whose
                 # remaining bytes come with the next token.
                 safe = text[:-1] if text.endswith("\ufffd") else text
                 if len(safe) > len(sent) and safe.startswith(sent):
                     yield safe[len(sent):]
                     sent = safe
-                if stop.is_set():
-                    break
-            text = self.runtime.tokenizer.decode(ids, skip_special_tokens=True)
-            if len(text) > len(sent) and text.startswith(sent):
-                yield text[len(sent):]
-            yield Completion(text=text, tokens=len(ids))
+            result = job.result()
+            if len(result.text) > len(sent) and result.text.startswith(sent):
+                yield result.text[len(sent):]
+            yield Completion(text=result.text, tokens=result.token_count, mean_logprob=result.mean_logprob)
         finally:
-            stop.set()
-            await asyncio.shield(future)
+            if not job.done():
+                job.cancel()  # the consumer stopped reading: free the slot
+                with contextlib.suppress(asyncio.CancelledError):
+                    await job
 
     async def complete_raw(self, requests: Sequence[TextRequest]) -> list[Completion]:
         """Continue raw prompts (no chat template) on the model's worker thread."""
         if not requests:
             return []
-        gen = [GenerationRequest(prompt=r.prompt, max_new_tokens=r.max_tokens, temperature=r.temperature,
-                                 top_p=r.top_p, seed=r.seed) for r in requests]
-        loop = asyncio.get_running_loop()
-        results = await loop.run_in_executor(self._executor, self.runtime.generate, gen)
+        results = await asyncio.gather(*(self.engine.generate(GenerationRequest(
+            prompt=r.prompt, max_new_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p, seed=r.seed))
+            for r in requests))
         return [Completion(text=x.text, tokens=x.token_count, mean_logprob=x.mean_logprob) for x in results]
 
     async def score(self, requests: Sequence[ChatRequest], continuations: Sequence[str]) -> list[float]:
@@ -226,4 +165,5 @@ class TransformersBackend:
         return await loop.run_in_executor(self._executor, self.runtime.score, prompts, list(continuations))
 
     async def close(self) -> None:
+        await self.engine.close()
         self._executor.shutdown(wait=True, cancel_futures=True)

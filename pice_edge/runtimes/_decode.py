@@ -175,6 +175,19 @@ class StepBatch:
         finished, self._finished = self._finished, []
         return finished
 
+    def progress(self) -> list[tuple[object, list[int]]]:
+        """The tokens generated so far by every live sequence (copies: for streaming)."""
+        return [(row.key, list(row.generated)) for row in self._rows if not row.done]
+
+    def discard(self, key: object) -> None:
+        """Drop a sequence that nobody waits for any more (its slot is free at once)."""
+        self._pending = [(k, r) for k, r in self._pending if k != key]
+        for row in self._rows:
+            if row.key == key:
+                row.done = True
+        self._finished = [(k, r) for k, r in self._finished if k != key]
+        self._drop_finished()
+
     def run(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Generate a whole batch (the plain `Runtime.generate` path)."""
         for i, request in enumerate(requests):
