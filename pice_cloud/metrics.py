@@ -9,12 +9,16 @@ mirrored.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from pice_edge.rejects import Rejections
+
+if TYPE_CHECKING:
+    from pice_cloud.llm.step_engine import EngineStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Seconds; from a tiny model on loopback to a long answer on a slow fleet.
@@ -53,7 +57,8 @@ class Metrics:
 
     def __init__(self, rejections: Rejections, *, live_edges: Callable[[], float], queued: Callable[[], float],
                  in_flight: Callable[[], float], sketch_rejections: Rejections | None = None,
-                 candidate_rejections: Rejections | None = None) -> None:
+                 candidate_rejections: Rejections | None = None, engine: EngineStats | None = None,
+                 engine_load: Callable[[], float] | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("pice_requests", "Chat completion requests, by mode and outcome "
@@ -69,6 +74,16 @@ class Metrics:
         Gauge("pice_admission_queue_depth", "Requests waiting for an admission slot", registry=r).set_function(queued)
         Gauge("pice_requests_in_flight", "Requests being answered", registry=r).set_function(in_flight)
         Gauge("pice_live_edges", "Edges currently live", registry=r).set_function(live_edges)
+        if engine is not None and engine_load is not None:
+            # The embedded backend's continuous batching (`pice_cloud.llm.step_engine`).
+            Gauge("pice_cloud_batch_requests", "Cloud generations in the batch or waiting for a slot",
+                  registry=r).set_function(engine_load)
+            Gauge("pice_cloud_batch_steps", "Decode steps the cloud model has run",
+                  registry=r).set_function(lambda: engine.steps)
+            Gauge("pice_cloud_batch_mean_size", "Mean sequences per cloud decode step",
+                  registry=r).set_function(lambda: engine.rows / engine.steps if engine.steps else 0.0)
+            Gauge("pice_cloud_batch_joined_running", "Cloud generations that joined a running batch",
+                  registry=r).set_function(lambda: engine.joined_running)
         r.register(_RejectionsCollector(rejections))
         r.register(_QualityCollector("pice_sketch_rejected", "Sketches refused by the guards, by reason",
                                      sketch_rejections or Rejections()))

@@ -133,6 +133,11 @@ async def test_models_health_and_metrics(api: Api) -> None:
     assert "pice_admission_queue_depth 0.0" in metrics
     assert 'pice_time_to_first_token_seconds_count{mode="progressive"} 1.0' in metrics
     assert 'pice_request_latency_seconds_count{mode="progressive"} 1.0' in metrics
+    # The sketch went through the cloud's batching engine, which is idle again.
+    steps = re.search(r"^pice_cloud_batch_steps (\S+)$", metrics, re.MULTILINE)
+    assert steps is not None
+    assert float(steps.group(1)) >= 1
+    assert "pice_cloud_batch_requests 0.0" in metrics
 
 
 @pytest.mark.mosquitto

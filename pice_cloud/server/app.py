@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pice_cloud.config import CloudConfig
 from pice_cloud.events import too_long_message
 from pice_cloud.llm.base import LLMBackend, RawCompleter, context_tokens, count_prompt_tokens, count_tokens
+from pice_cloud.llm.step_engine import StepEngine
 from pice_cloud.metrics import CONTENT_TYPE, Metrics
 from pice_cloud.openai_schema import (
     APIError,
@@ -35,6 +36,14 @@ from pice_cloud.service import PiceService
 log = logging.getLogger(__name__)
 
 
+def _engine_gauges(llm: LLMBackend) -> dict[str, Any]:
+    """The continuous-batching engine's figures, when the backend has one (the embedded model)."""
+    engine = getattr(llm, "engine", None)
+    if not isinstance(engine, StepEngine):
+        return {}
+    return {"engine": engine.stats, "engine_load": lambda: engine.load}
+
+
 def create_app(service: PiceService, llm: LLMBackend, config: CloudConfig) -> FastAPI:
     """The FastAPI app serving ``service``; its state is on ``app.state.pice``."""
     server_cfg = config.server
@@ -42,7 +51,8 @@ def create_app(service: PiceService, llm: LLMBackend, config: CloudConfig) -> Fa
                           retry_after_s=server_cfg.retry_after_s)
     metrics = Metrics(service.transport.rejections, live_edges=lambda: len(service.fleet.live()),
                       queued=lambda: admission.queued, in_flight=lambda: admission.active,
-                      sketch_rejections=service.sketch_rejections, candidate_rejections=service.aggregator.quality)
+                      sketch_rejections=service.sketch_rejections, candidate_rejections=service.aggregator.quality,
+                      **_engine_gauges(llm))
     state = ApiState(service=service, llm=llm, config=config, admission=admission, metrics=metrics)
     app = FastAPI(title="PICE", description="Progressive inference across cloud and edge; OpenAI-compatible API",
                   docs_url=None, redoc_url=None, openapi_url=None)
