@@ -126,6 +126,10 @@ class EnsembleWeights(BaseModel):
 class ConfidenceSelector:
     """The edge's own confidence only (highest mean log-prob); no cloud work at all."""
 
+    def describe(self) -> dict[str, Any]:
+        """What `/health` shows."""
+        return {"kind": "confidence", "features": ["edge_logprob"], "unavailable": {}}
+
     async def choose(self, items: Sequence[SelectionItem]) -> list[int]:
         return [max(range(len(it.candidates)), key=lambda i: it.candidates[i].mean_logprob) for it in items]
 
@@ -194,6 +198,22 @@ class LearnedSelector:
         # Skip a feature's (costly) computation when its weight is zero.
         self.scorer = scorer if w[0] else None
         self.embedder = embedder if (w[1] or w[2]) else None
+        if w[0] and scorer is None:
+            log.warning("ensemble selection without the cloud's log-likelihood: the LLM backend cannot score")
+
+    def describe(self) -> dict[str, Any]:
+        """What `/health` shows: the features in use, and the fitted ones this deployment cannot
+        compute (their part is missing), with why."""
+        w = dict(zip(FEATURES, self.weights.vector(), strict=True))
+        missing: dict[str, str] = {}
+        if w["cloud_loglik"] and self.scorer is None:
+            missing["cloud_loglik"] = "the cloud LLM backend cannot score continuations (an HTTP engine)"
+        if self.embedder is None:
+            for name in ("agreement", "relevance"):
+                if w[name]:
+                    missing[name] = "the embedding model is not fetched (pice-edge models fetch all-minilm-l6-v2)"
+        return {"kind": "learned", "features": [f for f in FEATURES if w[f] and f not in missing],
+                "unavailable": missing}
 
     async def choose(self, items: Sequence[SelectionItem]) -> list[int]:
         if not items:

@@ -5,7 +5,7 @@
     pice-edge doctor [--profile NAME|FILE] [--broker URL] [--json]
     pice-edge discover [--fleet NAME] [--json]
     pice-edge profiles
-    pice-edge models fetch [NAME] [--force]
+    pice-edge models fetch [NAME] [--force] [--gguf]
     pice-edge models list
     pice-edge models verify [NAME]
 """
@@ -99,6 +99,8 @@ def _parser() -> argparse.ArgumentParser:
     fetch = msub.add_parser("fetch", help="download, verify and convert a model", parents=common)
     fetch.add_argument("name", nargs="?", default=DEFAULT_MODEL)
     fetch.add_argument("--force", action="store_true", help="convert again even if present")
+    fetch.add_argument("--gguf", action="store_true",
+                       help="keep the original GGUF file instead (for llama.cpp's server) and print its path")
     msub.add_parser("list", help="known models and whether they are here")
     verify = msub.add_parser("verify", help="check every file's SHA-256")
     verify.add_argument("name", nargs="?", default=DEFAULT_MODEL)
@@ -358,7 +360,9 @@ def _profiles() -> int:
 def _models(args: argparse.Namespace) -> int:
     from pice_edge import model_store
 
-    if args.models_command == "fetch":
+    if args.models_command == "fetch" and args.gguf:
+        print(model_store.fetch_gguf(args.name))
+    elif args.models_command == "fetch":
         path = model_store.fetch(args.name, force=args.force)
         print(f"{args.name}: ready in {path}")
     elif args.models_command == "list":

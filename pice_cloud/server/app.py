@@ -126,6 +126,9 @@ def create_app(service: PiceService, llm: LLMBackend, config: CloudConfig) -> Fa
         body = {"status": status, "broker_connected": connected,
                 "llm": {"backend": llm.name, "model": llm.model_id}, "live_edges": len(live), "edges": live,
                 "in_flight": admission.active, "queued": admission.queued}
+        describe = getattr(service.selector, "describe", None)
+        if callable(describe):
+            body["selector"] = describe()
         return JSONResponse(body, status_code=503 if admission.draining else 200)
 
     @app.get("/metrics")
