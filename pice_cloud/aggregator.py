@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -79,8 +79,11 @@ class PendingRequest:
     """Points of one request in flight."""
 
     def __init__(self, request_id: str, assignments: Sequence[Sequence[str]],
-                 check: CandidateCheck | None = None) -> None:
+                 check: CandidateCheck | None = None, self_served: Iterable[int] = ()) -> None:
         self.request_id = request_id
+        #: Points the service expands itself (the cloud streams the first one): the settler
+        #: leaves them alone.
+        self.self_served = frozenset(self_served)
         #: The expansion guard: why a candidate must not be used (None: it may).
         self.check = check
         self.points = [PointState(i, frozenset(devs)) for i, devs in enumerate(assignments)]
@@ -127,8 +130,8 @@ class Aggregator:
         self.accepted = 0
 
     def open(self, request_id: str, assignments: Sequence[Sequence[str]],
-             check: CandidateCheck | None = None) -> PendingRequest:
-        pending = PendingRequest(request_id, assignments, check)
+             check: CandidateCheck | None = None, self_served: Iterable[int] = ()) -> PendingRequest:
+        pending = PendingRequest(request_id, assignments, check, self_served)
         self._pending[request_id] = pending
         return pending
 

@@ -154,6 +154,10 @@ class ServiceConfig(BaseModel):
         default=defaults.ENSEMBLE_WIDTH, ge=1, le=16,
         description="most candidates per point (distinct edges); replicas only use free slots, so width falls to 1 "
                     "under load")
+    first_point: Literal["edge", "cloud"] = Field(
+        default=defaults.FIRST_POINT,
+        description="who expands a progressive answer's first point: the edges, or the cloud, which streams it "
+                    "token by token while the edges expand the rest (the answer starts right after the sketch)")
     ensemble_temperature: float = Field(
         default=defaults.ENSEMBLE_TEMPERATURE, ge=0.0, le=2.0,
         description="sampling temperature of a point's second and later replicas (the first keeps the request's), "

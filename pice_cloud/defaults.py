@@ -34,6 +34,9 @@ MAX_QUESTION_CHARS: Final = PROTOCOL_MAX_QUESTION_CHARS
 #: of megabytes would only burn CPU on parsing and tokenizing before it is refused.
 MAX_BODY_BYTES: Final = 256 * 1024
 
+#: Who expands a progressive answer's first point ("edge" or "cloud", which streams it).
+FIRST_POINT: Final = "edge"
+
 # --- ensemble and deadlines ---------------------------------------------------------------------
 #: Most edges expanding one point; replicas only use slots that are free now, so under load the
 #: width falls to 1 by itself. Measured in tools/results/ensemble.json and quality_auto.md.

@@ -36,6 +36,8 @@ class PointEvent:
 
     point: ChosenPoint
     heading: str
+    #: Its text already went out as `DeltaEvent` pieces (the cloud streamed this point).
+    streamed: bool = False
 
 
 @dataclass

@@ -19,7 +19,7 @@ import uuid
 from collections.abc import AsyncGenerator, Callable, Sequence
 
 from pice_cloud import defaults
-from pice_cloud.aggregator import Aggregator, CandidateCheck, PendingRequest
+from pice_cloud.aggregator import Aggregator, CandidateCheck, ChosenPoint, PendingRequest
 from pice_cloud.cloud_meter import CloudMeter
 from pice_cloud.config import ServiceConfig
 from pice_cloud.ensemble import ConfidenceSelector, Selector
@@ -47,7 +47,7 @@ from pice_cloud.router import ModeRouter, Route
 from pice_cloud.scheduler import Budget, EdgeView, RequestedMode, choose_mode, ensemble_width, place, plan_budget
 from pice_cloud.settling import PointSettler
 from pice_cloud.sketch import SKETCH_PREFILL, parse_sketch, sketch_messages
-from pice_edge.prompts import SYSTEM_PROMPT, format_sketch
+from pice_edge.prompts import SYSTEM_PROMPT, clean_expansion, expansion_messages, format_sketch, settled_sentences
 from pice_edge.protocol import (
     CANDIDATES_FILTER,
     EDGE_STATUS_FILTER,
@@ -299,14 +299,22 @@ class PiceService:
         request_id = uuid.uuid4().hex[:16]
         if edges:
             edges = self.fleet.views()  # fresher than before the sketch
-        width = ensemble_width(len(points), edges, self.config.ensemble_width)
+        # The cloud streams the first point itself while the edges expand the others: the answer
+        # starts as soon as the sketch is written (not with a stop string: a cut must not be
+        # streamed before it is known).
+        first = 1 if (self.config.first_point == "cloud" and self.cloud.streams and len(points) > 1
+                      and not options.stop) else 0
+        width = ensemble_width(len(points) - first, edges, self.config.ensemble_width)
         placement = place(
-            len(points), edges, tokens_per_point=budget.tokens_per_point, width=width,
+            len(points) - first, edges, tokens_per_point=budget.tokens_per_point, width=width,
             deadline_floor_s=self.config.deadline_floor_s, deadline_factor=self.config.deadline_factor,
             deadline_cap_s=self.config.deadline_cap_s, cloud=self.cloud.view(),
         )
-        pending = self.aggregator.open(request_id, placement.devices,
-                                       self._candidate_check(question, points) if self.config.expansion_guard else None)
+        devices = [(), *placement.devices] if first else list(placement.devices)
+        deadlines_s = [0.0, *placement.deadlines_s] if first else list(placement.deadlines_s)
+        pending = self.aggregator.open(request_id, devices,
+                                       self._candidate_check(question, points) if self.config.expansion_guard else None,
+                                       self_served=range(first))
         self._in_flight.add(pending)
         def point_sampling(index: int, replica: int = 0) -> Sampling:
             return self._replica_sampling(self._sampling(options, 1 + index), replica)
@@ -318,15 +326,26 @@ class PiceService:
                                  point_sampling(index))
 
         supervisor = asyncio.create_task(
-            settler.run(question, points, pending, placement.deadlines_s, budget.tokens_per_point, replace)
+            settler.run(question, points, pending, deadlines_s, budget.tokens_per_point, replace)
         )
         try:
-            self._dispatch(request_id, question, points, placement.devices, placement.deadlines_s,
-                           budget.tokens_per_point, point_sampling)
+            self._dispatch(request_id, question, points, devices, deadlines_s, budget.tokens_per_point,
+                           point_sampling)
+            if first:
+                streamed = ""
+                async for piece, text, tokens in self._stream_point(question, points, 0, budget.tokens_per_point,
+                                                                    point_sampling(0)):
+                    if piece:
+                        if not streamed:
+                            stats.first_token_s = time.perf_counter() - started
+                        streamed += piece
+                        yield DeltaEvent(piece)
+                    if text is not None:
+                        pending.settle(ChosenPoint(0, text, "cloud", None, tokens, 0))
             parts: list[str] = []
             for state in pending.points:
                 chosen = await asyncio.shield(state.future)
-                if not parts:
+                if not parts and not first:
                     stats.first_token_s = time.perf_counter() - started
                 if chosen.source == "edge":
                     stats.points_edge += 1
@@ -342,7 +361,7 @@ class PiceService:
                         stats.stopped = True
                         chosen = dataclasses.replace(chosen, text=text.rstrip())
                 parts.append(render_point(chosen.index, points[chosen.index], chosen.text))
-                yield PointEvent(chosen, points[chosen.index])
+                yield PointEvent(chosen, points[chosen.index], streamed=chosen.index < first)
             stats.total_s = time.perf_counter() - started
             yield AnswerEvent("\n\n".join(parts), stats)
         finally:
@@ -351,6 +370,36 @@ class PiceService:
             self._in_flight.discard(pending)
             self._release(pending)
             self.aggregator.close(request_id)
+
+    async def _stream_point(self, question: str, points: list[str], index: int, tokens_per_point: int,
+                            sampling: Sampling) -> AsyncGenerator[tuple[str, str | None, int], None]:
+        """The cloud expands point ``index`` and streams it: yields ``(piece, None, 0)`` as whole
+        sentences settle (`pice_edge.prompts.clean_expansion`, then `settled_sentences`, on the
+        text so far), the first piece opening with the point's rendered heading; then
+        ``(rest, text, tokens)``: ``text`` is the point's final text, and the pieces add up to
+        ``render_point(index, heading, text)`` exactly, so a streamed answer and a whole one match."""
+        request = ChatRequest(expansion_messages(question, points, index), max_tokens=tokens_per_point,
+                              temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed)
+        heading = points[index]
+        opening = render_point(index, heading, "") + " "
+        raw, sent, tokens = "", "", 0
+        async with contextlib.aclosing(self.cloud.stream(request)) as stream:
+            async for piece in stream:
+                if isinstance(piece, Completion):
+                    tokens = piece.tokens
+                    continue
+                raw += piece
+                cleaned = settled_sentences(clean_expansion(raw, truncated=False, point=heading))
+                if len(cleaned) > len(sent) and cleaned.startswith(sent):
+                    yield (opening if not sent else "") + cleaned[len(sent):], None, 0
+                    sent = cleaned
+        final = clean_expansion(raw, truncated=tokens >= tokens_per_point, point=heading) or heading
+        if not sent:
+            yield opening + final, final, tokens
+        elif final.startswith(sent):
+            yield final[len(sent):], final, tokens
+        else:  # the clean-up of the whole text changed what went out: keep what went out
+            yield "", sent, tokens
 
     @staticmethod
     def _candidate_check(question: str, points: list[str]) -> CandidateCheck:

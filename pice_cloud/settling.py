@@ -63,7 +63,7 @@ class PointSettler:
                 grace_end = pending.reconnected_at + defaults.RECONNECT_GRACE_S
                 due = [min(d, grace_end) for d in due]
             for state in pending.points:
-                if state.settled:
+                if state.settled or state.index in pending.self_served:
                     continue
                 outstanding = state.expected - state.received.keys()
                 # A point is due at its deadline, or once none of the edges it still waits for is
@@ -98,14 +98,14 @@ class PointSettler:
                 await self._cloud_expand(question, points, pending, missing, tokens_per_point)
             if to_choose or missing:
                 continue
-            wake = [due[s.index] for s in pending.points if not s.settled]
+            waiting_for = [s for s in pending.points if not s.settled and s.index not in pending.self_served]
+            wake = [due[s.index] for s in waiting_for]
             if not wake:
                 return
             # Also wake when an edge we wait for would stop being live (a missed heartbeat).
-            for s in pending.points:
-                if not s.settled:
-                    wake += [t for d in s.expected - s.received.keys()
-                             if (t := self.fleet.expires_at(d)) is not None and t > now]
+            for s in waiting_for:
+                wake += [t for d in s.expected - s.received.keys()
+                         if (t := self.fleet.expires_at(d)) is not None and t > now]
             pending.wakeup.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(pending.wakeup.wait(), timeout=max(0.0, min(wake) - time.monotonic()) + 0.01)

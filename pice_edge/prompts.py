@@ -70,6 +70,16 @@ _LETTER_START = re.compile(
 )
 
 
+_SETTLED_END = re.compile(r"[.!?)\]\"'](?=\s)")
+
+
+def settled_sentences(partial: str) -> str:
+    """The whole sentences of a text that is still being generated: up to the last sentence end
+    that more text already follows ("3." may yet become "3.5"); "" when there is none."""
+    ends = list(_SETTLED_END.finditer(partial))
+    return partial[: ends[-1].end()].strip() if ends else ""
+
+
 def clean_expansion(text: str, *, truncated: bool, point: str = "") -> str:
     """Keep the expansion of one point: stop where the model starts the next point or another
     document ("Dear ...", "Subject:", a sign-off), and drop a trailing half sentence when

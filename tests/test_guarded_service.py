@@ -132,3 +132,49 @@ async def test_refused_candidates_leave_the_point_to_the_cloud(text: str, reason
     assert state.usable() == []
     assert state.rejected == ({"a": reason} if reason else {})
     assert pending.wakeup.is_set()
+
+
+class ScriptedStream:
+    """A streaming backend that writes a fixed text in fixed pieces (for `_stream_point`)."""
+
+    name = "scripted"
+    model_id = "scripted"
+
+    def __init__(self, pieces: Sequence[str], tokens: int) -> None:
+        self.pieces, self.tokens = pieces, tokens
+
+    async def complete(self, requests: Sequence[ChatRequest]) -> list[Completion]:
+        return [Completion("".join(self.pieces), self.tokens) for _ in requests]
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[str | Completion]:
+        for piece in self.pieces:
+            yield piece
+        yield Completion("".join(self.pieces), self.tokens)
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("pieces", "tokens", "text", "sent"), [
+    # Finished by itself: streamed sentence by sentence, the last one when the text ends.
+    (["Keep the", " same bed", " time. Wake up", " at seven. Avoid naps"], 20,
+     "Keep the same bed time. Wake up at seven. Avoid naps", 3),
+    # Cut by the token budget: the unfinished sentence never goes out.
+    (["Keep the same bed time.", " Wake up at seven", " and"], 80, "Keep the same bed time.", 1),
+])
+async def test_the_cloud_streams_a_point_sentence_by_sentence(pieces: list[str], tokens: int, text: str,
+                                                              sent: int) -> None:
+    from pice_cloud.cloud_meter import CloudMeter
+    from pice_cloud.events import render_point
+    from pice_edge.protocol import Sampling
+
+    service = PiceService.__new__(PiceService)  # only the cloud is used
+    service.cloud = CloudMeter(ScriptedStream(pieces, tokens))  # type: ignore[arg-type]
+    out = [item async for item in service._stream_point("How can I sleep better?", ["Keep a schedule", "Dark room"],
+                                                        0, 80, Sampling())]
+    streamed = [piece for piece, _, _ in out if piece]
+    finals = [(final, n) for _, final, n in out if final is not None]
+    assert finals == [(text, tokens)]
+    assert streamed[0].startswith("1. **Keep a schedule** Keep the same bed time.")
+    assert len(streamed) == sent  # a piece per settled sentence, not one at the end
+    assert "".join(streamed) == render_point(0, "Keep a schedule", text)

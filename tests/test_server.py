@@ -87,6 +87,36 @@ async def test_progressive_streamed_text_equals_non_streamed(api: Api) -> None:
 
 
 @pytest.mark.mosquitto
+async def test_cloud_streams_the_first_point_while_edges_expand_the_rest(mosquitto: Mosquitto,
+                                                                         tiny_model: Path) -> None:
+    async with serving(tiny_model, mosquitto.url, edges=2,
+                       overrides={"service": {"first_point": "cloud", "max_points": 3, "sketch_tokens": 60,
+                                              "tokens_per_point": 12}}) as api:
+        client = api.client()
+        full = await client.chat.completions.create(
+            model="pice", messages=[{"role": "user", "content": QUESTION}], seed=3,
+            extra_body={"pice": {"mode": "progressive"}})
+        text = full.choices[0].message.content or ""
+        info = (full.model_extra or {})["pice"]
+        n_points = info["points_edge"] + info["points_cloud"]
+        assert n_points >= 2
+        assert info["points_cloud"] == 1  # the first point, by the cloud
+        assert info["points_edge"] == n_points - 1
+        assert full.usage is not None
+        assert full.usage.model_extra is not None
+        assert full.usage.model_extra["edge_tokens"] > 0
+        tasks = sum(n.stats.tasks_received for n in api.system.edges)
+        assert tasks == n_points - 1, "the edges never got the first point"
+        stream = await client.chat.completions.create(
+            model="pice", messages=[{"role": "user", "content": QUESTION}], seed=3, stream=True,
+            extra_body={"pice": {"mode": "progressive"}})
+        deltas = [c.choices[0].delta.content async for c in stream if c.choices and c.choices[0].delta.content]
+    assert "".join(deltas) == text
+    assert deltas[0].startswith("1. **")
+    assert text.count("**") == 2 * n_points
+
+
+@pytest.mark.mosquitto
 async def test_cloud_mode_streamed_and_not(api: Api) -> None:
     client = api.client()
     full = await client.chat.completions.create(

@@ -218,7 +218,8 @@ class ChatJob:
                         text = event.text
                     elif isinstance(event, PointEvent):
                         p = event.point
-                        text = ("\n\n" if sent else "") + render_point(p.index, event.heading, p.text)
+                        text = "" if event.streamed else ("\n\n" if sent else "") + render_point(p.index, event.heading,
+                                                                                                  p.text)
                     elif isinstance(event, AnswerEvent):
                         final = event
                         if event.logprobs is not None:
