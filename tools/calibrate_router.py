@@ -61,7 +61,8 @@ def sample(q: dict[str, Any], probability: float) -> CalibrationSample:
 
 
 def as_dict(point: ThresholdPoint) -> dict[str, Any]:
-    return {"threshold": round(point.threshold, 4) if math.isfinite(point.threshold) else None, "routed_progressive": round(point.routed_progressive, 4),
+    return {"threshold": round(point.threshold, 4) if math.isfinite(point.threshold) else None,
+            "routed_progressive": round(point.routed_progressive, 4),
             "served_progressive": round(point.served_progressive, 4), "cosine": round(point.quality[0], 4),
             "rouge_l": round(point.quality[1], 4), "cloud_tokens": round(point.cloud_tokens, 1)}
 

@@ -94,9 +94,9 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "cut_headings": sum(r["cut_headings"] for r in rows),
         "headings": headings,
         "points_edge_share": round(sum(r["points_edge"] for r in rows) / points, 4) if points else None,
-        "cloud_tokens_per_request": mean("cloud_tokens"),
-        "edge_tokens_per_request": mean("edge_tokens"),
-        "latency_median_s": statistics.median(r["latency_s"] for r in rows) if rows else None,
+        "cloud_tokens_per_request": round(mean("cloud_tokens") or 0.0, 1),
+        "edge_tokens_per_request": round(mean("edge_tokens") or 0.0, 1),
+        "latency_median_s": round(statistics.median(r["latency_s"] for r in rows), 2) if rows else None,
         "sketch_rejections": _count(reason for r in rows for reason in r.get("sketch_rejected") or []),
     }
 
@@ -142,8 +142,11 @@ def markdown(result: dict[str, Any], rows: list[dict[str, Any]], count: int) -> 
            "rep.sent: mean share of an answer's sentences that repeat an earlier one; meta.hd / cut.hd: headings "
            "that are meta (\"Point 3\") or cut off; edge.pts: share of points the edges wrote (the rest the cloud); "
            "cloud.tok / edge.tok: tokens decoded per request; lat.s: median seconds per answer.", "",
-           f"Guard rejections over the run (`/metrics`): sketches {result['rejections']['sketch']}, candidates "
-           f"{result['rejections']['candidate']}.", "", "## Example answers", "",
+           "Sketches refused by the guards, by reason (from each answer's `pice.sketch_rejected`): "
+           + "; ".join(f"{m}: {s['sketch_rejections'] or 'none'}" for m, s in result["summary"].items()) + ".",
+           *([f"Refusals counted by the server's `/metrics` during the run: {result['rejections']}."]
+             if any(result["rejections"].values()) else []),
+           *(["", result["note"]] if result.get("note") else []), "", "## Example answers", "",
            "Questions spread over the list where the progressive answer was served progressively; unedited.", ""]
     for n, (cloud, prog) in enumerate(examples(rows, count), 1):
         out += [f"### {n}. {cloud['question']}", "",
@@ -164,6 +167,7 @@ def main() -> int:
     parser.add_argument("--md", type=Path, default=None, help="markdown: tables and example answers")
     parser.add_argument("--examples", type=int, default=5)
     parser.add_argument("--summarise-only", action="store_true", help="only summarise --rows")
+    parser.add_argument("--note", default="", help="a sentence for the markdown (how the run went)")
     args = parser.parse_args()
     modes = [m for m in args.modes.split(",") if m]
     unknown = set(modes) - set(MODES)
@@ -210,7 +214,7 @@ def main() -> int:
     result = {"source": args.source, "questions": len(qs), "serve_args": " ".join(args.serve_arg),
               "reference": "GPT-4o's answers" if args.source == "vicuna" else "GPT-4-Turbo's answers",
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-              "summary": summary, "rejections": rejections,
+              "summary": summary, "rejections": rejections, "note": args.note,
               "command": "python tools/eval_modes.py " + " ".join(sys.argv[1:])}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
