@@ -288,7 +288,9 @@ def fit(args: argparse.Namespace) -> None:
     meta = {"questions": len(qids), "test_questions": len(test_ids), "train_points": len(train),
             "test_points": len(test), "ridge_lambda": best_lam, "candidates_per_point": args_k(rows),
             "target": "MiniLM cosine to the best-matching passage of the reference answer",
-            "source": sorted({str(r.get("category", "")) for r in rows})[:8],
+            "question_set": "alpaca_eval's fitting part (tools/vicuna.py read_alpaca('fit')), sketches that pass the "
+                         "guard; candidates made as served (edge prompt and repetition penalty, replicas at 0.7)",
+            "categories": sorted({str(r.get("category", "")) for r in rows}),
             "report": report, "command": "python tools/fit_ensemble.py fit"}
     out = {"weights": dict(zip(FEATURES, weights, strict=True)), "fit": meta}
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
