@@ -298,6 +298,18 @@ async def test_cloud_restarted_while_edges_run(mosquitto: Mosquitto, tiny_model:
     assert final.text.startswith("1. **")
 
 
+async def answer_while_frozen(system: System, frozen: EdgeProcess, frozen_tasks: list[Message]
+                              ) -> tuple[AnswerEvent, float]:
+    """One request, with ``frozen`` stopped (SIGSTOP) once it holds a task of it, resumed after."""
+    request = asyncio.create_task(answer(system, limit=60))
+    await eventually(lambda: bool(frozen_tasks), timeout=30, what="a task for the edge to freeze")
+    frozen.proc.send_signal(signal.SIGSTOP)
+    try:
+        return await request
+    finally:
+        frozen.proc.send_signal(signal.SIGCONT)
+
+
 async def test_frozen_edge_points_are_replaced_at_once(mosquitto: Mosquitto, tiny_model: Path,
                                                        tiny_llm: TransformersBackend, edges: list[EdgeProcess],
                                                        tmp_path: Path) -> None:
@@ -313,13 +325,7 @@ async def test_frozen_edge_points_are_replaced_at_once(mosquitto: Mosquitto, tin
             normal, normal_s = await answer(system, limit=60)
             assert set(normal.stats.devices) == {"frozen", "steady"}
             frozen_tasks.clear()
-            request = asyncio.create_task(answer(system, limit=60))
-            await eventually(lambda: bool(frozen_tasks), timeout=30, what="a task for the edge to freeze")
-            frozen.proc.send_signal(signal.SIGSTOP)
-            try:
-                final, took = await request
-            finally:
-                frozen.proc.send_signal(signal.SIGCONT)
+            final, took = await answer_while_frozen(system, frozen, frozen_tasks)
             log.info("edge frozen holding %d task(s): answered in %.1fs (normal %.1fs, %.2fx); devices %s, "
                      "cloud points %d", len(frozen_tasks), took, normal_s, took / normal_s, final.stats.devices,
                      final.stats.points_cloud)
@@ -353,13 +359,7 @@ async def test_frozen_edge_costs_nothing_when_replicas_cover_its_points(
             assert normal.stats.points_cloud == 0
             frozen_tasks.clear()
             steady_tasks.clear()
-            request = asyncio.create_task(answer(system, limit=60))
-            await eventually(lambda: bool(frozen_tasks), timeout=30, what="a task for the edge to freeze")
-            frozen.proc.send_signal(signal.SIGSTOP)
-            try:
-                final, took = await request
-            finally:
-                frozen.proc.send_signal(signal.SIGCONT)
+            final, took = await answer_while_frozen(system, frozen, frozen_tasks)
             points = final.stats.points_edge + final.stats.points_cloud
             log.info("edge frozen, replicas on: answered in %.1fs (normal %.1fs, %.2fx)", took, normal_s,
                      took / normal_s)

@@ -118,18 +118,15 @@ class TransformersBackend:
         text grows after every decode step, so the pieces concatenate to what `complete` returns.
         Closing the iterator early frees the sequence's slot at the next step.
         """
-        queue: asyncio.Queue[list[int]] = asyncio.Queue()
+        queue: asyncio.Queue[list[int] | None] = asyncio.Queue()
         job = asyncio.ensure_future(self.engine.generate(self._request(request), queue.put_nowait))
+        # The engine reports tokens before it resolves the job, so the end mark comes last.
+        job.add_done_callback(lambda _: queue.put_nowait(None))
         sent = ""
         try:
-            while not job.done() or not queue.empty():
-                waiter = asyncio.ensure_future(queue.get())
-                await asyncio.wait({waiter, job}, return_when=asyncio.FIRST_COMPLETED)
-                if not waiter.done():
-                    waiter.cancel()
-                    continue
+            while (ids := await queue.get()) is not None:
                 # Our own tokenizer: the runtime's is in use on the model thread.
-                text = self._tokenizer().decode(waiter.result(), skip_special_tokens=True)
+                text = self._tokenizer().decode(ids, skip_special_tokens=True)
                 # Hold back a trailing replacement character: a multi-byte character whose
                 # remaining bytes come with the next token.
                 safe = text[:-1] if text.endswith("\ufffd") else text
