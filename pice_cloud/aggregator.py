@@ -110,6 +110,18 @@ class PendingRequest:
             return False
         return self.settle(ChosenPoint.from_candidate(usable[0]))
 
+    def other_texts(self, index: int) -> list[str]:
+        """What the other points say so far: their settled text, else their usable candidates."""
+        texts: list[str] = []
+        for state in self.points:
+            if state.index == index:
+                continue
+            if state.settled and not state.future.cancelled():
+                texts.append(state.future.result().text)
+            else:
+                texts += [c.text for c in state.usable()]
+        return texts
+
     def cancel(self) -> None:
         for state in self.points:
             if not state.settled:
@@ -186,7 +198,7 @@ class Aggregator:
         self.accepted += 1
         if pending.check is not None and cand.text.strip():
             others = [c.text for s in pending.points if s.index != state.index for c in s.usable()]
-            reason = pending.check(cand, others)
+            reason = pending.check(cand.point_index, cand.text, others)
             if reason is not None:
                 state.rejected[cand.device_id] = reason
                 self.quality.record("candidate", reason, f"{cand.request_id}/{cand.point_index} from "
@@ -202,10 +214,11 @@ class Aggregator:
 
 
 class CandidateCheck(Protocol):
-    """The expansion guard of one request: why ``candidate`` must not be used, given the texts
-    of the request's other points, or None."""
+    """The expansion guard of one request: why ``text``, an expansion of point ``point_index``
+    (an edge's candidate or the cloud's own), must not be used, given the texts of the request's
+    other points, or None."""
 
-    def __call__(self, candidate: Candidate, other_texts: Sequence[str]) -> str | None: ...
+    def __call__(self, point_index: int, text: str, other_texts: Sequence[str]) -> str | None: ...
 
 
 class _CandidateListener(Protocol):

@@ -57,6 +57,9 @@ RECONNECT_GRACE_S: Final = 2.0
 #: A sketch that fails the guards is sampled once more at this temperature (at least), with a
 #: seed of its own: greedy decoding would write the same outline again.
 SKETCH_RESAMPLE_TEMPERATURE: Final = 0.7
+#: The cloud's own expansion of a point, refused by the guards, is sampled once more at this
+#: temperature (at least), with a seed of its own.
+EXPANSION_RESAMPLE_TEMPERATURE: Final = 0.7
 
 # --- edge sampling ------------------------------------------------------------------------------
 #: 0 is greedy decoding.

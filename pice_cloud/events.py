@@ -57,6 +57,8 @@ class AnswerStats:
     stopped: bool = False
     #: Why the sketches were refused, when the guards sent the request cloud-only.
     sketch_rejected: list[str] = field(default_factory=list)
+    #: Why headings were left out of the sketch that was used (see `pice_cloud.guards.repair_sketch`).
+    sketch_repaired: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,8 @@ class GenerationOptions:
 
 #: Offset of the re-sampled sketch's seed (far from the points' seed + 1 + i).
 SKETCH_RESAMPLE_SEED_OFFSET = 1 << 20
+#: Offset of the seed of the cloud's second try at a point whose expansion the guards refused.
+EXPANSION_RESAMPLE_SEED_OFFSET = 3 << 20
 #: Offset (times the replica number) of an ensemble replica's seed from its point's seed.
 REPLICA_SEED_OFFSET = 1 << 21
 

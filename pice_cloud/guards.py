@@ -325,6 +325,23 @@ def check_sketch(question: str, points: Sequence[str], *, min_points: int = MIN_
     return problems
 
 
+def repair_sketch(points: Sequence[str], problems: Iterable[SketchProblem], *,
+                  min_points: int = MIN_POINTS) -> list[str] | None:
+    """The sketch without its faulty headings, when at least ``min_points`` sound ones remain.
+
+    The points of a sketch are independent by design (each is expanded alone), so a heading that
+    fails a check (the second of two duplicates, a "Conclusion", a sentence, a cut phrase) can be
+    left out without touching the others: every kept heading passed every check. A sketch with too
+    few points to begin with, or too few sound ones, cannot be repaired (``None``).
+    """
+    problems = list(problems)
+    if any(p.point is None for p in problems):
+        return None
+    bad = {p.point for p in problems}
+    kept = [point for i, point in enumerate(points) if i not in bad]
+    return kept if len(kept) >= min_points else None
+
+
 def sketch_rejection_reason(problems: Iterable[SketchProblem]) -> SketchReason | None:
     """The one reason to count a rejected sketch under (the first in `SKETCH_REASONS` order that
     occurs), or ``None`` for a sketch without problems."""
@@ -348,6 +365,27 @@ def sentences(text: str) -> list[str]:
         if len(words) >= MIN_SENTENCE_WORDS:
             found.append(" ".join(words))
     return found
+
+
+def drop_repeated_sentences(text: str, other_texts: Sequence[str] = ()) -> str:
+    """``text`` without the sentences that one of ``other_texts`` or an earlier sentence of its
+    own already said (compared as `sentences` normalises them); the rest is kept verbatim.
+
+    The last resort for the cloud's own expansion of a point: the answer must not say the same
+    sentence twice, and there is nobody left to write the point again."""
+    seen = {s for other in other_texts for s in sentences(other)}
+    kept: list[str] = []
+    start = 0
+    ends = [m.end() for m in _SENTENCE_SPLIT.finditer(text)] + [len(text)]
+    for end in ends:
+        piece, start = text[start:end], end
+        key = " ".join(_words(_LIST_MARKER.sub("", piece)))
+        if len(key.split()) >= MIN_SENTENCE_WORDS:
+            if key in seen:
+                continue
+            seen.add(key)
+        kept.append(piece)
+    return "".join(kept).strip()
 
 
 def repeated_sentence_rate(text: str) -> float:
@@ -490,8 +528,10 @@ __all__ = [
     "check_expansion",
     "check_sketch",
     "content_words",
+    "drop_repeated_sentences",
     "is_cut_heading",
     "is_meta_heading",
+    "repair_sketch",
     "repeated_ngram_share",
     "repeated_sentence_rate",
     "repetition_signals",

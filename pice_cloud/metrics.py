@@ -57,7 +57,8 @@ class Metrics:
 
     def __init__(self, rejections: Rejections, *, live_edges: Callable[[], float], queued: Callable[[], float],
                  in_flight: Callable[[], float], sketch_rejections: Rejections | None = None,
-                 candidate_rejections: Rejections | None = None, engine: EngineStats | None = None,
+                 candidate_rejections: Rejections | None = None, sketch_repairs: Rejections | None = None,
+                 cloud_expansion_rejections: Rejections | None = None, engine: EngineStats | None = None,
                  engine_load: Callable[[], float] | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
@@ -89,6 +90,11 @@ class Metrics:
                                      sketch_rejections or Rejections()))
         r.register(_QualityCollector("pice_candidate_rejected", "Edge expansions refused by the guards, by reason",
                                      candidate_rejections or Rejections()))
+        r.register(_QualityCollector("pice_sketch_repaired", "Sketches used after leaving faulty headings out, "
+                                     "by the first reason", sketch_repairs or Rejections()))
+        r.register(_QualityCollector("pice_cloud_expansion_rejected", "The cloud's own point expansions refused "
+                                     "by the guards (then sampled again), by reason",
+                                     cloud_expansion_rejections or Rejections()))
 
     def render(self) -> bytes:
         """The text exposition of every metric."""

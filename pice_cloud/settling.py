@@ -24,10 +24,13 @@ from pice_cloud import defaults
 from pice_cloud.aggregator import ChosenPoint, PendingRequest, PointState
 from pice_cloud.cloud_meter import CloudMeter
 from pice_cloud.ensemble import ConfidenceSelector, SelectionItem, Selector
+from pice_cloud.events import EXPANSION_RESAMPLE_SEED_OFFSET, derive_seed
 from pice_cloud.fleet import Fleet
-from pice_cloud.llm.base import ChatRequest
+from pice_cloud.guards import drop_repeated_sentences
+from pice_cloud.llm.base import ChatRequest, Completion
 from pice_edge.prompts import clean_expansion, expansion_messages
 from pice_edge.protocol import Sampling
+from pice_edge.rejects import Rejections
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,8 @@ class PointSettler:
     cloud: CloudMeter
     #: Point index -> its sampling (the request's, with the point's derived seed).
     sampling: Callable[[int], Sampling] = lambda index: Sampling()
+    #: The cloud's own expansions the guards refused, by reason (``pice_cloud_expansion_rejected``).
+    rejections: Rejections | None = None
 
     async def run(self, question: str, points: list[str], pending: PendingRequest, deadlines_s: Sequence[float],
                   tokens_per_point: int, replace: Replacer | None = None) -> None:
@@ -127,14 +132,50 @@ class PointSettler:
 
     async def _cloud_expand(self, question: str, points: list[str], pending: PendingRequest,
                             indices: list[int], tokens_per_point: int) -> None:
+        """The cloud LLM expands points no edge answered. Its text passes the same guard as an
+        edge's: a refused one is sampled once more (another seed, temperature at least
+        `defaults.EXPANSION_RESAMPLE_TEMPERATURE`); if that is refused too, the better of the two
+        goes in without the sentences other points already say."""
         log.info("request %s: cloud expands point(s) %s", pending.request_id, [i + 1 for i in indices])
-        requests = []
-        for i in indices:
-            sampling = self.sampling(i)
-            requests.append(ChatRequest(expansion_messages(question, points, i), max_tokens=tokens_per_point,
-                                        temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed))
-        results = await self.cloud.complete(requests)
-        for index, res in zip(indices, results, strict=True):
-            text = clean_expansion(res.text, truncated=res.tokens >= tokens_per_point, point=points[index]) \
-                or points[index]
-            pending.settle(ChosenPoint(index, text, "cloud", None, res.tokens, 0))
+        texts = await self._cloud_texts(question, points, indices, tokens_per_point,
+                                        [self.sampling(i) for i in indices])
+        refused = {i: reason for i, (text, _) in texts.items()
+                   if pending.check is not None and (reason := pending.check(i, text, pending.other_texts(i)))}
+        if refused:
+            for index, reason in refused.items():
+                if self.rejections is not None:
+                    self.rejections.record("cloud", reason, f"{pending.request_id}/{index}")
+            log.info("request %s: cloud expansion of point(s) %s refused (%s); sampling again", pending.request_id,
+                     [i + 1 for i in refused], ", ".join(sorted(set(refused.values()))))
+            retry = list(refused)
+            again = await self._cloud_texts(question, points, retry, tokens_per_point,
+                                            [self._resampling(i) for i in retry])
+            for index in retry:
+                text, tokens = again[index]
+                assert pending.check is not None
+                if pending.check(index, text, pending.other_texts(index)) is None:
+                    texts[index] = (text, texts[index][1] + tokens)
+                    continue
+                # Both refused: keep the first (the request's own sampling) unless it said nothing.
+                first = texts[index][0]
+                best = text if refused[index] == "empty" else first
+                texts[index] = (drop_repeated_sentences(best, pending.other_texts(index)) or best,
+                                texts[index][1] + tokens)
+        for index in indices:
+            text, tokens = texts[index]
+            pending.settle(ChosenPoint(index, text, "cloud", None, tokens, 0))
+
+    async def _cloud_texts(self, question: str, points: list[str], indices: list[int], tokens_per_point: int,
+                           samplings: list[Sampling]) -> dict[int, tuple[str, int]]:
+        requests = [ChatRequest(expansion_messages(question, points, i), max_tokens=tokens_per_point,
+                                temperature=s.temperature, top_p=s.top_p, seed=s.seed)
+                    for i, s in zip(indices, samplings, strict=True)]
+        results: list[Completion] = await self.cloud.complete(requests)
+        return {index: (clean_expansion(res.text, truncated=res.tokens >= tokens_per_point, point=points[index])
+                        or points[index], res.tokens)
+                for index, res in zip(indices, results, strict=True)}
+
+    def _resampling(self, index: int) -> Sampling:
+        base = self.sampling(index)
+        return Sampling(temperature=max(base.temperature, defaults.EXPANSION_RESAMPLE_TEMPERATURE), top_p=base.top_p,
+                        seed=derive_seed(base.seed if base.seed is not None else index, EXPANSION_RESAMPLE_SEED_OFFSET))

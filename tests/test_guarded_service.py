@@ -4,6 +4,7 @@ point). Real broker and real edges; the sketches are scripted by a test backend.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
@@ -11,12 +12,17 @@ import pytest
 
 from pice_cloud.aggregator import Aggregator
 from pice_cloud.bootstrap import start_system
+from pice_cloud.cloud_meter import CloudMeter
+from pice_cloud.ensemble import ConfidenceSelector
+from pice_cloud.fleet import Fleet
 from pice_cloud.llm.base import ChatRequest, Completion
 from pice_cloud.llm.transformers import TransformersBackend
 from pice_cloud.metrics import Metrics
 from pice_cloud.service import PiceService
+from pice_cloud.settling import PointSettler
 from pice_cloud.sketch import SKETCH_PREFILL
-from pice_edge.protocol import Candidate, candidate_topic, encode
+from pice_edge.protocol import Candidate, Sampling, candidate_topic, encode
+from pice_edge.rejects import Rejections
 from pice_edge.transport import Message
 from tests.conftest import Mosquitto, cloud_config
 
@@ -178,3 +184,73 @@ async def test_the_cloud_streams_a_point_sentence_by_sentence(pieces: list[str],
     assert streamed[0].startswith("1. **Keep a schedule** Keep the same bed time.")
     assert len(streamed) == sent  # a piece per settled sentence, not one at the end
     assert "".join(streamed) == render_point(0, "Keep a schedule", text)
+
+
+@pytest.mark.mosquitto
+async def test_a_sketch_with_a_duplicate_heading_is_repaired_without_a_second_sketch(
+        mosquitto: Mosquitto, tiny_model: Path, tiny_llm: TransformersBackend) -> None:
+    llm = ScriptedSketches(tiny_llm, [" Set clear daily goals\n2. Plan each morning\n3. Set daily goals\n"
+                                      "4. Take short breaks\n"])
+    async with start_system(_config(mosquitto.url, tiny_model), llm=llm) as system:  # type: ignore[arg-type]
+        final = await system.service.ask(QUESTION, mode="progressive")
+        metrics = Metrics(system.service.transport.rejections, live_edges=lambda: 0, queued=lambda: 0,
+                          in_flight=lambda: 0, sketch_repairs=system.service.sketch_repairs)
+    assert len(llm.sketch_requests) == 1
+    assert final.stats.mode == "progressive"
+    assert final.stats.sketch_rejected == []
+    assert final.stats.sketch_repaired == ["duplicate_points"]
+    assert [line.split("**")[1] for line in final.text.split("\n\n")] == \
+        ["Set clear daily goals", "Plan each morning", "Take short breaks"]
+    assert metrics.registry.get_sample_value("pice_sketch_repaired_total", {"reason": "duplicate_points"}) == 1
+
+
+class ScriptedExpansions:
+    """A cloud whose point expansions come from a script, one text per call."""
+
+    name = model_id = "scripted"
+    streams = False
+
+    def __init__(self, texts: Sequence[str]) -> None:
+        self.texts = list(texts)
+        self.requests: list[ChatRequest] = []
+
+    async def complete(self, requests: Sequence[ChatRequest]) -> list[Completion]:
+        self.requests += requests
+        return [Completion(text=self.texts.pop(0), tokens=10) for _ in requests]
+
+    async def close(self) -> None:
+        pass
+
+
+FIRST = "Write down three goals for the week and check them every evening before you sleep."
+
+
+async def _cloud_expands_point_two(texts: Sequence[str]) -> tuple[str, ScriptedExpansions, Rejections]:
+    """Point 1 comes from an edge; point 2 has no edge, so the cloud expands it from ``texts``."""
+    points = ["Set clear goals", "Plan the day"]
+    aggregator = Aggregator()
+    pending = aggregator.open("r1", [("a",), ()], PiceService._candidate_check(QUESTION, points))
+    aggregator.handle_candidate(_candidate(0, "a", FIRST))
+    llm = ScriptedExpansions(texts)
+    rejections = Rejections()
+    settler = PointSettler(Fleet(), ConfidenceSelector(), CloudMeter(llm),  # type: ignore[arg-type]
+                           lambda i: Sampling(seed=7 + i), rejections)
+    await asyncio.wait_for(settler.run(QUESTION, points, pending, [30.0, 30.0], 40), 10)
+    return pending.points[1].future.result().text, llm, rejections
+
+
+async def test_a_cloud_expansion_that_repeats_another_point_is_sampled_again() -> None:
+    own = "Block the morning for deep work and leave meetings and e-mail for the afternoon."
+    text, llm, rejections = await _cloud_expands_point_two([FIRST, own])
+    assert text == own
+    first, second = llm.requests
+    assert (first.temperature, first.seed) == (0.0, 8)
+    assert second.temperature >= 0.7
+    assert second.seed not in (None, 8)
+    assert rejections.snapshot() == {("cloud", "repeats_other_point"): 1}
+
+
+async def test_when_both_cloud_tries_repeat_the_repeated_sentences_are_left_out() -> None:
+    own = "Block the morning for deep work."
+    text, _, _ = await _cloud_expands_point_two([f"{own} {FIRST}", f"{FIRST} {FIRST}"])
+    assert text == own

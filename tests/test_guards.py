@@ -100,6 +100,30 @@ def test_every_problem_is_reported_and_one_reason_is_chosen_in_order() -> None:
         == "too_few_points"
 
 
+@pytest.mark.parametrize(
+    ("points", "repaired"),
+    [
+        # The later of two duplicates goes; the earlier stays where it was.
+        (["Set clear goals", "Plan each morning", "Set clear goals", "Take short breaks"],
+         ["Set clear goals", "Plan each morning", "Take short breaks"]),
+        # A closing "Conclusion" and a sentence-long heading go.
+        (["Plan each morning", "Take short breaks", "Say no to extra meetings",
+          "Many people find that planning the whole day ahead helps them a lot", "Conclusion"],
+         ["Plan each morning", "Take short breaks", "Say no to extra meetings"]),
+        # Two sound headings left: fewer than three points is no sketch.
+        (["Set clear goals", "Set clear goals", "Plan each morning", "In conclusion"], None),
+        # Too few points to begin with.
+        (["Set clear goals", "Plan each morning"], None),
+    ],
+)
+def test_repair_leaves_out_faulty_headings_while_enough_remain(points: list[str], repaired: list[str] | None) -> None:
+    problems = check_sketch(QUESTION, points)
+    assert problems
+    assert guards.repair_sketch(points, problems) == repaired
+    if repaired is not None:
+        assert check_sketch(QUESTION, repaired) == []
+
+
 def test_max_words_and_min_points_are_parameters() -> None:
     long = ["Set clear and measurable goals", "Prioritise tasks", "Take breaks"]
     assert _reasons(QUESTION, long, max_words=4) == {"too_long"}
@@ -272,6 +296,15 @@ def test_short_common_sentences_do_not_count_as_repeats() -> None:
 )
 def test_repeated_sentence_rate(text: str, rate: float) -> None:
     assert repeated_sentence_rate(text) == pytest.approx(rate)
+
+
+def test_drop_repeated_sentences_keeps_the_rest_verbatim() -> None:
+    other = "Write down three goals for the week. Check them every evening."
+    text = ("Block the morning for deep work! write down three goals for the week. "
+            "Block the morning for deep work. Leave e-mail for later.")
+    assert guards.drop_repeated_sentences(text, [other]) == "Block the morning for deep work! Leave e-mail for later."
+    assert guards.drop_repeated_sentences("Yes. Yes. Plan well.", []) == "Yes. Yes. Plan well."
+    assert guards.drop_repeated_sentences(other, [other]) == ""
 
 
 def test_repetition_signals_grade_what_the_guard_thresholds() -> None:

@@ -80,8 +80,11 @@ def judge(question: str, raw: str, *, cut_words: int | None, embed: guards.Embed
         # What the parser did before the guards: cut every heading at max_words.
         points = [" ".join(p.split()[:cut_words]) for p in points]
     problems = guards.check_sketch(question, points, embed=embed)
-    return {"points": points, "reasons": sorted({p.reason for p in problems}),
-            "reason": guards.sketch_rejection_reason(problems)}
+    reason = guards.sketch_rejection_reason(problems)
+    # What the service serves: the sketch as it is, or repaired by leaving faulty headings out.
+    served = points if reason is None else guards.repair_sketch(points, problems)
+    return {"points": points, "reasons": sorted({p.reason for p in problems}), "reason": reason,
+            "served": served}
 
 
 def main() -> None:
@@ -123,15 +126,19 @@ def main() -> None:
     greedy_pass = sum(r["greedy"]["reason"] is None for r in rows)
     sampled_pass = sum(r["sampled"]["reason"] is None for r in rows)
     either = sum(r["greedy"]["reason"] is None or r["sampled"]["reason"] is None for r in rows)
+    greedy_served = sum(r["greedy"]["served"] is not None for r in rows)
+    either_served = sum(r["greedy"]["served"] is not None or r["sampled"]["served"] is not None for r in rows)
     report = {
         "prompt": args.prompt, "source": args.source, "questions": len(rows), "model": runtime.model_id,
         "embed": embed is not None, "cut_words": args.cut_words, "temperature": args.temperature, "seed": args.seed,
         "greedy_pass": greedy_pass, "sampled_pass": sampled_pass, "greedy_or_resample_pass": either,
+        "greedy_served_with_repair": greedy_served, "served_with_repair_and_resample": either_served,
         "greedy_reasons": Counter(r for row in rows for r in row["greedy"]["reasons"]),
         "sampled_reasons": Counter(r for row in rows for r in row["sampled"]["reasons"]),
         "generation_s": round(elapsed, 1),
         "examples": [{"question": r["question"][:100], "greedy": r["greedy"]["points"],
-                      "greedy_reasons": r["greedy"]["reasons"]} for r in rows],
+                      "greedy_reasons": r["greedy"]["reasons"], "greedy_served": r["greedy"]["served"]}
+                     for r in rows],
     }
     summary = {k: v for k, v in report.items() if k != "examples"}
     print(json.dumps(summary))

@@ -52,6 +52,8 @@ def create_app(service: PiceService, llm: LLMBackend, config: CloudConfig) -> Fa
     metrics = Metrics(service.transport.rejections, live_edges=lambda: len(service.fleet.live()),
                       queued=lambda: admission.queued, in_flight=lambda: admission.active,
                       sketch_rejections=service.sketch_rejections, candidate_rejections=service.aggregator.quality,
+                      sketch_repairs=service.sketch_repairs,
+                      cloud_expansion_rejections=service.cloud_expansion_rejections,
                       **_engine_gauges(llm))
     state = ApiState(service=service, llm=llm, config=config, admission=admission, metrics=metrics)
     app = FastAPI(title="PICE", description="Progressive inference across cloud and edge; OpenAI-compatible API",

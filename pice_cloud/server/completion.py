@@ -261,7 +261,7 @@ def _pice_info(stats: AnswerStats) -> dict[str, Any]:
             "devices": stats.devices, "sketch_s": round(stats.sketch_s, 4),
             "first_point_s": round(stats.first_token_s, 4), "total_s": round(stats.total_s, 4),
             "route_probability": None if stats.route_probability is None else round(stats.route_probability, 4),
-            "sketch_rejected": stats.sketch_rejected}
+            "sketch_rejected": stats.sketch_rejected, "sketch_repaired": stats.sketch_repaired}
 
 
 def api_error(exc: BaseException) -> APIError:
