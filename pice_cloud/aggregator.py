@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from pice_edge.errors import ProtocolError
-from pice_edge.protocol import Candidate, decode, topic_level
+from pice_edge.protocol import Candidate, TaskRefusal, decode, topic_level
 from pice_edge.rejects import Rejections
 from pice_edge.transport import Message
 
@@ -58,6 +58,8 @@ class PointState:
     received: dict[str, Candidate] = field(default_factory=dict)
     #: Device -> why its candidate may not go into the answer (the expansion guards).
     rejected: dict[str, str] = field(default_factory=dict)
+    #: Devices that refused the task (`TaskRefusal`): they will not answer.
+    refused: set[str] = field(default_factory=set)
     future: asyncio.Future[ChosenPoint] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
     @property
@@ -66,8 +68,12 @@ class PointState:
 
     @property
     def ready(self) -> bool:
-        """Every assigned edge has answered."""
-        return bool(self.expected) and self.expected.issubset(self.received)
+        """Every assigned edge has answered (or refused)."""
+        return bool(self.expected) and self.expected.issubset(self.received.keys() | self.refused)
+
+    def outstanding(self) -> frozenset[str]:
+        """Assigned edges that have neither answered nor refused."""
+        return self.expected - self.received.keys() - self.refused
 
     def usable(self) -> list[Candidate]:
         """Non-empty candidates the guards accepted, in a stable order (by device id)."""
@@ -163,8 +169,37 @@ class Aggregator:
     def in_flight(self) -> int:
         return len(self._pending)
 
+    def handle_refusal(self, message: Message) -> TaskRefusal | None:
+        """Transport handler for a replica's refusal topic: the refusal, when it is for a point
+        in flight that was assigned to the refusing edge (the settler then places the point
+        elsewhere), else None (counted)."""
+        try:
+            refusal = decode(TaskRefusal, message.payload, max_bytes=self._max_payload)
+        except ProtocolError as exc:
+            self.rejections.record("refusal", exc.kind, str(exc))
+            return None
+        if refusal.device_id != topic_level(message.topic, -1) or refusal.request_id != topic_level(message.topic, -2):
+            self.rejections.record("refusal", "identity", f"refusal claims {refusal.device_id}/{refusal.request_id} "
+                                                          f"but was published on {message.topic}")
+            return None
+        pending = self._pending.get(refusal.request_id)
+        if pending is None or refusal.point_index >= len(pending.points):
+            # An answered request: nothing to place any more.
+            return None
+        state = pending.points[refusal.point_index]
+        if refusal.device_id not in state.expected or refusal.device_id in state.received:
+            self.rejections.record("refusal", "unassigned", f"{refusal.device_id} holds no task "
+                                                            f"{refusal.request_id}/{refusal.point_index}")
+            return None
+        state.refused.add(refusal.device_id)
+        log.info("%s/%d: %s refused the task (%s)", refusal.request_id, refusal.point_index, refusal.device_id,
+                 refusal.reason)
+        if not state.settled and not (state.ready and pending.settle_single(refusal.point_index)):
+            pending.wakeup.set()
+        return refusal
+
     def handle_candidate(self, message: Message) -> None:
-        """Transport handler for ``pice/v1/candidates/+/+``."""
+        """Transport handler for a replica's candidate topic."""
         try:
             cand = decode(Candidate, message.payload, max_bytes=self._max_payload)
         except ProtocolError as exc:

@@ -16,6 +16,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import re
+import socket
+import urllib.parse
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
@@ -29,7 +33,7 @@ from pice_cloud.llm.base import LLMBackend
 from pice_cloud.router import EmbeddingRouter, HeuristicRouter, ModeRouter
 from pice_cloud.service import PiceService
 from pice_edge.errors import PiceError
-from pice_edge.protocol import CLOUD_STATUS_TOPIC, CloudStatus, encode
+from pice_edge.protocol import CloudStatus, cloud_status_topic, encode
 from pice_edge.transport import BrokerSettings, MqttTransport
 
 if TYPE_CHECKING:
@@ -63,6 +67,15 @@ class System:
     broker_url: str
     edges: list[EdgeNode] = field(default_factory=list)
     discovery: Discovery | None = None
+
+
+def default_cloud_id(api_url: str = "") -> str:
+    """A replica id unique among the replicas sharing a broker, stable for the process:
+    ``cloud-HOST-PORT`` when it serves HTTP (the same id again after a restart, so the broker's
+    persistent session is reused, not orphaned), else ``cloud-HOST-PID``."""
+    host = re.sub(r"[^A-Za-z0-9._-]+", "-", socket.gethostname()).strip("-.")[:40] or "host"
+    port = urllib.parse.urlsplit(api_url).port if api_url else None
+    return f"cloud-{host}-{port if port is not None else os.getpid()}"
 
 
 def build_backend(config: LLMConfig) -> LLMBackend:
@@ -170,16 +183,18 @@ async def start_system(
         nodes = await _start_local_edges(config, broker_settings)
         # A persistent session under a stable client id: candidates that edges publish while we
         # reconnect (a broker restart) are queued for us instead of dropped.
+        cloud_id = config.cloud_id or default_cloud_id(api_url)
+        status_topic = cloud_status_topic(cloud_id)
         transport = MqttTransport(
-            broker_settings, client_id=config.cloud_id, clean_session=False,
-            will=(CLOUD_STATUS_TOPIC, encode(CloudStatus(cloud_id=config.cloud_id, online=False))),
+            broker_settings, client_id=cloud_id, clean_session=False,
+            will=(status_topic, encode(CloudStatus(cloud_id=cloud_id, online=False))),
         )
         embed = await asyncio.to_thread(build_sketch_embed) if config.service.sketch_guard else None
         service = PiceService(backend, transport, config=config.service, router=router, selector=selector,
-                              cloud_max_batch=config.llm.max_batch, embed=embed)
-        online = encode(CloudStatus(cloud_id=config.cloud_id, online=True, api_url=api_url))
+                              cloud_max_batch=config.llm.max_batch, embed=embed, cloud_id=cloud_id)
+        online = encode(CloudStatus(cloud_id=cloud_id, online=True, api_url=api_url))
         # On every (re)connect: a restarted broker without persistence has lost our retained status.
-        transport.on_connect(lambda: transport.publish(CLOUD_STATUS_TOPIC, online, retain=True))
+        transport.on_connect(lambda: transport.publish(status_topic, online, retain=True))
         await transport.connect()
         if nodes and not await service.fleet.wait_for(len(nodes), config.edges.wait_s):
             log.warning("only %d of %d local edges registered within %.0fs", len(service.fleet.live()), len(nodes),
@@ -193,8 +208,8 @@ async def start_system(
         if transport is not None:
             if transport.connected:
                 await transport.publish_and_wait(
-                    CLOUD_STATUS_TOPIC,
-                    encode(CloudStatus(cloud_id=config.cloud_id, online=False, api_url=api_url)), retain=True,
+                    cloud_status_topic(transport.client_id),
+                    encode(CloudStatus(cloud_id=transport.client_id, online=False, api_url=api_url)), retain=True,
                     timeout=OFFLINE_STATUS_TIMEOUT_S,
                 )
             await transport.close()
@@ -246,7 +261,7 @@ async def _advertise(config: CloudConfig, service: PiceService, broker_url: str,
     discovery = Discovery(parse_interfaces(interfaces))
     try:
         await discovery.start()
-        await discovery.advertise_cloud(CloudAdvert(cloud_id=config.cloud_id, broker_url=broker_url,
+        await discovery.advertise_cloud(CloudAdvert(cloud_id=service.cloud_id, broker_url=broker_url,
                                                     fleet=disc.fleet, api_url=api_url))
         service.fleet.watch_zeroconf(discovery, disc.fleet)
     except Exception as exc:
@@ -254,5 +269,5 @@ async def _advertise(config: CloudConfig, service: PiceService, broker_url: str,
         log.warning("zeroconf advertisement failed (%s); edges need --broker %s", exc, broker_url)
         await discovery.close()
         return None
-    log.info("advertised cloud %s (broker %s) on zeroconf, fleet %s", config.cloud_id, broker_url, disc.fleet)
+    log.info("advertised cloud %s (broker %s) on zeroconf, fleet %s", service.cloud_id, broker_url, disc.fleet)
     return discovery

@@ -197,7 +197,10 @@ class CloudConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_DELIMITER, extra="forbid",
                                       nested_model_default_partial_update=True)
 
-    cloud_id: str = Field(default="cloud", pattern=ID_PATTERN)
+    cloud_id: str | None = Field(
+        default=None, pattern=ID_PATTERN,
+        description="this replica's id: its MQTT client id and the topic level edges answer it on; must be unique "
+                    "among the replicas sharing a broker (default: cloud-HOST-PORT, or cloud-HOST-PID without a port)")
     server: ServerConfig = Field(default_factory=ServerConfig)
     broker: BrokerSettings | None = Field(default=None, description="external MQTT broker; omit for the "
                                                                     "embedded one on loopback")

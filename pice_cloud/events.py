@@ -48,6 +48,8 @@ class AnswerStats:
     points_edge: int = 0
     points_cloud: int = 0
     sketch_s: float = 0.0
+    #: Seconds spent placing the points and publishing their tasks (the scheduler's share).
+    schedule_s: float = 0.0
     first_token_s: float = 0.0
     total_s: float = 0.0
     devices: list[str] = field(default_factory=list)

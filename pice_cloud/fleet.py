@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pice_cloud import defaults
 from pice_cloud.scheduler import EdgeView
 from pice_edge.errors import ProtocolError
-from pice_edge.protocol import Candidate, EdgeStatus, decode, is_valid_id, topic_level
+from pice_edge.protocol import Candidate, EdgeStatus, TaskRefusal, decode, is_valid_id, topic_level
 from pice_edge.rejects import Rejections
 from pice_edge.transport import Message
 
@@ -58,6 +58,9 @@ class EdgeInfo:
     outstanding: int = 0
     #: Network share of a task's round trip (seconds), measured from candidates.
     link_delay_s: float = 0.0
+    #: The edge refused a task since its last status (it is full: another replica's tasks
+    #: fill it); the scheduler sees it full until the next status says otherwise.
+    saturated: bool = False
 
     @property
     def device_id(self) -> str:
@@ -146,6 +149,7 @@ class Fleet:
         else:
             previous.status = status
             previous.last_seen = max(previous.last_seen, seen)
+            previous.saturated = False
 
     def _alive(self, info: EdgeInfo, now: float) -> bool:
         return now <= self._expiry(info)
@@ -231,7 +235,8 @@ class Fleet:
     def views(self) -> list[EdgeView]:
         """The scheduler's snapshot of every live edge."""
         return [
-            EdgeView(device_id=e.device_id, max_batch=e.status.max_batch, queue_depth=e.status.queue_depth,
+            EdgeView(device_id=e.device_id, max_batch=e.status.max_batch,
+                     queue_depth=max(e.status.queue_depth, e.status.max_batch) if e.saturated else e.status.queue_depth,
                      outstanding=e.outstanding, tokens_per_s=e.status.tokens_per_s, link_delay_s=e.link_delay_s)
             for e in self.live()
         ]
@@ -258,6 +263,17 @@ class Fleet:
             delay = max(0.0, time.monotonic() - sent - candidate.latency_s)
             w = defaults.LINK_DELAY_SAMPLE_WEIGHT
             info.link_delay_s = delay if info.link_delay_s == 0 else (1 - w) * info.link_delay_s + w * delay
+
+    def task_refused(self, refusal: TaskRefusal) -> None:
+        """The edge refused a task: it no longer counts against the edge, and the edge is full
+        until its next status."""
+        self._sent_at.pop((refusal.request_id, refusal.point_index, refusal.device_id), None)
+        info = self._edges.get(refusal.device_id)
+        if info is None:
+            return
+        if info.outstanding > 0:
+            info.outstanding -= 1
+        info.saturated = True
 
     def task_abandoned(self, request_id: str, point: int, device_id: str, *, answered: bool) -> None:
         """The request closed: forget the task; one that never came back (``answered`` False)

@@ -49,10 +49,11 @@ from pice_cloud.settling import PointSettler
 from pice_cloud.sketch import SKETCH_PREFILL, parse_sketch, sketch_messages
 from pice_edge.prompts import SYSTEM_PROMPT, clean_expansion, expansion_messages, format_sketch, settled_sentences
 from pice_edge.protocol import (
-    CANDIDATES_FILTER,
     EDGE_STATUS_FILTER,
     ExpandTask,
     Sampling,
+    cloud_candidates_filter,
+    cloud_refusals_filter,
     edge_tasks_topic,
     encode,
     topic_level,
@@ -76,8 +77,12 @@ class PiceService:
     def __init__(self, llm: LLMBackend, transport: MqttTransport, *, config: ServiceConfig | None = None,
                  fleet: Fleet | None = None, aggregator: Aggregator | None = None,
                  selector: Selector | None = None, router: ModeRouter | None = None,
-                 cloud_max_batch: int | None = None, embed: Embed | None = None) -> None:
+                 cloud_max_batch: int | None = None, embed: Embed | None = None,
+                 cloud_id: str | None = None) -> None:
         self.llm = llm
+        #: This replica's id: tasks name it (``reply_to``) and edges answer on its own topics.
+        #: Default: the transport's MQTT client id.
+        self.cloud_id = cloud_id or transport.client_id
         #: Advises cloud-only vs progressive for ``auto`` requests; None: progressive whenever edges are live.
         self.router = router
         self.transport = transport
@@ -99,7 +104,8 @@ class PiceService:
         #: The cloud's own expansions refused by the guards (``pice_cloud_expansion_rejected_total``).
         self.cloud_expansion_rejections = Rejections()
         transport.add_subscription(EDGE_STATUS_FILTER, self._on_status)
-        transport.add_subscription(CANDIDATES_FILTER, self.aggregator.handle_candidate)
+        transport.add_subscription(cloud_candidates_filter(self.cloud_id), self.aggregator.handle_candidate)
+        transport.add_subscription(cloud_refusals_filter(self.cloud_id), self._on_refusal)
         transport.on_connect(self._on_reconnect)
 
     # --- public ----------------------------------------------------------------------------
@@ -307,6 +313,7 @@ class PiceService:
             return
         yield SketchEvent(points)
 
+        scheduling = time.perf_counter()
         request_id = uuid.uuid4().hex[:16]
         if edges:
             edges = self.fleet.views()  # fresher than before the sketch
@@ -342,6 +349,7 @@ class PiceService:
         try:
             self._dispatch(request_id, question, points, devices, deadlines_s, budget.tokens_per_point,
                            point_sampling)
+            stats.schedule_s = time.perf_counter() - scheduling
             if first:
                 streamed = ""
                 async for piece, text, tokens in self._stream_point(question, points, 0, budget.tokens_per_point,
@@ -436,6 +444,7 @@ class PiceService:
         task = ExpandTask(
             request_id=request_id, point_index=index, question=question, sketch=points,
             max_new_tokens=tokens_per_point, deadline=time.time() + deadline_s, sampling=sampling,
+            reply_to=self.cloud_id,
         )
         self.fleet.task_sent(request_id, index, device_id)
         self.transport.publish(edge_tasks_topic(device_id), encode(task))
@@ -466,6 +475,11 @@ class PiceService:
             for pending in self._in_flight:
                 pending.wakeup.set()
 
+    def _on_refusal(self, message: Message) -> None:
+        refusal = self.aggregator.handle_refusal(message)
+        if refusal is not None:
+            self.fleet.task_refused(refusal)
+
     def _on_reconnect(self) -> None:
         # Candidates may have been lost while we were away (a broker crash): requests in flight
         # stop waiting for their edges after a short grace instead of their full deadlines.
@@ -478,4 +492,4 @@ class PiceService:
         for state in pending.points:
             for device_id in state.expected:
                 self.fleet.task_abandoned(pending.request_id, state.index, device_id,
-                                          answered=device_id in state.received)
+                                          answered=device_id in state.received or device_id in state.refused)

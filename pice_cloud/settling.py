@@ -70,23 +70,26 @@ class PointSettler:
             for state in pending.points:
                 if state.settled or state.index in pending.self_served:
                     continue
-                outstanding = state.expected - state.received.keys()
+                outstanding = state.outstanding()
                 # A point is due at its deadline, or once none of the edges it still waits for is
-                # live (all answered, none was assigned, or the rest went offline or went quiet).
+                # live (all answered or refused, none was assigned, or the rest went offline or
+                # went quiet).
                 waiting = any(self.fleet.is_live(d) for d in outstanding)
                 if waiting and now < due[state.index]:
                     continue
-                if (outstanding and not waiting and not state.usable() and replace is not None
+                if ((outstanding or state.refused) and not waiting and not state.usable() and replace is not None
                         and state.index not in replaced and now < due[state.index]):
                     replaced.add(state.index)
                     target = replace(state.index, state.expected)
                     if target is not None:
                         device, deadline_s = target
-                        log.info("request %s: point %d re-placed on %s (%s stopped answering)", pending.request_id,
-                                 state.index + 1, device, ", ".join(sorted(outstanding)))
+                        log.info("request %s: point %d re-placed on %s (%s)", pending.request_id,
+                                 state.index + 1, device,
+                                 ", ".join([f"{d} stopped answering" for d in sorted(outstanding)]
+                                           + [f"{d} refused" for d in sorted(state.refused)]))
                         for gone in outstanding:
                             self.fleet.task_abandoned(pending.request_id, state.index, gone, answered=False)
-                        state.expected = (state.expected - outstanding) | {device}
+                        state.expected = (state.expected - outstanding - state.refused) | {device}
                         due[state.index] = now + deadline_s
                         continue
                 # Take what arrived in time before giving up on the edges.

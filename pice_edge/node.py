@@ -30,12 +30,15 @@ from pice_edge.protocol import (
     Candidate,
     EdgeStatus,
     ExpandTask,
+    RefusalReason,
+    TaskRefusal,
     candidate_topic,
     decode,
     edge_status_topic,
     edge_tasks_topic,
     encode,
     is_valid_id,
+    refusal_topic,
 )
 from pice_edge.rejects import Rejections
 from pice_edge.runtimes.base import DecodeBatch, GenerationRequest, GenerationResult, Runtime, SteppingRuntime
@@ -61,6 +64,8 @@ class NodeStats:
     tasks_expired: int = 0
     tasks_duplicate: int = 0
     tasks_refused: int = 0
+    #: Most tasks held at once (running + waiting): never above ``max_batch + max_queue``.
+    peak_outstanding: int = 0
     candidates_published: int = 0
     batches: int = 0
     batch_sizes: list[int] = field(default_factory=list)
@@ -100,7 +105,10 @@ class EdgeNode:
         batch_window_s: how long to wait for more tasks after the first one of a batch.
         heartbeat_s: interval of status messages; the cloud expires the node after a few
             missed ones.
-        max_queue: tasks beyond this many waiting are refused (the cloud's deadline covers them).
+        max_queue: tasks beyond this many waiting are refused; with ``max_batch`` running, the
+            most this node ever holds. A task that would have to wait and would not finish before
+            its deadline at the measured decode rate is refused too. A refusal goes back to the
+            replica that sent the task (`TaskRefusal`), which places the point elsewhere at once.
         memory_budget_mb: most KV-cache memory (MiB) the sequences of a batch may take, estimated
             by the runtime's ``kv_cache_bytes`` where it has one; ``None`` bounds by ``max_batch``
             only. A single task larger than the budget still runs, alone.
@@ -196,11 +204,19 @@ class EdgeNode:
         ]
 
     async def stop(self) -> None:
-        """Publish an offline status, disconnect and stop the worker."""
+        """Hand back the tasks not started (refusals), publish an offline status, disconnect and
+        stop the worker."""
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        if self.transport.connected:
+            waiting = [self._held] if self._held is not None else []
+            self._held = None
+            while not self._queue.empty():
+                waiting.append(self._queue.get_nowait())
+            for queued in waiting:
+                self._refuse(queued.task, "stopping", "the node is stopping")
         if self.transport.connected:
             await self.transport.publish_and_wait(
                 edge_status_topic(self.device_id), encode(self._status(online=False)), retain=True, timeout=2.0
@@ -293,11 +309,41 @@ class EdgeNode:
         if len(self._seen) > _SEEN_TASKS:
             self._seen.popitem(last=False)
         self.stats.tasks_received += 1
+        if self._queue.full():
+            self._refuse(task, "queue_full", f"queue of {self._queue.maxsize} is full")
+            return
+        if self._would_miss_deadline(task):
+            self._refuse(task, "would_miss_deadline", f"{self._outstanding()} tasks ahead")
+            return
+        self._queue.put_nowait(_Queued(task, time.monotonic()))
+        self.stats.peak_outstanding = max(self.stats.peak_outstanding, self._outstanding())
+
+    def _outstanding(self) -> int:
+        return self._queue.qsize() + self._running + (self._held is not None)
+
+    def _would_miss_deadline(self, task: ExpandTask) -> bool:
+        """A task that must wait for a slot, and by the measured decode rate would not finish
+        before its deadline even so (a task that can start at once is always taken)."""
+        ahead = self._outstanding()
+        rate = self.stats.tokens_per_s
+        if ahead < self.max_batch or rate <= 0:
+            return False
+        # Rounds of max_batch tasks before ours, each as long as a task at full batch.
+        rounds = 1 + -(-(ahead + 1 - self.max_batch) // self.max_batch)
+        finish = rounds * task.max_new_tokens * self.max_batch / rate
+        return time.time() + finish > task.deadline
+
+    def _refuse(self, task: ExpandTask, reason: RefusalReason, detail: str) -> None:
+        self.stats.tasks_refused += 1
+        self.rejections.record("task", reason, detail)
+        if task.reply_to is None:
+            return  # a sender without reply_to has no refusal topic: its deadline covers the point
+        refusal = TaskRefusal(request_id=task.request_id, point_index=task.point_index, device_id=self.device_id,
+                              reason=reason)
         try:
-            self._queue.put_nowait(_Queued(task, time.monotonic()))
-        except asyncio.QueueFull:
-            self.stats.tasks_refused += 1
-            self.rejections.record("task", "queue_full", f"queue of {self._queue.maxsize} is full")
+            self.transport.publish(refusal_topic(task.reply_to, task.request_id, self.device_id), encode(refusal))
+        except Exception:
+            log.exception("could not refuse task %s/%d", task.request_id, task.point_index)
 
     # --- batching --------------------------------------------------------------------------
 
@@ -435,7 +481,8 @@ class EdgeNode:
             model_id=self.runtime.model_id,
         )
         try:
-            self.transport.publish(candidate_topic(candidate.request_id, self.device_id), encode(candidate))
+            self.transport.publish(candidate_topic(candidate.request_id, self.device_id, task.reply_to),
+                                   encode(candidate))
             self.stats.candidates_published += 1
         except Exception:
             log.exception("could not publish candidate for %s/%d", candidate.request_id, candidate.point_index)

@@ -2,14 +2,27 @@
 
 Both sides import this module; it is the only place where topics and payloads are defined.
 
-=========================================== ============ =========================
-topic                                       direction    payload
-=========================================== ============ =========================
-``pice/v1/edge/{device_id}/status``         edge->cloud  `EdgeStatus` (retained; last will)
-``pice/v1/edge/{device_id}/tasks``          cloud->edge  `ExpandTask`
-``pice/v1/candidates/{request_id}/{device}`` edge->cloud `Candidate`
-``pice/v1/cloud/status``                    cloud->all   `CloudStatus` (retained)
-=========================================== ============ =========================
+=================================================== ============ =========================
+topic                                               direction    payload
+=================================================== ============ =========================
+``pice/v1/edge/{device_id}/status``                 edge->cloud  `EdgeStatus` (retained; last will)
+``pice/v1/edge/{device_id}/tasks``                  cloud->edge  `ExpandTask`
+``pice/v1/cloud/{cloud_id}/candidates/{request_id}/{device}``
+                                                    edge->cloud  `Candidate`
+``pice/v1/cloud/{cloud_id}/refusals/{request_id}/{device}``
+                                                    edge->cloud  `TaskRefusal`
+``pice/v1/cloud/{cloud_id}/status``                 cloud->all   `CloudStatus` (retained; last will)
+``pice/v1/candidates/{request_id}/{device}``        edge->cloud  `Candidate` of a task without
+                                                                 ``reply_to`` (senders before it)
+=================================================== ============ =========================
+
+Several cloud replicas can share one broker and one fleet: each has its own ``cloud_id``, a task
+names the replica that sent it (``ExpandTask.reply_to``), and the edge answers on that replica's
+topics, so a replica sees only its own candidates and an ACL can pin each replica to its topics.
+
+Additions to v1 are optional fields, omitted from the wire while unset; receivers forbid unknown
+fields, so upgrade edges before clouds (an edge older than ``reply_to`` refuses tasks that carry
+it, and says so in its log).
 
 The candidate topic carries the publishing device's id as its last level (DESIGN.md names
 ``pice/v1/candidates/{request_id}``): a broker ACL such as Mosquitto's
@@ -108,6 +121,16 @@ class ExpandTask(_Message):
     #: Absolute wall-clock time (Unix seconds) after which the cloud no longer wants an answer.
     deadline: float = Field(gt=0)
     sampling: Sampling = Field(default_factory=Sampling)
+    #: The cloud replica that sent the task: its candidate and refusal go to that replica's
+    #: topics. ``None`` (senders older than this field): the shared ``pice/v1/candidates`` topic.
+    reply_to: Identifier | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_additions(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("reply_to") is None:
+            data.pop("reply_to", None)
+        return data
 
     @model_validator(mode="after")
     def _point_in_sketch(self) -> ExpandTask:
@@ -134,6 +157,20 @@ class Candidate(_Message):
     #: Seconds from receiving the task to publishing the candidate.
     latency_s: float = Field(ge=0.0, le=86_400.0)
     model_id: str = Field(default="", max_length=200)
+
+
+RefusalReason = Literal["queue_full", "would_miss_deadline", "stopping"]
+
+
+class TaskRefusal(_Message):
+    """Edge -> the replica that sent a task: this edge will not expand the point (its queue is
+    full, it would not finish before the deadline, or it is shutting down), so the sender can
+    place it elsewhere at once instead of waiting for the deadline."""
+
+    request_id: Identifier
+    point_index: int = Field(ge=0, lt=MAX_SKETCH_POINTS)
+    device_id: Identifier
+    reason: RefusalReason
 
 
 class EdgeStatus(_Message):
@@ -174,12 +211,36 @@ def edge_tasks_topic(device_id: str) -> str:
     return f"{TOPIC_ROOT}/edge/{device_id}/tasks"
 
 
-def candidate_topic(request_id: str, device_id: str) -> str:
-    return f"{TOPIC_ROOT}/candidates/{request_id}/{device_id}"
+def candidate_topic(request_id: str, device_id: str, cloud_id: str | None = None) -> str:
+    """Where ``device_id`` publishes its candidate for a task of ``cloud_id`` (the task's
+    ``reply_to``; ``None``: the shared topic of tasks without one)."""
+    if cloud_id is None:
+        return f"{TOPIC_ROOT}/candidates/{request_id}/{device_id}"
+    return f"{TOPIC_ROOT}/cloud/{cloud_id}/candidates/{request_id}/{device_id}"
 
 
-CLOUD_STATUS_TOPIC = f"{TOPIC_ROOT}/cloud/status"
+def refusal_topic(cloud_id: str, request_id: str, device_id: str) -> str:
+    return f"{TOPIC_ROOT}/cloud/{cloud_id}/refusals/{request_id}/{device_id}"
+
+
+def cloud_status_topic(cloud_id: str) -> str:
+    return f"{TOPIC_ROOT}/cloud/{cloud_id}/status"
+
+
+def cloud_candidates_filter(cloud_id: str) -> str:
+    """Every candidate for the tasks of one cloud replica."""
+    return f"{TOPIC_ROOT}/cloud/{cloud_id}/candidates/+/+"
+
+
+def cloud_refusals_filter(cloud_id: str) -> str:
+    """Every refusal of the tasks of one cloud replica."""
+    return f"{TOPIC_ROOT}/cloud/{cloud_id}/refusals/+/+"
+
+
+#: Every cloud replica's status.
+CLOUD_STATUS_FILTER = f"{TOPIC_ROOT}/cloud/+/status"
 EDGE_STATUS_FILTER = f"{TOPIC_ROOT}/edge/+/status"
+#: Candidates of tasks without ``reply_to`` (tools and senders older than it).
 CANDIDATES_FILTER = f"{TOPIC_ROOT}/candidates/+/+"
 
 
@@ -237,7 +298,7 @@ def decode(model: type[M], payload: bytes, *, max_bytes: int = DEFAULT_MAX_PAYLO
 
 __all__ = [
     "CANDIDATES_FILTER",
-    "CLOUD_STATUS_TOPIC",
+    "CLOUD_STATUS_FILTER",
     "DEFAULT_MAX_PAYLOAD_BYTES",
     "EDGE_STATUS_FILTER",
     "PROTOCOL_VERSION",
@@ -246,12 +307,18 @@ __all__ = [
     "CloudStatus",
     "EdgeStatus",
     "ExpandTask",
+    "RefusalReason",
     "Sampling",
+    "TaskRefusal",
     "candidate_topic",
+    "cloud_candidates_filter",
+    "cloud_refusals_filter",
+    "cloud_status_topic",
     "decode",
     "edge_status_topic",
     "edge_tasks_topic",
     "encode",
     "is_valid_id",
+    "refusal_topic",
     "topic_level",
 ]

@@ -15,7 +15,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +28,10 @@ import pytest
 from pice_cloud.bootstrap import System, start_system
 from pice_cloud.broker import EmbeddedBroker, free_port
 from pice_cloud.config import CloudConfig, load_config
+from pice_cloud.llm.base import ChatRequest, Completion
 from pice_cloud.llm.transformers import TransformersBackend
 from pice_cloud.server import ApiServer, ApiState, bind, create_app, running, url_of
+from pice_cloud.sketch import SKETCH_PREFILL
 from pice_edge.model_store import build_random_model
 from pice_edge.transport import BrokerSettings
 
@@ -104,6 +106,26 @@ def cloud_config(broker: str | BrokerSettings | None, *, edges: int = 0, edge_mo
 
 QUESTION = "How can I improve my time management skills?"
 SMALL = {"service": {"max_points": 3, "tokens_per_point": 8, "sketch_tokens": 30, "max_answer_tokens": 24}}
+
+
+class ScriptedSketches:
+    """The tiny model for everything but sketches, which come from a script (one per call; the
+    last one is repeated): tests that need real points get them from a model that writes none."""
+
+    def __init__(self, inner: TransformersBackend, sketches: Sequence[str]) -> None:
+        self.inner, self.sketches = inner, list(sketches)
+        self.name, self.model_id = inner.name, inner.model_id
+        self.sketch_requests: list[ChatRequest] = []
+
+    async def complete(self, requests: Sequence[ChatRequest]) -> list[Completion]:
+        if len(requests) == 1 and requests[0].prefill == SKETCH_PREFILL:
+            self.sketch_requests.append(requests[0])
+            text = self.sketches.pop(0) if len(self.sketches) > 1 else self.sketches[0]
+            return [Completion(text=text, tokens=12)]
+        return await self.inner.complete(requests)
+
+    async def close(self) -> None:
+        pass
 
 
 @dataclass

@@ -28,11 +28,11 @@ from pice_cloud.events import AnswerEvent
 from pice_cloud.llm.transformers import TransformersBackend
 from pice_edge.errors import EXIT_CONFIG, EXIT_UNAVAILABLE
 from pice_edge.protocol import (
-    CANDIDATES_FILTER,
-    CLOUD_STATUS_TOPIC,
+    CLOUD_STATUS_FILTER,
     EDGE_STATUS_FILTER,
     CloudStatus,
     EdgeStatus,
+    cloud_candidates_filter,
     decode,
     edge_tasks_topic,
 )
@@ -185,7 +185,7 @@ async def test_broker_killed_and_restarted_mid_request(mosquitto: Mosquitto, tin
         assert after.stats.points_cloud == 0, "candidates did not come back: a subscription was not re-made"
         assert system.service.transport.connect_count == 2
         # The broker lost our retained status in the crash; we published it again on reconnect.
-        status_spy, statuses = await spy(mosquitto.url, CLOUD_STATUS_TOPIC)
+        status_spy, statuses = await spy(mosquitto.url, CLOUD_STATUS_FILTER)
         try:
             await eventually(lambda: bool(statuses), timeout=10, what="the cloud's retained status")
             assert decode(CloudStatus, statuses[0].payload).online
@@ -200,7 +200,7 @@ async def test_slow_edge_late_candidates_are_ignored(mosquitto: Mosquitto, tiny_
                                                      tiny_llm: TransformersBackend, edges: list[EdgeProcess],
                                                      tmp_path: Path) -> None:
     start_edge(edges, "slow", mosquitto, tiny_model, tmp_path, fault=("--delay", "3"))
-    watcher, candidates = await spy(mosquitto.url, CANDIDATES_FILTER)
+    watcher, candidates = await spy(mosquitto.url, cloud_candidates_filter("+"))
     try:
         async with start_system(cloud_config(mosquitto.url, edges=0, service=settings(1.0)), llm=tiny_llm) as system:
             rejections = system.service.transport.rejections
@@ -224,7 +224,7 @@ async def test_duplicate_candidates_are_deduplicated(mosquitto: Mosquitto, tiny_
                                                      tiny_llm: TransformersBackend, edges: list[EdgeProcess],
                                                      tmp_path: Path) -> None:
     start_edge(edges, "twice", mosquitto, tiny_model, tmp_path, fault=("--duplicate",))
-    watcher, candidates = await spy(mosquitto.url, CANDIDATES_FILTER)
+    watcher, candidates = await spy(mosquitto.url, cloud_candidates_filter("+"))
     try:
         async with start_system(cloud_config(mosquitto.url, edges=0, service=settings(30)), llm=tiny_llm) as system:
             rejections = system.service.transport.rejections
@@ -277,7 +277,7 @@ async def test_cloud_restarted_while_edges_run(mosquitto: Mosquitto, tiny_model:
     cloud = _cloud_process(mosquitto, tiny_model)
     first_line = await asyncio.get_running_loop().run_in_executor(None, _kill_after_sketch, cloud)
     assert first_line.startswith("Sketch:")
-    cloud_status, retained = await spy(mosquitto.url, CLOUD_STATUS_TOPIC)
+    cloud_status, retained = await spy(mosquitto.url, CLOUD_STATUS_FILTER)
     await eventually(lambda: bool(retained))
     await cloud_status.close()
     assert decode(CloudStatus, retained[-1].payload).online is False, "the dead cloud's last will"

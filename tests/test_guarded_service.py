@@ -20,34 +20,14 @@ from pice_cloud.llm.transformers import TransformersBackend
 from pice_cloud.metrics import Metrics
 from pice_cloud.service import PiceService
 from pice_cloud.settling import PointSettler
-from pice_cloud.sketch import SKETCH_PREFILL
 from pice_edge.protocol import Candidate, Sampling, candidate_topic, encode
 from pice_edge.rejects import Rejections
 from pice_edge.transport import Message
-from tests.conftest import Mosquitto, cloud_config
+from tests.conftest import Mosquitto, ScriptedSketches, cloud_config
 
 QUESTION = "How can I improve my time management skills?"
 BAD = [" The first point\n2. The second point\n", " Set clear goals\n2. Point two\n3. In conclusion\n"]
 GOOD = " Set clear daily goals\n2. Plan each morning\n3. Take short breaks\n"
-
-
-class ScriptedSketches:
-    """The tiny model for everything but sketches, which come from a script (one per call)."""
-
-    def __init__(self, inner: TransformersBackend, sketches: Sequence[str]) -> None:
-        self.inner, self.sketches = inner, list(sketches)
-        self.name, self.model_id = inner.name, inner.model_id
-        self.sketch_requests: list[ChatRequest] = []
-
-    async def complete(self, requests: Sequence[ChatRequest]) -> list[Completion]:
-        if len(requests) == 1 and requests[0].prefill == SKETCH_PREFILL:
-            self.sketch_requests.append(requests[0])
-            text = self.sketches.pop(0) if len(self.sketches) > 1 else self.sketches[0]
-            return [Completion(text=text, tokens=12)]
-        return await self.inner.complete(requests)
-
-    async def close(self) -> None:
-        pass
 
 
 @pytest.fixture

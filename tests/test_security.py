@@ -35,16 +35,17 @@ from pice_edge.errors import ConfigError, TransportError
 from pice_edge.node import EdgeNode
 from pice_edge.protocol import (
     CANDIDATES_FILTER,
-    CLOUD_STATUS_TOPIC,
     EDGE_STATUS_FILTER,
     Candidate,
     CloudStatus,
     EdgeStatus,
     ExpandTask,
     candidate_topic,
+    cloud_status_topic,
     edge_status_topic,
     edge_tasks_topic,
     encode,
+    refusal_topic,
 )
 from pice_edge.runtimes.transformers import TransformersRuntime
 from pice_edge.transport import BrokerSettings, Message, MqttTransport
@@ -160,11 +161,16 @@ def test_acl_confines_edges_with_username_patterns() -> None:
     assert patterns == {
         ("readwrite", "pice/v1/edge/%u/status"),
         ("write", "pice/v1/candidates/+/%u"),
+        ("write", "pice/v1/cloud/+/candidates/+/%u"),
+        ("write", "pice/v1/cloud/+/refusals/+/%u"),
         ("read", "pice/v1/edge/%u/tasks"),
-        ("read", "pice/v1/cloud/status"),
+        ("read", "pice/v1/cloud/+/status"),
     }
     # Topics the protocol module builds match the ACL's shapes.
     assert candidate_topic("r1", "edge-a") == "pice/v1/candidates/r1/edge-a"
+    assert candidate_topic("r1", "edge-a", "cloud-1") == "pice/v1/cloud/cloud-1/candidates/r1/edge-a"
+    assert refusal_topic("cloud-1", "r1", "edge-a") == "pice/v1/cloud/cloud-1/refusals/r1/edge-a"
+    assert cloud_status_topic("cloud-1") == "pice/v1/cloud/cloud-1/status"
 
 
 # --- legitimate clients -----------------------------------------------------------------------
@@ -176,7 +182,8 @@ async def test_cloud_and_edges_answer_over_tls_with_acl(secure_broker: Mosquitto
     nodes = [EdgeNode(TransformersRuntime(tiny_model, threads=1), device_id=name,
                       broker=creds(secure_broker, pki, name), heartbeat_s=1.0) for name in ("edge-a", "edge-b")]
     cloud = MqttTransport(creds(secure_broker, pki, "pice-cloud"), client_id="pice-cloud",
-                          will=(CLOUD_STATUS_TOPIC, encode(CloudStatus(cloud_id="pice-cloud", online=False))))
+                          will=(cloud_status_topic("pice-cloud"),
+                                encode(CloudStatus(cloud_id="pice-cloud", online=False))))
     # The tiny random model's sketches would never pass the guards.
     service = PiceService(llm, cloud, config=ServiceConfig(max_points=3, tokens_per_point=8, sketch_tokens=30,
                                                            sketch_guard=False, expansion_guard=False))
@@ -184,7 +191,7 @@ async def test_cloud_and_edges_answer_over_tls_with_acl(secure_broker: Mosquitto
         for node in nodes:
             await node.start(connect_timeout=5)
         await cloud.connect(timeout=5)
-        assert await cloud.publish_and_wait(CLOUD_STATUS_TOPIC, encode(CloudStatus(cloud_id="pice-cloud",
+        assert await cloud.publish_and_wait(cloud_status_topic("pice-cloud"), encode(CloudStatus(cloud_id="pice-cloud",
                                                                                    online=True)), retain=True)
         assert await service.fleet.wait_for(2, 10)
         final = await asyncio.wait_for(service.ask("How do I learn to cook?", mode="progressive"), 60)

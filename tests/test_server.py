@@ -20,7 +20,7 @@ import httpx
 import openai
 import pytest
 
-from pice_edge.protocol import CLOUD_STATUS_TOPIC, CloudStatus, EdgeStatus, decode, edge_status_topic, encode
+from pice_edge.protocol import CLOUD_STATUS_FILTER, CloudStatus, EdgeStatus, decode, edge_status_topic, encode
 from pice_edge.transport import BrokerSettings, Message, MqttTransport
 from tests.conftest import QUESTION, Api, Mosquitto, eventually, serving
 
@@ -414,7 +414,7 @@ def test_serve_subprocess_sigterm_finishes_in_flight_and_publishes_offline(
 async def _assert_cloud_offline(url: str) -> None:
     got: asyncio.Queue[Message] = asyncio.Queue()
     transport = MqttTransport(BrokerSettings(url=url))
-    transport.add_subscription(CLOUD_STATUS_TOPIC, got.put_nowait)
+    transport.add_subscription(CLOUD_STATUS_FILTER, got.put_nowait)
     await transport.connect()
     try:
         message = await asyncio.wait_for(got.get(), 10)

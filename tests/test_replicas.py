@@ -1,0 +1,188 @@
+"""Cloud replicas sharing one broker and one fleet: each replica gets only its own candidates,
+an edge never holds more tasks than its capacity, and a refusal makes the sender place the point
+elsewhere at once (another edge, else the cloud) instead of waiting for the deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from pice_cloud.aggregator import Aggregator
+from pice_cloud.bootstrap import default_cloud_id, start_system
+from pice_cloud.cloud_meter import CloudMeter
+from pice_cloud.ensemble import ConfidenceSelector
+from pice_cloud.fleet import Fleet
+from pice_cloud.llm.transformers import TransformersBackend
+from pice_cloud.settling import PointSettler
+from pice_edge.node import EdgeNode
+from pice_edge.protocol import (
+    ID_PATTERN,
+    Candidate,
+    EdgeStatus,
+    ExpandTask,
+    TaskRefusal,
+    candidate_topic,
+    decode,
+    encode,
+    refusal_topic,
+)
+from pice_edge.runtimes.transformers import TransformersRuntime
+from pice_edge.transport import BrokerSettings, Message
+from tests.conftest import QUESTION, Mosquitto, ScriptedSketches, cloud_config, eventually
+
+ROOT = Path(__file__).resolve().parent.parent
+SKETCH = " Set clear daily goals\n2. Plan each morning\n3. Take short breaks\n"
+SMALL = {"max_points": 3, "tokens_per_point": 8, "sketch_tokens": 30, "max_answer_tokens": 16}
+
+
+def test_default_replica_ids_differ_per_port_and_are_valid_topic_levels() -> None:
+    a, b = default_cloud_id("http://127.0.0.1:8000/v1"), default_cloud_id("http://127.0.0.1:8001/v1")
+    assert a != b
+    assert a.endswith("-8000")
+    assert default_cloud_id("http://127.0.0.1:8000/v1") == a, "stable: a restarted replica reuses its session"
+    assert re.match(ID_PATTERN, default_cloud_id())
+
+
+def test_a_task_names_its_replica_only_when_set() -> None:
+    task = ExpandTask(request_id="r1", point_index=0, question="q", sketch=["p"], max_new_tokens=4,
+                      deadline=time.time() + 30)
+    assert b"reply_to" not in encode(task), "an edge older than reply_to still accepts it"
+    named = task.model_copy(update={"reply_to": "cloud-a"})
+    assert decode(ExpandTask, encode(named)).reply_to == "cloud-a"
+
+
+@contextlib.asynccontextmanager
+async def edges(url: str, model: Path, *, count: int, max_batch: int, max_queue: int) -> AsyncIterator[list[EdgeNode]]:
+    nodes = [EdgeNode(TransformersRuntime(model, threads=1), device_id=f"e{i}", broker=BrokerSettings(url=url),
+                      max_batch=max_batch, max_queue=max_queue, heartbeat_s=1.0) for i in range(count)]
+    try:
+        for node in nodes:
+            await node.start()
+        yield nodes
+    finally:
+        for node in nodes:
+            await node.stop()
+
+
+@pytest.mark.mosquitto
+async def test_two_replicas_share_a_fleet_without_losing_or_overbooking(mosquitto: Mosquitto,
+                                                                        tiny_model: Path) -> None:
+    llms = [ScriptedSketches(TransformersBackend(tiny_model, threads=1), [SKETCH]) for _ in range(2)]
+    try:
+        async with edges(mosquitto.url, tiny_model, count=2, max_batch=2, max_queue=1) as nodes, \
+                start_system(cloud_config(mosquitto.url, service=SMALL, cloud_id="cloud-a"),
+                             llm=llms[0]) as a, \
+                start_system(cloud_config(mosquitto.url, service=SMALL, cloud_id="cloud-b"),
+                             llm=llms[1]) as b:  # type: ignore[arg-type]
+            assert await a.service.fleet.wait_for(2, 10)
+            assert await b.service.fleet.wait_for(2, 10)
+            # Four requests on each replica at once: 24 points for two edges that hold 3 tasks each.
+            answers = await asyncio.wait_for(asyncio.gather(*[
+                system.service.ask(f"{QUESTION} ({i})", mode="progressive") for i in range(4) for system in (a, b)
+            ]), 120)
+            rejected = {**a.service.transport.rejections.snapshot(), **b.service.transport.rejections.snapshot()}
+            refused = sum(n.stats.tasks_refused for n in nodes)
+            peaks = [n.stats.peak_outstanding for n in nodes]
+    finally:
+        for llm in llms:
+            await llm.inner.close()
+    for final in answers:
+        assert final.stats.mode == "progressive"
+        assert final.stats.points_edge + final.stats.points_cloud == 3, "a point was lost"
+        assert final.text.count("**") == 6
+    assert sum(f.stats.points_edge for f in answers) > 0
+    assert max(peaks) <= 2 + 1, f"an edge held more than its capacity: {peaks}"
+    assert refused > 0, "the edges were never full: the test did not contend"
+    # Each replica saw only its own candidates: none arrived for a request it does not know.
+    assert not [key for key in rejected if key[1] in {"unknown_request", "unassigned", "identity"}], rejected
+
+
+def _refusal(request_id: str, point: int, device: str) -> Message:
+    refusal = TaskRefusal(request_id=request_id, point_index=point, device_id=device, reason="queue_full")
+    return Message(refusal_topic("cloud-a", request_id, device), encode(refusal), retain=False)
+
+
+async def test_a_refused_point_is_placed_on_another_edge_at_once() -> None:
+    fleet = Fleet()
+    for device in ("a", "b"):
+        fleet.update(EdgeStatus(device_id=device, online=True, max_batch=2, free_slots=2))
+    aggregator = Aggregator()
+    pending = aggregator.open("r1", [("a",)])
+    fleet.task_sent("r1", 0, "a")
+    placed: list[tuple[int, frozenset[str]]] = []
+
+    def replace(index: int, avoid: frozenset[str]) -> tuple[str, float] | None:
+        placed.append((index, avoid))
+        return "b", 30.0
+
+    settler = PointSettler(fleet, ConfidenceSelector(), CloudMeter(None))  # type: ignore[arg-type]
+    settling = asyncio.create_task(settler.run(QUESTION, ["Set clear goals"], pending, [30.0], 8, replace))
+    refusal = aggregator.handle_refusal(_refusal("r1", 0, "a"))
+    assert refusal is not None
+    fleet.task_refused(refusal)
+    # The edge is full until its next status; its refused task no longer counts against it.
+    [view_a] = [v for v in fleet.views() if v.device_id == "a"]
+    assert view_a.free_slots == 0
+    assert fleet.get("a").outstanding == 0  # type: ignore[union-attr]
+    await eventually(lambda: bool(placed), timeout=5, what="the re-placement")
+    assert placed == [(0, frozenset({"a"}))], "re-placed at once, away from the edge that refused"
+    cand = Candidate(request_id="r1", point_index=0, device_id="b", text="Write your goals down every week.",
+                     token_count=8, mean_logprob=-0.5, latency_s=0.1)
+    aggregator.handle_candidate(Message(candidate_topic("r1", "b", "cloud-a"), encode(cand), retain=False))
+    chosen = await asyncio.wait_for(pending.points[0].future, 5)
+    settling.cancel()
+    assert (chosen.source, chosen.device_id) == ("edge", "b")
+    fleet.update(EdgeStatus(device_id="a", online=True, max_batch=2, free_slots=2))
+    assert [v.free_slots for v in fleet.views() if v.device_id == "a"] == [2], "a new status clears it"
+
+
+async def test_refusals_that_do_not_match_a_task_are_counted_not_used() -> None:
+    aggregator = Aggregator()
+    pending = aggregator.open("r1", [("a",)])
+    forged = TaskRefusal(request_id="r1", point_index=0, device_id="b", reason="queue_full")
+    assert aggregator.handle_refusal(Message(refusal_topic("cloud-a", "r1", "a"), encode(forged), retain=False)) \
+        is None
+    assert aggregator.handle_refusal(_refusal("r1", 0, "b")) is None  # b was never asked
+    assert aggregator.handle_refusal(Message(refusal_topic("cloud-a", "r1", "a"), b"{not json", retain=False)) \
+        is None
+    assert aggregator.handle_refusal(_refusal("gone", 0, "a")) is None  # answered already: nothing to do
+    assert pending.points[0].refused == set()
+    assert aggregator.rejections.snapshot() == {("refusal", "identity"): 1, ("refusal", "unassigned"): 1,
+                                                ("refusal", "json"): 1}
+
+
+@pytest.mark.mosquitto
+async def test_a_site_broker_bridges_edges_to_the_central_broker(tmp_path: Path, tiny_model: Path) -> None:
+    """The topic lines of tools/mosquitto/bridge.conf between two real brokers: edges on the
+    site broker serve a cloud on the central one."""
+    shipped = (ROOT / "tools" / "mosquitto" / "bridge.conf").read_text().splitlines()
+    (tmp_path / "central").mkdir()
+    (tmp_path / "site").mkdir()
+    central = Mosquitto(tmp_path / "central")
+    central.start()
+    kept = [ln for ln in shipped if ln.split(" ", 1)[0] in {"topic", "bridge_protocol_version", "cleansession",
+                                                             "try_private"}]
+    bridge = "\n".join(["connection pice-test-site", f"address 127.0.0.1:{central.port}",
+                        "remote_clientid pice-bridge-test", "restart_timeout 1", *kept])
+    site = Mosquitto(tmp_path / "site", template="bridged.conf", bridge=bridge)
+    site.start()
+    llm = ScriptedSketches(TransformersBackend(tiny_model, threads=1), [SKETCH])
+    try:
+        async with edges(site.url, tiny_model, count=2, max_batch=2, max_queue=2), \
+                start_system(cloud_config(central.url, service=SMALL, cloud_id="central-cloud"),
+                             llm=llm) as system:  # type: ignore[arg-type]
+            assert await system.service.fleet.wait_for(2, 20), "edge statuses did not cross the bridge"
+            final = await asyncio.wait_for(system.service.ask(QUESTION, mode="progressive"), 60)
+    finally:
+        await llm.inner.close()
+        site.kill()
+        central.kill()
+    assert final.stats.mode == "progressive"
+    assert final.stats.points_cloud == 0, "tasks or candidates did not cross the bridge"
+    assert final.stats.points_edge == 3
