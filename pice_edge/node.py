@@ -325,13 +325,10 @@ class EdgeNode:
         """A task that must wait for a slot, and by the measured decode rate would not finish
         before its deadline even so (a task that can start at once is always taken)."""
         ahead = self._outstanding()
-        rate = self.stats.tokens_per_s
-        if ahead < self.max_batch or rate <= 0:
+        if ahead < self.max_batch or self.stats.tokens_per_s <= 0:
             return False
-        # Rounds of max_batch tasks before ours, each as long as a task at full batch.
-        rounds = 1 + -(-(ahead + 1 - self.max_batch) // self.max_batch)
-        finish = rounds * task.max_new_tokens * self.max_batch / rate
-        return time.time() + finish > task.deadline
+        return time.time() + queued_finish_s(ahead, self.max_batch, task.max_new_tokens,
+                                             self.stats.tokens_per_s) > task.deadline
 
     def _refuse(self, task: ExpandTask, reason: RefusalReason, detail: str) -> None:
         self.stats.tasks_refused += 1
@@ -517,6 +514,14 @@ class EdgeNode:
         if elapsed > 0 and tokens:
             rate = tokens / elapsed
             stats.tokens_per_s = rate if stats.tokens_per_s == 0 else 0.7 * stats.tokens_per_s + 0.3 * rate
+
+
+def queued_finish_s(ahead: int, max_batch: int, tokens: int, tokens_per_s: float) -> float:
+    """Seconds until a task of ``tokens`` tokens that arrives behind ``ahead`` others would
+    finish on a node that runs ``max_batch`` at a time at ``tokens_per_s`` (its measured
+    throughput at full batch): the rounds of full batches before it, then its own."""
+    rounds = 1 + max(0, -(-(ahead + 1 - max_batch) // max_batch))
+    return rounds * tokens * max_batch / tokens_per_s
 
 
 def _add_all(batch: DecodeBatch, admitted: list[tuple[int, _Live]]) -> None:
