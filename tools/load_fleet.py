@@ -70,7 +70,8 @@ async def host_edges(args: argparse.Namespace) -> None:
     broker = BrokerSettings(url=args.broker)
     nodes = [EdgeNode(SimulatedRuntime(tokens_per_s=args.edge_rate, batch_cost=args.edge_batch_cost),
                       device_id=f"sim-{i:04d}", broker=broker, max_batch=args.edge_batch,
-                      heartbeat_s=args.heartbeat, profile="simulated") for i in range(args.host_edges)]
+                      max_queue=args.edge_queue, heartbeat_s=args.heartbeat, profile="simulated")
+             for i in range(args.host_edges)]
     for start in range(0, len(nodes), 50):
         await asyncio.gather(*(n.start(connect_timeout=60) for n in nodes[start:start + 50]))
     print("ready", flush=True)
@@ -164,7 +165,7 @@ def start_edge_host(count: int, args: argparse.Namespace, broker: Broker) -> sub
     return subprocess.Popen(
         [sys.executable, __file__, "--host-edges", str(count), "--broker", broker.url, "--edge-rate",
          str(args.edge_rate), "--edge-batch", str(args.edge_batch), "--edge-batch-cost", str(args.edge_batch_cost),
-         "--heartbeat", str(args.heartbeat)],
+         "--heartbeat", str(args.heartbeat), "--edge-queue", str(args.edge_queue)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, preexec_fn=raise_fd_limit)
 
 
@@ -186,29 +187,35 @@ async def measure(count: int, args: argparse.Namespace, broker: Broker, host: su
     from pice_cloud.config import load_config
     from pice_cloud.llm.simulated import SimulatedBackend
 
-    result: dict[str, Any] = {"edges": count}
+    result: dict[str, Any] = {"edges": count, "replicas": args.replicas}
     assert host.stdout is not None
     started = time.perf_counter()
     line = await asyncio.to_thread(host.stdout.readline)
     if line.strip() != "ready":
         raise RuntimeError(f"edge host failed: {line!r}")
     result["edges_connect_s"] = round(time.perf_counter() - started, 1)
-    llm = SimulatedBackend(tokens_per_s=args.cloud_rate, batch_cost=args.cloud_batch_cost,
-                           sketch_points=args.points)
-    config = load_config(None, {
-        "broker": {"url": broker.url}, "cloud_id": "load-cloud",
-        "edges": {"local": 0}, "discovery": {"enabled": False},
-        "llm": {"max_batch": 256},
-        "service": {"router": "off", "selector": "confidence", "sketch_guard": False, "expansion_guard": False,
-                    "ensemble_width": args.ensemble_width, "max_points": args.points,
-                    "tokens_per_point": args.tokens, "adaptive_budget": False},
-    })
+    def replica(k: int) -> Any:
+        # Each replica has its own simulated accelerator (replicas scale the cloud out).
+        llm = SimulatedBackend(tokens_per_s=args.cloud_rate, batch_cost=args.cloud_batch_cost,
+                               sketch_points=args.points)
+        config = load_config(None, {
+            "broker": {"url": broker.url}, "cloud_id": f"load-cloud-{k}",
+            "edges": {"local": 0}, "discovery": {"enabled": False},
+            "llm": {"max_batch": 256},
+            "service": {"router": "off", "selector": "confidence", "sketch_guard": False, "expansion_guard": False,
+                        "ensemble_width": args.ensemble_width, "max_points": args.points,
+                        "tokens_per_point": args.tokens, "adaptive_budget": False},
+        })
+        return start_system(config, llm=llm)
+
     counters = SysCounters(broker.url)
     await counters.transport.connect()
-    async with start_system(config, llm=llm) as system:
-        service = system.service
-        if not await service.fleet.wait_for(count, 120):
-            raise RuntimeError(f"only {len(service.fleet.live())} of {count} edges registered")
+    async with contextlib.AsyncExitStack() as stack:
+        services = [(await stack.enter_async_context(replica(k))).service for k in range(args.replicas)]
+        for service in services:
+            if not await service.fleet.wait_for(count, 120):
+                raise RuntimeError(f"only {len(service.fleet.live())} of {count} edges registered")
+        service = services[0]
         await asyncio.sleep(2 * args.heartbeat)  # every edge's tokens_per_s is irrelevant; let statuses settle
 
         # Light load: one request at a time.
@@ -240,7 +247,9 @@ async def measure(count: int, args: argparse.Namespace, broker: Broker, host: su
             i = 0
             while time.perf_counter() < stop_at:
                 try:
-                    done.append((await service.ask(f"Question {k}-{i}?", mode="progressive")).stats)
+                    # An HTTP load balancer in front of the replicas: round robin.
+                    target = services[(k + i) % len(services)]
+                    done.append((await target.ask(f"Question {k}-{i}?", mode="progressive")).stats)
                 except Exception:
                     errors += 1
                 i += 1
@@ -263,6 +272,9 @@ async def measure(count: int, args: argparse.Namespace, broker: Broker, host: su
             "broker_publishes_in_per_request": round((received - heartbeats) / len(done), 2) if done else None,
             "broker_publishes_out_per_request": round(sent / len(done), 2) if done else None,
             "heartbeats_per_s": round(count / args.heartbeat, 1),
+            "unknown_or_unassigned": sum(n for svc in services for (_, kind), n in
+                                         svc.transport.rejections.snapshot().items()
+                                         if kind in {"unknown_request", "unassigned", "identity"}),
         }
     await counters.transport.close()
     result["registry_bytes_per_edge"] = round(registry_bytes_per_edge(count))
@@ -270,16 +282,17 @@ async def measure(count: int, args: argparse.Namespace, broker: Broker, host: su
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = ("| edges | light p50 s | overhead p50 s | overhead share | schedule p50 ms | req/s | p50 s | p95 s | "
-            "cloud points | publishes in / out per req | registry B/edge |")
-    lines = [head, "|" + "---|" * 11]
+    head = ("| edges | replicas | light p50 s | overhead | schedule p50 ms | req/s | p50 / p95 s | cloud points "
+            "| publishes in / out per req | peak / capacity per edge | lost | registry B/edge |")
+    lines = [head, "|" + "---|" * 12]
     for r in rows:
-        lt, tp = r["light"], r["throughput"]
-        lines.append(f"| {r['edges']} | {lt['latency_p50_s']} | {lt['overhead_p50_s']} | {lt['overhead_share']:.1%} | "
-                     f"{tp['schedule_p50_ms']} | {tp['requests_per_s']} | {tp['latency_p50_s']} | "
-                     f"{tp['latency_p95_s']} | {tp['cloud_point_share']:.1%} | "
-                     f"{tp['broker_publishes_in_per_request']} / {tp['broker_publishes_out_per_request']} | "
-                     f"{r['registry_bytes_per_edge']} |")
+        lt, tp, host = r["light"], r["throughput"], r.get("edge_host") or {}
+        lines.append(
+            f"| {r['edges']} | {r['replicas']} | {lt['latency_p50_s']} | {lt['overhead_share']:.1%} | "
+            f"{tp['schedule_p50_ms']} | {tp['requests_per_s']} | {tp['latency_p50_s']} / {tp['latency_p95_s']} | "
+            f"{tp['cloud_point_share']:.1%} | {tp['broker_publishes_in_per_request']} / "
+            f"{tp['broker_publishes_out_per_request']} | {host.get('peak_outstanding', '?')} / {r['capacity']} | "
+            f"{tp['errors']} | {r['registry_bytes_per_edge']} |")
     return "\n".join(lines)
 
 
@@ -295,6 +308,10 @@ def main() -> int:
     parser.add_argument("--edge-rate", type=float, default=25.0, help="simulated edge tokens/s per sequence")
     parser.add_argument("--edge-batch", type=int, default=4, help="edge max_batch")
     parser.add_argument("--edge-batch-cost", type=float, default=0.1)
+    parser.add_argument("--edge-queue", type=int, default=4,
+                        help="edge max_queue: an edge holds at most edge-batch + edge-queue tasks")
+    parser.add_argument("--replicas", default="1", help="cloud replicas sharing the broker and the fleet, "
+                                                        "comma-separated (one run each)")
     parser.add_argument("--cloud-rate", type=float, default=40.0, help="simulated cloud tokens/s per sequence")
     parser.add_argument("--cloud-batch-cost", type=float, default=0.005)
     parser.add_argument("--heartbeat", type=float, default=2.0)
@@ -316,16 +333,19 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for count in (int(x) for x in args.edges.split(",")):
-            broker = Broker(Path(tmp))
-            host = start_edge_host(count, args, broker)
-            try:
-                row = asyncio.run(measure(count, args, broker, host))
-            finally:
-                row_host = stop_edge_host(host)
-                broker.stop()
-            row["edge_host"] = row_host
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+            for replicas in (int(x) for x in args.replicas.split(",")):
+                run = argparse.Namespace(**{**vars(args), "replicas": replicas})
+                broker = Broker(Path(tmp))
+                host = start_edge_host(count, run, broker)
+                try:
+                    row = asyncio.run(measure(count, run, broker, host))
+                finally:
+                    row_host = stop_edge_host(host)
+                    broker.stop()
+                row["edge_host"] = row_host
+                row["capacity"] = args.edge_batch + args.edge_queue
+                print(json.dumps(row), flush=True)
+                rows.append(row)
     print(table(rows))
     if args.json:
         report = {"command": " ".join(sys.argv), "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},

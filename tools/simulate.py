@@ -163,8 +163,8 @@ class Edge:
     """`EdgeNode` + `SimulatedRuntime`: batches of up to ``max_batch``, collected for a window."""
 
     def __init__(self, sim: Sim, device_id: str, rate: float, batch_cost: float, max_batch: int,
-                 window_s: float = 0.02) -> None:
-        self.sim, self.device_id = sim, device_id
+                 window_s: float = 0.02, max_queue: int = 256) -> None:
+        self.sim, self.device_id, self.max_queue = sim, device_id, max_queue
         self.rate, self.batch_cost, self.max_batch, self.window_s = rate, batch_cost, max_batch, window_s
         self.queue: list[Task] = []
         self.running = 0
@@ -181,8 +181,8 @@ class Edge:
         return self.sim.now + queued_finish_s(ahead, self.max_batch, task.tokens, self.tokens_per_s) > task.deadline
 
     def receive(self, task: Task) -> bool:
-        """False: refused (the node's would-miss-deadline rule)."""
-        if self.would_miss(task):
+        """False: refused (a full queue, or the node's would-miss-deadline rule)."""
+        if len(self.queue) >= self.max_queue or self.would_miss(task):
             return False
         self.queue.append(task)
         if not self.running and not self.collecting:
@@ -228,6 +228,7 @@ class Config:
     link_delay_s: float = 0.01
     window_s: float = 0.02
     gpus: int = 1
+    edge_queue: int = 256
 
 
 @dataclass
@@ -310,7 +311,8 @@ class System:
         self.config = config
         self.sim = Sim()
         self.cloud = Cloud(self.sim, config.cloud_rate, config.cloud_batch_cost, config.cloud_max_batch)
-        self.edges = [Edge(self.sim, f"e{i}", r, c, b, config.window_s) for i, (r, c, b) in enumerate(config.edges)]
+        self.edges = [Edge(self.sim, f"e{i}", r, c, b, config.window_s, config.edge_queue)
+                      for i, (r, c, b) in enumerate(config.edges)]
         self.by_id = {e.device_id: e for e in self.edges}
         self.completed: list[Request] = []
 
@@ -387,7 +389,10 @@ def validate(path: Path) -> dict[str, Any]:
     s = report["settings"]
     out = []
     for row in report["rows"]:
+        if row.get("replicas", 1) != 1:
+            continue  # the simulator models one cloud
         config = Config(cloud_rate=s["cloud_rate"], cloud_batch_cost=s["cloud_batch_cost"], cloud_max_batch=256,
+                        edge_queue=int(s.get("edge_queue", 256)),
                         edges=[(float(s["edge_rate"]), float(s["edge_batch_cost"]), int(s["edge_batch"]))]
                         * row["edges"],
                         points=s["points"], tokens_per_point=s["tokens"], link_delay_s=0.002)
