@@ -60,6 +60,11 @@ class ServerConfig(BaseModel):
     shutdown_timeout_s: float = Field(default=30.0, ge=0, le=3600,
                                       description="on SIGTERM, how long in-flight requests may still run")
     api_key: SecretStr | None = Field(default=None, description="require 'Authorization: Bearer KEY' when set")
+    models_dir: str | None = Field(default=None, description="model store whose models edges may fetch from "
+                                                             "/v1/pice/models (default: PICE_MODELS_DIR or "
+                                                             "~/.cache/pice/models)")
+    offer_models: list[str] | None = Field(default=None, description="the models offered to edges; unset: every "
+                                                                     "intact model in the store, []: none")
 
 
 class LLMConfig(BaseModel):

@@ -5,7 +5,7 @@
     pice-edge doctor [--profile NAME|FILE] [--broker URL] [--json]
     pice-edge discover [--fleet NAME] [--json]
     pice-edge profiles
-    pice-edge models fetch [NAME] [--force] [--gguf]
+    pice-edge models fetch [NAME] [--force] [--gguf] [--from CLOUD_URL]
     pice-edge models list
     pice-edge models verify [NAME]
 """
@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -101,6 +102,11 @@ def _parser() -> argparse.ArgumentParser:
     fetch.add_argument("--force", action="store_true", help="convert again even if present")
     fetch.add_argument("--gguf", action="store_true",
                        help="keep the original GGUF file instead (for llama.cpp's server) and print its path")
+    fetch.add_argument("--from", dest="source", metavar="URL", default=None,
+                       help="download the model from a cloud's HTTP API (pice-cloud serve), e.g. "
+                            "http://cloud:8000: resumable, every file checked, installed atomically")
+    fetch.add_argument("--api-key", default=os.environ.get("PICE_API_KEY"),
+                       help="the cloud's API key for --from (default: $PICE_API_KEY)")
     msub.add_parser("list", help="known models and whether they are here")
     verify = msub.add_parser("verify", help="check every file's SHA-256")
     verify.add_argument("name", nargs="?", default=DEFAULT_MODEL)
@@ -360,7 +366,12 @@ def _profiles() -> int:
 def _models(args: argparse.Namespace) -> int:
     from pice_edge import model_store
 
-    if args.models_command == "fetch" and args.gguf:
+    if args.models_command == "fetch" and args.source:
+        from pice_edge.model_transfer import fetch_from
+
+        path = fetch_from(args.source, args.name, api_key=args.api_key, progress=sys.stderr.isatty())
+        print(f"{args.name}: ready in {path}")
+    elif args.models_command == "fetch" and args.gguf:
         print(model_store.fetch_gguf(args.name))
     elif args.models_command == "fetch":
         path = model_store.fetch(args.name, force=args.force)

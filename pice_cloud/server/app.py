@@ -8,10 +8,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pice_cloud.config import CloudConfig
@@ -29,9 +30,11 @@ from pice_cloud.openai_schema import (
     parse_request,
 )
 from pice_cloud.server.admission import Admission
+from pice_cloud.server.artifacts import ModelCatalog
 from pice_cloud.server.completion import ChatJob, ClientGone, GuardedStream, TextJob, api_error, error_response
 from pice_cloud.server.state import ApiState
 from pice_cloud.service import PiceService
+from pice_edge.model_store import models_dir
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +117,25 @@ def create_app(service: PiceService, llm: LLMBackend, config: CloudConfig) -> Fa
     async def models(request: Request) -> JSONResponse:
         authorize(request)
         return JSONResponse(models_list(state.model_ids, state.created))
+
+    catalog = ModelCatalog(Path(server_cfg.models_dir).expanduser() if server_cfg.models_dir else models_dir(),
+                           server_cfg.offer_models)
+
+    @app.get("/v1/pice/models")
+    async def offered_models(request: Request) -> JSONResponse:
+        """The models edges can fetch from here (``pice-edge models fetch NAME --from URL``)."""
+        authorize(request)
+        return JSONResponse(await asyncio.to_thread(catalog.listing))
+
+    @app.get("/v1/pice/models/{name}/manifest")
+    async def model_manifest(name: str, request: Request) -> JSONResponse:
+        authorize(request)
+        return await asyncio.to_thread(catalog.manifest, name)
+
+    @app.get("/v1/pice/models/{name}/files/{path:path}")
+    async def model_file(name: str, path: str, request: Request) -> FileResponse:
+        authorize(request)
+        return await asyncio.to_thread(catalog.file, name, path)
 
     @app.get("/health")
     async def health() -> JSONResponse:
