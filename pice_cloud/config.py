@@ -181,6 +181,10 @@ class ServiceConfig(BaseModel):
     sketch_guard: bool = Field(
         default=True, description="check each sketch (too few, duplicate, meta, cut or restating headings); a failed "
                                   "one is re-sampled once, then the request is answered cloud-only")
+    expander_model: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}(@[0-9a-f]{12})?$",
+        description="points go only to edges running this model (NAME) or build (NAME@BUILD, as edges report "
+                    "it); unset: any edge")
     expansion_guard: bool = Field(
         default=True, description="refuse candidates that are empty, echo the prompt, start a letter, repeat "
                                   "another point or themselves; the next candidate or the cloud expands the point")

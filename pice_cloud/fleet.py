@@ -232,13 +232,13 @@ class Fleet:
     def get(self, device_id: str) -> EdgeInfo | None:
         return self._edges.get(device_id)
 
-    def views(self) -> list[EdgeView]:
-        """The scheduler's snapshot of every live edge."""
+    def views(self, accept: Callable[[EdgeStatus], bool] | None = None) -> list[EdgeView]:
+        """The scheduler's snapshot of every live edge (whose status ``accept`` accepts)."""
         return [
             EdgeView(device_id=e.device_id, max_batch=e.status.max_batch,
                      queue_depth=max(e.status.queue_depth, e.status.max_batch) if e.saturated else e.status.queue_depth,
                      outstanding=e.outstanding, tokens_per_s=e.status.tokens_per_s, link_delay_s=e.link_delay_s)
-            for e in self.live()
+            for e in self.live() if accept is None or accept(e.status)
         ]
 
     # --- dispatch accounting -------------------------------------------------------------------

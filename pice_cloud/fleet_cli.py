@@ -1,4 +1,4 @@
-"""``pice-cloud fleet``: print the live edge fleet as the cloud sees it.
+"""``pice-cloud fleet``: print the live edge fleet as the cloud sees it; roll a model build out.
 
 Connects to the broker (given, or the one the fleet's cloud advertises on zeroconf), collects
 the retained status of every edge plus the zeroconf announcements for ``--wait`` seconds, and
@@ -12,12 +12,13 @@ import argparse
 import asyncio
 import json
 import uuid
+from pathlib import Path
 from typing import Any
 
 from pice_cloud.fleet import Fleet, FleetEntry
 from pice_edge.discovery import DEFAULT_FLEET, Discovery, check_fleet, parse_interfaces
 from pice_edge.errors import ConfigError
-from pice_edge.protocol import EDGE_STATUS_FILTER
+from pice_edge.protocol import EDGE_STATUS_FILTER, FLEET_ROLLOUT_TOPIC, FleetRollout, encode
 from pice_edge.transport import BrokerSettings, MqttTransport
 
 
@@ -35,6 +36,14 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     fleet.add_argument("--wait", type=float, default=3.0,
                        help="seconds to collect statuses and announcements (default %(default)s)")
     fleet.add_argument("--json", action="store_true", help="print the fleet as JSON")
+    fleet.add_argument("--rollout", metavar="MODEL", default=None,
+                       help="ask every edge to run this model from the cloud's store (its current build): edges "
+                            "fetch it from --source, verify it and switch between batches")
+    fleet.add_argument("--source", metavar="URL", default=None,
+                       help="the cloud's HTTP API that offers the model (pice-cloud serve), for --rollout")
+    fleet.add_argument("--models-dir", default=None, help="the cloud's model store (default: PICE_MODELS_DIR "
+                                                          "or ~/.cache/pice/models), for --rollout")
+    fleet.add_argument("--clear-rollout", action="store_true", help="withdraw the fleet's rollout message")
 
 
 async def collect(broker_url: str | None, *, credentials: dict[str, Any] | None = None,
@@ -90,11 +99,51 @@ def format_fleet(rows: list[FleetEntry]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in table)
 
 
+def rollout_message(model: str, source: str, models_root: Path | None = None) -> FleetRollout:
+    """The rollout of ``model``'s current build in the cloud's model store.
+
+    Raises:
+        ConfigError: the model is not in the store, or has no manifest.
+    """
+    from pice_edge.model_store import build_id, models_dir
+
+    folder = (models_root.expanduser() if models_root else models_dir()) / model
+    build = build_id(folder)
+    if build is None:
+        raise ConfigError(f"{model!r} is not in the model store {folder.parent} (no manifest): fetch or install it "
+                          "there first")
+    return FleetRollout(model=model, build=build, source=source, cloud_id=f"pice-fleet-{uuid.uuid4().hex[:8]}")
+
+
+async def publish_rollout(broker_url: str, rollout: FleetRollout | None, *,
+                          credentials: dict[str, Any] | None = None) -> None:
+    """Publish (retained) or, with ``None``, withdraw the fleet's rollout message."""
+    transport = MqttTransport(BrokerSettings(url=broker_url, **(credentials or {})),
+                              client_id=f"pice-fleet-{uuid.uuid4().hex[:8]}")
+    await transport.connect()
+    try:
+        payload = encode(rollout) if rollout is not None else b""
+        if not await transport.publish_and_wait(FLEET_ROLLOUT_TOPIC, payload, retain=True, timeout=10):
+            raise ConfigError(f"the broker did not confirm the rollout message on {FLEET_ROLLOUT_TOPIC} (ACL?)")
+    finally:
+        await transport.close()
+
+
 async def run(args: argparse.Namespace) -> int:
     """The ``pice-cloud fleet`` command."""
     from pice_edge.credentials import CLOUD_USERNAME, credential_fields
 
     credentials = credential_fields(args, default_username=CLOUD_USERNAME)
+    if args.rollout or args.clear_rollout:
+        if args.broker is None:
+            raise ConfigError("--rollout and --clear-rollout need --broker mqtt://HOST:PORT")
+        if args.rollout and not args.source:
+            raise ConfigError("--rollout needs --source http://CLOUD:PORT (where edges fetch the model)")
+        root = Path(args.models_dir) if args.models_dir else None
+        message = await asyncio.to_thread(rollout_message, args.rollout, args.source, root) if args.rollout else None
+        await publish_rollout(args.broker, message, credentials=credentials)
+        print(f"rollout: {message.model}@{message.build} from {message.source}" if message else "rollout withdrawn")
+        return 0
     broker_url, rows = await collect(args.broker, credentials=credentials, fleet_name=check_fleet(args.fleet),
                                      interfaces=parse_interfaces(args.interfaces), zeroconf=not args.no_zeroconf,
                                      wait_s=args.wait)

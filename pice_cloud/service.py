@@ -47,15 +47,20 @@ from pice_cloud.router import ModeRouter, Route
 from pice_cloud.scheduler import Budget, EdgeView, RequestedMode, choose_mode, ensemble_width, place, plan_budget
 from pice_cloud.settling import PointSettler
 from pice_cloud.sketch import SKETCH_PREFILL, parse_sketch, sketch_messages
+from pice_edge.errors import ProtocolError
 from pice_edge.prompts import SYSTEM_PROMPT, clean_expansion, expansion_messages, format_sketch, settled_sentences
 from pice_edge.protocol import (
     EDGE_STATUS_FILTER,
+    FLEET_ROLLOUT_TOPIC,
     ExpandTask,
+    FleetRollout,
     Sampling,
     cloud_candidates_filter,
     cloud_refusals_filter,
+    decode,
     edge_tasks_topic,
     encode,
+    runs,
     topic_level,
 )
 from pice_edge.rejects import Rejections
@@ -106,6 +111,9 @@ class PiceService:
         transport.add_subscription(EDGE_STATUS_FILTER, self._on_status)
         transport.add_subscription(cloud_candidates_filter(self.cloud_id), self.aggregator.handle_candidate)
         transport.add_subscription(cloud_refusals_filter(self.cloud_id), self._on_refusal)
+        #: The fleet's model rollout in progress (retained on the broker), if any.
+        self.rollout: FleetRollout | None = None
+        transport.add_subscription(FLEET_ROLLOUT_TOPIC, self._on_rollout)
         transport.on_connect(self._on_reconnect)
 
     # --- public ----------------------------------------------------------------------------
@@ -129,7 +137,7 @@ class PiceService:
                 raise UnavailableInModeError(f"logprobs are available for cloud-only answers; mode {mode!r} writes "
                                              "the answer from several models' expansions: use mode 'cloud' or 'auto'")
             mode = "cloud"  # the caller wants the tokens' probabilities: the cloud answers alone
-        edges = self.fleet.views()
+        edges = self._eligible()
         route = await self._route(question) if mode == "auto" and edges and fits else None
         chosen_mode = choose_mode(mode, len(edges), None if route is None else route.mode == "progressive",
                                   question_fits=fits)
@@ -316,7 +324,7 @@ class PiceService:
         scheduling = time.perf_counter()
         request_id = uuid.uuid4().hex[:16]
         if edges:
-            edges = self.fleet.views()  # fresher than before the sketch
+            edges = self._eligible(len(points))  # fresher than before the sketch
         # The cloud streams the first point itself while the edges expand the others: the answer
         # starts as soon as the sketch is written (not with a stop string: a cut must not be
         # streamed before it is known).
@@ -453,7 +461,7 @@ class PiceService:
                  tokens_per_point: int, sampling: Sampling) -> tuple[str, float] | None:
         """Send point ``index`` to the live edge (not in ``avoid``) predicted to finish it first,
         if one has a free slot now; its deadline, as at first placement."""
-        edges = [e for e in self.fleet.views() if e.device_id not in avoid and e.free_slots > 0]
+        edges = [e for e in self._eligible() if e.device_id not in avoid and e.free_slots > 0]
         if not edges:
             return None
         placement = place(1, edges, tokens_per_point=tokens_per_point, deadline_floor_s=self.config.deadline_floor_s,
@@ -474,6 +482,29 @@ class PiceService:
             # An edge left (its last will, or a clean shutdown): settle its points now.
             for pending in self._in_flight:
                 pending.wakeup.set()
+
+    def _eligible(self, points: int = 0) -> list[EdgeView]:
+        """The edges a point may go to: those running ``expander_model`` (when set); during a
+        rollout of that model, only those already on the new build when they have room for
+        ``points`` points (the rest are still switching)."""
+        want = self.config.expander_model
+        name, _, build = want.partition("@") if want else ("", "", "")
+        edges = self.fleet.views((lambda s: runs(s.model_id, name, build or None)) if want else None)
+        rollout = self.rollout
+        if rollout is not None and (not want or (rollout.model == name and not build)):
+            on_target = self.fleet.views(lambda s: runs(s.model_id, rollout.model, rollout.build))
+            if on_target and sum(e.free_slots for e in on_target) >= max(1, points):
+                return on_target
+        return edges
+
+    def _on_rollout(self, message: Message) -> None:
+        if not message.payload:
+            self.rollout = None
+            return
+        try:
+            self.rollout = decode(FleetRollout, message.payload, max_bytes=self.transport.settings.max_payload_bytes)
+        except ProtocolError as exc:
+            self.transport.rejections.record("rollout", exc.kind, str(exc))
 
     def _on_refusal(self, message: Message) -> None:
         refusal = self.aggregator.handle_refusal(message)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -65,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--max-batch", type=int, default=None, help="default: the profile's, or 4")
     run.add_argument("--threads", type=int, default=None, help="CPU threads for the runtime")
     run.add_argument("--heartbeat", type=float, default=2.0, help="status interval in seconds")
+    run.add_argument("--no-rollout", action="store_true",
+                     help="ignore the fleet's model rollout (pice-cloud fleet --rollout); by default the node "
+                          "fetches the announced build from the cloud, verifies it and switches between batches")
     run.add_argument("--no-zeroconf", action="store_true", help="neither advertise nor discover (needs --broker)")
     run.add_argument("--discover-timeout", type=float, default=30.0,
                      help="seconds to look for the cloud when --broker is not given (default %(default)s)")
@@ -197,6 +201,16 @@ def _kv_budget_mb(cfg: _EdgeConfig, runtime: Runtime) -> float | None:
     return max(64.0, cfg.profile.memory_budget_mb - weights_mb)
 
 
+def _model_build(model: str) -> str | None:
+    """The build of the model folder ``model`` names (None: not from a model store)."""
+    from pice_edge import model_store
+
+    try:
+        return model_store.build_id(model_store.resolve(model))
+    except PiceError:
+        return None
+
+
 def _create_runtime(cfg: _EdgeConfig) -> Runtime:
     from pice_edge.runtimes import create_runtime
 
@@ -226,7 +240,7 @@ async def _until(stop: asyncio.Event, coro: Coroutine[Any, Any, T]) -> T | None:
 
 async def _run(args: argparse.Namespace) -> int:
     from pice_edge.discovery import Discovery, EdgeAdvert, check_fleet, parse_interfaces
-    from pice_edge.node import EdgeNode
+    from pice_edge.node import EdgeNode, RolloutPolicy
     from pice_edge.protocol import is_valid_id
 
     cfg = _config(args)
@@ -263,7 +277,10 @@ async def _run(args: argparse.Namespace) -> int:
         node = EdgeNode(runtime, device_id=args.device_id, broker=broker, profile=profile_name,
                         max_batch=cfg.max_batch, heartbeat_s=args.heartbeat,
                         memory_budget_mb=_kv_budget_mb(cfg, runtime), repetition_penalty=cfg.repetition_penalty,
-                        no_repeat_ngram_size=cfg.no_repeat_ngram_size)
+                        no_repeat_ngram_size=cfg.no_repeat_ngram_size, model_build=_model_build(cfg.model),
+                        rollout=None if args.no_rollout else RolloutPolicy(
+                            loader=lambda path: _create_runtime(dataclasses.replace(cfg, model=str(path))),
+                            api_key=os.environ.get("PICE_API_KEY")))
         await node.start()
         if discovery is not None:
             ad = await discovery.advertise_edge(EdgeAdvert(

@@ -332,6 +332,18 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     generation.save_pretrained(out_dir)
 
 
+def build_id(folder: Path) -> str | None:
+    """A model build's identity: the first 12 hex digits of a SHA-256 over its manifest's files
+    (paths, sizes, digests), so two folders with the same files have the same build wherever
+    they are; ``None`` for a folder without a manifest."""
+    try:
+        files = json.loads((folder / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    canonical = json.dumps({k: [v["size"], v["sha256"]] for k, v in sorted(files.items())}, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
 def _write_manifest(folder: Path, **meta: Any) -> None:
     files = {
         str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": sha256_file(p)}

@@ -18,6 +18,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pice_edge.errors import ConfigError, ProtocolError, TransportError
 from pice_edge.prompts import (
@@ -27,9 +28,11 @@ from pice_edge.prompts import (
     expansion_messages,
 )
 from pice_edge.protocol import (
+    FLEET_ROLLOUT_TOPIC,
     Candidate,
     EdgeStatus,
     ExpandTask,
+    FleetRollout,
     RefusalReason,
     TaskRefusal,
     candidate_topic,
@@ -45,6 +48,9 @@ from pice_edge.runtimes.base import DecodeBatch, GenerationRequest, GenerationRe
 from pice_edge.transport import BrokerSettings, Message, MqttTransport
 
 log = logging.getLogger(__name__)
+
+#: How often an idle batcher looks up from the task queue (for a due model switch).
+_IDLE_POLL_S = 0.25
 
 #: How long a starting edge waits to see its own status come back from the broker (seconds).
 STATUS_ECHO_TIMEOUT_S = 5.0
@@ -66,6 +72,9 @@ class NodeStats:
     tasks_refused: int = 0
     #: Most tasks held at once (running + waiting): never above ``max_batch + max_queue``.
     peak_outstanding: int = 0
+    #: Model builds switched to, and rollouts that failed (the node stayed on its build).
+    rollouts: int = 0
+    rollouts_failed: int = 0
     candidates_published: int = 0
     batches: int = 0
     batch_sizes: list[int] = field(default_factory=list)
@@ -90,6 +99,17 @@ class _Live:
     queued: _Queued
     request: GenerationRequest
     kv_bytes: int
+
+
+@dataclass(frozen=True)
+class RolloutPolicy:
+    """How a node follows the fleet's model rollout (`FleetRollout`): ``loader`` builds a runtime
+    on a model folder (the same runtime and settings the node started with), ``models_root`` is
+    the model store to fetch into (default: the usual one), ``api_key`` the cloud's."""
+
+    loader: Callable[[Path], Runtime]
+    models_root: Path | None = None
+    api_key: str | None = None
 
 
 class EdgeNode:
@@ -117,6 +137,10 @@ class EdgeNode:
             own. ``pice-edge run`` passes its device profile's.
         no_repeat_ngram_size: never repeat a token n-gram of this size in an expansion (0 = off;
             ``None``: the model folder's ``generation_config.json`` decides).
+        model_build: the build of the model the runtime loaded (`pice_edge.model_store.build_id`),
+            reported as ``model_id`` ``NAME@BUILD`` so the cloud can schedule by build.
+        rollout: follow the fleet's model rollout (fetch, verify, switch between batches);
+            ``None``: ignore it.
     """
 
     def __init__(
@@ -134,6 +158,8 @@ class EdgeNode:
         memory_budget_mb: float | None = None,
         repetition_penalty: float | None = EXPANSION_REPETITION_PENALTY,
         no_repeat_ngram_size: int | None = EXPANSION_NO_REPEAT_NGRAM_SIZE,
+        model_build: str | None = None,
+        rollout: RolloutPolicy | None = None,
     ) -> None:
         if not is_valid_id(device_id):
             raise ValueError(f"device id {device_id!r} must be 1-64 characters of A-Z a-z 0-9 . _ : -")
@@ -146,6 +172,13 @@ class EdgeNode:
         self.heartbeat_s = heartbeat_s
         self.repetition_penalty = repetition_penalty
         self.no_repeat_ngram_size = no_repeat_ngram_size
+        self.model_build = model_build
+        self.rollout = rollout
+        #: The last rollout's outcome, for logs and tests: "", "switched", "failed: ...".
+        self.rollout_state = ""
+        self._next_runtime: tuple[Runtime, str | None] | None = None
+        self._rollout_task: asyncio.Task[None] | None = None
+        self._swapped = asyncio.Event()
         self.stats = NodeStats()
         #: Set once our own status came back from the broker (the cloud can see us).
         self.status_visible = asyncio.Event()
@@ -163,7 +196,7 @@ class EdgeNode:
         #: record's free slots current); listeners must not block.
         self.status_listeners: list[Callable[[EdgeStatus], None]] = []
         offline = EdgeStatus(device_id=device_id, online=False, profile=profile, runtime=runtime.name,
-                             model_id=runtime.model_id, max_batch=max_batch, heartbeat_s=heartbeat_s)
+                             model_id=self.model_id, max_batch=max_batch, heartbeat_s=heartbeat_s)
         self.transport = MqttTransport(
             broker,
             client_id=device_id,
@@ -171,6 +204,8 @@ class EdgeNode:
             rejections=self.rejections,
         )
         self.transport.add_subscription(edge_tasks_topic(device_id), self._on_task)
+        if rollout is not None:
+            self.transport.add_subscription(FLEET_ROLLOUT_TOPIC, self._on_rollout)
         self.transport.on_connect(self.publish_status)
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -206,6 +241,9 @@ class EdgeNode:
     async def stop(self) -> None:
         """Hand back the tasks not started (refusals), publish an offline status, disconnect and
         stop the worker."""
+        if self._rollout_task is not None:
+            self._rollout_task.cancel()
+            await asyncio.gather(self._rollout_task, return_exceptions=True)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -231,6 +269,68 @@ class EdgeNode:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
+    # --- model and rollout -----------------------------------------------------------------
+
+    @property
+    def model_id(self) -> str:
+        """What this node runs: ``NAME@BUILD`` when the build is known, else the runtime's id."""
+        return f"{self.runtime.model_id}@{self.model_build}" if self.model_build else self.runtime.model_id
+
+    def _on_rollout(self, message: Message) -> None:
+        if not message.payload:
+            return  # the rollout was cleared
+        try:
+            rollout = decode(FleetRollout, message.payload, max_bytes=self._max_payload)
+        except ProtocolError as exc:
+            self.rejections.record("rollout", exc.kind, str(exc))
+            return
+        if (rollout.model, rollout.build) == (self.runtime.model_id, self.model_build):
+            return
+        if self._rollout_task is not None and not self._rollout_task.done():
+            self._rollout_task.cancel()  # a newer rollout supersedes the one in progress
+        self._rollout_task = asyncio.get_running_loop().create_task(self._roll_out(rollout),
+                                                                    name=f"{self.device_id}-rollout")
+
+    async def _roll_out(self, rollout: FleetRollout) -> None:
+        """Fetch, verify and load the rollout's build, then switch between batches. Any failure
+        leaves the node on the build it runs (the rollback), and says why in the log."""
+        from pice_edge.model_store import build_id
+        from pice_edge.model_transfer import fetch_from
+
+        assert self.rollout is not None
+        target = f"{rollout.model}@{rollout.build}"
+        log.info("%s: rolling out %s from %s", self.device_id, target, rollout.source)
+        try:
+            path = await asyncio.to_thread(fetch_from, rollout.source, rollout.model, api_key=self.rollout.api_key,
+                                           root=self.rollout.models_root, progress=False)
+            got = build_id(path)
+            if got != rollout.build:
+                raise ConfigError(f"the fetched {rollout.model} is build {got}, not {rollout.build}")
+            runtime = await asyncio.to_thread(self.rollout.loader, path)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.rollout_state = f"failed: {exc}"
+            self.stats.rollouts_failed += 1
+            log.error("%s: rollout of %s failed (%s); staying on %s", self.device_id, target, exc, self.model_id)
+            return
+        self._swapped.clear()
+        self._next_runtime = (runtime, rollout.build)
+        await self._swapped.wait()
+        self.rollout_state = "switched"
+
+    def _swap(self) -> None:
+        """Switch to the pending runtime; called by the batcher when nothing runs."""
+        assert self._next_runtime is not None
+        old = self.runtime
+        self.runtime, self.model_build = self._next_runtime
+        self._next_runtime = None
+        self.stats.rollouts += 1
+        log.info("%s: now running %s", self.device_id, self.model_id)
+        self._executor.submit(old.close)
+        self._swapped.set()
+        self.publish_status()
+
     # --- status ----------------------------------------------------------------------------
 
     def _status(self, *, online: bool = True) -> EdgeStatus:
@@ -240,7 +340,7 @@ class EdgeNode:
             online=online,
             profile=self.profile,
             runtime=self.runtime.name,
-            model_id=self.runtime.model_id,
+            model_id=self.model_id,
             max_batch=self.max_batch,
             free_slots=max(0, self.max_batch - depth - self._running),
             queue_depth=depth + self._running,
@@ -370,9 +470,14 @@ class EdgeNode:
         """
         admitted: list[tuple[int, _Live]] = []
         window_end: float | None = None
+        if self._next_runtime is not None:
+            # A new model is due: let the running batch drain; what waits runs on the new model.
+            return admitted
         while len(live) + len(admitted) < self.max_batch:
             if not live and not admitted:
-                queued = await self._take(None)
+                queued = await self._take(_IDLE_POLL_S)
+                if queued is None:
+                    break  # idle: the caller checks for a due model switch and comes back
                 window_end = time.monotonic() + self.batch_window_s
             else:
                 queued = await self._take(window_end - time.monotonic() if window_end is not None else 0.0)
@@ -393,13 +498,23 @@ class EdgeNode:
         return admitted
 
     async def _batch_loop(self) -> None:
-        if isinstance(self.runtime, SteppingRuntime):
-            await self._step_loop(self.runtime)
-            return
+        while True:
+            runtime = self.runtime
+            if isinstance(runtime, SteppingRuntime):
+                await self._step_loop(runtime)
+            else:
+                await self._generate_loop(runtime)
+            # The loop returned: a new runtime is due and nothing runs.
+            self._swap()
+
+    async def _generate_loop(self, runtime: Runtime) -> None:
+        """Batch by batch; returns between batches when a rollout's runtime is due."""
         loop = asyncio.get_running_loop()
         while True:
             admitted = await self._admit({}, 0)
             if not admitted:
+                if self._next_runtime is not None:
+                    return
                 continue
             batch = [item.queued for _, item in admitted]
             requests = [item.request for _, item in admitted]
@@ -407,7 +522,7 @@ class EdgeNode:
             self.stats.peak_batch = max(self.stats.peak_batch, len(batch))
             started = time.perf_counter()
             try:
-                results = await loop.run_in_executor(self._executor, self.runtime.generate, requests)
+                results = await loop.run_in_executor(self._executor, runtime.generate, requests)
             except Exception:
                 log.exception("runtime failed on a batch of %d; the cloud will expand these points", len(batch))
                 self._running = 0
@@ -440,6 +555,8 @@ class EdgeNode:
                     self._running = 0
                     continue
             if not live:
+                if self._next_runtime is not None:
+                    return
                 continue
             self._running = len(live)
             self.stats.peak_batch = max(self.stats.peak_batch, len(live))
@@ -475,7 +592,7 @@ class EdgeNode:
             token_count=result.token_count,
             mean_logprob=max(-1e4, min(0.0, result.mean_logprob)),
             latency_s=time.monotonic() - queued.received,
-            model_id=self.runtime.model_id,
+            model_id=self.model_id,
         )
         try:
             self.transport.publish(candidate_topic(candidate.request_id, self.device_id, task.reply_to),

@@ -14,6 +14,7 @@ topic                                               direction    payload
 ``pice/v1/cloud/{cloud_id}/status``                 cloud->all   `CloudStatus` (retained; last will)
 ``pice/v1/candidates/{request_id}/{device}``        edge->cloud  `Candidate` of a task without
                                                                  ``reply_to`` (senders before it)
+``pice/v1/fleet/rollout``                           cloud->all   `FleetRollout` (retained)
 =================================================== ============ =========================
 
 Several cloud replicas can share one broker and one fleet: each has its own ``cloud_id``, a task
@@ -173,6 +174,19 @@ class TaskRefusal(_Message):
     reason: RefusalReason
 
 
+class FleetRollout(_Message):
+    """Cloud -> all edges, retained: run this model build. Edges that run another build fetch it
+    from ``source`` (a cloud's HTTP API, `pice_edge.model_transfer`), verify it and switch
+    between batches; an edge reports the build it runs in ``EdgeStatus.model_id``
+    (``NAME@BUILD``)."""
+
+    model: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+    build: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{12}$")]
+    source: str = Field(min_length=1, max_length=500)
+    cloud_id: Identifier
+    issued_at: float = Field(default_factory=time.time, gt=0)
+
+
 class EdgeStatus(_Message):
     """Edge -> cloud, retained; the last will sends the same with ``online=False``."""
 
@@ -237,11 +251,20 @@ def cloud_refusals_filter(cloud_id: str) -> str:
     return f"{TOPIC_ROOT}/cloud/{cloud_id}/refusals/+/+"
 
 
+#: The fleet's model rollout (retained).
+FLEET_ROLLOUT_TOPIC = f"{TOPIC_ROOT}/fleet/rollout"
 #: Every cloud replica's status.
 CLOUD_STATUS_FILTER = f"{TOPIC_ROOT}/cloud/+/status"
 EDGE_STATUS_FILTER = f"{TOPIC_ROOT}/edge/+/status"
 #: Candidates of tasks without ``reply_to`` (tools and senders older than it).
 CANDIDATES_FILTER = f"{TOPIC_ROOT}/candidates/+/+"
+
+
+def runs(model_id: str, model: str, build: str | None = None) -> bool:
+    """Whether an edge reporting ``model_id`` (``NAME`` or ``NAME@BUILD``) runs ``model``
+    (and, when given, that ``build``)."""
+    name, _, have = model_id.partition("@")
+    return name == model and (build is None or have == build)
 
 
 def topic_level(topic: str, index: int) -> str:
@@ -301,12 +324,14 @@ __all__ = [
     "CLOUD_STATUS_FILTER",
     "DEFAULT_MAX_PAYLOAD_BYTES",
     "EDGE_STATUS_FILTER",
+    "FLEET_ROLLOUT_TOPIC",
     "PROTOCOL_VERSION",
     "TOPIC_ROOT",
     "Candidate",
     "CloudStatus",
     "EdgeStatus",
     "ExpandTask",
+    "FleetRollout",
     "RefusalReason",
     "Sampling",
     "TaskRefusal",
@@ -320,5 +345,6 @@ __all__ = [
     "encode",
     "is_valid_id",
     "refusal_topic",
+    "runs",
     "topic_level",
 ]

@@ -147,13 +147,15 @@ class Api:
 
 @asynccontextmanager
 async def serving(model: Path, broker_url: str, *, edges: int, overrides: dict[str, Any] | None = None,
-                  ) -> AsyncIterator[Api]:
-    """The real HTTP API on a free loopback port, over ``broker_url``, with ``edges`` local nodes."""
+                  sketches: Sequence[str] | None = None) -> AsyncIterator[Api]:
+    """The real HTTP API on a free loopback port, over ``broker_url``, with ``edges`` local nodes
+    (``sketches``: the cloud's sketches come from this script, see `ScriptedSketches`)."""
     flags: dict[str, Any] = {**SMALL, "server": {"port": 0}}
     for section, values in (overrides or {}).items():
         flags[section] = {**flags.get(section, {}), **values}
     config = cloud_config(broker_url, edges=edges, edge_model=model, **flags)
-    llm = TransformersBackend(model, threads=1)
+    inner = TransformersBackend(model, threads=1)
+    llm: Any = ScriptedSketches(inner, sketches) if sketches else inner
     sock = bind("127.0.0.1", 0)
     try:
         async with start_system(config, llm=llm) as system:
@@ -167,7 +169,7 @@ async def serving(model: Path, broker_url: str, *, edges: int, overrides: dict[s
                         await client.close()
     finally:
         sock.close()
-        await llm.close()
+        await inner.close()
 
 
 def _wait_port(host: str, port: int, timeout: float = 10.0) -> None:

@@ -165,6 +165,7 @@ def test_acl_confines_edges_with_username_patterns() -> None:
         ("write", "pice/v1/cloud/+/refusals/+/%u"),
         ("read", "pice/v1/edge/%u/tasks"),
         ("read", "pice/v1/cloud/+/status"),
+        ("read", "pice/v1/fleet/rollout"),
     }
     # Topics the protocol module builds match the ACL's shapes.
     assert candidate_topic("r1", "edge-a") == "pice/v1/candidates/r1/edge-a"
