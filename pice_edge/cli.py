@@ -175,6 +175,10 @@ def _runtime_kwargs(cfg: _EdgeConfig) -> dict[str, Any]:
         kwargs.update(providers=list(cfg.providers), precision="fp32" if cfg.precision == "fp16" else cfg.precision,
                       fp16=cfg.precision == "fp16", engine_cache=str(cache) if cache else None)
         return kwargs
+    if cfg.runtime == "tensorrt_edgellm":
+        cache = profile.engine_cache_path if profile else None
+        kwargs.update(max_batch=cfg.max_batch, engine_dir=str(cache / Path(cfg.model).name) if cache else None)
+        return kwargs
     if profile is None:
         return kwargs
     if cfg.runtime == "transformers":

@@ -173,7 +173,10 @@ def _jetson_checks(profile: DeviceProfile | None) -> list[Check]:
 
 def _import(name: str) -> tuple[Any, str]:
     """(module, "") or (None, reason)."""
-    if importlib.util.find_spec(name) is None:
+    try:
+        if importlib.util.find_spec(name) is None:
+            return None, "not installed"
+    except ImportError:  # a dotted name whose parent package is absent
         return None, "not installed"
     try:
         return importlib.import_module(name), ""
@@ -233,6 +236,13 @@ def _library_checks(runtime: str, profile: DeviceProfile | None) -> list[Check]:
     else:
         checks.append(Check("tensorrt", "ok", str(getattr(trt, "__version__", "installed"))))
 
+    if runtime == "tensorrt_edgellm":
+        from pice_edge.runtimes.tensorrt_edgellm import INSTALL_HINT
+
+        edgellm, why = _import("experimental.server")
+        checks.append(Check("tensorrt_edgellm", "ok" if edgellm else "fail",
+                            "TensorRT Edge-LLM's Python API (experimental.server) imports" if edgellm else why,
+                            required=True, fix="" if edgellm else INSTALL_HINT))
     if runtime == "tensorrt_llm":
         trtllm, why = _import("tensorrt_llm")
         checks.append(Check("tensorrt_llm", "ok" if trtllm else "fail",

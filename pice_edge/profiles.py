@@ -33,7 +33,7 @@ PROFILES_ENV = "PICE_PROFILES_DIR"
 _PACKAGED = "firmware_configs"
 
 #: Runtime names a profile may ask for (the modules under ``pice_edge/runtimes``).
-RuntimeName = Literal["transformers", "onnxruntime", "tensorrt_llm"]
+RuntimeName = Literal["transformers", "onnxruntime", "tensorrt_llm", "tensorrt_edgellm"]
 #: Numeric precision of the weights (and activations where the runtime allows).
 Precision = Literal["fp32", "fp16", "bf16", "int8", "int4"]
 #: onnxruntime's names of the execution providers PICE knows how to configure.
@@ -96,7 +96,7 @@ class DeviceProfile(BaseModel):
             # Without CPU last, a missing GPU library makes onnxruntime fail instead of falling back.
             raise ValueError("execution_providers must end with CPUExecutionProvider (the fallback)")
         if self.runtime == "transformers" and self.precision in ("int8", "int4"):
-            raise ValueError(f"precision {self.precision} needs runtime onnxruntime or tensorrt_llm")
+            raise ValueError(f"precision {self.precision} needs runtime onnxruntime, tensorrt_llm or tensorrt_edgellm")
         return self
 
     @property

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -21,10 +22,28 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCE_DIR = ROOT / "firmware_configs"
 FILES = sorted(SOURCE_DIR.glob("*.yaml"))
 JETSONS = ["jetson-orin-nano-8gb", "jetson-orin-nx-16gb", "jetson-agx-orin-64gb", "jetson-xavier-nx"]
+THOR = "jetson-agx-thor"
 
 
-def test_the_five_device_classes_are_there() -> None:
-    assert sorted(f.stem for f in FILES) == sorted([*JETSONS, "x86-cpu-dev"])
+def test_the_six_device_classes_are_there() -> None:
+    assert sorted(f.stem for f in FILES) == sorted([*JETSONS, THOR, "x86-cpu-dev"])
+
+
+def test_thor_runs_tensorrt_edge_llm_and_says_what_to_install_where_it_is_absent() -> None:
+    profile = load_profile(THOR)
+    assert profile.runtime == "tensorrt_edgellm"
+    assert "273 GB/s" in (ROOT / "pice_edge" / "firmware_configs" / f"{THOR}.yaml").read_text()
+    from pice_edge.errors import RuntimeUnavailableError
+    from pice_edge.runtimes import available_runtimes, create_runtime
+
+    assert "tensorrt_edgellm" in available_runtimes()
+    with pytest.raises(RuntimeUnavailableError, match="TensorRT Edge-LLM is built from source"):
+        create_runtime("tensorrt_edgellm", model="smollm2-135m-instruct")
+    proc = run_edge("doctor", "--profile", THOR, "--broker", "mqtt://127.0.0.1:1", "--json")
+    report = json.loads(proc.stdout)
+    [check] = [c for c in report["checks"] if c["name"] == "tensorrt_edgellm"]
+    assert check["status"] == "fail"
+    assert "built from source" in check["fix"]
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
@@ -152,7 +171,7 @@ def test_profiles_command_lists_them_all() -> None:
     proc = run_edge("profiles")
     assert proc.returncode == 0, proc.stderr
     names = [line.split()[0] for line in proc.stdout.splitlines()[1:]]
-    assert names == sorted([*JETSONS, "x86-cpu-dev"])
+    assert names == sorted([*JETSONS, THOR, "x86-cpu-dev"])
 
 
 @pytest.mark.mosquitto

@@ -1,7 +1,9 @@
 """Inference runtimes behind one interface (`Runtime`); each imports its library lazily.
 
 New runtimes are one module with a class implementing `Runtime`, registered in `_FACTORIES`
-(or passed to `EdgeNode` directly — see ``examples/custom_runtime.py``).
+(or passed to `EdgeNode` directly — see ``examples/custom_runtime.py``). The simulated runtime
+(`pice_edge.runtimes.simulated`, synthetic text for load tests) is deliberately not registered:
+the load tools construct it, no configuration can select it for real answers.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ _FACTORIES: dict[str, tuple[str, str, str]] = {
     "transformers": ("pice_edge.runtimes.transformers", "TransformersRuntime", "pice[edge-torch]"),
     "onnxruntime": ("pice_edge.runtimes.onnxruntime", "OnnxRuntime", "pice[edge]"),
     "tensorrt_llm": ("pice_edge.runtimes.tensorrt_llm", "TensorRTLLMRuntime", "pice[tensorrt-llm]"),
+    # Built from source on the device; the module explains how when it is missing.
+    "tensorrt_edgellm": ("pice_edge.runtimes.tensorrt_edgellm", "TensorRTEdgeLLMRuntime", "pice[edge]"),
 }
 
 
