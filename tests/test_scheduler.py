@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
+from pice_cloud import defaults
 from pice_cloud.scheduler import EdgeView, choose_mode, place, predicted_seconds
 
 
@@ -127,3 +130,44 @@ def test_one_slow_edge_and_link_delay() -> None:
     assert "slow" not in flat
     assert flat.count("near") >= flat.count("far")
     assert predicted_seconds(far, 0, 80) - predicted_seconds(near, 0, 80) == pytest.approx(4.99)
+
+
+def _place_by_sorting(n_points: int, edges: list[EdgeView], *, tokens_per_point: int, width: int,
+                      cloud: CloudView | None) -> tuple[tuple[tuple[str, ...], ...], tuple[float, ...]]:
+    """The placement rule written the obvious way (a sort per point): `place` must agree."""
+    from pice_cloud.scheduler import predicted_cloud_seconds, predicted_seconds
+
+    width = max(1, min(width, len(edges)))
+    extra = {e.device_id: 0 for e in edges}
+    in_cloud, devices, deadlines = 0, [], []
+    for _ in range(n_points):
+        ranked = sorted(edges, key=lambda e: (predicted_seconds(e, extra[e.device_id], tokens_per_point), e.device_id))
+        first = ranked[0]
+        best = predicted_seconds(first, extra[first.device_id], tokens_per_point)
+        if (cloud is not None and cloud.queue_depth == 0 and first.load + extra[first.device_id] >= first.max_batch
+                and best > 2.0 * predicted_cloud_seconds(cloud, in_cloud, tokens_per_point)):
+            in_cloud += 1
+            devices.append(())
+            deadlines.append(0.0)
+            continue
+        chosen = ranked[:width]
+        slowest = max(predicted_seconds(e, extra[e.device_id], tokens_per_point) for e in chosen)
+        for e in chosen:
+            extra[e.device_id] += 1
+        devices.append(tuple(e.device_id for e in chosen))
+        deadlines.append(min(defaults.DEADLINE_CAP_S, max(defaults.DEADLINE_FLOOR_S,
+                                                          defaults.DEADLINE_FACTOR * slowest)))
+    return tuple(devices), tuple(deadlines)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_place_agrees_with_the_sort_per_point_rule(seed: int) -> None:
+    rng = random.Random(seed)
+    edges = [EdgeView(device_id=f"e{i:02d}", max_batch=rng.choice([1, 2, 4, 8]), queue_depth=rng.randint(0, 6),
+                      outstanding=rng.randint(0, 6), tokens_per_s=rng.choice([0.0, 5.0, 20.0, 80.0]),
+                      link_delay_s=rng.choice([0.0, 0.05])) for i in range(rng.randint(1, 30))]
+    cloud = rng.choice([None, CloudView(queue_depth=0, tokens_per_s=30.0), CloudView(queue_depth=2)])
+    n, width = rng.randint(1, 8), rng.randint(1, 3)
+    placement = place(n, edges, tokens_per_point=48, width=width, cloud=cloud)
+    assert (placement.devices, placement.deadlines_s) == _place_by_sorting(n, edges, tokens_per_point=48,
+                                                                           width=width, cloud=cloud)

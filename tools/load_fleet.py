@@ -13,8 +13,8 @@ text to judge) in this process. Then:
   tasks);
 - **throughput**: ``--concurrency`` requests in flight for ``--duration`` seconds (closed loop):
   progressive requests per second orchestrated, latency p50/p95, share of points the cloud had
-  to expand, broker publishes per request (Mosquitto's ``$SYS`` counters, heartbeats counted
-  apart);
+  to expand, MQTT messages per request (tasks, candidates, refusals, counted by a subscriber)
+  and edge statuses per second;
 - **fleet registry memory**: bytes per edge of the cloud's `Fleet` (tracemalloc, N statuses).
 
 Loopback only. Prints a table and writes JSON:
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -41,7 +42,7 @@ import tempfile
 import time
 import tracemalloc
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -69,7 +70,7 @@ async def host_edges(args: argparse.Namespace) -> None:
 
     broker = BrokerSettings(url=args.broker)
     nodes = [EdgeNode(SimulatedRuntime(tokens_per_s=args.edge_rate, batch_cost=args.edge_batch_cost),
-                      device_id=f"sim-{i:04d}", broker=broker, max_batch=args.edge_batch,
+                      device_id=f"sim-{args.first_edge + i:04d}", broker=broker, max_batch=args.edge_batch,
                       max_queue=args.edge_queue, heartbeat_s=args.heartbeat, profile="simulated")
              for i in range(args.host_edges)]
     for start in range(0, len(nodes), 50):
@@ -95,7 +96,7 @@ class Broker:
         self.port = free_port()
         config = workdir / "mosquitto.conf"
         config.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\nmax_connections -1\n"
-                          "sys_interval 1\nmax_queued_messages 10000\nlog_dest stderr\nlog_type error\n")
+                          "max_queued_messages 10000\nlog_dest stderr\nlog_type error\n")
         self.proc = subprocess.Popen([exe, "-c", str(config)], stderr=subprocess.DEVNULL, preexec_fn=raise_fd_limit)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -113,26 +114,27 @@ class Broker:
         self.proc.wait(10)
 
 
-class SysCounters:
-    """Mosquitto's $SYS publish counters (updated every second: sys_interval 1)."""
+class MessageCounter:
+    """Counts PICE's messages through the broker by kind (a subscriber of its own)."""
 
-    TOPICS = ("$SYS/broker/publish/messages/received", "$SYS/broker/publish/messages/sent")
+    FILTERS: ClassVar[dict[str, str]] = {
+        "tasks": "pice/v1/edge/+/tasks", "candidates": "pice/v1/cloud/+/candidates/+/+",
+        "refusals": "pice/v1/cloud/+/refusals/+/+", "statuses": "pice/v1/edge/+/status",
+    }
 
     def __init__(self, url: str) -> None:
         from pice_edge.transport import BrokerSettings, MqttTransport
 
-        self.values: dict[str, int] = {}
-        self.transport = MqttTransport(BrokerSettings(url=url), client_id=f"sys-{os.getpid()}")
-        for topic in self.TOPICS:
-            self.transport.add_subscription(topic, self._on)
+        self.counts = dict.fromkeys(self.FILTERS, 0)
+        self.transport = MqttTransport(BrokerSettings(url=url), client_id=f"counter-{os.getpid()}")
+        for kind, topic in self.FILTERS.items():
+            self.transport.add_subscription(topic, functools.partial(self._count, kind))
 
-    def _on(self, message: Any) -> None:
-        with contextlib.suppress(ValueError):
-            self.values[message.topic.rsplit("/", 1)[-1]] = int(message.payload)
+    def _count(self, kind: str, _message: object) -> None:
+        self.counts[kind] += 1
 
-    async def read(self) -> dict[str, int]:
-        await asyncio.sleep(1.2)  # the next $SYS update
-        return dict(self.values)
+    def read(self) -> dict[str, int]:
+        return dict(self.counts)
 
 
 def registry_bytes_per_edge(count: int) -> float:
@@ -161,38 +163,51 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-def start_edge_host(count: int, args: argparse.Namespace, broker: Broker) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, __file__, "--host-edges", str(count), "--broker", broker.url, "--edge-rate",
-         str(args.edge_rate), "--edge-batch", str(args.edge_batch), "--edge-batch-cost", str(args.edge_batch_cost),
-         "--heartbeat", str(args.heartbeat), "--edge-queue", str(args.edge_queue)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, preexec_fn=raise_fd_limit)
+#: Edges per helper process: paho-mqtt's network loop uses select(), which cannot watch file
+#: descriptors past 1024, and each edge holds a few.
+EDGES_PER_HOST = 200
 
 
-def stop_edge_host(host: subprocess.Popen[str]) -> dict[str, Any] | None:
-    try:
-        out, _ = host.communicate(input="", timeout=120)  # closing its stdin tells it to stop
-    except subprocess.TimeoutExpired:
-        host.kill()
-        return None
-    try:
-        report: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        return None
-    return report
+def start_edge_hosts(count: int, args: argparse.Namespace, broker: Broker) -> list[subprocess.Popen[str]]:
+    hosts = []
+    for first in range(0, count, EDGES_PER_HOST):
+        hosts.append(subprocess.Popen(
+            [sys.executable, __file__, "--host-edges", str(min(EDGES_PER_HOST, count - first)), "--first-edge",
+             str(first), "--broker", broker.url, "--edge-rate", str(args.edge_rate), "--edge-batch",
+             str(args.edge_batch), "--edge-batch-cost", str(args.edge_batch_cost), "--heartbeat", str(args.heartbeat),
+             "--edge-queue", str(args.edge_queue)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, preexec_fn=raise_fd_limit))
+    return hosts
 
 
-async def measure(count: int, args: argparse.Namespace, broker: Broker, host: subprocess.Popen[str]) -> dict[str, Any]:
+def stop_edge_hosts(hosts: list[subprocess.Popen[str]]) -> dict[str, Any]:
+    """The hosts' counters, summed (refusals) and maxed (peak tasks held by one edge)."""
+    reports: list[dict[str, Any]] = []
+    for host in hosts:
+        try:
+            out, _ = host.communicate(input="", timeout=120)  # closing its stdin tells it to stop
+        except subprocess.TimeoutExpired:
+            host.kill()
+            continue
+        with contextlib.suppress(ValueError, IndexError):
+            reports.append(json.loads(out.strip().splitlines()[-1]))
+    return {"hosts": len(hosts), "reported": len(reports), "refused": sum(r["refused"] for r in reports),
+            "peak_outstanding": max((r["peak_outstanding"] for r in reports), default=None)}
+
+
+async def measure(count: int, args: argparse.Namespace, broker: Broker,
+                  hosts: list[subprocess.Popen[str]]) -> dict[str, Any]:
     from pice_cloud.bootstrap import start_system
     from pice_cloud.config import load_config
     from pice_cloud.llm.simulated import SimulatedBackend
 
     result: dict[str, Any] = {"edges": count, "replicas": args.replicas}
-    assert host.stdout is not None
     started = time.perf_counter()
-    line = await asyncio.to_thread(host.stdout.readline)
-    if line.strip() != "ready":
-        raise RuntimeError(f"edge host failed: {line!r}")
+    for host in hosts:
+        assert host.stdout is not None
+        line = await asyncio.to_thread(host.stdout.readline)
+        if line.strip() != "ready":
+            raise RuntimeError(f"an edge host failed: {line!r}")
     result["edges_connect_s"] = round(time.perf_counter() - started, 1)
     def replica(k: int) -> Any:
         # Each replica has its own simulated accelerator (replicas scale the cloud out).
@@ -208,7 +223,7 @@ async def measure(count: int, args: argparse.Namespace, broker: Broker, host: su
         })
         return start_system(config, llm=llm)
 
-    counters = SysCounters(broker.url)
+    counters = MessageCounter(broker.url)
     await counters.transport.connect()
     async with contextlib.AsyncExitStack() as stack:
         services = [(await stack.enter_async_context(replica(k))).service for k in range(args.replicas)]
@@ -237,7 +252,7 @@ async def measure(count: int, args: argparse.Namespace, broker: Broker, host: su
         }
 
         # Throughput: a closed loop of `concurrency` requests for `duration` seconds.
-        before = await counters.read()
+        before = counters.read()
         done: list[Any] = []
         errors = 0
         stop_at = time.perf_counter() + args.duration
@@ -257,10 +272,8 @@ async def measure(count: int, args: argparse.Namespace, broker: Broker, host: su
         began = time.perf_counter()
         await asyncio.gather(*(client(k) for k in range(args.concurrency)))
         elapsed = time.perf_counter() - began
-        after = await counters.read()
-        received = after.get("received", 0) - before.get("received", 0)
-        sent = after.get("sent", 0) - before.get("sent", 0)
-        heartbeats = count / args.heartbeat * (elapsed + 2.4)
+        after = counters.read()
+        sent = {kind: after[kind] - before[kind] for kind in after}
         points = sum(s.points_edge + s.points_cloud for s in done)
         result["throughput"] = {
             "concurrency": args.concurrency, "seconds": round(elapsed, 1), "completed": len(done),
@@ -269,9 +282,10 @@ async def measure(count: int, args: argparse.Namespace, broker: Broker, host: su
             "latency_p95_s": round(percentile([s.total_s for s in done], 0.95), 3),
             "cloud_point_share": round(sum(s.points_cloud for s in done) / points, 4) if points else None,
             "schedule_p50_ms": round(1000 * percentile([s.schedule_s for s in done], 0.5), 3),
-            "broker_publishes_in_per_request": round((received - heartbeats) / len(done), 2) if done else None,
-            "broker_publishes_out_per_request": round(sent / len(done), 2) if done else None,
-            "heartbeats_per_s": round(count / args.heartbeat, 1),
+            "messages_per_request": {kind: round(sent[kind] / len(done), 2) for kind in ("tasks", "candidates",
+                                                                                         "refusals")}
+            if done else None,
+            "statuses_per_s": round(sent["statuses"] / elapsed, 1),
             "unknown_or_unassigned": sum(n for svc in services for (_, kind), n in
                                          svc.transport.rejections.snapshot().items()
                                          if kind in {"unknown_request", "unassigned", "identity"}),
@@ -283,16 +297,17 @@ async def measure(count: int, args: argparse.Namespace, broker: Broker, host: su
 
 def table(rows: list[dict[str, Any]]) -> str:
     head = ("| edges | replicas | light p50 s | overhead | schedule p50 ms | req/s | p50 / p95 s | cloud points "
-            "| publishes in / out per req | peak / capacity per edge | lost | registry B/edge |")
-    lines = [head, "|" + "---|" * 12]
+            "| tasks / candidates / refusals per req | statuses/s | peak / capacity per edge | lost "
+            "| registry B/edge |")
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
         lt, tp, host = r["light"], r["throughput"], r.get("edge_host") or {}
-        lines.append(
-            f"| {r['edges']} | {r['replicas']} | {lt['latency_p50_s']} | {lt['overhead_share']:.1%} | "
-            f"{tp['schedule_p50_ms']} | {tp['requests_per_s']} | {tp['latency_p50_s']} / {tp['latency_p95_s']} | "
-            f"{tp['cloud_point_share']:.1%} | {tp['broker_publishes_in_per_request']} / "
-            f"{tp['broker_publishes_out_per_request']} | {host.get('peak_outstanding', '?')} / {r['capacity']} | "
-            f"{tp['errors']} | {r['registry_bytes_per_edge']} |")
+        messages = " / ".join(str(v) for v in (tp["messages_per_request"] or {}).values())
+        cells = [r["edges"], r["replicas"], lt["latency_p50_s"], f"{lt['overhead_share']:.1%}", tp["schedule_p50_ms"],
+                 tp["requests_per_s"], f"{tp['latency_p50_s']} / {tp['latency_p95_s']}",
+                 f"{tp['cloud_point_share']:.1%}", messages, tp["statuses_per_s"],
+                 f"{host.get('peak_outstanding', '?')} / {r['capacity']}", tp["errors"], r["registry_bytes_per_edge"]]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
 
@@ -317,6 +332,7 @@ def main() -> int:
     parser.add_argument("--heartbeat", type=float, default=2.0)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--host-edges", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--first-edge", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--broker", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     raise_fd_limit()
@@ -336,11 +352,11 @@ def main() -> int:
             for replicas in (int(x) for x in args.replicas.split(",")):
                 run = argparse.Namespace(**{**vars(args), "replicas": replicas})
                 broker = Broker(Path(tmp))
-                host = start_edge_host(count, run, broker)
+                hosts = start_edge_hosts(count, run, broker)
                 try:
-                    row = asyncio.run(measure(count, run, broker, host))
+                    row = asyncio.run(measure(count, run, broker, hosts))
                 finally:
-                    row_host = stop_edge_host(host)
+                    row_host = stop_edge_hosts(hosts)
                     broker.stop()
                 row["edge_host"] = row_host
                 row["capacity"] = args.edge_batch + args.edge_queue
@@ -349,7 +365,8 @@ def main() -> int:
     print(table(rows))
     if args.json:
         report = {"command": " ".join(sys.argv), "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-                  "settings": {k: v for k, v in vars(args).items() if k not in {"json", "host_edges", "broker"}},
+                  "settings": {k: v for k, v in vars(args).items()
+                               if k not in {"json", "host_edges", "first_edge", "broker"}},
                   "rows": rows}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
