@@ -53,6 +53,9 @@ DEADLINE_CAP_S: Final = 60.0
 #: for their edges (seconds): candidates queued in our persistent session, or re-sent by the
 #: edges, arrive within it; ones the broker lost (a crash without persistence) never will.
 RECONNECT_GRACE_S: Final = 2.0
+#: Times one point may be placed on another edge after its edge stopped answering or refused
+#: it. Refusals come back at once, so a few tries cost little; then the cloud expands it.
+MAX_REPLACEMENTS: Final = 3
 
 #: A sketch that fails the guards is sampled once more at this temperature (at least), with a
 #: seed of its own: greedy decoding would write the same outline again.

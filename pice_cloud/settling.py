@@ -8,7 +8,9 @@ offline, or the deadline passed). A request never waits past its points' deadlin
 
 An edge that stops being live while it holds a point (its last will, or missed heartbeats: a
 frozen or partitioned device) does not hold the point until its deadline: the point is placed
-again at once, on another edge with a free slot (once per point), else expanded by the cloud.
+again at once, on another edge with a free slot, else expanded by the cloud; so is a point whose
+edge refused it (full: other replicas' tasks fill it). A point is re-placed at most
+`defaults.MAX_REPLACEMENTS` times.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -58,7 +61,7 @@ class PointSettler:
         ``replace`` re-places a point whose edges all stopped being live before answering."""
         start = time.monotonic()
         due = [start + d for d in deadlines_s]
-        replaced: set[int] = set()
+        replaced: Counter[int] = Counter()
         while True:
             now = time.monotonic()
             missing: list[int] = []
@@ -78,8 +81,8 @@ class PointSettler:
                 if waiting and now < due[state.index]:
                     continue
                 if ((outstanding or state.refused) and not waiting and not state.usable() and replace is not None
-                        and state.index not in replaced and now < due[state.index]):
-                    replaced.add(state.index)
+                        and replaced[state.index] < defaults.MAX_REPLACEMENTS and now < due[state.index]):
+                    replaced[state.index] += 1
                     target = replace(state.index, state.expected)
                     if target is not None:
                         device, deadline_s = target

@@ -416,7 +416,12 @@ class EdgeNode:
             self._refuse(task, "would_miss_deadline", f"{self._outstanding()} tasks ahead")
             return
         self._queue.put_nowait(_Queued(task, time.monotonic()))
-        self.stats.peak_outstanding = max(self.stats.peak_outstanding, self._outstanding())
+        outstanding = self._outstanding()
+        self.stats.peak_outstanding = max(self.stats.peak_outstanding, outstanding)
+        if outstanding == self.max_batch:
+            # Just became full: say so now, not at the next heartbeat, so that other cloud
+            # replicas stop sending tasks this node would have to refuse.
+            self.publish_status()
 
     def _outstanding(self) -> int:
         return self._queue.qsize() + self._running + (self._held is not None)

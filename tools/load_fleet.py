@@ -270,8 +270,13 @@ async def measure(count: int, args: argparse.Namespace, broker: Broker,
                 i += 1
 
         began = time.perf_counter()
+        cpu_before = resource.getrusage(resource.RUSAGE_SELF)
         await asyncio.gather(*(client(k) for k in range(args.concurrency)))
+        cpu_after = resource.getrusage(resource.RUSAGE_SELF)
         elapsed = time.perf_counter() - began
+        # This process: the cloud (service, scheduler, MQTT client, simulated LLM) plus the load
+        # generator and the message counter, so an upper bound of the cloud's own CPU time.
+        cpu_s = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
         after = counters.read()
         sent = {kind: after[kind] - before[kind] for kind in after}
         points = sum(s.points_edge + s.points_cloud for s in done)
@@ -286,6 +291,8 @@ async def measure(count: int, args: argparse.Namespace, broker: Broker,
                                                                                          "refusals")}
             if done else None,
             "statuses_per_s": round(sent["statuses"] / elapsed, 1),
+            "cloud_cpu_ms_per_request": round(1000 * cpu_s / len(done), 2) if done else None,
+            "requests_per_cloud_core_s": round(len(done) / cpu_s, 1) if cpu_s else None,
             "unknown_or_unassigned": sum(n for svc in services for (_, kind), n in
                                          svc.transport.rejections.snapshot().items()
                                          if kind in {"unknown_request", "unassigned", "identity"}),
@@ -297,15 +304,16 @@ async def measure(count: int, args: argparse.Namespace, broker: Broker,
 
 def table(rows: list[dict[str, Any]]) -> str:
     head = ("| edges | replicas | light p50 s | overhead | schedule p50 ms | req/s | p50 / p95 s | cloud points "
-            "| tasks / candidates / refusals per req | statuses/s | peak / capacity per edge | lost "
-            "| registry B/edge |")
-    lines = [head, "|" + "---|" * 13]
+            "| tasks / candidates / refusals per req | statuses/s | cloud CPU ms/req (req/s per core) "
+            "| peak / capacity per edge | lost | registry B/edge |")
+    lines = [head, "|" + "---|" * 14]
     for r in rows:
         lt, tp, host = r["light"], r["throughput"], r.get("edge_host") or {}
         messages = " / ".join(str(v) for v in (tp["messages_per_request"] or {}).values())
         cells = [r["edges"], r["replicas"], lt["latency_p50_s"], f"{lt['overhead_share']:.1%}", tp["schedule_p50_ms"],
                  tp["requests_per_s"], f"{tp['latency_p50_s']} / {tp['latency_p95_s']}",
                  f"{tp['cloud_point_share']:.1%}", messages, tp["statuses_per_s"],
+                 f"{tp['cloud_cpu_ms_per_request']} ({tp['requests_per_cloud_core_s']})",
                  f"{host.get('peak_outstanding', '?')} / {r['capacity']}", tp["errors"], r["registry_bytes_per_edge"]]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
