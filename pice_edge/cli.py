@@ -106,9 +106,13 @@ def _parser() -> argparse.ArgumentParser:
     fetch.add_argument("--force", action="store_true", help="convert again even if present")
     fetch.add_argument("--gguf", action="store_true",
                        help="keep the original GGUF file instead (for llama.cpp's server) and print its path")
-    fetch.add_argument("--from", dest="source", metavar="URL", default=None,
+    fetch.add_argument("--from", dest="source", metavar="URL", nargs="?", const=_ZEROCONF, default=None,
                        help="download the model from a cloud's HTTP API (pice-cloud serve), e.g. "
-                            "http://cloud:8000: resumable, every file checked, installed atomically")
+                            "http://cloud:8000: resumable, every file checked, installed atomically; "
+                            "--from alone: the API of the fleet's cloud found on zeroconf")
+    fetch.add_argument("--fleet", default="default", help="fleet name on zeroconf, for --from without a URL")
+    fetch.add_argument("--interfaces", default="all", help="zeroconf interfaces for --from without a URL: 'all' "
+                                                           "or comma-separated IP addresses")
     fetch.add_argument("--api-key", default=os.environ.get("PICE_API_KEY"),
                        help="the cloud's API key for --from (default: $PICE_API_KEY)")
     msub.add_parser("list", help="known models and whether they are here")
@@ -384,13 +388,34 @@ def _profiles() -> int:
     return 0
 
 
+_ZEROCONF = "zeroconf"
+
+
+async def _cloud_api_url(fleet: str, interfaces: str) -> str:
+    """The HTTP API of the fleet's cloud, from its zeroconf advertisement."""
+    from pice_edge.discovery import Discovery, check_fleet, parse_interfaces
+
+    discovery = Discovery(parse_interfaces(interfaces))
+    await discovery.start()
+    try:
+        cloud = await discovery.find_cloud(check_fleet(fleet), timeout=10.0)
+    finally:
+        await discovery.close()
+    api = cloud.properties.get("api", "")
+    if not api:
+        raise ConfigError(f"the cloud {cloud.id} of fleet {fleet!r} advertises no HTTP API; pass --from URL")
+    return api
+
+
 def _models(args: argparse.Namespace) -> int:
     from pice_edge import model_store
 
     if args.models_command == "fetch" and args.source:
         from pice_edge.model_transfer import fetch_from
 
-        path = fetch_from(args.source, args.name, api_key=args.api_key, progress=sys.stderr.isatty())
+        source = asyncio.run(_cloud_api_url(args.fleet, args.interfaces)) if args.source == _ZEROCONF \
+            else args.source
+        path = fetch_from(source, args.name, api_key=args.api_key, progress=sys.stderr.isatty())
         print(f"{args.name}: ready in {path}")
     elif args.models_command == "fetch" and args.gguf:
         print(model_store.fetch_gguf(args.name))

@@ -186,3 +186,23 @@ async def test_the_api_key_guards_the_models_too(tmp_path: Path, tiny_model: Pat
         with pytest.raises(ModelError, match="HTTP 404"):
             await asyncio.to_thread(fetch_from, api.url, "not-offered", api_key="s3cret", root=tmp_path / "c",
                                     progress=False)
+
+
+async def test_fetch_finds_the_cloud_on_zeroconf(cloud: tuple[Api, Path], tmp_path: Path) -> None:
+    """``--from`` without a URL: the API the fleet's cloud advertises (loopback only here)."""
+    from pice_edge.discovery import CloudAdvert, Discovery
+
+    api, _ = cloud
+    fleet = f"fetch-{os.getpid()}"
+    edge = tmp_path / "edge-store"
+    async with Discovery(["127.0.0.1"]) as discovery:
+        await discovery.advertise_cloud(CloudAdvert(cloud_id=f"{fleet}-cloud", broker_url="mqtt://127.0.0.1:1883",
+                                                    fleet=fleet, api_url=api.url + "/v1"))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "pice_edge.cli", "models", "fetch", NAME, "--from", "--fleet", fleet,
+            "--interfaces", "127.0.0.1", env={**os.environ, "PICE_MODELS_DIR": str(edge)},
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, err.decode()
+    assert f"{NAME}: ready in {edge / NAME}" in out.decode()
+    check_manifest(edge / NAME, full=True)
