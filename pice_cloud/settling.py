@@ -83,7 +83,7 @@ class PointSettler:
                 if ((outstanding or state.refused) and not waiting and not state.usable() and replace is not None
                         and replaced[state.index] < defaults.MAX_REPLACEMENTS and now < due[state.index]):
                     replaced[state.index] += 1
-                    target = replace(state.index, state.expected)
+                    target = replace(state.index, state.expected | frozenset(state.refused))
                     if target is not None:
                         device, deadline_s = target
                         log.info("request %s: point %d re-placed on %s (%s)", pending.request_id,
@@ -140,8 +140,9 @@ class PointSettler:
                             indices: list[int], tokens_per_point: int) -> None:
         """The cloud LLM expands points no edge answered. Its text passes the same guard as an
         edge's: a refused one is sampled once more (another seed, temperature at least
-        `defaults.EXPANSION_RESAMPLE_TEMPERATURE`); if that is refused too, the better of the two
-        goes in without the sentences other points already say."""
+        `defaults.EXPANSION_RESAMPLE_TEMPERATURE`); if that is refused too, the first (the
+        request's own sampling; the second when the first said nothing) goes in without the
+        sentences other points already say."""
         log.info("request %s: cloud expands point(s) %s", pending.request_id, [i + 1 for i in indices])
         texts = await self._cloud_texts(question, points, indices, tokens_per_point,
                                         [self.sampling(i) for i in indices])
