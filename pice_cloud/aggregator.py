@@ -187,6 +187,9 @@ class Aggregator:
             # An answered request: nothing to place any more.
             return None
         state = pending.points[refusal.point_index]
+        if refusal.device_id in state.refused:
+            self.rejections.record("refusal", "duplicate", f"{refusal.device_id} already refused this point")
+            return None  # a QoS 1 re-delivery: the task was counted off once already
         if refusal.device_id not in state.expected or refusal.device_id in state.received:
             self.rejections.record("refusal", "unassigned", f"{refusal.device_id} holds no task "
                                                             f"{refusal.request_id}/{refusal.point_index}")

@@ -80,8 +80,11 @@ class PointSettler:
                 waiting = any(self.fleet.is_live(d) for d in outstanding)
                 if waiting and now < due[state.index]:
                     continue
-                if ((outstanding or state.refused) and not waiting and not state.usable() and replace is not None
-                        and replaced[state.index] < defaults.MAX_REPLACEMENTS and now < due[state.index]):
+                # Re-placed: a point whose edges went quiet, or that an assigned edge refused
+                # (not one whose replacement answered with a refused candidate: that is the cloud's).
+                if ((outstanding or state.refused & state.expected) and not waiting and not state.usable()
+                        and replace is not None and replaced[state.index] < defaults.MAX_REPLACEMENTS
+                        and now < due[state.index]):
                     replaced[state.index] += 1
                     target = replace(state.index, state.expected | frozenset(state.refused))
                     if target is not None:

@@ -209,14 +209,17 @@ def _kv_budget_mb(cfg: _EdgeConfig, runtime: Runtime) -> float | None:
     return max(64.0, cfg.profile.memory_budget_mb - weights_mb)
 
 
-def _model_build(model: str) -> str | None:
-    """The build of the model folder ``model`` names (None: not from a model store)."""
+def _model_identity(model: str) -> tuple[str | None, str | None]:
+    """The model store's name and the build of the folder ``model`` names (None, None: not a
+    model folder with a manifest)."""
     from pice_edge import model_store
 
     try:
-        return model_store.build_id(model_store.resolve(model))
+        path = model_store.resolve(model)
     except PiceError:
-        return None
+        return None, None
+    build = model_store.build_id(path)
+    return (path.name, build) if build else (None, None)
 
 
 def _create_runtime(cfg: _EdgeConfig) -> Runtime:
@@ -281,11 +284,12 @@ async def _run(args: argparse.Namespace) -> int:
         # Found the broker first (fail fast), then load the model on a worker thread: this loop
         # keeps answering mDNS queries and signals while the weights load.
         runtime = await loop.run_in_executor(None, _create_runtime, cfg)
+        model_name, build = _model_identity(cfg.model)
         profile_name = cfg.profile.name if cfg.profile else ""
         node = EdgeNode(runtime, device_id=args.device_id, broker=broker, profile=profile_name,
                         max_batch=cfg.max_batch, heartbeat_s=args.heartbeat,
                         memory_budget_mb=_kv_budget_mb(cfg, runtime), repetition_penalty=cfg.repetition_penalty,
-                        no_repeat_ngram_size=cfg.no_repeat_ngram_size, model_build=_model_build(cfg.model),
+                        no_repeat_ngram_size=cfg.no_repeat_ngram_size, model_name=model_name, model_build=build,
                         rollout=None if args.no_rollout else RolloutPolicy(
                             loader=lambda path: _create_runtime(dataclasses.replace(cfg, model=str(path))),
                             api_key=os.environ.get("PICE_API_KEY")))

@@ -338,8 +338,13 @@ def build_id(folder: Path) -> str | None:
     they are; ``None`` for a folder without a manifest."""
     try:
         files = json.loads((folder / MANIFEST).read_text())["files"]
+        return build_of(files)
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def build_of(files: dict[str, dict[str, Any]]) -> str:
+    """`build_id` of a manifest's ``files`` mapping (path -> size and SHA-256)."""
     canonical = json.dumps({k: [v["size"], v["sha256"]] for k, v in sorted(files.items())}, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 

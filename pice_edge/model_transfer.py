@@ -32,7 +32,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pice_edge.errors import ModelError
-from pice_edge.model_store import MANIFEST, check_manifest, models_dir, sha256_file
+from pice_edge.model_store import MANIFEST, build_of, check_manifest, models_dir, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,8 @@ class _Client:
     def open(self, path: str, headers: dict[str, str] | None = None) -> Any:
         request = urllib.request.Request(self.base + path, headers=dict(headers or {}))
         if self.api_key:
-            request.add_header("Authorization", f"Bearer {self.api_key}")
+            # Not passed on to where a redirect points: the key is for this cloud only.
+            request.add_unredirected_header("Authorization", f"Bearer {self.api_key}")
         try:
             return urllib.request.urlopen(request, timeout=self.timeout_s)  # http(s) only: checked above
         except urllib.error.HTTPError as exc:
@@ -124,10 +125,11 @@ def _installed_matches(target: Path, files: dict[str, dict[str, Any]]) -> bool:
 
 
 def fetch_from(base_url: str, name: str, *, api_key: str | None = None, root: Path | None = None,
-               progress: bool = True, timeout_s: float = 60.0) -> Path:
+               progress: bool = True, timeout_s: float = 60.0, expected_build: str | None = None) -> Path:
     """Download model ``name`` from the cloud at ``base_url`` into the model store; its folder.
 
-    Idempotent: a model already installed with the same files is left as it is.
+    Idempotent: a model already installed with the same files is left as it is. With
+    ``expected_build``, a manifest of another build is refused before anything is downloaded.
 
     Raises:
         ModelError: the cloud is unreachable or does not offer the model, the manifest names a
@@ -142,6 +144,8 @@ def fetch_from(base_url: str, name: str, *, api_key: str | None = None, root: Pa
     quoted = urllib.parse.quote(name)
     manifest = client.json(f"{API_PATH}/{quoted}/manifest")
     files = validate_manifest(name, manifest)
+    if expected_build is not None and build_of(files) != expected_build:
+        raise ModelError(f"the cloud offers {name} build {build_of(files)}, not the announced {expected_build}")
     target = root / name
     with _locked(root, name):
         if _installed_matches(target, files):
@@ -163,6 +167,13 @@ def fetch_from(base_url: str, name: str, *, api_key: str | None = None, root: Pa
         finally:
             if bar is not None:
                 bar.close()
+        # Files an earlier download of another build left in staging are not part of this one.
+        for leftover in sorted(staging.rglob("*"), reverse=True):
+            rel = leftover.relative_to(staging).as_posix()
+            if leftover.is_file() and rel not in files:
+                leftover.unlink()
+            elif leftover.is_dir() and not any(leftover.iterdir()):
+                leftover.rmdir()
         meta = {k: v for k, v in manifest.items() if k != "files"}
         (staging / MANIFEST).write_text(json.dumps({"files": files, **meta, "fetched_from": client.base,
                                                     "fetched_at": round(time.time(), 3)}, indent=2))
@@ -205,9 +216,12 @@ def _fetch_file(client: _Client, url_path: str, dest: Path, size: int, digest: s
                 bar.update(offset)
             try:
                 with part.open("ab") as out:
-                    for block in iter(lambda: response.read(_CHUNK), b""):
+                    remaining = size - offset
+                    # Never more than the manifest says: a server cannot fill the disk.
+                    while remaining > 0 and (block := response.read(min(_CHUNK, remaining))):
                         out.write(block)
                         hasher.update(block)
+                        remaining -= len(block)
                         if bar is not None:
                             bar.update(len(block))
             except OSError as exc:

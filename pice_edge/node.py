@@ -139,6 +139,8 @@ class EdgeNode:
             ``None``: the model folder's ``generation_config.json`` decides).
         model_build: the build of the model the runtime loaded (`pice_edge.model_store.build_id`),
             reported as ``model_id`` ``NAME@BUILD`` so the cloud can schedule by build.
+        model_name: that model's name in the model store (default: the runtime's model id; an
+            ONNX runtime's id carries its precision, the store's name does not).
         rollout: follow the fleet's model rollout (fetch, verify, switch between batches);
             ``None``: ignore it.
     """
@@ -159,6 +161,7 @@ class EdgeNode:
         repetition_penalty: float | None = EXPANSION_REPETITION_PENALTY,
         no_repeat_ngram_size: int | None = EXPANSION_NO_REPEAT_NGRAM_SIZE,
         model_build: str | None = None,
+        model_name: str | None = None,
         rollout: RolloutPolicy | None = None,
     ) -> None:
         if not is_valid_id(device_id):
@@ -176,7 +179,10 @@ class EdgeNode:
         self.rollout = rollout
         #: The last rollout's outcome, for logs and tests: "", "switched", "failed: ...".
         self.rollout_state = ""
-        self._next_runtime: tuple[Runtime, str | None] | None = None
+        #: The model store's name of the loaded model (what rollouts name), and its build.
+        self.model_name = model_name or runtime.model_id
+        self._next_runtime: tuple[Runtime, str, str | None] | None = None
+        self._rollout_target: tuple[str, str] | None = None
         self._rollout_task: asyncio.Task[None] | None = None
         self._swapped = asyncio.Event()
         self.stats = NodeStats()
@@ -241,9 +247,10 @@ class EdgeNode:
     async def stop(self) -> None:
         """Hand back the tasks not started (refusals), publish an offline status, disconnect and
         stop the worker."""
-        if self._rollout_task is not None:
-            self._rollout_task.cancel()
-            await asyncio.gather(self._rollout_task, return_exceptions=True)
+        task = self._rollout_task
+        self._abandon_rollout()
+        if task is not None:
+            await asyncio.gather(task, return_exceptions=True)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -273,23 +280,38 @@ class EdgeNode:
 
     @property
     def model_id(self) -> str:
-        """What this node runs: ``NAME@BUILD`` when the build is known, else the runtime's id."""
-        return f"{self.runtime.model_id}@{self.model_build}" if self.model_build else self.runtime.model_id
+        """What this node runs: ``NAME@BUILD`` (the model store's name) when the build is known,
+        else the runtime's id."""
+        return f"{self.model_name}@{self.model_build}" if self.model_build else self.runtime.model_id
 
     def _on_rollout(self, message: Message) -> None:
         if not message.payload:
-            return  # the rollout was cleared
+            self._abandon_rollout()  # withdrawn: stay on what runs now
+            return
         try:
             rollout = decode(FleetRollout, message.payload, max_bytes=self._max_payload)
         except ProtocolError as exc:
             self.rejections.record("rollout", exc.kind, str(exc))
             return
-        if (rollout.model, rollout.build) == (self.runtime.model_id, self.model_build):
+        target = (rollout.model, rollout.build)
+        if target == self._rollout_target:
+            return  # the same rollout again (a reconnect re-delivers the retained message)
+        self._abandon_rollout()  # a newer rollout, or a rollback, supersedes the one in progress
+        if target == (self.model_name, self.model_build):
             return
-        if self._rollout_task is not None and not self._rollout_task.done():
-            self._rollout_task.cancel()  # a newer rollout supersedes the one in progress
+        self._rollout_target = target
         self._rollout_task = asyncio.get_running_loop().create_task(self._roll_out(rollout),
                                                                     name=f"{self.device_id}-rollout")
+
+    def _abandon_rollout(self) -> None:
+        """Stop the rollout in progress; a runtime it loaded but did not switch to is closed."""
+        if self._rollout_task is not None and not self._rollout_task.done():
+            self._rollout_task.cancel()
+        self._rollout_target = None
+        if self._next_runtime is not None:
+            pending, _, _ = self._next_runtime
+            self._next_runtime = None
+            self._executor.submit(pending.close)
 
     async def _roll_out(self, rollout: FleetRollout) -> None:
         """Fetch, verify and load the rollout's build, then switch between batches. Any failure
@@ -298,33 +320,45 @@ class EdgeNode:
         from pice_edge.model_transfer import fetch_from
 
         assert self.rollout is not None
+        policy = self.rollout
         target = f"{rollout.model}@{rollout.build}"
         log.info("%s: rolling out %s from %s", self.device_id, target, rollout.source)
+        loop = asyncio.get_running_loop()
         try:
-            path = await asyncio.to_thread(fetch_from, rollout.source, rollout.model, api_key=self.rollout.api_key,
-                                           root=self.rollout.models_root, progress=False)
+            path = await asyncio.to_thread(fetch_from, rollout.source, rollout.model, api_key=policy.api_key,
+                                           root=policy.models_root, progress=False, expected_build=rollout.build)
             got = build_id(path)
             if got != rollout.build:
                 raise ConfigError(f"the fetched {rollout.model} is build {got}, not {rollout.build}")
-            runtime = await asyncio.to_thread(self.rollout.loader, path)
+            loading = loop.run_in_executor(None, policy.loader, path)
+            try:
+                runtime = await asyncio.shield(loading)
+            except asyncio.CancelledError:
+                # Superseded while loading: close what the loader returns when it does.
+                loading.add_done_callback(lambda f: f.result().close() if not f.cancelled() and f.exception() is None
+                                          else None)
+                raise
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             self.rollout_state = f"failed: {exc}"
             self.stats.rollouts_failed += 1
+            self._rollout_target = None
             log.error("%s: rollout of %s failed (%s); staying on %s", self.device_id, target, exc, self.model_id)
             return
         self._swapped.clear()
-        self._next_runtime = (runtime, rollout.build)
+        self._next_runtime = (runtime, rollout.model, rollout.build)
         await self._swapped.wait()
         self.rollout_state = "switched"
 
     def _swap(self) -> None:
         """Switch to the pending runtime; called by the batcher when nothing runs."""
-        assert self._next_runtime is not None
+        if self._next_runtime is None:
+            return  # the rollout was abandoned meanwhile
         old = self.runtime
-        self.runtime, self.model_build = self._next_runtime
+        self.runtime, self.model_name, self.model_build = self._next_runtime
         self._next_runtime = None
+        self._rollout_target = None
         self.stats.rollouts += 1
         log.info("%s: now running %s", self.device_id, self.model_id)
         self._executor.submit(old.close)

@@ -124,6 +124,19 @@ async def test_a_manifest_naming_a_path_outside_the_folder_is_refused(
     assert not (edge / "evil.txt").exists()
 
 
+async def test_a_build_other_than_the_announced_one_is_refused_before_downloading(
+        cloud: tuple[Api, Path], tmp_path: Path) -> None:
+    api, store = cloud
+    edge = tmp_path / "edge-store"
+    with pytest.raises(ModelError, match="not the announced 000000000000"):
+        await asyncio.to_thread(fetch_from, api.url, NAME, root=edge, progress=False, expected_build="000000000000")
+    assert not list(edge.rglob("*.part")), "nothing was downloaded"
+    assert not (edge / NAME).exists()
+    path = await asyncio.to_thread(fetch_from, api.url, NAME, root=edge, progress=False,
+                                   expected_build=model_store.build_id(store / NAME))
+    check_manifest(path, full=True)
+
+
 @pytest.mark.parametrize("rel", ["../x", "/etc/passwd", "a/../../x", "a\\..\\x", "", "a//b", "./a", MANIFEST])
 def test_unsafe_paths(rel: str) -> None:
     with pytest.raises(ModelError):

@@ -153,8 +153,11 @@ async def test_refusals_that_do_not_match_a_task_are_counted_not_used() -> None:
         is None
     assert aggregator.handle_refusal(_refusal("gone", 0, "a")) is None  # answered already: nothing to do
     assert pending.points[0].refused == set()
+    assert aggregator.handle_refusal(_refusal("r1", 0, "a")) is not None
+    assert aggregator.handle_refusal(_refusal("r1", 0, "a")) is None, "a QoS 1 re-delivery counts once"
+    assert pending.points[0].refused == {"a"}
     assert aggregator.rejections.snapshot() == {("refusal", "identity"): 1, ("refusal", "unassigned"): 1,
-                                                ("refusal", "json"): 1}
+                                                ("refusal", "json"): 1, ("refusal", "duplicate"): 1}
 
 
 @pytest.mark.mosquitto
