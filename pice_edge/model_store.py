@@ -390,11 +390,12 @@ INSTALL_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 ORIGIN_INSTALLED = "installed"
 
 
-def installed_path(name: str) -> Path | None:
-    """The folder of the installed model ``name``, or ``None`` when there is none."""
+def installed_path(name: str, root: Path | None = None) -> Path | None:
+    """The folder of the installed model ``name`` (in ``root``, default `models_dir`), or
+    ``None`` when there is none."""
     if not INSTALL_NAME.match(name) or name in KNOWN_MODELS:
         return None
-    path = models_dir() / name
+    path = (root or models_dir()) / name
     return path if (path / MANIFEST).is_file() else None
 
 
@@ -406,7 +407,8 @@ def installed_models() -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and installed_path(p.name) is not None)
 
 
-def install(source: Path, name: str, *, meta: dict[str, Any] | None = None, replace: bool = False) -> Path:
+def install(source: Path, name: str, *, meta: dict[str, Any] | None = None, replace: bool = False,
+            root: Path | None = None) -> Path:
     """Copy the Hugging Face folder ``source`` into the store as model ``name``, with a manifest.
 
     The copy and its manifest are written to a staging folder beside the target and renamed into
@@ -420,6 +422,7 @@ def install(source: Path, name: str, *, meta: dict[str, Any] | None = None, repl
         meta: extra manifest fields (base model, training data, ...); shown by ``models list``
             as ``source`` when it has that key.
         replace: overwrite an installed model of the same name.
+        root: the model store (default: `models_dir`; a cloud's, say, to offer models to edges).
 
     Raises:
         ModelError: an invalid or taken name (a fetchable model's, or an existing one without
@@ -432,12 +435,12 @@ def install(source: Path, name: str, *, meta: dict[str, Any] | None = None, repl
         raise ModelError(f"{name!r} is the name of a fetchable model; choose another name")
     if not (source / "config.json").is_file():
         raise ModelError(f"{source} is not a Hugging Face model folder (no config.json)")
-    root = models_dir()
+    root = root or models_dir()
     root.mkdir(parents=True, exist_ok=True)
     target = root / name
     if target.exists() and not replace:
         raise ModelError(f"a model named {name!r} already exists in {root}; choose another name or replace it")
-    if target.exists() and installed_path(name) is None:
+    if target.exists() and installed_path(name, root) is None:
         raise ModelError(f"{target} exists and is not an installed model; refusing to replace it")
     # Staging and backup live in the store itself: same file system, so the renames are atomic.
     with tempfile.TemporaryDirectory(prefix=f".pice-install-{name}-", dir=root) as tmp:

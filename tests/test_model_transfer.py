@@ -24,18 +24,14 @@ from tests.conftest import Api, serving
 NAME = "tiny-expander"
 
 
-def _install(store: Path, source: Path, monkeypatch: pytest.MonkeyPatch, *, replace: bool = False) -> Path:
-    monkeypatch.setenv("PICE_MODELS_DIR", str(store))
-    path = model_store.install(source, NAME, meta={"role": "expander"}, replace=replace)
-    monkeypatch.delenv("PICE_MODELS_DIR")
-    return path
+def _install(store: Path, source: Path, *, replace: bool = False) -> Path:
+    return model_store.install(source, NAME, meta={"role": "expander"}, replace=replace, root=store)
 
 
 @pytest.fixture
-async def cloud(tmp_path: Path, tiny_model: Path, embedded_broker: str,
-                monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[Api, Path]]:
+async def cloud(tmp_path: Path, tiny_model: Path, embedded_broker: str) -> AsyncIterator[tuple[Api, Path]]:
     store = tmp_path / "cloud-store"
-    _install(store, tiny_model, monkeypatch)
+    _install(store, tiny_model)
     async with serving(tiny_model, embedded_broker, edges=0, overrides={"server": {"models_dir": str(store)}}) as api:
         yield api, store
 
@@ -64,7 +60,7 @@ async def test_fetch_installs_a_verified_copy_and_a_second_fetch_changes_nothing
 
 
 async def test_a_checksum_mismatch_is_refused_and_the_installed_model_stays(
-        cloud: tuple[Api, Path], tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        cloud: tuple[Api, Path], tmp_path: Path, tiny_model: Path) -> None:
     api, store = cloud
     edge = tmp_path / "edge-store"
     await asyncio.to_thread(fetch_from, api.url, NAME, root=edge, progress=False)
@@ -72,7 +68,7 @@ async def test_a_checksum_mismatch_is_refused_and_the_installed_model_stays(
     # A new build on the cloud, one of whose files then rots on disk (same size, other bytes).
     (tiny_model / "marker.txt").write_text("build 2")
     try:
-        _install(store, tiny_model, monkeypatch, replace=True)
+        _install(store, tiny_model, replace=True)
     finally:
         (tiny_model / "marker.txt").unlink()
     victim = store / NAME / _largest(store / NAME)
@@ -185,10 +181,9 @@ async def test_a_full_disk_is_a_clear_error_and_the_installed_model_stays(
     assert "padding.bin" not in json.loads((edge / NAME / MANIFEST).read_text())["files"]
 
 
-async def test_the_api_key_guards_the_models_too(tmp_path: Path, tiny_model: Path, embedded_broker: str,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_the_api_key_guards_the_models_too(tmp_path: Path, tiny_model: Path, embedded_broker: str) -> None:
     store = tmp_path / "cloud-store"
-    _install(store, tiny_model, monkeypatch)
+    _install(store, tiny_model)
     overrides = {"server": {"models_dir": str(store), "api_key": "s3cret"}}
     async with serving(tiny_model, embedded_broker, edges=0, overrides=overrides) as api:
         with pytest.raises(ModelError, match="--api-key"):

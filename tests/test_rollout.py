@@ -21,7 +21,7 @@ from pice_edge.node import EdgeNode, RolloutPolicy
 from pice_edge.protocol import runs
 from pice_edge.runtimes.transformers import TransformersRuntime
 from pice_edge.transport import BrokerSettings
-from tests.conftest import QUESTION, Api, Mosquitto, eventually, serving
+from tests.conftest import QUESTION, Api, Mosquitto, eventually, serving, started
 
 NAME = "tiny-exp"
 SKETCH = " Set clear daily goals\n2. Plan each morning\n3. Take short breaks\n"
@@ -29,7 +29,7 @@ SKETCH = " Set clear daily goals\n2. Plan each morning\n3. Take short breaks\n"
 pytestmark = pytest.mark.mosquitto
 
 
-def _install(store: Path, source: Path, monkeypatch: pytest.MonkeyPatch, marker: str) -> str:
+def _install(store: Path, source: Path, marker: str) -> str:
     """Install ``source`` plus a marker file as a new build of NAME in ``store``; its build id."""
     staged = store.parent / f"src-{marker}"
     if not staged.exists():
@@ -37,9 +37,7 @@ def _install(store: Path, source: Path, monkeypatch: pytest.MonkeyPatch, marker:
 
         shutil.copytree(source, staged)
         (staged / "build.txt").write_text(marker)
-    monkeypatch.setenv("PICE_MODELS_DIR", str(store))
-    path = model_store.install(staged, NAME, replace=True)
-    monkeypatch.delenv("PICE_MODELS_DIR")
+    path = model_store.install(staged, NAME, replace=True, root=store)
     build = build_id(path)
     assert build is not None
     return build
@@ -56,26 +54,21 @@ async def fleet(api: Api, broker: str, tmp_path: Path, *, follow: tuple[bool, ..
         nodes.append(EdgeNode(TransformersRuntime(path, threads=1), device_id=f"r{i}",
                               broker=BrokerSettings(url=broker), max_batch=2, heartbeat_s=0.5,
                               model_build=build_id(path), rollout=policy if following else None))
-    try:
-        for node in nodes:
-            await node.start()
+    async with started(nodes):
         yield nodes
-    finally:
-        for node in nodes:
-            await node.stop()
 
 
 async def test_edges_switch_builds_while_requests_run_and_none_is_lost(
-        mosquitto: Mosquitto, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        mosquitto: Mosquitto, tiny_model: Path, tmp_path: Path) -> None:
     store = tmp_path / "cloud-store"
-    first = _install(store, tiny_model, monkeypatch, "build 1")
+    first = _install(store, tiny_model, "build 1")
     overrides = {"server": {"models_dir": str(store)}, "service": {"deadline_floor_s": 30.0}}
     async with serving(tiny_model, mosquitto.url, edges=0, overrides=overrides, sketches=[SKETCH]) as api, \
             fleet(api, mosquitto.url, tmp_path, follow=(True, True, False)) as nodes:
         service = api.system.service
         assert await service.fleet.wait_for(3, 20)
         assert {n.model_id for n in nodes} == {f"{NAME}@{first}"}
-        second = _install(store, tiny_model, monkeypatch, "build 2")
+        second = _install(store, tiny_model, "build 2")
         assert second != first
 
         answers = []
@@ -112,15 +105,15 @@ async def test_edges_switch_builds_while_requests_run_and_none_is_lost(
 
 
 async def test_a_build_that_fails_verification_leaves_the_edges_on_theirs(
-        mosquitto: Mosquitto, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        mosquitto: Mosquitto, tiny_model: Path, tmp_path: Path) -> None:
     store = tmp_path / "cloud-store"
-    first = _install(store, tiny_model, monkeypatch, "build 1")
+    first = _install(store, tiny_model, "build 1")
     async with serving(tiny_model, mosquitto.url, edges=0, overrides={"server": {"models_dir": str(store)}},
                        sketches=[SKETCH]) as api, \
             fleet(api, mosquitto.url, tmp_path, follow=(True, True, True)) as nodes:
         service = api.system.service
         assert await service.fleet.wait_for(3, 20)
-        _install(store, tiny_model, monkeypatch, "build 2")
+        _install(store, tiny_model, "build 2")
         # The new build's weights rot on the cloud's disk after it was announced.
         files = json.loads((store / NAME / MANIFEST).read_text())["files"]
         victim = store / NAME / max(files, key=lambda rel: files[rel]["size"])

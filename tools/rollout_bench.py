@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -35,11 +34,7 @@ sys.path.insert(0, str(ROOT))
 def install(store: Path, source: Path, name: str) -> str:
     from pice_edge import model_store
 
-    os.environ["PICE_MODELS_DIR"] = str(store)
-    try:
-        path = model_store.install(source, name, replace=True)
-    finally:
-        del os.environ["PICE_MODELS_DIR"]
+    path = model_store.install(source, name, replace=True, root=store)
     build = model_store.build_id(path)
     assert build is not None
     return build
