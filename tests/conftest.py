@@ -33,6 +33,7 @@ from pice_cloud.llm.transformers import TransformersBackend
 from pice_cloud.server import ApiServer, ApiState, bind, create_app, running, url_of
 from pice_cloud.sketch import SKETCH_PREFILL
 from pice_edge.model_store import build_random_model
+from pice_edge.node import EdgeNode
 from pice_edge.transport import BrokerSettings
 
 HERE = Path(__file__).parent
@@ -126,6 +127,18 @@ class ScriptedSketches:
 
     async def close(self) -> None:
         pass
+
+
+@asynccontextmanager
+async def started(nodes: list[EdgeNode]) -> AsyncIterator[list[EdgeNode]]:
+    """Start ``nodes`` one by one; stop every one on the way out."""
+    try:
+        for node in nodes:
+            await node.start()
+        yield nodes
+    finally:
+        for node in nodes:
+            await node.stop()
 
 
 @dataclass

@@ -34,7 +34,7 @@ from pice_edge.protocol import (
 )
 from pice_edge.runtimes.transformers import TransformersRuntime
 from pice_edge.transport import BrokerSettings, Message
-from tests.conftest import QUESTION, Mosquitto, ScriptedSketches, cloud_config, eventually
+from tests.conftest import QUESTION, Mosquitto, ScriptedSketches, cloud_config, eventually, started
 
 ROOT = Path(__file__).resolve().parent.parent
 SKETCH = " Set clear daily goals\n2. Plan each morning\n3. Take short breaks\n"
@@ -61,13 +61,8 @@ def test_a_task_names_its_replica_only_when_set() -> None:
 async def edges(url: str, model: Path, *, count: int, max_batch: int, max_queue: int) -> AsyncIterator[list[EdgeNode]]:
     nodes = [EdgeNode(TransformersRuntime(model, threads=1), device_id=f"e{i}", broker=BrokerSettings(url=url),
                       max_batch=max_batch, max_queue=max_queue, heartbeat_s=1.0) for i in range(count)]
-    try:
-        for node in nodes:
-            await node.start()
+    async with started(nodes):
         yield nodes
-    finally:
-        for node in nodes:
-            await node.stop()
 
 
 @pytest.mark.mosquitto
