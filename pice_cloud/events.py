@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pice_cloud.aggregator import ChosenPoint
 from pice_cloud.llm.base import TokenLogprob
 from pice_cloud.scheduler import Mode
+from pice_edge.protocol import Sampling
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,15 @@ REPLICA_SEED_OFFSET = 1 << 21
 def derive_seed(seed: int | None, offset: int) -> int | None:
     """The seed of the ``offset``-th generation of a request seeded with ``seed``."""
     return None if seed is None else (seed + offset) % 2**32
+
+
+def resampled(base: Sampling, *, min_temperature: float, seed_offset: int, unseeded: int | None = None) -> Sampling:
+    """Another sample of what ``base`` samples: at least ``min_temperature`` (greedy decoding
+    would write the same text again) and a seed of its own, ``base``'s offset by ``seed_offset``;
+    an unseeded ``base`` gets ``unseeded + seed_offset`` (``None``: stays unseeded)."""
+    seed = derive_seed(base.seed if base.seed is not None else unseeded, seed_offset)
+    return Sampling(temperature=max(base.temperature, min_temperature), top_p=base.top_p, seed=seed,
+                    repetition_penalty=base.repetition_penalty)
 
 
 def apply_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:

@@ -37,6 +37,7 @@ from pice_cloud.events import (
     apply_stop,
     derive_seed,
     render_point,
+    resampled,
     too_long_message,
     within_length,
 )
@@ -201,9 +202,9 @@ class PiceService:
         base = self._sampling(options, 0)
         attempts = 2 if self.config.sketch_guard else 1
         for attempt in range(attempts):
-            sampling = base if attempt == 0 else Sampling(
-                temperature=max(base.temperature, defaults.SKETCH_RESAMPLE_TEMPERATURE), top_p=base.top_p,
-                seed=derive_seed(base.seed if base.seed is not None else attempt, SKETCH_RESAMPLE_SEED_OFFSET))
+            sampling = base if attempt == 0 else resampled(
+                base, min_temperature=defaults.SKETCH_RESAMPLE_TEMPERATURE, seed_offset=SKETCH_RESAMPLE_SEED_OFFSET,
+                unseeded=attempt)
             request = ChatRequest(
                 sketch_messages(question, max_points=budget.max_points, max_words=budget.max_words),
                 max_tokens=budget.sketch_tokens, prefill=SKETCH_PREFILL,
@@ -300,9 +301,9 @@ class PiceService:
         greedy request still gets candidates that differ."""
         if replica == 0:
             return first
-        seed = derive_seed(first.seed, REPLICA_SEED_OFFSET * replica)  # unseeded stays unseeded
-        return Sampling(temperature=max(first.temperature, self.config.ensemble_temperature), top_p=first.top_p,
-                        seed=seed, repetition_penalty=first.repetition_penalty)
+        # An unseeded request's replicas stay unseeded.
+        return resampled(first, min_temperature=self.config.ensemble_temperature,
+                         seed_offset=REPLICA_SEED_OFFSET * replica)
 
     async def _progressive(self, question: str, edges: list[EdgeView], stats: AnswerStats, started: float,
                            options: GenerationOptions, messages: Sequence[ChatMessage] | None,

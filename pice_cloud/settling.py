@@ -27,7 +27,7 @@ from pice_cloud import defaults
 from pice_cloud.aggregator import ChosenPoint, PendingRequest, PointState
 from pice_cloud.cloud_meter import CloudMeter
 from pice_cloud.ensemble import ConfidenceSelector, SelectionItem, Selector
-from pice_cloud.events import EXPANSION_RESAMPLE_SEED_OFFSET, derive_seed
+from pice_cloud.events import EXPANSION_RESAMPLE_SEED_OFFSET, resampled
 from pice_cloud.fleet import Fleet
 from pice_cloud.guards import drop_repeated_sentences
 from pice_cloud.llm.base import ChatRequest, Completion
@@ -128,7 +128,7 @@ class PointSettler:
                       states: list[PointState], tokens_per_point: int) -> None:
         """Run the ensemble selector over every point that has several candidates."""
         items = [SelectionItem(question, points, s.index, s.usable(), tokens_per_point,
-                               [c.text for o in pending.points if o.index != s.index for c in o.usable()])
+                               pending.other_candidates(s.index))
                  for s in states]
         try:
             picks = await self.selector.choose(items)
@@ -186,6 +186,5 @@ class PointSettler:
                 for index, res in zip(indices, results, strict=True)}
 
     def _resampling(self, index: int) -> Sampling:
-        base = self.sampling(index)
-        return Sampling(temperature=max(base.temperature, defaults.EXPANSION_RESAMPLE_TEMPERATURE), top_p=base.top_p,
-                        seed=derive_seed(base.seed if base.seed is not None else index, EXPANSION_RESAMPLE_SEED_OFFSET))
+        return resampled(self.sampling(index), min_temperature=defaults.EXPANSION_RESAMPLE_TEMPERATURE,
+                         seed_offset=EXPANSION_RESAMPLE_SEED_OFFSET, unseeded=index)
