@@ -116,6 +116,11 @@ class PendingRequest:
             return False
         return self.settle(ChosenPoint.from_candidate(usable[0]))
 
+    def other_candidates(self, index: int) -> list[str]:
+        """The usable candidates of every point but ``index`` (what an edge's candidate is
+        checked against, and the ensemble's cross-point features)."""
+        return [c.text for state in self.points if state.index != index for c in state.usable()]
+
     def other_texts(self, index: int) -> list[str]:
         """What the other points say so far: their settled text, else their usable candidates."""
         texts: list[str] = []
@@ -235,7 +240,7 @@ class Aggregator:
         state.received[cand.device_id] = cand
         self.accepted += 1
         if pending.check is not None and cand.text.strip():
-            others = [c.text for s in pending.points if s.index != state.index for c in s.usable()]
+            others = pending.other_candidates(state.index)
             reason = pending.check(cand.point_index, cand.text, others)
             if reason is not None:
                 state.rejected[cand.device_id] = reason
