@@ -120,8 +120,7 @@ def _installed_matches(target: Path, files: dict[str, dict[str, Any]]) -> bool:
         local = check_manifest(target, full=True)
     except ModelError:
         return False
-    return {k: (v["size"], v["sha256"]) for k, v in local["files"].items()} == \
-        {k: (v["size"], v["sha256"]) for k, v in files.items()}
+    return build_of(local["files"]) == build_of(files)
 
 
 def fetch_from(base_url: str, name: str, *, api_key: str | None = None, root: Path | None = None,

@@ -55,12 +55,6 @@ def raise_fd_limit() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 # --- the edge host (a helper process) --------------------------------------------------------
 
 async def host_edges(args: argparse.Namespace) -> None:
@@ -92,6 +86,8 @@ async def host_edges(args: argparse.Namespace) -> None:
 
 class Broker:
     def __init__(self, workdir: Path) -> None:
+        from pice_cloud.broker import free_port
+
         exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         self.port = free_port()
         config = workdir / "mosquitto.conf"
