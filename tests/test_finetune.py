@@ -21,7 +21,7 @@ import pytest
 from pice_cloud.errors import DataError, FinetuneError
 from pice_cloud.finetune import cli
 from pice_cloud.finetune.config import DataConfig, load_finetune_config
-from pice_cloud.finetune.data import Point, examples_for, prepare, read_records, split_answer
+from pice_cloud.finetune.data import Point, examples_for, prepare, read_records, split_answer, split_sections
 from pice_cloud.finetune.train import TrainResult, finetune, render_prompt
 from pice_cloud.sketch import SKETCH_PREFILL, parse_sketch, sketch_messages
 from pice_edge import model_store
@@ -115,6 +115,9 @@ def test_one_paragraph_becomes_sentence_pairs() -> None:
     ("1. **Plan** the day.\n2. **Plan** the week.\n3. **Rest**: sleep well.", "duplicate_headings"),
     ("1. **The first point**: x y z.\n2. **Sleep**: x y z.\n3. **Food**: x y z.", "meta_heading"),
     ("1. **Learn the basics of**: x.\n2. **Sleep**: x y z.\n3. **Food**: x y z.", "cut_heading"),
+    # The serving guards' rules: a bare section name is meta, a dangling adjective is cut.
+    ("1. **Introduction**: x y z.\n2. **Sleep**: x y z.\n3. **Food**: x y z.", "meta_heading"),
+    ("1. **Python is known**: x y z.\n2. **Sleep**: x y z.\n3. **Food**: x y z.", "cut_heading"),
     ("1. **A heading far too long to fit the budget**: x.\n2. **Sleep**: x y.\n3. **Food**: x y.", "long_heading"),
     ("Buy flour and eggs today.\n\nThen mix them in a bowl.\n\nBake it for an hour.", "dependent_points"),
     ("Dear Sir,\n\nI write to ask for leave.\n\nI will be away.\n\nThanks.", "letter"),
@@ -123,6 +126,57 @@ def test_one_paragraph_becomes_sentence_pairs() -> None:
 ])
 def test_answers_that_cannot_be_expanded_apart_are_dropped(answer: str, problem: str) -> None:
     assert split_answer(answer).problem == problem
+
+
+SECTIONS_ANSWER = """# Roasting a Pig at Home
+
+## Introduction
+Roasting a whole pig takes a day.
+
+## Step 1: Equipment Needed
+- A spit or a large grill
+- Charcoal
+
+## 2. Preparing the Pig
+Clean and season it the night before.
+
+### Brine
+Salt water overnight.
+
+## Cooking Techniques:
+Cook it low and slow, about an hour per 10 pounds.
+
+## Conclusion
+Enjoy the feast.
+"""
+
+
+def test_sections_outline_the_sketcher_by_their_content() -> None:
+    # An essay-like answer is dropped for the expander (a section is more than one point's text) ...
+    assert split_answer(SECTIONS_ANSWER).problem == "sections"
+    # ... but its content sections outline it for the sketcher: the title, the frame
+    # ("Introduction", "Conclusion"), numbering, colons and sub-sections left out.
+    split = split_sections(SECTIONS_ANSWER)
+    assert split.problem is None
+    assert split.kind == "sections"
+    assert [p.heading for p in split.points] == ["Equipment Needed", "Preparing the Pig", "Cooking Techniques"]
+    assert split.points[1].text == "Clean and season it the night before. Salt water overnight."
+    # Fewer than three content sections: not an outline.
+    two = SECTIONS_ANSWER.replace("## Cooking Techniques:", "Cooking Techniques:")
+    assert split_sections(two).problem == "too_few_points"
+    assert split_sections("## Intro\nx\n\n```\ncode\n```\n## A\n## B\n## C").problem == "code"
+
+
+def test_prepare_uses_sections_for_the_sketcher_only(tmp_path: Path) -> None:
+    data = tmp_path / "s.jsonl"
+    lines = [{"instruction": f"How do I roast a pig, take {i}?", "output": SECTIONS_ANSWER} for i in range(3)]
+    data.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    cfg = DataConfig(holdout_fraction=0.0)
+    sketcher = prepare(data, "sketcher", cfg)
+    assert sketcher.counts["answers_outlined_by_sections"] == 3
+    assert [e.sketch for e in sketcher.train] == [("Equipment Needed", "Preparing the Pig", "Cooking Techniques")] * 3
+    with pytest.raises(DataError, match="sections"):
+        prepare(data, "expander", cfg)
 
 
 def test_examples_are_the_serving_prompts() -> None:

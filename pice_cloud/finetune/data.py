@@ -30,13 +30,20 @@ An answer is **dropped** (the reason is counted) when:
 
 - it has a code block (``code``) or formulas (``math``): its parts depend on each other;
 - it has markdown section headings beyond a single title (``sections``), a second list after the
-  first, or paragraphs between items (``several_lists``): nested structure is not one outline;
+  first, or paragraphs between items (``several_lists``): nested structure is not one outline.
+  For the **sketcher** only, an answer in sections is outlined by the titles of its content
+  sections instead (`split_sections`: "Introduction" and "Conclusion" left out), counted as
+  ``answers_outlined_by_sections``: those answers are where it learns to outline an essay-like
+  question ("What if ...", "Write a blog post ...") by what it says, not by its frame;
 - it is a letter or a poem (``letter``, ``verse``): there are no points to expand apart;
 - it has fewer than ``min_points`` points, or is prose of more than ``max_outline_points``
   paragraphs (``too_few_points``, ``too_many_points``);
-- a heading is longer than ``max_words`` (``long_heading``), ends in a word that cannot end a
-  heading such as "of" or "the" (``cut_heading``), names a position rather than content ("The
-  first point", "Step 2": ``meta_heading``), or two headings are the same (``duplicate_headings``);
+- a heading is longer than ``max_words`` (``long_heading``), stops mid-phrase ("Learn the basics
+  of": ``cut_heading``), is about the outline rather than the answer ("The first point", "Step 2",
+  or a bare section name such as "Introduction" or "Conclusion": ``meta_heading``), or two headings
+  are the same (``duplicate_headings``). Both checks are the serving guards' own
+  (`pice_cloud.guards.is_cut_heading`, `is_meta_heading`): the sketcher is not trained on an
+  outline the cloud would refuse;
 - the points are **not independent enough to expand apart** (``dependent_points``): a point
   whose heading was made from its own text opens with a back-reference ("This", "These",
   "Then", "Next", ...) whose antecedent is in an earlier point, or any point refers to "the
@@ -73,13 +80,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from pice_cloud import guards
 from pice_cloud.errors import DataError, SketchError
 from pice_cloud.finetune.config import DataConfig, Role
 from pice_cloud.sketch import SKETCH_PREFILL, parse_sketch, sketch_messages
 from pice_edge.prompts import expansion_messages, format_sketch
 from pice_edge.runtimes.base import ChatMessage
 
-SplitKind = Literal["list", "paragraphs", "sentences"]
+SplitKind = Literal["list", "paragraphs", "sentences", "sections"]
 #: Renders chat messages plus an assistant pre-fill into the model's prompt text.
 Renderer = Callable[[Sequence[ChatMessage], str], str]
 #: Counts the tokens of a text.
@@ -87,6 +95,10 @@ TokenCounter = Callable[[str], int]
 
 _ITEM = re.compile(r"^(?P<indent>[ \t]*)(?P<marker>\d{1,2}[.)]|[-*•+])[ \t]+(?P<body>\S.*)$")
 _MD_HEADING = re.compile(r"^\s{0,3}#{1,6}\s")
+_MD_SECTION = re.compile(r"^\s{0,3}(?P<level>#{1,6})\s+(?P<title>.*?)\s*#*\s*$")
+#: "Step 1:", "Part 2 -", "3.": a section's position, not its content.
+_SECTION_NUMBER = re.compile(
+    r"^(?:(?:step|part|section|phase|stage|day|week)\s*\d+\s*[:.)\-\u2013\u2014]?\s*|\d{1,2}[.)]\s+)", re.IGNORECASE)
 _BOLD_HEAD = re.compile(r"^\*\*(?P<head>[^*]+?)\*\*\s*(?P<rest>.*)$", re.DOTALL)
 _SEPARATORS = (":", " - ", " – ", " — ")
 #: Longest text before a ``:`` or dash that is read as an item's heading.
@@ -100,19 +112,6 @@ _CONNECTIVES = {
     "then", "overall", "in fact", "of course", "importantly", "most importantly", "for example",
     "for instance", "in general", "generally", "ultimately",
 }
-#: Words a complete heading does not end with: a heading ending so was cut mid-phrase.
-_CUT_WORDS = {
-    "a", "an", "the", "of", "to", "and", "or", "but", "for", "with", "in", "on", "at", "by", "from", "as",
-    "into", "onto", "than", "that", "which", "who", "whose", "is", "are", "was", "were", "be", "been", "its",
-    "their", "your", "our", "his", "her", "my", "this", "these", "those", "can", "will", "should", "would",
-    "could", "may", "might", "must", "not", "very", "more", "most", "such", "about", "between", "if",
-}
-_META = re.compile(
-    r"^(?:the\s+)?(?:(?:first|second|third|fourth|fifth|sixth|seventh|eighth|ninth|tenth|next|last|final|"
-    r"another|other|main|key)\s+(?:point|step|thing|tip|reason|idea|item|aspect|factor|consideration)s?\b"
-    r"|(?:point|step|tip|item|part|section|reason|idea|option)\s*#?\d+\b)",
-    re.IGNORECASE,
-)
 _BACKREF_WORDS = {"this", "these", "that", "those", "it", "they", "them", "then", "next", "afterward",
                   "afterwards", "repeat", "continue", "once", "thus", "hence", "therefore"}
 _BACKREF_PHRASE = re.compile(r"\b(?:as mentioned|mentioned above|the above|above-mentioned|previous (?:step|point)|"
@@ -296,6 +295,39 @@ def split_answer(output: str, *, max_words: int = 6, min_points: int = 3, max_po
     return Split(kind, tuple(points), problem or _outline_problem(points, max_words, min_points, max_points))
 
 
+def split_sections(output: str, *, max_words: int = 6, min_points: int = 3, max_points: int = 8) -> Split:
+    """The outline of an answer written as markdown sections: the titles of its top-level sections.
+
+    A first heading that is the only one of its level is the answer's title, not a section.
+    Numbering ("Step 1:", "2.") and a trailing ``:`` are taken off a title, and sections named for
+    the essay's frame rather than its content ("Introduction", "Conclusion", "Overview":
+    `pice_cloud.guards.is_meta_heading`) are left out of the outline: such an answer is how a
+    sketcher learns to outline an essay-like question by its content. The other checks are
+    `split_answer`'s (``too_few_points``, ``long_heading``, ...). Used for sketcher examples only:
+    a section's text is often several paragraphs or a list, more than one point's expansion.
+    """
+    text = output.replace("\r\n", "\n").replace("\r", "\n").strip()
+    problem = _content_problem(text)
+    lines = text.split("\n")
+    sections = [(i, len(m["level"]), m["title"]) for i, ln in enumerate(lines) if (m := _MD_SECTION.match(ln))]
+    levels = [level for _, level, _ in sections]
+    if len(sections) > 1 and levels.count(levels[0]) == 1 and levels[0] < min(levels[1:]):
+        sections = sections[1:]  # the title
+    if not sections:
+        return Split("sections", (), problem or "too_few_points")
+    top = min(level for _, level, _ in sections)
+    starts = [(i, title) for i, level, title in sections if level == top]
+    points = []
+    for k, (start, title) in enumerate(starts):
+        end = starts[k + 1][0] if k + 1 < len(starts) else len(lines)
+        heading = _clean_heading(_SECTION_NUMBER.sub("", _plain(title)))
+        if guards.is_meta_heading(heading):
+            continue
+        body = " ".join(ln.strip() for ln in lines[start + 1:end] if ln.strip() and not _MD_HEADING.match(ln))
+        points.append(Point(heading, _plain(body)))
+    return Split("sections", tuple(points), problem or _outline_problem(points, max_words, min_points, max_points))
+
+
 def _content_problem(text: str) -> str | None:
     if "```" in text:
         return "code"
@@ -449,9 +481,11 @@ def heading_problem(heading: str | None, max_words: int) -> str | None:
     words = heading.split()
     if len(words) > max_words:
         return "long_heading"
-    if _META.match(heading):
+    # The serving guards' own rules: an outline the cloud would refuse or repair is not one to train
+    # the sketcher on ("Introduction", "Conclusion" and "Background" sections included).
+    if guards.is_meta_heading(heading):
         return "meta_heading"
-    if words[-1].lower().strip(".,;:!?\"'") in _CUT_WORDS:
+    if guards.is_cut_heading(heading):
         return "cut_heading"
     return None
 
@@ -579,11 +613,17 @@ def prepare(path: Path, role: Role, cfg: DataConfig, *, seed: int = 0, render: R
     example_drops: Counter[str] = Counter()
     train: list[Example] = []
     heldout: list[Example] = []
-    usable = points = heldout_records = 0
+    usable = points = heldout_records = from_sections = 0
     for record in records:
         split = split_answer(record.output, max_words=cfg.max_words, min_points=cfg.min_points,
                              max_points=cfg.max_outline_points, target_sentences=cfg.target_sentences)
         kinds[split.kind] += 1
+        if split.problem == "sections" and role == "sketcher":
+            sections = split_sections(record.output, max_words=cfg.max_words, min_points=cfg.min_points,
+                                      max_points=cfg.max_outline_points)
+            if sections.problem is None:
+                split = sections
+                from_sections += 1
         if split.problem is not None:
             dropped[split.problem] += 1
             continue
@@ -609,6 +649,7 @@ def prepare(path: Path, role: Role, cfg: DataConfig, *, seed: int = 0, render: R
     counts = {
         "records": len(records), "bad_lines": len(bad), "bad_line_errors": bad[:20],
         "answers_by_kind": dict(sorted(kinds.items())), "answers_usable": usable,
+        "answers_outlined_by_sections": from_sections,
         "answers_dropped": dict(dropped.most_common()), "points_in_usable_answers": points,
         "examples_dropped": dict(example_drops.most_common()),
         "heldout_instructions": heldout_records, "heldout_examples": len(heldout),
