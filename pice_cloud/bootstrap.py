@@ -78,8 +78,9 @@ def default_cloud_id(api_url: str = "") -> str:
     return f"cloud-{host}-{port if port is not None else os.getpid()}"
 
 
-def build_backend(config: LLMConfig) -> LLMBackend:
-    """The cloud LLM backend ``config`` describes (loads the model for local backends).
+def build_backend(config: LLMConfig, *, model: str | None = None) -> LLMBackend:
+    """The cloud LLM backend ``config`` describes (loads the model for local backends); ``model``
+    runs another model the same way (``llm.sketch_model``).
 
     Raises:
         PiceError: the backend's library or the model is missing (the message says what to do).
@@ -93,7 +94,7 @@ def build_backend(config: LLMConfig) -> LLMBackend:
                    "continue_final_message": config.continue_final_message, "context_tokens": config.context_tokens}
     else:
         options = {}
-    backend = create_backend(config.kind, model=config.model, **options)
+    backend = create_backend(config.kind, model=model or config.model, **options)
     if config.context_tokens is not None:
         backend.context_tokens = config.context_tokens  # type: ignore[attr-defined]  # operator's override
     return backend
@@ -165,11 +166,14 @@ async def start_system(
     """
     own_llm = llm is None
     backend = await asyncio.to_thread(build_backend, config.llm) if llm is None else llm
+    sketcher: LLMBackend | None = None
     broker: EmbeddedBroker | None = None
     nodes: list[EdgeNode] = []
     transport: MqttTransport | None = None
     discovery: Discovery | None = None
     try:
+        if config.llm.sketch_model:
+            sketcher = await asyncio.to_thread(build_backend, config.llm, model=config.llm.sketch_model)
         if isinstance(router, _FromConfig):
             router = await asyncio.to_thread(build_router, config.service.router)
         if isinstance(selector, _FromConfig):
@@ -191,7 +195,8 @@ async def start_system(
         )
         embed = await asyncio.to_thread(build_sketch_embed) if config.service.sketch_guard else None
         service = PiceService(backend, transport, config=config.service, router=router, selector=selector,
-                              cloud_max_batch=config.llm.max_batch, embed=embed, cloud_id=cloud_id)
+                              cloud_max_batch=config.llm.max_batch, embed=embed, cloud_id=cloud_id,
+                              sketcher=sketcher)
         online = encode(CloudStatus(cloud_id=cloud_id, online=True, api_url=api_url))
         # On every (re)connect: a restarted broker without persistence has lost our retained status.
         transport.on_connect(lambda: transport.publish(status_topic, online, retain=True))
@@ -217,6 +222,8 @@ async def start_system(
             await node.stop()
         if broker is not None:
             await broker.stop()
+        if sketcher is not None:
+            await sketcher.close()
         if own_llm:
             await backend.close()
 

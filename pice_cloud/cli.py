@@ -38,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--edges", type=int, default=None,
                      help="local edge nodes to start (default: 2, or 0 with --broker)")
     ask.add_argument("--model", default=None, help="cloud LLM: model name or HF folder (llm.model)")
+    ask.add_argument("--sketch-model", default=None,
+                     help="a second model for the sketches only, e.g. a fine-tuned sketcher (llm.sketch_model)")
     ask.add_argument("--edge-model", default=None, help="edge model (default: same as --model)")
     ask.add_argument("--mode", choices=("auto", "progressive", "cloud", "sot"), default="auto",
                      help="sot: sketch and expansion both in the cloud (Skeleton-of-Thought baseline)")
@@ -76,6 +78,7 @@ def _ask_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The ``ask`` flags that were given, nested like the configuration file."""
     mapping = {
         "broker": ("broker", "url"), "edges": ("edges", "local"), "model": ("llm", "model"),
+        "sketch_model": ("llm", "sketch_model"),
         "edge_model": ("edges", "model"), "max_points": ("service", "max_points"),
         "tokens_per_point": ("service", "tokens_per_point"), "wait_edges": ("edges", "wait_s"),
         "router": ("service", "router"), "ensemble_width": ("service", "ensemble_width"),

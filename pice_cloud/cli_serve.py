@@ -29,6 +29,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--llm", default=None, choices=list(get_args(BackendKind)),
                         help="cloud LLM backend (llm.kind)")
     parser.add_argument("--model", default=None, help="cloud LLM model name, folder or remote id (llm.model)")
+    parser.add_argument("--sketch-model", default=None,
+                        help="a second model for the sketches only, e.g. a fine-tuned sketcher (llm.sketch_model)")
     parser.add_argument("--llm-url", default=None, help="OpenAI-compatible server for --llm openai (llm.url)")
     parser.add_argument("--edge-model", default=None, help="local edges' model (edges.model)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads of the cloud LLM (llm.threads)")
@@ -42,7 +44,8 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
     mapping = {
         "host": ("server", "host"), "port": ("server", "port"), "max_concurrent": ("server", "max_concurrent"),
         "max_queue": ("server", "max_queue"), "broker": ("broker", "url"), "edges": ("edges", "local"),
-        "llm": ("llm", "kind"), "model": ("llm", "model"), "llm_url": ("llm", "url"),
+        "llm": ("llm", "kind"), "model": ("llm", "model"), "sketch_model": ("llm", "sketch_model"),
+        "llm_url": ("llm", "url"),
         "edge_model": ("edges", "model"), "threads": ("llm", "threads"),
     }
     out: dict[str, Any] = {}

@@ -77,6 +77,12 @@ class LLMConfig(BaseModel):
                                           "tensorrt_llm (in-process, NVIDIA GPU)")
     model: str = Field(default=DEFAULT_MODEL, min_length=1,
                        description="model name or folder (transformers, tensorrt_llm) or the remote model id")
+    sketch_model: str | None = Field(
+        default=None, min_length=1,
+        description="a second model that writes the sketches only, run the same way as 'model' (same kind, url, "
+                    "device): a fine-tuned sketcher (pice-cloud finetune --role sketcher), or a LoRA adapter's model "
+                    "id on the same vLLM / llama.cpp server; cloud-only answers and fallback expansions stay on "
+                    "'model' (default: 'model' writes the sketches too)")
     device: str = Field(default="cpu", description="torch device for transformers: cpu, cuda, cuda:1")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     threads: int | None = Field(default=1, ge=1, le=1024, description="torch threads of the cloud model")

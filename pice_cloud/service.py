@@ -77,14 +77,15 @@ class PiceService:
     Orchestration only: the scheduler decides, the fleet keeps the edges' state and dispatch
     accounting, the aggregator collects candidates, `PointSettler` settles points, and
     `CloudMeter` measures the cloud LLM. Build it with `pice_cloud.bootstrap.start_system`;
-    used directly, subscriptions are made when ``transport`` connects.
+    used directly, subscriptions are made when ``transport`` connects. ``sketcher``, when given,
+    writes the sketches instead of ``llm`` (``llm.sketch_model``); everything else stays on ``llm``.
     """
 
     def __init__(self, llm: LLMBackend, transport: MqttTransport, *, config: ServiceConfig | None = None,
                  fleet: Fleet | None = None, aggregator: Aggregator | None = None,
                  selector: Selector | None = None, router: ModeRouter | None = None,
                  cloud_max_batch: int | None = None, embed: Embed | None = None,
-                 cloud_id: str | None = None) -> None:
+                 cloud_id: str | None = None, sketcher: LLMBackend | None = None) -> None:
         self.llm = llm
         #: This replica's id: tasks name it (``reply_to``) and edges answer on its own topics.
         #: Default: the transport's MQTT client id.
@@ -95,6 +96,9 @@ class PiceService:
         self.config = config or ServiceConfig()
         self.selector: Selector = selector or ConfidenceSelector()
         self.cloud = CloudMeter(llm) if cloud_max_batch is None else CloudMeter(llm, max_batch=cloud_max_batch)
+        #: Writes the sketches: a separate model (``llm.sketch_model``, e.g. a fine-tuned sketcher or a
+        #: LoRA adapter on the same server) or the cloud LLM itself.
+        self.sketch_cloud = self.cloud if sketcher is None else CloudMeter(sketcher, max_batch=self.cloud.max_batch)
         max_payload = transport.settings.max_payload_bytes
         self.fleet = fleet or Fleet(rejections=transport.rejections, max_payload_bytes=max_payload)
         self.aggregator = aggregator or Aggregator(rejections=transport.rejections, max_payload_bytes=max_payload)
@@ -210,7 +214,7 @@ class PiceService:
                 max_tokens=budget.sketch_tokens, prefill=SKETCH_PREFILL,
                 temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed,
             )
-            [raw] = await self.cloud.complete([request])
+            [raw] = await self.sketch_cloud.complete([request])
             stats.cloud_tokens += raw.tokens
             try:
                 points = parse_sketch(raw.text, max_points=budget.max_points)

@@ -234,3 +234,23 @@ async def test_when_both_cloud_tries_repeat_the_repeated_sentences_are_left_out(
     own = "Block the morning for deep work."
     text, _, _ = await _cloud_expands_point_two([f"{own} {FIRST}", f"{FIRST} {FIRST}"])
     assert text == own
+
+
+@pytest.mark.mosquitto
+async def test_a_sketch_model_writes_the_sketches_and_nothing_else(
+        mosquitto: Mosquitto, tiny_model: Path, smollm2: Path) -> None:
+    # llm.sketch_model: SmolLM2 writes the sketch (real headings), the tiny random model everything else.
+    config = cloud_config(mosquitto.url, edges=2, edge_model=tiny_model,
+                          llm={"model": str(tiny_model), "sketch_model": str(smollm2), "threads": 1},
+                          service={"tokens_per_point": 8, "max_answer_tokens": 12, "max_points": 4})
+    async with start_system(config) as system:  # type: ignore[arg-type]
+        service = system.service
+        assert service.sketch_cloud is not service.cloud
+        assert service.sketch_cloud.llm.model_id == smollm2.name
+        assert service.cloud.llm.model_id == tiny_model.name
+        final = await service.ask(QUESTION, mode="progressive")
+    assert final.stats.mode == "progressive", final.stats.sketch_rejected
+    headings = [line.split("**")[1] for line in final.text.split("\n\n")]
+    # The tiny random model cannot write these; SmolLM2 does, greedily.
+    assert headings[0] == "Set clear goals and prioritize tasks", headings
+    assert len(headings) >= 3
