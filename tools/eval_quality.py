@@ -8,13 +8,17 @@ Two measurements, one run:
    and the official ``openai`` client asks each question with ``pice.mode = progressive``.
 
    ========  ===================  ==================
-   mode      cloud (sketcher)     edges (expander)
+   mode      sketches             edges (expander)
    ========  ===================  ==================
    base      ``--base``           ``--base``
    expander  ``--base``           ``--expander``
    sketcher  ``--sketcher``       ``--base``
    both      ``--sketcher``       ``--expander``
    ========  ===================  ==================
+
+   The fine-tuned sketcher writes the sketches only (``--sketch-model``, ``llm.sketch_model``);
+   cloud-only answers (a sketch the guards refused twice) and fallback expansions come from the
+   base model in every mode.
 
    ``base`` and ``expander`` share the cloud model, so they get the same (greedy) sketches; the
    report says how many sketches actually matched. Per answer: MiniLM cosine to the GPT-4o answer,
@@ -70,10 +74,12 @@ EXCLUDED = {"coding", "math"}
 _POINT = re.compile(r"^\s*(\d{1,2})\.\s+\*\*(?P<heading>.+?)\*\*\s*(?P<text>.*)$", re.DOTALL)
 
 
-def configurations(base: str, expander: str, sketcher: str) -> dict[str, tuple[str, str]]:
-    """mode -> (cloud model, edge model)."""
-    return {"base": (base, base), "expander": (base, expander), "sketcher": (sketcher, base),
-            "both": (sketcher, expander)}
+def configurations(base: str, expander: str, sketcher: str) -> dict[str, tuple[str, str, str]]:
+    """mode -> (cloud model, sketch model, edge model). The fine-tuned sketcher writes the sketches
+    only (``llm.sketch_model``): cloud-only answers and fallback expansions stay on the base model,
+    as a deployment would run it."""
+    return {"base": (base, base, base), "expander": (base, base, expander), "sketcher": (base, sketcher, base),
+            "both": (base, sketcher, expander)}
 
 
 def questions(count: int) -> list[dict[str, Any]]:
@@ -82,11 +88,14 @@ def questions(count: int) -> list[dict[str, Any]]:
     return rows[:count]
 
 
-def start_server(cloud_model: str, edge_model: str, extra: list[str]) -> tuple[subprocess.Popen[str], str]:
+def start_server(cloud_model: str, sketch_model: str, edge_model: str,
+                 extra: list[str]) -> tuple[subprocess.Popen[str], str]:
     """``pice-cloud serve`` on a free port with these models (empty: the defaults); (process, base
     URL of the API)."""
     cmd = [sys.executable, "-m", "pice_cloud.cli", "serve", "--port", "0",
-           *(["--model", cloud_model] if cloud_model else []), *(["--edge-model", edge_model] if edge_model else []),
+           *(["--model", cloud_model] if cloud_model else []),
+           *(["--sketch-model", sketch_model] if sketch_model and sketch_model != cloud_model else []),
+           *(["--edge-model", edge_model] if edge_model else []),
            *extra]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.stderr is not None
@@ -184,12 +193,12 @@ def answer_metrics(scorer: Scorer, text: str, reference: str, info: dict[str, An
     }
 
 
-def run_mode(mode: str, cloud: str, edge: str, qs: list[dict[str, Any]], scorer: Scorer,
+def run_mode(mode: str, cloud: str, sketch: str, edge: str, qs: list[dict[str, Any]], scorer: Scorer,
              args: argparse.Namespace) -> list[dict[str, Any]]:
     from openai import OpenAI
 
-    print(f"[{mode}] starting serve: cloud {cloud}, edges {edge}", file=sys.stderr, flush=True)
-    proc, url = start_server(cloud, edge, args.serve_arg)
+    print(f"[{mode}] starting serve: cloud {cloud}, sketches {sketch}, edges {edge}", file=sys.stderr, flush=True)
+    proc, url = start_server(cloud, sketch, edge, args.serve_arg)
     rows = []
     try:
         client = OpenAI(base_url=url, api_key="pice", max_retries=0, timeout=900)
@@ -449,14 +458,23 @@ def main() -> int:
     started = time.perf_counter()
     for mode in modes:
         rows += run_mode(mode, *configs[mode], qs, scorer, args)
-    summary = {mode: summarise([r for r in rows if r["mode"] == mode]) for mode in modes}
+    mode_models = {m: dict(zip(("cloud", "sketches", "edges"), configs[m], strict=True)) for m in modes}
+    previous = json.loads(args.json.read_text()) if args.update and args.json.is_file() else {}
+    if modes and previous.get("rows"):
+        # Modes measured in an earlier run (same questions) stay; this run's modes replace theirs.
+        if previous.get("questions") != len(qs):
+            parser.error(f"--update: {args.json} has {previous.get('questions')} questions, this run {len(qs)}")
+        rows = [r for r in previous["rows"] if r["mode"] not in modes] + rows
+        mode_models = {**previous.get("modes", {}), **mode_models}
+    measured = list(mode_models)
+    summary = {mode: summarise([r for r in rows if r["mode"] == mode]) for mode in measured}
     same = None
-    if {"base", "expander"} <= set(modes):
+    if {"base", "expander"} <= set(measured):
         base_sk = {r["question_id"]: r["headings"] for r in rows if r["mode"] == "base"}
         same = sum(base_sk.get(r["question_id"]) == r["headings"] for r in rows if r["mode"] == "expander")
         same = f"{same}/{len(base_sk)}"
     result: dict[str, Any] = {
-        "questions": len(qs), "modes": {m: {"cloud": configs[m][0], "edges": configs[m][1]} for m in modes},
+        "questions": len(qs), "modes": mode_models,
         "summary": summary, "same_sketches": same, "rows": rows,
         "questions_list": [{k: q[k] for k in ("id", "category", "question")} for q in qs],
         "data": str(DATA_DIR), "data_note": "Vicuna-bench questions and GPT-4o answers from lm-sys/FastChat "
@@ -468,8 +486,7 @@ def main() -> int:
     if args.points:
         result["point_level"] = point_level(scorer, args)
     result["wall_s"] = round(time.perf_counter() - started, 1)
-    if args.update and args.json.is_file():
-        previous = json.loads(args.json.read_text())
+    if previous:
         keep = {k: v for k, v in result.items() if k in ("sketch_level", "point_level") or (modes and k != "wall_s")}
         result = {**previous, **keep}
         summary = result.get("summary", {})
