@@ -486,11 +486,90 @@ def test_left_padded_batches_score_like_single_rows(tiny_model: Path) -> None:
                    tokenizer, eos_id(model, tokenizer))
             for q, t in (("How can I plan?", "Plan your day with a calendar."),
                          ("How can I plan my whole week well?", "Review it every morning and avoid distractions."))]
-    assert len(rows[0][0]) != len(rows[1][0])
+    assert len(rows[0].ids) != len(rows[1].ids)
+    assert rows[0].heads == [], "heading starts are marked in sketcher targets only"
     pad = int(tokenizer.pad_token_id)
-    together, n = _token_loss_sum(model, _pad(rows, pad, torch), torch)
+    together = _token_loss_sum(model, _pad(rows, pad, torch), torch)
     apart = [_token_loss_sum(model, _pad([row], pad, torch), torch) for row in rows]
-    assert n == sum(k for _, k in apart) == sum(sum(1 for x in lab if x != -100) for _, lab in rows)
-    assert together.item() == pytest.approx(sum(loss.item() for loss, _ in apart), rel=1e-4)
-    together.backward()
+    assert together.tokens == sum(a.tokens for a in apart) == sum(sum(1 for x in r.labels if x != -100) for r in rows)
+    assert together.cross_entropy.item() == pytest.approx(sum(a.cross_entropy.item() for a in apart), rel=1e-4)
+    together.cross_entropy.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_meta_headings_of_an_outline_become_negatives(tiny_model: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from pice_cloud.finetune.train import IGNORE_INDEX, meta_negatives
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    outline = " Introduction\n2. Set clear goals\n3. The first step\n4. Conclusion"
+    generated = tokenizer(outline, add_special_tokens=False)["input_ids"]
+    rows, headings = meta_negatives([5, 6, 7], generated, tokenizer)
+    assert headings == 4
+    assert len(rows) == 3, "Introduction, The first step, Conclusion"
+    for row, heading in zip(rows, ("Introduction", "The first step", "Conclusion"), strict=True):
+        assert row.ids[:3] == [5, 6, 7]
+        assert row.ids[3:] == generated[: len(row.ids) - 3]
+        assert row.labels == [IGNORE_INDEX] * len(row.ids), "a negative has no target to learn"
+        assert row.heads == [len(row.ids) - 1]
+        # The negative is the heading's first token, in the outline's own context.
+        assert heading.startswith(tokenizer.decode([row.ids[-1]]).strip())
+
+
+def test_unlikelihood_is_minus_log_one_minus_p_of_each_negative(tiny_model: Path) -> None:
+    """A batch of a target row and a negative: the cross-entropy is the target's alone, the
+    unlikelihood -log(1 - p) of the negative's token, and a step on it lowers that probability."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pice_cloud.finetune.data import Example
+    from pice_cloud.finetune.train import IGNORE_INDEX, Row, _pad, _token_loss_sum, encode
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    sketch = ("Set clear goals", "Take short breaks", "Use a task list")
+    target = encode(Example("sketcher", 1, "q", sketch, None, tuple(sketch_messages("q", max_points=6, max_words=6)),
+                            SKETCH_PREFILL, " Set clear goals\n2. Take short breaks\n3. Use a task list"), tokenizer, 0)
+    ids = tokenizer("How do I plan? 1. Plan", add_special_tokens=False)["input_ids"]
+    negative = Row(ids, [IGNORE_INDEX] * len(ids), [len(ids) - 1])
+    pad = int(tokenizer.pad_token_id)
+    both = _token_loss_sum(model, _pad([target, negative], pad, torch), torch)
+    alone = _token_loss_sum(model, _pad([target], pad, torch), torch)
+    assert both.tokens == alone.tokens
+    assert both.cross_entropy.item() == pytest.approx(alone.cross_entropy.item(), rel=1e-4)
+    assert alone.negatives == 0
+    assert alone.unlikelihood.item() == 0.0
+    with torch.no_grad():
+        p = torch.softmax(model(input_ids=torch.tensor([ids])).logits[0, -2], -1)[ids[-1]]
+    assert both.negatives == 1
+    assert both.negative_probability == pytest.approx(float(p), rel=1e-4)
+    assert both.unlikelihood.item() == pytest.approx(float(-torch.log(1 - p)), rel=1e-4)
+    only = _token_loss_sum(model, _pad([negative], pad, torch), torch)
+    only.unlikelihood.backward()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.grad is not None:
+                param -= 1e4 * param.grad
+    after = _token_loss_sum(model, _pad([negative], pad, torch), torch)
+    assert after.negative_probability < 0.5 * only.negative_probability
+
+
+def test_sketcher_run_outlines_its_instructions_for_negatives(tiny_model: Path, tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "data.jsonl")
+    cfg = load_finetune_config(None, {
+        "role": "sketcher", "data": str(data), "base": str(tiny_model), "store": False, "steps": 4, "seed": 1,
+        "threads": 1, "work_dir": str(tmp_path / "work"), "report_dir": str(tmp_path),
+        # The tiny tokenizer's pieces are short: the sketch prompt takes ~1,000 of them.
+        "eval_examples": 4, "data_prep": {"holdout_fraction": 0.2, "max_seq_len": 2048}, "negatives_after": 0.5,
+        "negatives_outlines": 5, "optim": {"batch_size": 2, "micro_batch_size": 2, "warmup_steps": 0},
+    })
+    report = finetune(cfg, progress=False).report
+    prepared = prepare(data, "sketcher", cfg.data_prep, seed=1)
+    assert report["negatives"]["at_step"] == 2
+    assert len(prepared.questions) == 20 - len(prepared.heldout_questions)
+    assert report["negatives"]["outlines"] == 5, "a seeded sample of the training instructions"
+    assert report["heldout_outlines_before"]["outlines"] == report["heldout_outlines_after"]["outlines"] \
+        == len(prepared.heldout_questions) > 0
+    # The random model's outlines are words, not headings the guards know: few or no negatives.
+    assert report["negatives"]["meta_headings"] <= report["negatives"]["headings"]

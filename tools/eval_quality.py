@@ -230,6 +230,10 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "words_median": statistics.median(r["words"] for r in rows) if rows else None,
         "repeated_sentence_rate": _mean([r["repeated_sentence_rate"] for r in rows]),
         "answers_with_repeats": sum(r["repeated_sentence_rate"] > 0 for r in rows),
+        # The same over the answers served progressively: a refused sketch sends the request to the
+        # base cloud model in every mode, and its cloud-only answers are where most repeats are.
+        "repeated_sentence_rate_progressive": _mean([r["repeated_sentence_rate"] for r in rows
+                                                     if r["mode_served"] == "progressive"]),
         "headings": headings,
         "meta_heading_rate": round(sum(r["meta_headings"] for r in rows) / headings, 4) if headings else None,
         "cut_heading_rate": round(sum(r["cut_headings"] for r in rows) / headings, 4) if headings else None,
@@ -363,7 +367,8 @@ def point_level(scorer: Scorer, args: argparse.Namespace) -> dict[str, Any]:
 
 def table(summary: dict[str, dict[str, Any]]) -> str:
     cols = [("answers", "n"), ("progressive", "prog"), ("cosine", "cosine"), ("rouge_l", "ROUGE-L"),
-            ("words_median", "words"), ("repeated_sentence_rate", "rep.sent"), ("answers_with_repeats", "ans.rep"),
+            ("words_median", "words"), ("repeated_sentence_rate", "rep.sent"),
+            ("repeated_sentence_rate_progressive", "rep.prog"), ("answers_with_repeats", "ans.rep"),
             ("meta_heading_rate", "meta.hd"), ("cut_heading_rate", "cut.hd"), ("points_edge_share", "edge.pts"),
             ("point_cosine", "pt.cos"), ("latency_median_s", "lat.s")]
     lines = ["| mode | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
@@ -380,7 +385,8 @@ def markdown(result: dict[str, Any]) -> str:
            "(progressive mode, 2 local edges); metrics against the GPT-4o answers.", "",
            table(result["summary"]), "",
            "n: answers; prog: answered progressively; cosine: MiniLM cosine to GPT-4o; words: median; rep.sent: mean "
-           "repeated-sentence rate; ans.rep: answers with a repeated sentence; meta.hd / cut.hd: share of headings "
+           "repeated-sentence rate; rep.prog: the same over the progressive answers; ans.rep: answers with a "
+           "repeated sentence; meta.hd / cut.hd: share of headings "
            "that are meta or cut off; edge.pts: share of points the edges wrote; pt.cos: each point vs its closest "
            "paragraph of the GPT-4o answer; lat.s: median seconds per answer.", ""]
     if result.get("same_sketches") is not None:

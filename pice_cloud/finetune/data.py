@@ -179,6 +179,11 @@ class Prepared:
     train: list[Example]
     heldout: list[Example]
     counts: dict[str, Any] = field(default_factory=dict)
+    #: The instructions of every readable record outside the held-out share, usable or not (a
+    #: question needs no answer to be outlined by the model itself: see the trainer's negatives).
+    questions: list[str] = field(default_factory=list)
+    #: The held-out instructions of every readable record.
+    heldout_questions: list[str] = field(default_factory=list)
 
 
 # --- reading --------------------------------------------------------------------------------
@@ -655,4 +660,5 @@ def prepare(path: Path, role: Role, cfg: DataConfig, *, seed: int = 0, render: R
         "heldout_instructions": heldout_records, "heldout_examples": len(heldout),
         "train_examples_available": available, "train_examples_used": len(train),
     }
-    return Prepared(train, heldout, counts)
+    held = {r.instruction: is_heldout(r.instruction, seed=seed, fraction=cfg.holdout_fraction) for r in records}
+    return Prepared(train, heldout, counts, [q for q, h in held.items() if not h], [q for q, h in held.items() if h])

@@ -9,6 +9,16 @@ merge the adapter into the weights and install the result in the model store
 - The loss is the cross-entropy of the **target tokens only** (the point's expansion, or the
   outline after the ``"1."`` pre-fill, each closed by the end-of-turn token so the model learns
   to stop); prompt tokens are context, not targets.
+- **Sketcher: its own meta headings as negatives** (unlikelihood training, Welleck et al., 2019).
+  A small model outlines an essay-like question by an essay's frame ("Introduction", ...,
+  "Conclusion"), and cross-entropy on outlines without such headings does not move that: the
+  frame is never in the data, so it is never scored. After ``negatives_after`` of the steps, the
+  model being trained outlines every training instruction (greedy, the serving prompt; any
+  instruction will do, it needs no answer); each heading the serving guards call meta
+  (`pice_cloud.guards.is_meta_heading`) becomes a negative: its first token, in the model's own
+  context. Each later step adds ``negatives_per_step`` of them, with ``negative_weight`` times the
+  mean of ``-log(1 - p(token))``. The report gives the meta-heading rate of the model's outlines
+  of the held-out instructions before and after training.
 - Prompt and target are tokenized separately, as at serving: the runtime tokenizes the prompt
   and the model generates from there, so a token spanning the boundary never occurs.
 - Fixed seed: the example order is a seeded permutation per epoch and every random state
@@ -26,6 +36,7 @@ import math
 import os
 import platform
 import random
+import re
 import resource
 import sys
 import time
@@ -33,8 +44,9 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+from pice_cloud import defaults, guards
 from pice_cloud.errors import FinetuneError
 from pice_cloud.finetune.config import FinetuneConfig
 from pice_cloud.finetune.data import Example, Prepared, prepare
@@ -47,6 +59,21 @@ IGNORE_INDEX = -100  # label of prompt and padding tokens (torch's cross-entropy
 _CHECKPOINT = "checkpoint-{step:06d}.pt"
 DATA_NOTE = ("Trained on the data named in 'data'. For ../shared/data/alpaca_eval (AlpacaEval, GPT-4-Turbo "
              "answers): CC BY-NC 4.0, train and measure only, never ship the weights.")
+
+
+#: Where a heading starts in a generated outline: its beginning (after the "1." pre-fill) and after
+#: each later "N." marker; the heading runs to the end of its line.
+_HEADING = re.compile(r"(?:^|\n\d{1,2}\.)(?P<heading>[^\n]*)")
+
+
+class Row(NamedTuple):
+    """One encoded example."""
+
+    ids: list[int]
+    #: ``IGNORE_INDEX`` on the prompt, the token ids on the target.
+    labels: list[int]
+    #: Positions (in ``ids``) of tokens to make unlikely (a negative: its labels are all ignored).
+    heads: list[int]
 
 
 @dataclass
@@ -89,37 +116,117 @@ def eos_id(model: Any, tokenizer: Any) -> int:
     return int(eos)
 
 
-def encode(example: Example, tokenizer: Any, eos: int) -> tuple[list[int], list[int]]:
-    """(input ids, labels) of one example; labels are ``IGNORE_INDEX`` on the prompt."""
+def encode(example: Example, tokenizer: Any, eos: int) -> Row:
+    """One example's input ids and labels (``IGNORE_INDEX`` on the prompt)."""
     prompt = tokenizer(render_prompt(tokenizer, example.messages, example.prefill),
                        add_special_tokens=False)["input_ids"]
-    target = [*tokenizer(example.target, add_special_tokens=False)["input_ids"], eos]
-    return [*prompt, *target], [IGNORE_INDEX] * len(prompt) + target
+    target = list(tokenizer(example.target, add_special_tokens=False)["input_ids"])
+    return Row([*prompt, *target, eos], [IGNORE_INDEX] * len(prompt) + [*target, eos], [])
 
 
-def _pad(rows: Sequence[tuple[list[int], list[int]]], pad_id: int, torch: Any) -> dict[str, Any]:
+def meta_negatives(prompt: list[int], generated: list[int], tokenizer: Any) -> tuple[list[Row], int]:
+    """The negatives of one generated outline (the tokens after the ``"1."`` pre-fill): for each
+    meta heading, the prompt and the outline up to the heading's first token, which is the one to
+    make unlikely. Also returns how many headings the outline has."""
+    text = tokenizer.decode(generated, skip_special_tokens=True)
+    matches = [m for m in _HEADING.finditer(text) if m["heading"].strip()]
+    rows = []
+    for match in matches:
+        if not guards.is_meta_heading(match["heading"]):
+            continue
+        first_char = match.start("heading") + len(match["heading"]) - len(match["heading"].lstrip())
+        # The first token whose text reaches past the heading's first character holds it.
+        for j in range(len(generated)):
+            if len(tokenizer.decode(generated[: j + 1], skip_special_tokens=True)) > first_char:
+                ids = [*prompt, *generated[: j + 1]]
+                rows.append(Row(ids, [IGNORE_INDEX] * len(ids), [len(ids) - 1]))
+                break
+    return rows, len(matches)
+
+
+def outline_negatives(model: Any, tokenizer: Any, questions: Sequence[str], cfg: FinetuneConfig, device: str,
+                      torch: Any, *, batch_size: int = 16) -> tuple[list[Row], dict[str, Any]]:
+    """The model outlines ``questions`` greedily with the serving prompt; (the negatives of its
+    meta headings, counts: outlines, headings, meta headings and their rate, examples)."""
+    from pice_cloud.sketch import SKETCH_PREFILL, sketch_messages
+
+    budget = cfg.data_prep
+    was_training = model.training
+    model.eval()
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows: list[Row] = []
+    headings = 0
+    examples: list[str] = []
+    try:
+        for start in range(0, len(questions), batch_size):
+            prompts = [tokenizer(render_prompt(tokenizer, sketch_messages(q, max_points=budget.max_points,
+                                                                           max_words=budget.max_words),
+                                               SKETCH_PREFILL), add_special_tokens=False)["input_ids"]
+                       for q in questions[start:start + batch_size]]
+            width = max(len(p) for p in prompts)
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+            with torch.no_grad():
+                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=defaults.SKETCH_TOKENS,
+                                     do_sample=False, use_cache=True, pad_token_id=pad)
+            for prompt, row in zip(prompts, out[:, width:].tolist(), strict=True):
+                generated = [t for t in row if t != pad]
+                found, n = meta_negatives(prompt, generated, tokenizer)
+                rows += found
+                headings += n
+                if found and len(examples) < 8:
+                    examples.append(tokenizer.decode(generated, skip_special_tokens=True).strip())
+    finally:
+        tokenizer.padding_side = padding_side
+        model.train(was_training)
+    return rows, {"outlines": len(questions), "headings": headings, "meta_headings": len(rows),
+                  "meta_heading_rate": round(len(rows) / headings, 4) if headings else None, "examples": examples}
+
+
+def _pad(rows: Sequence[Row], pad_id: int, torch: Any) -> dict[str, Any]:
     """Left-padded batch tensors, with the position ids counted from each row's first real token.
 
     Left padding (as the runtimes batch at serving) puts every row's target at the end, so the
     forward pass computes logits for the last ``keep`` positions only (`logits_to_keep`): the
     vocabulary projection of every prompt position (49k-wide on SmolLM2) is skipped.
     """
-    width = max(len(ids) for ids, _ in rows)
+    width = max(len(row.ids) for row in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (row_ids, row_labels) in enumerate(rows):
-        ids[i, width - len(row_ids):] = torch.tensor(row_ids)
-        labels[i, width - len(row_labels):] = torch.tensor(row_labels)
-        mask[i, width - len(row_ids):] = 1
+    heads = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, row in enumerate(rows):
+        offset = width - len(row.ids)
+        ids[i, offset:] = torch.tensor(row.ids)
+        labels[i, offset:] = torch.tensor(row.labels)
+        mask[i, offset:] = 1
+        heads[i, [offset + h for h in row.heads]] = True
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    first_target = min(next(j for j, x in enumerate(lab) if x != IGNORE_INDEX) + width - len(lab) for _, lab in rows)
+    # The first position scored, a target token or a negative, in any row.
+    first_target = min(min([j for j, x in enumerate(row.labels) if x != IGNORE_INDEX][:1] + row.heads)
+                       + width - len(row.ids) for row in rows)
     return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "labels": labels,
-            "keep": width - first_target + 1}
+            "heads": heads, "keep": width - first_target + 1}
 
 
-def _token_loss_sum(model: Any, batch: dict[str, Any], torch: Any) -> tuple[Any, int]:
-    """(sum of target-token cross-entropies, number of target tokens) of one padded batch."""
+class Losses(NamedTuple):
+    """Sums over one padded batch."""
+
+    #: Cross-entropy of the target tokens.
+    cross_entropy: Any
+    #: Target tokens.
+    tokens: int
+    #: Sum of -log(1 - p) over the negatives' tokens (0 without negatives).
+    unlikelihood: Any
+    #: Sum of the negatives' probabilities (a float), and how many negatives.
+    negative_probability: float
+    negatives: int
+
+
+def _token_loss_sum(model: Any, batch: dict[str, Any], torch: Any) -> Losses:
+    """The batch's target-token cross-entropy and its negatives' unlikelihood."""
     keep = int(batch["keep"])
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                    position_ids=batch["position_ids"], logits_to_keep=keep).logits
@@ -129,7 +236,14 @@ def _token_loss_sum(model: Any, batch: dict[str, Any], torch: Any) -> tuple[Any,
     targets = batch["labels"][:, -(keep - 1):]
     loss = torch.nn.functional.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1),
                                              ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, int((targets != IGNORE_INDEX).sum())
+    heads = batch["heads"][:, -(keep - 1):]
+    n_heads = int(heads.sum())
+    if n_heads == 0:
+        return Losses(loss, int((targets != IGNORE_INDEX).sum()), loss.new_zeros(()), 0.0, 0)
+    tokens = batch["input_ids"][:, -(keep - 1):][heads]
+    probs = torch.softmax(shifted[heads], dim=-1).gather(1, tokens[:, None]).squeeze(1)
+    unlikely = -torch.log((1.0 - probs).clamp(min=1e-6)).sum()
+    return Losses(loss, int((targets != IGNORE_INDEX).sum()), unlikely, float(probs.sum().detach()), n_heads)
 
 
 def _to(batch: dict[str, Any], device: str) -> dict[str, Any]:
@@ -208,8 +322,7 @@ def _select_device(cfg: FinetuneConfig, torch: Any) -> str:
     return "cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
 
 
-def _eval_loss(model: Any, rows: list[tuple[list[int], list[int]]], micro: int, pad_id: int, device: str,
-               torch: Any) -> float | None:
+def _eval_loss(model: Any, rows: list[Row], micro: int, pad_id: int, device: str, torch: Any) -> float | None:
     if not rows:
         return None
     total, tokens = 0.0, 0
@@ -218,9 +331,9 @@ def _eval_loss(model: Any, rows: list[tuple[list[int], list[int]]], micro: int, 
     with torch.no_grad():
         for start in range(0, len(rows), micro):
             batch = _to(_pad(rows[start:start + micro], pad_id, torch), device)
-            loss, n = _token_loss_sum(model, batch, torch)
-            total += float(loss)
-            tokens += n
+            losses = _token_loss_sum(model, batch, torch)
+            total += float(losses.cross_entropy)
+            tokens += losses.tokens
     model.train(was_training)
     return round(total / max(tokens, 1), 4)
 
@@ -310,6 +423,10 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, progress: bool = True
     start_step = 0
     elapsed_before = 0.0
     eval_before = None
+    negatives: list[Row] = []
+    negatives_report: dict[str, Any] | None = None
+    negatives_step = (int(cfg.steps * cfg.negatives_after)
+                      if cfg.role == "sketcher" and cfg.negatives_after is not None else None)
     state = _resume_state(work, fingerprint, torch) if resume else None
     if not resume and _checkpoints(work):
         # A fresh run must not leave an earlier run's checkpoints for a later --resume to pick up.
@@ -326,8 +443,13 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, progress: bool = True
         start_step = int(state["step"])
         elapsed_before = float(state.get("train_s", 0.0))
         eval_before = state.get("eval_loss_before")
+        negatives = [Row(*row) for row in state.get("negatives", [])]
+        negatives_report = state.get("negatives_report")
+        meta_before = state.get("meta_before")
     else:
         eval_before = _eval_loss(model, eval_rows, opt.micro_batch_size, pad_id, device, torch)
+        meta_before = (outline_negatives(model, tokenizer, prepared.heldout_questions, cfg, device, torch)[1]
+                       if negatives_step is not None and prepared.heldout_questions else None)
 
     order = _Order(len(train_rows), cfg.seed)
     train_started = time.perf_counter()
@@ -338,6 +460,8 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, progress: bool = True
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "python_rng": random.getstate(), "torch_rng": torch.get_rng_state(), "losses": losses,
             "train_s": elapsed_before + time.perf_counter() - train_started, "eval_loss_before": eval_before,
+            "negatives": [list(row) for row in negatives], "negatives_report": negatives_report,
+            "meta_before": meta_before,
         }, cfg.keep_checkpoints, torch)
 
     bar = None
@@ -351,14 +475,32 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, progress: bool = True
         while step < cfg.steps:
             indices = order.batch(step, opt.batch_size)
             rows = [train_rows[i] for i in indices]
-            tokens = sum(sum(1 for x in labels[1:] if x != IGNORE_INDEX) for _, labels in rows)
+            if step == negatives_step and negatives_report is None:
+                questions = list(prepared.questions)
+                if cfg.negatives_outlines is not None and len(questions) > cfg.negatives_outlines:
+                    questions = random.Random(cfg.seed).sample(questions, cfg.negatives_outlines)
+                negatives, negatives_report = outline_negatives(model, tokenizer, questions, cfg, device, torch)
+                negatives_report["at_step"] = step
+                log.info("negatives at step %d: %d meta headings in %d outlines", step, len(negatives),
+                         len(questions))
+            if negatives:
+                # A seeded, step-determined choice: a resumed run adds the same ones.
+                pick = random.Random(cfg.seed * 1_000_003 + step).sample(
+                    range(len(negatives)), min(cfg.negatives_per_step, len(negatives)))
+                rows += [negatives[i] for i in pick]
+            tokens = sum(sum(1 for x in row.labels[1:] if x != IGNORE_INDEX) for row in rows)
+            heads = sum(len(row.heads) for row in rows)
             step_loss = 0.0
             for start in range(0, len(rows), opt.micro_batch_size):
                 batch = _to(_pad(rows[start:start + opt.micro_batch_size], pad_id, torch), device)
-                loss_sum, _ = _token_loss_sum(model, batch, torch)
-                # Mean over the target tokens of the whole step, whatever the micro-batching.
-                (loss_sum / max(tokens, 1)).backward()
-                step_loss += loss_sum.item() / max(tokens, 1)
+                part = _token_loss_sum(model, batch, torch)
+                # Means over the whole step, whatever the micro-batching: cross-entropy per target
+                # token, unlikelihood per negative. The loss curve is the cross-entropy alone.
+                loss = part.cross_entropy / max(tokens, 1)
+                if part.negatives:
+                    loss = loss + cfg.negative_weight * part.unlikelihood / heads
+                loss.backward()
+                step_loss += part.cross_entropy.item() / max(tokens, 1)
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], opt.max_grad_norm)
             optimizer.step()
             scheduler.step()
@@ -384,6 +526,8 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, progress: bool = True
             bar.close()
     train_s = elapsed_before + time.perf_counter() - train_started
     eval_after = _eval_loss(model, eval_rows, opt.micro_batch_size, pad_id, device, torch)
+    meta_after = (outline_negatives(model, tokenizer, prepared.heldout_questions, cfg, device, torch)[1]
+                  if meta_before is not None else None)
 
     model_path = None
     merge_s = 0.0
@@ -407,6 +551,10 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, progress: bool = True
         "epochs": round(cfg.steps * opt.batch_size / len(train_rows), 2),
         "loss_curve": losses, "loss_first10_mean": _mean(losses[:10]), "loss_last10_mean": _mean(losses[-10:]),
         "heldout_loss_before": eval_before, "heldout_loss_after": eval_after, "heldout_examples": len(eval_rows),
+        # The model's own outlines: its meta headings that became negatives, and the meta-heading
+        # rate of its outlines of the held-out instructions before and after training.
+        "negatives": negatives_report,
+        "heldout_outlines_before": _counts_only(meta_before), "heldout_outlines_after": _counts_only(meta_after),
         "trainable_parameters": trainable, "total_parameters": total_params,
         "train_s": round(train_s, 1), "merge_install_s": round(merge_s, 1),
         "wall_s": round(time.perf_counter() - started + elapsed_before, 1),
@@ -423,6 +571,10 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, progress: bool = True
     report_path.write_text(json.dumps(report, indent=2))
     plot_loss(report, report_path.with_suffix(".png"))
     return TrainResult(report, report_path, model_path)
+
+
+def _counts_only(report: dict[str, Any] | None) -> dict[str, Any] | None:
+    return None if report is None else {k: v for k, v in report.items() if k != "examples"}
 
 
 def _mean(values: Sequence[float]) -> float | None:
