@@ -603,6 +603,10 @@ def plot_loss(report: dict[str, Any], path: Path) -> Path | None:
                               ("heldout_loss_after", "--", "held-out, after")):
         if report.get(key) is not None:
             ax.axhline(report[key], color="#c0504d", linestyle=style, label=f"{label}: {report[key]:.3f}")
+    negatives = report.get("negatives") or {}
+    if negatives.get("at_step") is not None:
+        ax.axvline(negatives["at_step"] + 0.5, color="#7f7f7f", linestyle="-.",
+                   label=f"{negatives['meta_headings']} own meta headings as negatives from here")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("target-token cross-entropy")
     ax.set_title(f"LoRA {report['role']} on {report['base']} ({report['train_s']:.0f} s, {report['device']})")
