@@ -569,6 +569,7 @@ def test_sketcher_run_outlines_its_instructions_for_negatives(tiny_model: Path, 
     assert report["negatives"]["at_step"] == 2
     assert len(prepared.questions) == 20 - len(prepared.heldout_questions)
     assert report["negatives"]["outlines"] == 5, "a seeded sample of the training instructions"
+    assert report["negatives"]["seconds"] > 0
     assert report["heldout_outlines_before"]["outlines"] == report["heldout_outlines_after"]["outlines"] \
         == len(prepared.heldout_questions) > 0
     # The random model's outlines are words, not headings the guards know: few or no negatives.

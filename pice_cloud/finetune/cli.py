@@ -114,6 +114,13 @@ def run(args: argparse.Namespace) -> int:
           f"{r['train_s']:.0f} s; loss {r['loss_first10_mean']} -> {r['loss_last10_mean']}, held-out "
           f"{r['heldout_loss_before']} -> {r['heldout_loss_after']}; peak memory {r['peak_rss_mb']:.0f} MB",
           file=sys.stderr)
+    negatives, before, after = r.get("negatives"), r.get("heldout_outlines_before"), r.get("heldout_outlines_after")
+    if negatives:
+        print(f"negatives: {negatives['meta_headings']} meta headings in {negatives['outlines']} outlines of its own "
+              f"(from step {negatives['at_step']}, {negatives['seconds']:.0f} s)", file=sys.stderr)
+    if before and after:
+        print(f"meta headings in its outlines of the {before['outlines']} held-out instructions: "
+              f"{before['meta_heading_rate']} -> {after['meta_heading_rate']}", file=sys.stderr)
     print(f"report: {result.report_path}", file=sys.stderr)
     if result.model_path is not None:
         print(f"model {cfg.model_name} installed in {result.model_path}")

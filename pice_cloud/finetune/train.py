@@ -151,6 +151,7 @@ def outline_negatives(model: Any, tokenizer: Any, questions: Sequence[str], cfg:
     from pice_cloud.sketch import SKETCH_PREFILL, sketch_messages
 
     budget = cfg.data_prep
+    started = time.perf_counter()
     was_training = model.training
     model.eval()
     padding_side = tokenizer.padding_side
@@ -182,7 +183,8 @@ def outline_negatives(model: Any, tokenizer: Any, questions: Sequence[str], cfg:
         tokenizer.padding_side = padding_side
         model.train(was_training)
     return rows, {"outlines": len(questions), "headings": headings, "meta_headings": len(rows),
-                  "meta_heading_rate": round(len(rows) / headings, 4) if headings else None, "examples": examples}
+                  "meta_heading_rate": round(len(rows) / headings, 4) if headings else None,
+                  "seconds": round(time.perf_counter() - started, 1), "examples": examples}
 
 
 def _pad(rows: Sequence[Row], pad_id: int, torch: Any) -> dict[str, Any]:
