@@ -121,7 +121,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 def test_print_config_shows_the_effective_config_with_secrets_masked(tmp_path: Path) -> None:
     path = write(tmp_path, "broker:\n  url: mqtts://broker.local\n  username: cloud\n  password: hunter2\n"
                            "server:\n  api_key: sk-secret\n")
-    proc = run_cli("--config", str(path), "--port", "9300", "--print-config")
+    proc = run_cli("--config", str(path), "--port", "9300", "--sketch-model", "my-sketcher", "--print-config")
     assert proc.returncode == 0, proc.stderr
     assert "hunter2" not in proc.stdout
     assert "sk-secret" not in proc.stdout
@@ -131,6 +131,8 @@ def test_print_config_shows_the_effective_config_with_secrets_masked(tmp_path: P
     assert shown["broker"]["password"] == "**********"
     assert shown["server"]["api_key"] == "**********"
     assert shown["edges"]["local"] is None
+    assert shown["llm"]["sketch_model"] == "my-sketcher"
+    assert shown["llm"]["model"] != "my-sketcher", "the sketch model writes the sketches only"
 
 
 def test_cli_config_error_is_one_message_and_exit_2(tmp_path: Path) -> None:
