@@ -33,8 +33,10 @@ An answer is **dropped** (the reason is counted) when:
   first, or paragraphs between items (``several_lists``): nested structure is not one outline.
   For the **sketcher** only, an answer in sections is outlined by the titles of its content
   sections instead (`split_sections`: "Introduction" and "Conclusion" left out), counted as
-  ``answers_outlined_by_sections``: those answers are where it learns to outline an essay-like
-  question ("What if ...", "Write a blog post ...") by what it says, not by its frame;
+  ``answers_outlined_by_sections``: more outlines, and outlines of essay-like questions ("Write
+  an article about ...") by content. (On alpaca_eval: 76 more outlines. They do not by themselves
+  train the sketcher out of an essay's frame; its own meta headings as negatives do, see
+  `pice_cloud.finetune.train`.);
 - it is a letter or a poem (``letter``, ``verse``): there are no points to expand apart;
 - it has fewer than ``min_points`` points, or is prose of more than ``max_outline_points``
   paragraphs (``too_few_points``, ``too_many_points``);
@@ -306,8 +308,7 @@ def split_sections(output: str, *, max_words: int = 6, min_points: int = 3, max_
     A first heading that is the only one of its level is the answer's title, not a section.
     Numbering ("Step 1:", "2.") and a trailing ``:`` are taken off a title, and sections named for
     the essay's frame rather than its content ("Introduction", "Conclusion", "Overview":
-    `pice_cloud.guards.is_meta_heading`) are left out of the outline: such an answer is how a
-    sketcher learns to outline an essay-like question by its content. The other checks are
+    `pice_cloud.guards.is_meta_heading`) are left out of the outline. The other checks are
     `split_answer`'s (``too_few_points``, ``long_heading``, ...). Used for sketcher examples only:
     a section's text is often several paragraphs or a list, more than one point's expansion.
     """
