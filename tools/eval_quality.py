@@ -373,7 +373,7 @@ def table(summary: dict[str, dict[str, Any]]) -> str:
             ("point_cosine", "pt.cos"), ("latency_median_s", "lat.s")]
     lines = ["| mode | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for mode, s in summary.items():
-        cells = [("-" if s[k] is None else f"{s[k]:.0f}" if k == "words_median" else f"{s[k]:.3f}"
+        cells = [("-" if s.get(k) is None else f"{s[k]:.0f}" if k == "words_median" else f"{s[k]:.3f}"
                   if isinstance(s[k], float) else str(s[k])) for k, _ in cols]
         lines.append(f"| {mode} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
