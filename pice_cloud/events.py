@@ -9,11 +9,30 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
-from pice_cloud.aggregator import ChosenPoint
 from pice_cloud.llm.base import TokenLogprob
 from pice_cloud.scheduler import Mode
-from pice_edge.protocol import Sampling
+from pice_edge.protocol import Candidate, Sampling
+
+Source = Literal["edge", "cloud"]
+
+
+@dataclass(frozen=True)
+class ChosenPoint:
+    """The text that goes into the answer for one point."""
+
+    index: int
+    text: str
+    source: Source
+    device_id: str | None = None
+    tokens: int = 0
+    #: How many usable candidates the choice was made among.
+    candidates: int = 0
+
+    @classmethod
+    def from_candidate(cls, cand: Candidate, among: int = 1) -> ChosenPoint:
+        return cls(cand.point_index, cand.text, "edge", cand.device_id, cand.token_count, among)
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,11 @@ Two sources, two states:
   another broker. `Fleet.snapshot` lists it so that an operator sees it; the scheduler does not.
   Zeroconf records are cached for their TTL, so zeroconf alone never proves liveness.
 
-Dispatch accounting lives here too: `Fleet.task_sent`, `Fleet.candidate_received` and
-`Fleet.task_abandoned` keep each edge's outstanding work (fresher than its last reported queue)
-and measure the network's share of a task's round trip, which the scheduler reads through
-`Fleet.views`.
+Dispatch accounting is kept here too: `Fleet.task_sent`, `Fleet.candidate_received`,
+`Fleet.task_refused` and `Fleet.task_abandoned` keep each edge's outstanding work (fresher than
+its last reported queue) and measure the network's share of a task's round trip, which the
+scheduler reads through `Fleet.views`. Their one caller is the request that owns the tasks
+(`pice_cloud.progressive.ProgressiveRequest`, through its `FleetLedger` interface).
 
 An edge leaves the fleet on its last will (``online=False``) or a missed heartbeat; both also
 forget its zeroconf sighting, which comes back only with a new announcement (restart or TXT
@@ -157,6 +158,10 @@ class Fleet:
     def _expiry(self, info: EdgeInfo) -> float:
         return info.last_seen + self.expiry_heartbeats * info.status.heartbeat_s
 
+    def now(self) -> float:
+        """The time on this fleet's clock (what `is_live` and `expires_at` are measured on)."""
+        return self._clock()
+
     def is_live(self, device_id: str) -> bool:
         """Known, online, and heard from within ``expiry_heartbeats`` heartbeats (a frozen or
         partitioned edge stops being live after that, before any last will arrives)."""
@@ -237,7 +242,8 @@ class Fleet:
         return [
             EdgeView(device_id=e.device_id, max_batch=e.status.max_batch,
                      queue_depth=max(e.status.queue_depth, e.status.max_batch) if e.saturated else e.status.queue_depth,
-                     outstanding=e.outstanding, tokens_per_s=e.status.tokens_per_s, link_delay_s=e.link_delay_s)
+                     outstanding=e.outstanding, tokens_per_s=e.status.tokens_per_s, link_delay_s=e.link_delay_s,
+                     model_id=e.status.model_id)
             for e in self.live() if accept is None or accept(e.status)
         ]
 

@@ -48,6 +48,8 @@ class EdgeView:
     tokens_per_s: float = 0.0
     #: Measured network delay to the edge and back (task out, candidate in), seconds.
     link_delay_s: float = 0.0
+    #: The model the edge runs (``NAME`` or ``NAME@BUILD``), for `pice_cloud.progressive.eligible`.
+    model_id: str = ""
 
     @property
     def load(self) -> int:

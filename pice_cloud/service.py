@@ -1,11 +1,15 @@
 """One request end to end, as an async stream of events.
 
-Progressive mode: the cloud LLM writes the sketch -> one task per point goes to the edges the
-scheduler chose -> candidates come back through the aggregator -> each point is settled by
-the ensemble, or expanded by the cloud itself when its deadline passes -> points are yielded
-in order, each as soon as it and all before it are settled.
+Progressive mode: the cloud LLM writes the sketch (here, with its guards) -> the planner
+places the points on edges (`pice_cloud.progressive`) -> a `ProgressiveRequest` owns the
+points until each is settled (by an edge's candidate, the ensemble, or the cloud itself when a
+deadline passes), its `RequestDriver` carries out what it decides, and the `Inbox` routes
+candidates and refusals to it -> points are yielded in order, each as soon as it and all before
+it are settled.
 
 Cloud-only mode: the cloud LLM answers the question directly.
+
+This module keeps the mode choice, the sketch, the subscriptions and the event stream.
 """
 
 from __future__ import annotations
@@ -16,16 +20,14 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Sequence
 
 from pice_cloud import defaults
-from pice_cloud.aggregator import Aggregator, CandidateCheck, ChosenPoint, PendingRequest
 from pice_cloud.cloud_meter import CloudMeter
 from pice_cloud.config import ServiceConfig
 from pice_cloud.ensemble import ConfidenceSelector, Selector
 from pice_cloud.errors import InputTooLongError, SketchError, UnavailableInModeError
 from pice_cloud.events import (
-    REPLICA_SEED_OFFSET,
     SKETCH_RESAMPLE_SEED_OFFSET,
     AnswerEvent,
     AnswerStats,
@@ -35,21 +37,31 @@ from pice_cloud.events import (
     PointEvent,
     SketchEvent,
     apply_stop,
-    derive_seed,
     render_point,
     resampled,
     too_long_message,
     within_length,
 )
 from pice_cloud.fleet import Fleet
-from pice_cloud.guards import MIN_POINTS, Embed, check_expansion, check_sketch, repair_sketch, sketch_rejection_reason
+from pice_cloud.guards import MIN_POINTS, Embed, check_sketch, repair_sketch, sketch_rejection_reason
 from pice_cloud.llm.base import ChatRequest, Completion, LLMBackend, TextRequest, count_tokens
+from pice_cloud.progressive import (
+    CloudExpander,
+    Inbox,
+    PlannedTask,
+    PointSampling,
+    ProgressiveRequest,
+    RejectionCounters,
+    RequestDriver,
+    eligible,
+    expansion_check,
+    first_point_in_cloud,
+    plan_request,
+)
 from pice_cloud.router import ModeRouter, Route
-from pice_cloud.scheduler import Budget, EdgeView, RequestedMode, choose_mode, ensemble_width, place, plan_budget
-from pice_cloud.settling import PointSettler
+from pice_cloud.scheduler import Budget, EdgeView, RequestedMode, choose_mode, plan_budget
 from pice_cloud.sketch import SKETCH_PREFILL, parse_sketch, sketch_messages
 from pice_edge.errors import ProtocolError
-from pice_edge.prompts import SYSTEM_PROMPT, clean_expansion, expansion_messages, format_sketch, settled_sentences
 from pice_edge.protocol import (
     EDGE_STATUS_FILTER,
     FLEET_ROLLOUT_TOPIC,
@@ -61,7 +73,6 @@ from pice_edge.protocol import (
     decode,
     edge_tasks_topic,
     encode,
-    runs,
     topic_level,
 )
 from pice_edge.rejects import Rejections
@@ -74,15 +85,16 @@ log = logging.getLogger(__name__)
 class PiceService:
     """Answers questions using the cloud LLM and the edge fleet reachable through ``transport``.
 
-    Orchestration only: the scheduler decides, the fleet keeps the edges' state and dispatch
-    accounting, the aggregator collects candidates, `PointSettler` settles points, and
-    `CloudMeter` measures the cloud LLM. Build it with `pice_cloud.bootstrap.start_system`;
+    Orchestration only: the router and scheduler choose the mode and budget, the planner places
+    points, a `ProgressiveRequest` per request settles them (and alone writes the fleet's
+    dispatch accounting), the `Inbox` routes candidates to it, and `CloudMeter` measures the
+    cloud LLM. Build it with `pice_cloud.bootstrap.start_system`;
     used directly, subscriptions are made when ``transport`` connects. ``sketcher``, when given,
     writes the sketches instead of ``llm`` (``llm.sketch_model``); everything else stays on ``llm``.
     """
 
     def __init__(self, llm: LLMBackend, transport: MqttTransport, *, config: ServiceConfig | None = None,
-                 fleet: Fleet | None = None, aggregator: Aggregator | None = None,
+                 fleet: Fleet | None = None, inbox: Inbox | None = None,
                  selector: Selector | None = None, router: ModeRouter | None = None,
                  cloud_max_batch: int | None = None, embed: Embed | None = None,
                  cloud_id: str | None = None, sketcher: LLMBackend | None = None) -> None:
@@ -101,9 +113,10 @@ class PiceService:
         self.sketch_cloud = self.cloud if sketcher is None else CloudMeter(sketcher, max_batch=self.cloud.max_batch)
         max_payload = transport.settings.max_payload_bytes
         self.fleet = fleet or Fleet(rejections=transport.rejections, max_payload_bytes=max_payload)
-        self.aggregator = aggregator or Aggregator(rejections=transport.rejections, max_payload_bytes=max_payload)
-        self.aggregator.add_listener(self.fleet.candidate_received)
-        self._in_flight: set[PendingRequest] = set()
+        #: Routes candidates and refusals to the requests in flight.
+        self.inbox = inbox or Inbox(rejections=transport.rejections, max_payload_bytes=max_payload)
+        #: The cloud's own expansions of points (whole, or streamed as an answer's opening).
+        self.expander = CloudExpander(self.cloud)
         #: Sentence embeddings for the sketch guard's near-duplicate check (None: shared words only).
         self.embed = embed
         #: Sketches refused by the guards, by reason (``pice_sketch_rejected_total``).
@@ -114,8 +127,8 @@ class PiceService:
         #: The cloud's own expansions refused by the guards (``pice_cloud_expansion_rejected_total``).
         self.cloud_expansion_rejections = Rejections()
         transport.add_subscription(EDGE_STATUS_FILTER, self._on_status)
-        transport.add_subscription(cloud_candidates_filter(self.cloud_id), self.aggregator.handle_candidate)
-        transport.add_subscription(cloud_refusals_filter(self.cloud_id), self._on_refusal)
+        transport.add_subscription(cloud_candidates_filter(self.cloud_id), self.inbox.handle_candidate)
+        transport.add_subscription(cloud_refusals_filter(self.cloud_id), self.inbox.handle_refusal)
         #: The fleet's model rollout in progress (retained on the broker), if any.
         self.rollout: FleetRollout | None = None
         transport.add_subscription(FLEET_ROLLOUT_TOPIC, self._on_rollout)
@@ -167,7 +180,7 @@ class PiceService:
         options = options or GenerationOptions()
         started = time.perf_counter()
         limit = min(max_tokens or self.config.max_answer_tokens, self.config.max_answer_tokens)
-        sampling = self._sampling(options, 0)
+        sampling = self._sampling(options)
         [done] = await self.cloud.complete_raw([TextRequest(prompt, max_tokens=limit, temperature=sampling.temperature,
                                                             top_p=sampling.top_p, seed=sampling.seed)])
         stats = AnswerStats(mode="cloud", cloud_tokens=done.tokens)
@@ -203,7 +216,7 @@ class PiceService:
                       stats: AnswerStats) -> list[str] | None:
         """The sketch's headings, or None when it failed the guards twice (the reasons are in
         ``stats.sketch_rejected`` and counted in `sketch_rejections`)."""
-        base = self._sampling(options, 0)
+        base = self._sampling(options)
         attempts = 2 if self.config.sketch_guard else 1
         for attempt in range(attempts):
             sampling = base if attempt == 0 else resampled(
@@ -247,7 +260,7 @@ class PiceService:
         """The cloud LLM answers the conversation itself (cloud-only mode, or a refused sketch)."""
         limit = min(max_tokens or self.config.max_answer_tokens, self.config.max_answer_tokens)
         conversation = list(messages) if messages else [ChatMessage("user", question)]
-        sampling = self._sampling(options, 0)
+        sampling = self._sampling(options)
         request = ChatRequest(conversation, max_tokens=limit, temperature=sampling.temperature, top_p=sampling.top_p,
                               seed=sampling.seed, logprobs=options.logprobs)
         # With logprobs the answer arrives whole (its tokens' probabilities with it).
@@ -291,23 +304,9 @@ class PiceService:
         stats.total_s = time.perf_counter() - started
         yield AnswerEvent(text, stats)
 
-    def _sampling(self, options: GenerationOptions, offset: int) -> Sampling:
-        """The sampling of a request's ``offset``-th generation (0: answer or sketch; 1 + i: point i)."""
-        return Sampling(
-            temperature=self.config.temperature if options.temperature is None else options.temperature,
-            top_p=self.config.top_p if options.top_p is None else options.top_p,
-            seed=derive_seed(options.seed, offset),
-        )
-
-    def _replica_sampling(self, first: Sampling, replica: int) -> Sampling:
-        """The sampling of a point's ``replica``-th candidate: the first keeps the request's, the
-        others sample at least at ``ensemble_temperature`` with seeds of their own, so that a
-        greedy request still gets candidates that differ."""
-        if replica == 0:
-            return first
-        # An unseeded request's replicas stay unseeded.
-        return resampled(first, min_temperature=self.config.ensemble_temperature,
-                         seed_offset=REPLICA_SEED_OFFSET * replica)
+    def _sampling(self, options: GenerationOptions) -> Sampling:
+        """The sampling of a request's answer or sketch."""
+        return PointSampling.of(self.config, options).request()
 
     async def _progressive(self, question: str, edges: list[EdgeView], stats: AnswerStats, started: float,
                            options: GenerationOptions, messages: Sequence[ChatMessage] | None,
@@ -330,54 +329,47 @@ class PiceService:
         request_id = uuid.uuid4().hex[:16]
         if edges:
             edges = self._eligible(len(points))  # fresher than before the sketch
-        # The cloud streams the first point itself while the edges expand the others: the answer
-        # starts as soon as the sketch is written (not with a stop string: a cut must not be
-        # streamed before it is known).
-        first = 1 if (self.config.first_point == "cloud" and self.cloud.streams and len(points) > 1
-                      and not options.stop) else 0
-        width = ensemble_width(len(points) - first, edges, self.config.ensemble_width)
-        placement = place(
-            len(points) - first, edges, tokens_per_point=budget.tokens_per_point, width=width,
-            deadline_floor_s=self.config.deadline_floor_s, deadline_factor=self.config.deadline_factor,
-            deadline_cap_s=self.config.deadline_cap_s, cloud=self.cloud.view(),
-        )
-        devices = [(), *placement.devices] if first else list(placement.devices)
-        deadlines_s = [0.0, *placement.deadlines_s] if first else list(placement.deadlines_s)
-        pending = self.aggregator.open(request_id, devices,
-                                       self._candidate_check(question, points) if self.config.expansion_guard else None,
-                                       self_served=range(first))
-        self._in_flight.add(pending)
-        def point_sampling(index: int, replica: int = 0) -> Sampling:
-            return self._replica_sampling(self._sampling(options, 1 + index), replica)
+        sampling = PointSampling.of(self.config, options)
+        tokens = budget.tokens_per_point
+        plan = plan_request(len(points), edges, config=self.config, sampling=sampling, tokens_per_point=tokens,
+                            cloud=self.cloud.view(),
+                            first_in_cloud=first_point_in_cloud(self.config, n_points=len(points),
+                                                                cloud_streams=self.cloud.streams,
+                                                                has_stop=bool(options.stop)))
+        request = ProgressiveRequest(request_id, question, points, plan, fleet=self.fleet, edges=self._eligible,
+                                     config=self.config, sampling=sampling, tokens_per_point=tokens,
+                                     check=expansion_check(question, points) if self.config.expansion_guard else None)
 
-        settler = PointSettler(self.fleet, self.selector, self.cloud, point_sampling, self.cloud_expansion_rejections)
+        def publish(task: PlannedTask) -> None:
+            self.transport.publish(edge_tasks_topic(task.device_id), encode(ExpandTask(
+                request_id=request_id, point_index=task.point, question=question, sketch=points,
+                max_new_tokens=tokens, deadline=time.time() + task.deadline_s, sampling=task.sampling,
+                reply_to=self.cloud_id)))
 
-        def replace(index: int, avoid: frozenset[str]) -> tuple[str, float] | None:
-            return self._replace(request_id, question, points, index, avoid, budget.tokens_per_point,
-                                 point_sampling(index))
-
-        supervisor = asyncio.create_task(
-            settler.run(question, points, pending, deadlines_s, budget.tokens_per_point, replace)
-        )
+        driver = RequestDriver(request, publish=publish, expander=self.expander, selector=self.selector,
+                               counters=RejectionCounters(self.inbox.rejections, self.inbox.quality,
+                                                          self.cloud_expansion_rejections))
+        self.inbox.open(request, driver.feed)
+        supervisor: asyncio.Task[None] | None = None
         try:
-            self._dispatch(request_id, question, points, devices, deadlines_s, budget.tokens_per_point,
-                           point_sampling)
+            driver.feed(request.start(time.monotonic()))
+            supervisor = asyncio.create_task(driver.run())
             stats.schedule_s = time.perf_counter() - scheduling
-            if first:
-                streamed = ""
-                async for piece, text, tokens in self._stream_point(question, points, 0, budget.tokens_per_point,
-                                                                    point_sampling(0)):
+            streamed = ""
+            for index in sorted(plan.self_served):
+                async for piece, text, spent in self.expander.stream(question, points, index, tokens,
+                                                                     sampling.point(index)):
                     if piece:
                         if not streamed:
                             stats.first_token_s = time.perf_counter() - started
                         streamed += piece
                         yield DeltaEvent(piece)
                     if text is not None:
-                        pending.settle(ChosenPoint(0, text, "cloud", None, tokens, 0))
+                        driver.feed(request.on_self_served(index, text, spent))
             parts: list[str] = []
-            for state in pending.points:
-                chosen = await asyncio.shield(state.future)
-                if not parts and not first:
+            for index in range(len(points)):
+                chosen = await driver.point(index)
+                if not parts and not streamed:
                     stats.first_token_s = time.perf_counter() - started
                 if chosen.source == "edge":
                     stats.points_edge += 1
@@ -393,89 +385,15 @@ class PiceService:
                         stats.stopped = True
                         chosen = dataclasses.replace(chosen, text=text.rstrip())
                 parts.append(render_point(chosen.index, points[chosen.index], chosen.text))
-                yield PointEvent(chosen, points[chosen.index], streamed=chosen.index < first)
+                yield PointEvent(chosen, points[chosen.index], streamed=chosen.index in plan.self_served)
             stats.total_s = time.perf_counter() - started
             yield AnswerEvent("\n\n".join(parts), stats)
         finally:
-            supervisor.cancel()
-            await asyncio.gather(supervisor, return_exceptions=True)
-            self._in_flight.discard(pending)
-            self._release(pending)
-            self.aggregator.close(request_id)
-
-    async def _stream_point(self, question: str, points: list[str], index: int, tokens_per_point: int,
-                            sampling: Sampling) -> AsyncGenerator[tuple[str, str | None, int], None]:
-        """The cloud expands point ``index`` and streams it: yields ``(piece, None, 0)`` as whole
-        sentences settle (`pice_edge.prompts.clean_expansion`, then `settled_sentences`, on the
-        text so far), the first piece opening with the point's rendered heading; then
-        ``(rest, text, tokens)``: ``text`` is the point's final text, and the pieces add up to
-        ``render_point(index, heading, text)`` exactly, so a streamed answer and a whole one match."""
-        request = ChatRequest(expansion_messages(question, points, index), max_tokens=tokens_per_point,
-                              temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed)
-        heading = points[index]
-        opening = render_point(index, heading, "") + " "
-        raw, sent, tokens = "", "", 0
-        async with contextlib.aclosing(self.cloud.stream(request)) as stream:
-            async for piece in stream:
-                if isinstance(piece, Completion):
-                    tokens = piece.tokens
-                    continue
-                raw += piece
-                cleaned = settled_sentences(clean_expansion(raw, truncated=False, point=heading))
-                if len(cleaned) > len(sent) and cleaned.startswith(sent):
-                    yield (opening if not sent else "") + cleaned[len(sent):], None, 0
-                    sent = cleaned
-        final = clean_expansion(raw, truncated=tokens >= tokens_per_point, point=heading) or heading
-        if not sent:
-            yield opening + final, final, tokens
-        elif final.startswith(sent):
-            yield final[len(sent):], final, tokens
-        else:  # the clean-up of the whole text changed what went out: keep what went out
-            yield "", sent, tokens
-
-    @staticmethod
-    def _candidate_check(question: str, points: list[str]) -> CandidateCheck:
-        """The expansion guard of one request (`pice_cloud.guards.check_expansion`)."""
-        outline = format_sketch(points)
-
-        def check(point_index: int, text: str, other_texts: Sequence[str]) -> str | None:
-            return check_expansion(text, point=points[point_index], question=question,
-                                   other_texts=other_texts, prompt_texts=(outline, SYSTEM_PROMPT))
-
-        return check
-
-    def _dispatch(self, request_id: str, question: str, points: list[str], devices: Sequence[Sequence[str]],
-                  deadlines_s: Sequence[float], tokens_per_point: int,
-                  sampling: Callable[[int, int], Sampling]) -> None:
-        for index, (targets, wait) in enumerate(zip(devices, deadlines_s, strict=False)):
-            for replica, device_id in enumerate(targets):
-                self._send(request_id, question, points, index, device_id, wait, tokens_per_point,
-                           sampling(index, replica))
-
-    def _send(self, request_id: str, question: str, points: list[str], index: int, device_id: str,
-              deadline_s: float, tokens_per_point: int, sampling: Sampling) -> None:
-        task = ExpandTask(
-            request_id=request_id, point_index=index, question=question, sketch=points,
-            max_new_tokens=tokens_per_point, deadline=time.time() + deadline_s, sampling=sampling,
-            reply_to=self.cloud_id,
-        )
-        self.fleet.task_sent(request_id, index, device_id)
-        self.transport.publish(edge_tasks_topic(device_id), encode(task))
-
-    def _replace(self, request_id: str, question: str, points: list[str], index: int, avoid: frozenset[str],
-                 tokens_per_point: int, sampling: Sampling) -> tuple[str, float] | None:
-        """Send point ``index`` to the live edge (not in ``avoid``) predicted to finish it first,
-        if one has a free slot now; its deadline, as at first placement."""
-        edges = [e for e in self._eligible() if e.device_id not in avoid and e.free_slots > 0]
-        if not edges:
-            return None
-        placement = place(1, edges, tokens_per_point=tokens_per_point, deadline_floor_s=self.config.deadline_floor_s,
-                          deadline_factor=self.config.deadline_factor, deadline_cap_s=self.config.deadline_cap_s)
-        [targets], [deadline_s] = placement.devices, placement.deadlines_s
-        if not targets:
-            return None
-        self._send(request_id, question, points, index, targets[0], deadline_s, tokens_per_point, sampling)
-        return targets[0], deadline_s
+            if supervisor is not None:
+                supervisor.cancel()
+                await asyncio.gather(supervisor, return_exceptions=True)
+            self.inbox.close(request_id)
+            request.close()
 
     # --- fleet events ------------------------------------------------------------------------
 
@@ -484,23 +402,13 @@ class PiceService:
         known = self.fleet.get(device_id) is not None
         self.fleet.handle_status(message)
         if known and self.fleet.get(device_id) is None:
-            # An edge left (its last will, or a clean shutdown): settle its points now.
-            for pending in self._in_flight:
-                pending.wakeup.set()
+            # An edge left (its last will, or a clean shutdown): its points move on now.
+            self.inbox.edge_gone(device_id)
 
     def _eligible(self, points: int = 0) -> list[EdgeView]:
-        """The edges a point may go to: those running ``expander_model`` (when set); during a
-        rollout of that model, only those already on the new build when they have room for
-        ``points`` points (the rest are still switching)."""
-        want = self.config.expander_model
-        name, _, build = want.partition("@") if want else ("", "", "")
-        edges = self.fleet.views((lambda s: runs(s.model_id, name, build or None)) if want else None)
-        rollout = self.rollout
-        if rollout is not None and (not want or (rollout.model == name and not build)):
-            on_target = self.fleet.views(lambda s: runs(s.model_id, rollout.model, rollout.build))
-            if on_target and sum(e.free_slots for e in on_target) >= max(1, points):
-                return on_target
-        return edges
+        """The edges a point may go to now (`pice_cloud.progressive.eligible`)."""
+        return eligible(self.fleet.views(), expander_model=self.config.expander_model, rollout=self.rollout,
+                        points=points)
 
     def _on_rollout(self, message: Message) -> None:
         if not message.payload:
@@ -511,21 +419,7 @@ class PiceService:
         except ProtocolError as exc:
             self.transport.rejections.record("rollout", exc.kind, str(exc))
 
-    def _on_refusal(self, message: Message) -> None:
-        refusal = self.aggregator.handle_refusal(message)
-        if refusal is not None:
-            self.fleet.task_refused(refusal)
-
     def _on_reconnect(self) -> None:
         # Candidates may have been lost while we were away (a broker crash): requests in flight
         # stop waiting for their edges after a short grace instead of their full deadlines.
-        now = time.monotonic()
-        for pending in self._in_flight:
-            pending.reconnected_at = now
-            pending.wakeup.set()
-
-    def _release(self, pending: PendingRequest) -> None:
-        for state in pending.points:
-            for device_id in state.expected:
-                self.fleet.task_abandoned(pending.request_id, state.index, device_id,
-                                          answered=device_id in state.received or device_id in state.refused)
+        self.inbox.reconnected()

@@ -164,7 +164,7 @@ async def test_broker_killed_and_restarted_mid_request(mosquitto: Mosquitto, tin
         assert first[0].stats.points_edge >= 1
 
         request = asyncio.create_task(answer(system, limit=60))
-        await eventually(lambda: service.aggregator.in_flight == 1, timeout=30)  # tasks are out
+        await eventually(lambda: service.inbox.in_flight == 1, timeout=30)  # tasks are out
         mosquitto.kill()
         await eventually(lambda: not service.transport.connected, what="the cloud to notice the broker is gone")
         mosquitto.start()
@@ -213,7 +213,7 @@ async def test_slow_edge_late_candidates_are_ignored(mosquitto: Mosquitto, tiny_
             # The slow edge answers later anyway: every candidate is counted as late, none used.
             await eventually(lambda: len(candidates) == n, timeout=30)
             await eventually(lambda: rejections.count("candidate", "late") == n)
-            assert system.service.aggregator.accepted == 0
+            assert system.service.inbox.accepted == 0
             assert rejections.count() == n
             log.info("slow edge: answered in %.1fs by the cloud, %d late candidate(s) ignored", took, n)
     finally:
@@ -238,7 +238,7 @@ async def test_duplicate_candidates_are_deduplicated(mosquitto: Mosquitto, tiny_
             # The second copy arrives while the request is open (duplicate) or just after (late).
             await eventually(lambda: rejections.count("candidate") == n)
             assert rejections.count("candidate", "duplicate") + rejections.count("candidate", "late") == n
-            assert system.service.aggregator.accepted == n
+            assert system.service.inbox.accepted == n
             log.info("duplicating edge: %d point(s), %d duplicate(s) dropped", n, n)
     finally:
         await watcher.close()

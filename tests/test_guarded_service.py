@@ -10,20 +10,25 @@ from pathlib import Path
 
 import pytest
 
-from pice_cloud.aggregator import Aggregator
 from pice_cloud.bootstrap import start_system
 from pice_cloud.cloud_meter import CloudMeter
 from pice_cloud.ensemble import ConfidenceSelector
-from pice_cloud.fleet import Fleet
 from pice_cloud.llm.base import ChatRequest, Completion
 from pice_cloud.llm.transformers import TransformersBackend
 from pice_cloud.metrics import Metrics
-from pice_cloud.service import PiceService
-from pice_cloud.settling import PointSettler
+from pice_cloud.progressive import (
+    CloudExpander,
+    ExpandInCloud,
+    Inbox,
+    RejectionCounters,
+    RequestDriver,
+    expansion_check,
+)
 from pice_edge.protocol import Candidate, Sampling, candidate_topic, encode
 from pice_edge.rejects import Rejections
 from pice_edge.transport import Message
 from tests.conftest import Mosquitto, ScriptedSketches, cloud_config
+from tests.progressive_support import FakeClock, candidate, live_fleet, make_request, open_request
 
 QUESTION = "How can I improve my time management skills?"
 BAD = [" The first point\n2. The second point\n", " Set clear goals\n2. Point two\n3. In conclusion\n"]
@@ -70,7 +75,7 @@ async def test_two_refused_sketches_send_the_request_cloud_only(
         final = await system.service.ask(QUESTION, mode="progressive")
         metrics = Metrics(system.service.transport.rejections, live_edges=lambda: 0, queued=lambda: 0,
                           in_flight=lambda: 0, sketch_rejections=system.service.sketch_rejections)
-        assert system.service.aggregator.accepted == 0, "no task went to an edge"
+        assert system.service.inbox.accepted == 0, "no task went to an edge"
     assert final.stats.mode == "cloud"
     assert final.stats.sketch_rejected == ["too_few_points", "meta_heading"]
     assert final.text  # the cloud's own answer
@@ -87,20 +92,21 @@ def _candidate(point: int, device: str, text: str) -> Message:
 
 async def test_a_candidate_that_repeats_another_point_is_refused() -> None:
     points = ["Set clear goals", "Plan the day"]
-    check = PiceService._candidate_check(QUESTION, points)
-    aggregator = Aggregator()
-    pending = aggregator.open("r1", [("a",), ("a", "b")], check)
+    clock = FakeClock()
+    inbox = Inbox(clock=clock)
+    pending, _ = open_request(inbox, [("a",), ("a", "b")], live_fleet(clock, "a", "b"),
+                              check=expansion_check(QUESTION, points))
     first = "Write down three goals for the week and check them every evening before you sleep."
-    aggregator.handle_candidate(_candidate(0, "a", first))
+    inbox.handle_candidate(_candidate(0, "a", first))
     # Point 2, from two edges: one repeats point 1's sentence, one is its own.
-    aggregator.handle_candidate(_candidate(1, "a", first))
+    inbox.handle_candidate(_candidate(1, "a", first))
     own = "Block the morning for deep work and leave meetings and e-mail for the afternoon hours."
-    aggregator.handle_candidate(_candidate(1, "b", own))
-    assert pending.points[0].future.result().text == first
+    inbox.handle_candidate(_candidate(1, "b", own))
+    assert pending.chosen(0).text == first  # type: ignore[union-attr]
     state = pending.points[1]
     assert state.rejected == {"a": "repeats_other_point"}
     assert [c.text for c in state.usable()] == [own]
-    assert aggregator.quality.snapshot() == {("candidate", "repeats_other_point"): 1}
+    assert inbox.quality.snapshot() == {("candidate", "repeats_other_point"): 1}
 
 
 @pytest.mark.parametrize(("text", "reason"), [
@@ -109,15 +115,16 @@ async def test_a_candidate_that_repeats_another_point_is_refused() -> None:
     ("Plan the day", "echoes_prompt"),
 ])
 async def test_refused_candidates_leave_the_point_to_the_cloud(text: str, reason: str | None) -> None:
-    check = PiceService._candidate_check(QUESTION, ["Set clear goals", "Plan the day"])
-    aggregator = Aggregator()
-    pending = aggregator.open("r1", [("a",), ("a",)], check)
-    aggregator.handle_candidate(_candidate(1, "a", text))
+    clock = FakeClock()
+    inbox = Inbox(clock=clock)
+    pending, recorder = open_request(inbox, [("a",), ("a",)], live_fleet(clock, "a"),
+                                     check=expansion_check(QUESTION, ["Set clear goals", "Plan the day"]))
+    inbox.handle_candidate(_candidate(1, "a", text))
     state = pending.points[1]
-    assert not state.settled, "no usable candidate: the settler (cloud) expands the point"
+    assert not state.settled, "no usable candidate: the cloud expands the point"
     assert state.usable() == []
     assert state.rejected == ({"a": reason} if reason else {})
-    assert pending.wakeup.is_set()
+    assert [a.points for a in recorder.of(ExpandInCloud)] == [(1,)], "at once, not at the deadline"  # type: ignore[attr-defined]
 
 
 class ScriptedStream:
@@ -152,12 +159,10 @@ async def test_the_cloud_streams_a_point_sentence_by_sentence(pieces: list[str],
                                                               sent: int) -> None:
     from pice_cloud.cloud_meter import CloudMeter
     from pice_cloud.events import render_point
-    from pice_edge.protocol import Sampling
 
-    service = PiceService.__new__(PiceService)  # only the cloud is used
-    service.cloud = CloudMeter(ScriptedStream(pieces, tokens))  # type: ignore[arg-type]
-    out = [item async for item in service._stream_point("How can I sleep better?", ["Keep a schedule", "Dark room"],
-                                                        0, 80, Sampling())]
+    expander = CloudExpander(CloudMeter(ScriptedStream(pieces, tokens)))  # type: ignore[arg-type]
+    out = [item async for item in expander.stream("How can I sleep better?", ["Keep a schedule", "Dark room"],
+                                                  0, 80, Sampling())]
     streamed = [piece for piece, _, _ in out if piece]
     finals = [(final, n) for _, final, n in out if final is not None]
     assert finals == [(text, tokens)]
@@ -208,15 +213,17 @@ FIRST = "Write down three goals for the week and check them every evening before
 async def _cloud_expands_point_two(texts: Sequence[str]) -> tuple[str, ScriptedExpansions, Rejections]:
     """Point 1 comes from an edge; point 2 has no edge, so the cloud expands it from ``texts``."""
     points = ["Set clear goals", "Plan the day"]
-    aggregator = Aggregator()
-    pending = aggregator.open("r1", [("a",), ()], PiceService._candidate_check(QUESTION, points))
-    aggregator.handle_candidate(_candidate(0, "a", FIRST))
+    fleet = live_fleet(FakeClock(), "a")
+    request = make_request([("a",), ()], fleet, points=points, check=expansion_check(QUESTION, points), seed=6)
     llm = ScriptedExpansions(texts)
     rejections = Rejections()
-    settler = PointSettler(Fleet(), ConfidenceSelector(), CloudMeter(llm),  # type: ignore[arg-type]
-                           lambda i: Sampling(seed=7 + i), rejections)
-    await asyncio.wait_for(settler.run(QUESTION, points, pending, [30.0, 30.0], 40), 10)
-    return pending.points[1].future.result().text, llm, rejections
+    driver = RequestDriver(request, publish=lambda task: None, expander=CloudExpander(CloudMeter(llm)),  # type: ignore[arg-type]
+                           selector=ConfidenceSelector(), clock=fleet.now,
+                           counters=RejectionCounters(Rejections(), Rejections(), rejections))
+    driver.feed(request.start(fleet.now()))  # point 2 has no edge: it waits for the cloud
+    driver.feed(request.on_candidate(candidate(0, "a", FIRST), fleet.now()))
+    await asyncio.wait_for(driver.run(), 10)
+    return (await driver.point(1)).text, llm, rejections
 
 
 async def test_a_cloud_expansion_that_repeats_another_point_is_sampled_again() -> None:

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pice_cloud.aggregator import Aggregator
 from pice_cloud.fleet import Fleet
+from pice_cloud.progressive import Inbox
 from pice_edge.errors import PayloadTooLargeError, ProtocolError
 from pice_edge.node import EdgeNode
 from pice_edge.protocol import (
@@ -31,6 +31,7 @@ from pice_edge.protocol import (
 from pice_edge.rejects import Rejections
 from pice_edge.runtimes.transformers import TransformersRuntime
 from pice_edge.transport import BrokerSettings, Message
+from tests.progressive_support import live_fleet, open_request
 
 
 def _task(**over: object) -> dict[str, object]:
@@ -182,11 +183,11 @@ def test_fuzz_edge_task_handler(fuzz_node: EdgeNode, payload: bytes) -> None:
 @given(payload=st.one_of(_payloads, _mutated_candidate))
 def test_fuzz_cloud_candidate_handler(payload: bytes) -> None:
     rejections = Rejections()
-    aggregator = Aggregator(rejections=rejections)
-    aggregator.handle_candidate(Message(candidate_topic("r1", "e1"), payload, retain=False))
+    inbox = Inbox(rejections=rejections)
+    inbox.handle_candidate(Message(candidate_topic("r1", "e1"), payload, retain=False))
     # No request is open, so even a valid candidate must be rejected (unknown request).
     assert rejections.count() == 1
-    assert aggregator.accepted == 0
+    assert inbox.accepted == 0
 
 
 @settings(max_examples=600, deadline=None)
@@ -307,26 +308,28 @@ def test_bulk_fuzz_edge_task_handler(fuzz_node: EdgeNode) -> None:
 
 async def test_bulk_fuzz_cloud_candidate_handler() -> None:
     rejections = Rejections()
-    aggregator = Aggregator(rejections=rejections)
-    pending = aggregator.open("r1", [("e1",)] * 4)  # points 0-3 for e1; e2 and points 4-5 are strangers
+    inbox = Inbox(rejections=rejections)
+    fleet = live_fleet(time.monotonic, "e1", "e2")
+    pending, _ = open_request(inbox, [("e1",)] * 4, fleet)  # points 0-3 for e1; e2 and points 4-5 are strangers
     rng = random.Random(3)
     valid_seen = 0
     for payload in _fuzz_inputs(_valid_candidate, seed=2):
         topic = candidate_topic(rng.choice(["r1", "r1", "r2"]), rng.choice(["e1", "e1", "e2"]))
-        before = aggregator.accepted + rejections.count()
-        aggregator.handle_candidate(Message(topic, payload, retain=False))
+        before = inbox.accepted + rejections.count()
+        inbox.handle_candidate(Message(topic, payload, retain=False))
         valid_seen += _is_valid(Candidate, payload)
-        assert aggregator.accepted + rejections.count() - before == 1, payload[:200]
+        assert inbox.accepted + rejections.count() - before == 1, payload[:200]
     assert valid_seen > FUZZ_INPUTS // 10
     kinds = {kind for (_, kind) in rejections.snapshot()}
     assert {"json", "schema", "too_large", "identity", "unknown_point", "unassigned", "duplicate"} <= kinds
     assert sum(state.settled for state in pending.points) >= 1
     # Still serving: a new request accepts and settles a valid candidate.
-    fresh = aggregator.open("after-fuzz", [("e1",)])
-    aggregator.handle_candidate(Message(candidate_topic("after-fuzz", "e1"),
-                                        json.dumps(_candidate(request_id="after-fuzz")).encode(), retain=False))
-    assert fresh.points[0].settled
-    assert fresh.points[0].future.result().text == "t"
+    fresh, _ = open_request(inbox, [("e1",)], fleet, request_id="after-fuzz")
+    inbox.handle_candidate(Message(candidate_topic("after-fuzz", "e1"),
+                                   json.dumps(_candidate(request_id="after-fuzz")).encode(), retain=False))
+    chosen = fresh.chosen(0)
+    assert chosen is not None
+    assert chosen.text == "t"
 
 
 def test_bulk_fuzz_cloud_status_handler() -> None:

@@ -13,13 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from pice_cloud.aggregator import Aggregator
 from pice_cloud.bootstrap import default_cloud_id, start_system
-from pice_cloud.cloud_meter import CloudMeter
-from pice_cloud.ensemble import ConfidenceSelector
-from pice_cloud.fleet import Fleet
 from pice_cloud.llm.transformers import TransformersBackend
-from pice_cloud.settling import PointSettler
+from pice_cloud.progressive import Inbox, SendTask, Settle
 from pice_edge.node import EdgeNode
 from pice_edge.protocol import (
     ID_PATTERN,
@@ -34,7 +30,8 @@ from pice_edge.protocol import (
 )
 from pice_edge.runtimes.transformers import TransformersRuntime
 from pice_edge.transport import BrokerSettings, Message
-from tests.conftest import QUESTION, Mosquitto, ScriptedSketches, cloud_config, eventually, started
+from tests.conftest import QUESTION, Mosquitto, ScriptedSketches, cloud_config, started
+from tests.progressive_support import FakeClock, live_fleet, open_request
 
 ROOT = Path(__file__).resolve().parent.parent
 SKETCH = " Set clear daily goals\n2. Plan each morning\n3. Take short breaks\n"
@@ -103,56 +100,44 @@ def _refusal(request_id: str, point: int, device: str) -> Message:
     return Message(refusal_topic("cloud-a", request_id, device), encode(refusal), retain=False)
 
 
-async def test_a_refused_point_is_placed_on_another_edge_at_once() -> None:
-    fleet = Fleet()
-    for device in ("a", "b"):
-        fleet.update(EdgeStatus(device_id=device, online=True, max_batch=2, free_slots=2))
-    aggregator = Aggregator()
-    pending = aggregator.open("r1", [("a",)])
-    fleet.task_sent("r1", 0, "a")
-    placed: list[tuple[int, frozenset[str]]] = []
-
-    def replace(index: int, avoid: frozenset[str]) -> tuple[str, float] | None:
-        placed.append((index, avoid))
-        return "b", 30.0
-
-    settler = PointSettler(fleet, ConfidenceSelector(), CloudMeter(None))  # type: ignore[arg-type]
-    settling = asyncio.create_task(settler.run(QUESTION, ["Set clear goals"], pending, [30.0], 8, replace))
-    refusal = aggregator.handle_refusal(_refusal("r1", 0, "a"))
-    assert refusal is not None
-    fleet.task_refused(refusal)
+def test_a_refused_point_is_placed_on_another_edge_at_once() -> None:
+    clock = FakeClock()
+    fleet = live_fleet(clock, "a", "b")
+    inbox = Inbox(clock=clock)
+    request, recorder = open_request(inbox, [("a",)], fleet)
+    assert fleet.get("a").outstanding == 1  # type: ignore[union-attr]
+    inbox.handle_refusal(_refusal("r1", 0, "a"))
     # The edge is full until its next status; its refused task no longer counts against it.
     [view_a] = [v for v in fleet.views() if v.device_id == "a"]
     assert view_a.free_slots == 0
     assert fleet.get("a").outstanding == 0  # type: ignore[union-attr]
-    await eventually(lambda: bool(placed), timeout=5, what="the re-placement")
-    assert placed == [(0, frozenset({"a"}))], "re-placed at once, away from the edge that refused"
+    sent = [a.task.device_id for a in recorder.of(SendTask)]  # type: ignore[attr-defined]
+    assert sent == ["a", "b"], "re-placed at once, away from the edge that refused"
     cand = Candidate(request_id="r1", point_index=0, device_id="b", text="Write your goals down every week.",
                      token_count=8, mean_logprob=-0.5, latency_s=0.1)
-    aggregator.handle_candidate(Message(candidate_topic("r1", "b", "cloud-a"), encode(cand), retain=False))
-    chosen = await asyncio.wait_for(pending.points[0].future, 5)
-    settling.cancel()
-    assert (chosen.source, chosen.device_id) == ("edge", "b")
+    inbox.handle_candidate(Message(candidate_topic("r1", "b", "cloud-a"), encode(cand), retain=False))
+    [settled] = recorder.of(Settle)
+    assert (settled.point.source, settled.point.device_id) == ("edge", "b")  # type: ignore[attr-defined]
+    assert request.done
     fleet.update(EdgeStatus(device_id="a", online=True, max_batch=2, free_slots=2))
     assert [v.free_slots for v in fleet.views() if v.device_id == "a"] == [2], "a new status clears it"
 
 
-async def test_refusals_that_do_not_match_a_task_are_counted_not_used() -> None:
-    aggregator = Aggregator()
-    pending = aggregator.open("r1", [("a",)])
+def test_refusals_that_do_not_match_a_task_are_counted_not_used() -> None:
+    clock = FakeClock()
+    inbox = Inbox(clock=clock)
+    request, _ = open_request(inbox, [("a",)], live_fleet(clock, "a"))
     forged = TaskRefusal(request_id="r1", point_index=0, device_id="b", reason="queue_full")
-    assert aggregator.handle_refusal(Message(refusal_topic("cloud-a", "r1", "a"), encode(forged), retain=False)) \
-        is None
-    assert aggregator.handle_refusal(_refusal("r1", 0, "b")) is None  # b was never asked
-    assert aggregator.handle_refusal(Message(refusal_topic("cloud-a", "r1", "a"), b"{not json", retain=False)) \
-        is None
-    assert aggregator.handle_refusal(_refusal("gone", 0, "a")) is None  # answered already: nothing to do
-    assert pending.points[0].refused == set()
-    assert aggregator.handle_refusal(_refusal("r1", 0, "a")) is not None
-    assert aggregator.handle_refusal(_refusal("r1", 0, "a")) is None, "a QoS 1 re-delivery counts once"
-    assert pending.points[0].refused == {"a"}
-    assert aggregator.rejections.snapshot() == {("refusal", "identity"): 1, ("refusal", "unassigned"): 1,
-                                                ("refusal", "json"): 1, ("refusal", "duplicate"): 1}
+    inbox.handle_refusal(Message(refusal_topic("cloud-a", "r1", "a"), encode(forged), retain=False))
+    inbox.handle_refusal(_refusal("r1", 0, "b"))  # b was never asked
+    inbox.handle_refusal(Message(refusal_topic("cloud-a", "r1", "a"), b"{not json", retain=False))
+    inbox.handle_refusal(_refusal("gone", 0, "a"))  # answered already: nothing to do
+    assert request.points[0].refused == set()
+    inbox.handle_refusal(_refusal("r1", 0, "a"))
+    inbox.handle_refusal(_refusal("r1", 0, "a"))  # a QoS 1 re-delivery counts once
+    assert request.points[0].refused == {"a"}
+    assert inbox.rejections.snapshot() == {("refusal", "identity"): 1, ("refusal", "unassigned"): 1,
+                                           ("refusal", "json"): 1, ("refusal", "duplicate"): 1}
 
 
 @pytest.mark.mosquitto

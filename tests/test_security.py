@@ -26,10 +26,10 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from pice_cloud.aggregator import Aggregator
 from pice_cloud.config import ServiceConfig
 from pice_cloud.fleet import Fleet
 from pice_cloud.llm.transformers import TransformersBackend
+from pice_cloud.progressive import Inbox
 from pice_cloud.service import PiceService
 from pice_edge.errors import ConfigError, TransportError
 from pice_edge.node import EdgeNode
@@ -51,6 +51,7 @@ from pice_edge.runtimes.transformers import TransformersRuntime
 from pice_edge.transport import BrokerSettings, Message, MqttTransport
 from tests.conftest import Mosquitto, eventually
 from tests.procs import EdgeProcess
+from tests.progressive_support import live_fleet, open_request
 
 pytestmark = pytest.mark.mosquitto
 
@@ -212,13 +213,13 @@ async def test_cloud_and_edges_answer_over_tls_with_acl(secure_broker: Mosquitto
 
 async def test_edge_cannot_publish_as_another_device(clients: dict[str, MqttTransport]) -> None:
     cloud, mallory = clients["pice-cloud"], clients["edge-a"]
-    aggregator = Aggregator(rejections=cloud.rejections)
+    inbox = Inbox(rejections=cloud.rejections)
     fleet = Fleet(rejections=cloud.rejections)
-    await cloud.subscribe(CANDIDATES_FILTER, aggregator.handle_candidate)
+    await cloud.subscribe(CANDIDATES_FILTER, inbox.handle_candidate)
     await cloud.subscribe(EDGE_STATUS_FILTER, fleet.handle_status)
     stolen: list[Message] = []
     await clients["edge-b"].subscribe(edge_tasks_topic("edge-b"), stolen.append)
-    pending = aggregator.open("r1", [("edge-a", "edge-b")])
+    pending, _ = open_request(inbox, [("edge-a", "edge-b")], fleet)
 
     # edge-a forges edge-b's candidate and status, and writes a task into edge-b's queue ...
     await mallory.publish_and_wait(candidate_topic("r1", "edge-b"), encode(_candidate("r1", "edge-b", "forged")))
@@ -328,22 +329,23 @@ def test_missing_tls_file_is_a_config_error(tmp_path: Path) -> None:
 
 # --- the cloud's own check, without the broker's help ------------------------------------------
 
-async def test_aggregator_ignores_mismatched_device_on_permissive_broker(mosquitto: Mosquitto) -> None:
+async def test_inbox_ignores_mismatched_device_on_permissive_broker(mosquitto: Mosquitto) -> None:
     cloud = MqttTransport(BrokerSettings(url=mosquitto.url), client_id="cloud")
     mallory = MqttTransport(BrokerSettings(url=mosquitto.url), client_id="edge-a")
-    aggregator = Aggregator(rejections=cloud.rejections)
-    cloud.add_subscription(CANDIDATES_FILTER, aggregator.handle_candidate)
+    inbox = Inbox(rejections=cloud.rejections)
+    cloud.add_subscription(CANDIDATES_FILTER, inbox.handle_candidate)
     await cloud.connect()
     await mallory.connect()
     try:
-        pending = aggregator.open("r3", [("edge-a", "edge-b")])
+        pending, _ = open_request(inbox, [("edge-a", "edge-b")], live_fleet(time.monotonic, "edge-a", "edge-b"),
+                                  request_id="r3")
         # The anonymous broker lets anyone publish anywhere; the payload claims edge-b.
         assert await mallory.publish_and_wait(candidate_topic("r3", "edge-a"), encode(_candidate("r3", "edge-b")))
         assert await mallory.publish_and_wait(candidate_topic("r3", "edge-a"), encode(_candidate("r3", "edge-a")))
         await eventually(lambda: "edge-a" in pending.points[0].received)
         assert "edge-b" not in pending.points[0].received
         assert cloud.rejections.count("candidate", "identity") == 1
-        assert aggregator.accepted == 1
+        assert inbox.accepted == 1
     finally:
         await cloud.close()
         await mallory.close()

@@ -272,7 +272,7 @@ async def test_overload_is_refused_with_retry_after_and_admitted_requests_comple
         assert all(exc.code == "overloaded" for exc in refused)
         assert served.state.admission.active == 0
         assert served.state.admission.queued == 0
-        assert served.system.service.aggregator.in_flight == 0
+        assert served.system.service.inbox.in_flight == 0
         # Capacity is back: the next request is admitted.
         again = await client.chat.completions.create(model="pice", messages=[{"role": "user", "content": "Hi?"}],
                                                      max_tokens=4, extra_body={"pice": {"mode": "cloud"}})
@@ -298,16 +298,16 @@ async def test_client_disconnect_mid_stream_cancels_the_request(mosquitto: Mosqu
     try:
         async with serving(tiny_model, mosquitto.url, edges=0, overrides={"service": slow}) as served:
             assert await served.system.service.fleet.wait_for(1, 5.0)
-            aggregator = served.system.service.aggregator
+            inbox = served.system.service.inbox
             stream = await served.client().chat.completions.create(
                 model="pice", messages=[{"role": "user", "content": QUESTION}], stream=True,
                 extra_body={"pice": {"mode": "progressive"}})
             first = await stream.__anext__()
             assert first.choices[0].delta.role == "assistant"
             # Wait until the points are out to the (silent) edge: the request now waits 45 s.
-            await eventually(lambda: aggregator.in_flight == 1, timeout=60, what="the points to go out")
+            await eventually(lambda: inbox.in_flight == 1, timeout=60, what="the points to go out")
             await stream.close()
-            await eventually(lambda: not aggregator.in_flight and not served.state.admission.active, timeout=10,
+            await eventually(lambda: not inbox.in_flight and not served.state.admission.active, timeout=10,
                              what="the disconnected request to stop")
             cancelled = served.state.metrics.registry.get_sample_value(
                 "pice_requests_total", {"mode": "progressive", "outcome": "cancelled"})
@@ -349,7 +349,7 @@ async def test_shutdown_refuses_new_requests_and_ends_overdue_ones_with_an_error
                 async for _ in stream:
                     pass
             assert time.monotonic() - started < 10
-            assert served.system.service.aggregator.in_flight == 0
+            assert served.system.service.inbox.in_flight == 0
     finally:
         await silent.close()
 
@@ -478,7 +478,7 @@ async def test_long_inputs_are_refused_or_routed_before_any_compute(mosquitto: M
             model="pice", messages=[*history, {"role": "user", "content": "And now?"}], max_tokens=8)
         assert answer.model_extra is not None
         assert answer.model_extra["pice"]["mode"] == "cloud"
-        assert api.system.service.aggregator.accepted == 0, "no task went to an edge"
+        assert api.system.service.inbox.accepted == 0, "no task went to an edge"
     generated = api.state.metrics.registry.get_sample_value("pice_generated_tokens_total", {"where": "cloud"})
     assert generated is not None
     assert generated <= 8, "the refused requests generated nothing"

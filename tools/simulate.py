@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Fleet simulator: discrete-event, driven by PICE's own scheduler (`pice_cloud.scheduler.place`).
+"""Fleet simulator: discrete-event, driven by PICE's own planner (`pice_cloud.progressive.plan_request`).
 
 What a fleet of many edges would do for one cloud, without the fleet. Modelled:
 
@@ -11,7 +11,7 @@ What a fleet of many edges would do for one cloud, without the fleet. Modelled:
   as long as its longest sequence at the same step-cost model; a task that must wait and would
   miss its deadline at the edge's measured rate is refused (then the cloud expands the point),
   as `EdgeNode` does;
-- **a progressive request**: the sketch on the cloud, `place` over the edges' views (the same
+- **a progressive request**: the sketch on the cloud, `plan_request` over the edges' views (the same
   code and inputs as the service: outstanding tasks, measured rates, link delay), tasks out after
   half the link delay, candidates back after the other half, a point past its deadline or
   placed on no edge expanded by the cloud; a **cloud-only request**: its answer on the cloud.
@@ -45,8 +45,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pice_cloud import defaults  # noqa: E402
-from pice_cloud.scheduler import CloudView, EdgeView, place  # noqa: E402
+from pice_cloud import CloudView, EdgeView, GenerationOptions, ServiceConfig  # noqa: E402
+from pice_cloud.progressive import PointSampling, plan_request  # noqa: E402
 from pice_edge.node import queued_finish_s  # noqa: E402
 
 #: Sketch tokens per heading (the service's sketches: a number, a few words and a newline).
@@ -230,6 +230,11 @@ class Config:
     gpus: int = 1
     edge_queue: int = 256
 
+    @functools.cached_property
+    def service(self) -> ServiceConfig:
+        """The service settings the planner runs with (one edge per point, as measured)."""
+        return ServiceConfig(max_points=self.points, tokens_per_point=self.tokens_per_point, ensemble_width=1)
+
 
 @dataclass
 class Request:
@@ -254,10 +259,9 @@ class Request:
     def sketched(self) -> None:
         sys_, cfg = self.system, self.system.config
         views = [e.view(cfg.link_delay_s) for e in sys_.edges]
-        placement = place(cfg.points, views, tokens_per_point=cfg.tokens_per_point, cloud=sys_.cloud.view(),
-                          deadline_floor_s=defaults.DEADLINE_FLOOR_S, deadline_factor=defaults.DEADLINE_FACTOR,
-                          deadline_cap_s=defaults.DEADLINE_CAP_S)
-        for point, (devices, wait) in enumerate(zip(placement.devices, placement.deadlines_s, strict=True)):
+        plan = plan_request(cfg.points, views, config=cfg.service, tokens_per_point=cfg.tokens_per_point,
+                            sampling=PointSampling.of(cfg.service, GenerationOptions()), cloud=sys_.cloud.view())
+        for point, (devices, wait) in enumerate(zip(plan.devices, plan.deadlines_s, strict=True)):
             if not devices:
                 self.cloud_point(point)
                 continue

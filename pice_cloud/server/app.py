@@ -54,7 +54,7 @@ def create_app(service: PiceService, llm: LLMBackend, config: CloudConfig) -> Fa
                           retry_after_s=server_cfg.retry_after_s)
     metrics = Metrics(service.transport.rejections, live_edges=lambda: len(service.fleet.live()),
                       queued=lambda: admission.queued, in_flight=lambda: admission.active,
-                      sketch_rejections=service.sketch_rejections, candidate_rejections=service.aggregator.quality,
+                      sketch_rejections=service.sketch_rejections, candidate_rejections=service.inbox.quality,
                       sketch_repairs=service.sketch_repairs,
                       cloud_expansion_rejections=service.cloud_expansion_rejections,
                       **_engine_gauges(llm))

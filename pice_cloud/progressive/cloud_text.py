@@ -1,0 +1,66 @@
+"""The cloud's own expansions of sketch points: whole (points no edge answered in time) or
+streamed (the answer's opening point), with the same prompt and clean-up as an edge's."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncGenerator, Sequence
+
+from pice_cloud.cloud_meter import CloudMeter
+from pice_cloud.events import render_point
+from pice_cloud.llm.base import ChatRequest, Completion
+from pice_edge.prompts import clean_expansion, expansion_messages, settled_sentences
+from pice_edge.protocol import Sampling
+
+
+class CloudExpander:
+    """Expands points with the cloud LLM (through ``cloud``, which batches and meters it)."""
+
+    def __init__(self, cloud: CloudMeter) -> None:
+        self.cloud = cloud
+
+    @staticmethod
+    def _request(question: str, points: Sequence[str], index: int, tokens_per_point: int,
+                 sampling: Sampling) -> ChatRequest:
+        return ChatRequest(expansion_messages(question, list(points), index), max_tokens=tokens_per_point,
+                           temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed)
+
+    async def expand(self, question: str, points: Sequence[str], indices: Sequence[int],
+                     samplings: Sequence[Sampling], tokens_per_point: int) -> dict[int, tuple[str, int]]:
+        """Point -> (cleaned text, tokens decoded), for every index, in one batch; a point the
+        model said nothing useful about gets its heading as text."""
+        requests = [self._request(question, points, i, tokens_per_point, s)
+                    for i, s in zip(indices, samplings, strict=True)]
+        results: list[Completion] = await self.cloud.complete(requests)
+        return {index: (clean_expansion(res.text, truncated=res.tokens >= tokens_per_point, point=points[index])
+                        or points[index], res.tokens)
+                for index, res in zip(indices, results, strict=True)}
+
+    async def stream(self, question: str, points: Sequence[str], index: int, tokens_per_point: int,
+                     sampling: Sampling) -> AsyncGenerator[tuple[str, str | None, int], None]:
+        """Expand point ``index`` and stream it: yields ``(piece, None, 0)`` as whole sentences
+        settle (`pice_edge.prompts.clean_expansion`, then `settled_sentences`, on the text so
+        far), the first piece opening with the point's rendered heading; then ``(rest, text,
+        tokens)``: ``text`` is the point's final text, and the pieces add up to
+        ``render_point(index, heading, text)`` exactly, so a streamed answer and a whole one match."""
+        request = self._request(question, points, index, tokens_per_point, sampling)
+        heading = points[index]
+        opening = render_point(index, heading, "") + " "
+        raw, sent, tokens = "", "", 0
+        async with contextlib.aclosing(self.cloud.stream(request)) as stream:
+            async for piece in stream:
+                if isinstance(piece, Completion):
+                    tokens = piece.tokens
+                    continue
+                raw += piece
+                cleaned = settled_sentences(clean_expansion(raw, truncated=False, point=heading))
+                if len(cleaned) > len(sent) and cleaned.startswith(sent):
+                    yield (opening if not sent else "") + cleaned[len(sent):], None, 0
+                    sent = cleaned
+        final = clean_expansion(raw, truncated=tokens >= tokens_per_point, point=heading) or heading
+        if not sent:
+            yield opening + final, final, tokens
+        elif final.startswith(sent):
+            yield final[len(sent):], final, tokens
+        else:  # the clean-up of the whole text changed what went out: keep what went out
+            yield "", sent, tokens

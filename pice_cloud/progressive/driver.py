@@ -1,0 +1,121 @@
+"""Carries out one progressive request's actions on asyncio: publishes its tasks, runs the
+cloud's expansions and the ensemble selector, wakes the request at its deadlines, and lets the
+answer await its points in order. The decisions are `ProgressiveRequest`'s; this is the I/O."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pice_cloud.ensemble import ConfidenceSelector, Selector
+from pice_cloud.events import ChosenPoint
+from pice_cloud.progressive.cloud_text import CloudExpander
+from pice_cloud.progressive.planner import PlannedTask
+from pice_cloud.progressive.request import (
+    Action,
+    Choose,
+    ExpandInCloud,
+    ProgressiveRequest,
+    Reject,
+    SendTask,
+    Settle,
+)
+from pice_edge.rejects import Rejections
+
+log = logging.getLogger(__name__)
+
+#: A small margin past a deadline, so the tick that runs at a wake-up sees it passed.
+_WAKE_SLACK_S = 0.01
+
+
+@dataclass(frozen=True)
+class RejectionCounters:
+    """Where each kind of `Reject` is counted."""
+
+    protocol: Rejections
+    candidate_guard: Rejections
+    cloud_guard: Rejections
+
+    def record(self, reject: Reject) -> None:
+        getattr(self, reject.kind).record(reject.topic, reject.reason, reject.detail)
+
+
+class RequestDriver:
+    """Runs one `ProgressiveRequest` until every point is settled (or it is cancelled).
+
+    ``publish`` sends a task to its edge; ``clock`` must be the request's fleet clock.
+    """
+
+    def __init__(self, request: ProgressiveRequest, *, publish: Callable[[PlannedTask], None],
+                 expander: CloudExpander, selector: Selector, counters: RejectionCounters,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.request = request
+        self._publish = publish
+        self._expander = expander
+        self._selector = selector
+        self._counters = counters
+        self._clock = clock
+        self._work: list[ExpandInCloud | Choose] = []
+        self._wakeup = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        self._points: list[asyncio.Future[ChosenPoint]] = [loop.create_future() for _ in range(request.plan.n_points)]
+
+    def feed(self, actions: list[Action]) -> None:
+        """Carry out ``actions`` (synchronous ones now; model work in `run`'s loop)."""
+        for action in actions:
+            if isinstance(action, SendTask):
+                self._publish(action.task)
+            elif isinstance(action, Settle):
+                future = self._points[action.point.index]
+                if not future.done():
+                    future.set_result(action.point)
+            elif isinstance(action, Reject):
+                self._counters.record(action)
+            else:
+                self._work.append(action)
+                self._wakeup.set()
+        if actions:
+            self._wakeup.set()
+
+    async def point(self, index: int) -> ChosenPoint:
+        """Point ``index`` once it is settled."""
+        return await asyncio.shield(self._points[index])
+
+    async def run(self) -> None:
+        """Drive the request until every point is settled; cancel it to stop early."""
+        request = self.request
+        while True:
+            self.feed(request.tick(self._clock()))
+            while self._work:
+                await self._do(self._work.pop(0))
+            if request.done or request.closed:
+                return
+            wake = request.next_wakeup()
+            self._wakeup.clear()
+            if self._work:
+                continue
+            timeout = None if wake is None else max(0.0, wake - self._clock()) + _WAKE_SLACK_S
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), timeout=timeout)
+
+    async def _do(self, work: ExpandInCloud | Choose) -> None:
+        request = self.request
+        if isinstance(work, Choose):
+            try:
+                picks = await self._selector.choose(work.items)
+            except Exception:
+                # A broken scorer must not lose the answer: fall back to the edges' own confidence.
+                log.exception("request %s: ensemble selection failed; using edge confidence", request.request_id)
+                picks = await ConfidenceSelector().choose(work.items)
+            for item, pick in zip(work.items, picks, strict=True):
+                self.feed(request.on_choice(item.index, pick, self._clock()))
+            return
+        log.info("request %s: cloud expands point(s) %s%s", request.request_id, [i + 1 for i in work.points],
+                 " again (the guard refused the first)" if work.attempt else "")
+        texts = await self._expander.expand(request.question, request.headings, work.points, work.samplings,
+                                            request.tokens_per_point)
+        self.feed(request.on_cloud_texts(work, texts, self._clock()))
