@@ -14,6 +14,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import TypeVar
 
 from pice_cloud.progressive.request import Action, ProgressiveRequest
 from pice_edge.errors import ProtocolError
@@ -22,6 +23,8 @@ from pice_edge.rejects import Rejections
 from pice_edge.transport import Message
 
 log = logging.getLogger(__name__)
+
+_Addressed = TypeVar("_Addressed", Candidate, TaskRefusal)
 
 #: Request ids remembered after they close, so that a slow edge's candidate arriving after the
 #: answer went out is counted as ``late`` rather than as an ``unknown_request`` (a sign of bugs).
@@ -75,47 +78,43 @@ class Inbox:
 
     def handle_candidate(self, message: Message) -> None:
         """Transport handler for a replica's candidate topic."""
-        try:
-            cand = decode(Candidate, message.payload, max_bytes=self._max_payload)
-        except ProtocolError as exc:
-            self.rejections.record("candidate", exc.kind, str(exc))
+        cand = self._decode("candidate", Candidate, message)
+        if cand is None:
             return
-        if cand.device_id != topic_level(message.topic, -1) or cand.request_id != topic_level(message.topic, -2):
-            self.rejections.record("candidate", "identity", f"candidate claims {cand.device_id}/{cand.request_id} "
-                                                            f"but was published on {message.topic}")
+        route = self._open.get(cand.request_id)
+        if route is None:
+            known = cand.request_id in self._closed
+            self.rejections.record("candidate", "late" if known else "unknown_request",
+                                   f"request {cand.request_id} was already answered" if known
+                                   else f"no request {cand.request_id} in flight")
             return
-        route = self._route("candidate", cand.request_id)
-        if route is not None:
-            request, deliver = route
-            before = request.accepted
-            actions = request.on_candidate(cand, self._clock())
-            self.accepted += request.accepted - before
-            deliver(actions)
+        request, deliver = route
+        before = request.accepted
+        actions = request.on_candidate(cand, self._clock())
+        self.accepted += request.accepted - before
+        deliver(actions)
 
     def handle_refusal(self, message: Message) -> None:
         """Transport handler for a replica's refusal topic."""
-        try:
-            refusal = decode(TaskRefusal, message.payload, max_bytes=self._max_payload)
-        except ProtocolError as exc:
-            self.rejections.record("refusal", exc.kind, str(exc))
-            return
-        if refusal.device_id != topic_level(message.topic, -1) or refusal.request_id != topic_level(message.topic, -2):
-            self.rejections.record("refusal", "identity", f"refusal claims {refusal.device_id}/{refusal.request_id} "
-                                                          f"but was published on {message.topic}")
-            return
-        route = self._open.get(refusal.request_id)
-        if route is None:
-            return  # an answered request: nothing to place any more
+        refusal = self._decode("refusal", TaskRefusal, message)
+        route = None if refusal is None else self._open.get(refusal.request_id)
+        if refusal is None or route is None:
+            return  # invalid (counted), or for an answered request: nothing to place any more
         request, deliver = route
         log.info("%s/%d: %s refused the task (%s)", refusal.request_id, refusal.point_index, refusal.device_id,
                  refusal.reason)
         deliver(request.on_refusal(refusal, self._clock()))
 
-    def _route(self, topic: str, request_id: str) -> tuple[ProgressiveRequest, Deliver] | None:
-        route = self._open.get(request_id)
-        if route is None:
-            if request_id in self._closed:
-                self.rejections.record(topic, "late", f"request {request_id} was already answered")
-            else:
-                self.rejections.record(topic, "unknown_request", f"no request {request_id} in flight")
-        return route
+    def _decode(self, topic: str, model: type[_Addressed], message: Message) -> _Addressed | None:
+        """The message, if valid and sent by the device and for the request its topic names."""
+        try:
+            decoded = decode(model, message.payload, max_bytes=self._max_payload)
+        except ProtocolError as exc:
+            self.rejections.record(topic, exc.kind, str(exc))
+            return None
+        if decoded.device_id != topic_level(message.topic, -1) or \
+                decoded.request_id != topic_level(message.topic, -2):
+            self.rejections.record(topic, "identity", f"{topic} claims {decoded.device_id}/{decoded.request_id} "
+                                                      f"but was published on {message.topic}")
+            return None
+        return decoded
