@@ -1,8 +1,11 @@
-"""The cloud LLM as the scheduler sees it: how busy it is and how fast it decodes.
+"""The cloud LLM as the scheduler and the ledger see it: how busy it is, how fast it decodes,
+and what it computed.
 
-Every call the request path makes to the cloud LLM goes through `CloudMeter.complete`, which
-counts the calls in flight and keeps a moving average of the per-sequence decode speed (as
-edges report theirs), so that `CloudMeter.view` gives the scheduler a fresh `CloudView`.
+Every call the request path makes to the cloud LLM goes through `CloudMeter` (`complete`,
+`complete_raw`, `stream`), which counts the calls in flight, keeps a moving average of the
+per-sequence decode speed (as edges report theirs), so that `CloudMeter.view` gives the
+scheduler a fresh `CloudView`, and records each call's work under its purpose in the request's
+`CloudLedger` and in the process-wide `CloudMeter.ledger` (`pice_cloud.cloud_ledger`).
 """
 
 from __future__ import annotations
@@ -12,8 +15,18 @@ import time
 from collections.abc import AsyncGenerator, Awaitable
 
 from pice_cloud import defaults
+from pice_cloud.cloud_ledger import CloudLedger, Purpose, Work
 from pice_cloud.errors import BackendError
-from pice_cloud.llm.base import ChatRequest, Completion, LLMBackend, RawCompleter, StreamingBackend, TextRequest
+from pice_cloud.llm.base import (
+    ChatRequest,
+    Completion,
+    LLMBackend,
+    RawCompleter,
+    StreamingBackend,
+    TextRequest,
+    count_prompt_tokens,
+    count_tokens,
+)
 from pice_cloud.scheduler import CloudView
 
 
@@ -27,46 +40,77 @@ class CloudMeter:
         self.busy = 0
         #: Moving average of the per-sequence decode speed, tokens/s (0 until measured).
         self.tokens_per_s = 0.0
+        #: Everything the cloud LLM computed since start, by purpose (``/metrics``).
+        self.ledger = CloudLedger()
 
-    async def complete(self, requests: list[ChatRequest]) -> list[Completion]:
-        """Run ``requests`` on the cloud LLM, recording load and speed."""
-        return await self._metered(self.llm.complete(requests))
+    async def complete(self, requests: list[ChatRequest], *, purpose: Purpose,
+                       ledger: CloudLedger | None = None) -> list[Completion]:
+        """Run ``requests`` on the cloud LLM, recording load, speed and their work under ``purpose``."""
+        prefill = sum(self._prompt_tokens(r) for r in requests)
+        return await self._metered(self.llm.complete(requests), purpose, ledger, prefill)
 
-    async def complete_raw(self, requests: list[TextRequest]) -> list[Completion]:
-        """Continue raw prompts (the backend must be a `RawCompleter`), recording load and speed."""
+    async def complete_raw(self, requests: list[TextRequest], *, purpose: Purpose = "completion",
+                           ledger: CloudLedger | None = None) -> list[Completion]:
+        """Continue raw prompts (the backend must be a `RawCompleter`), recording load, speed and work."""
         if not isinstance(self.llm, RawCompleter):
             raise BackendError(f"the {self.llm.name} backend cannot continue raw prompts; use /v1/chat/completions")
-        return await self._metered(self.llm.complete_raw(requests))
+        prefill = sum(count_tokens(self.llm, r.prompt) for r in requests)
+        return await self._metered(self.llm.complete_raw(requests), purpose, ledger, prefill)
 
-    async def stream(self, request: ChatRequest) -> AsyncGenerator[str | Completion, None]:
-        """Stream one continuation (the backend must be a `StreamingBackend`), recording load and speed."""
+    async def stream(self, request: ChatRequest, *, purpose: Purpose,
+                     ledger: CloudLedger | None = None) -> AsyncGenerator[str | Completion, None]:
+        """Stream one continuation (the backend must be a `StreamingBackend`), recording load,
+        speed and work (also when the consumer stops early: what was decoded was computed)."""
         if not isinstance(self.llm, StreamingBackend):
             raise BackendError(f"the {self.llm.name} backend cannot stream")
         self.busy += 1
         started = time.perf_counter()
+        text, tokens = "", 0
         try:
             # aclosing: a consumer that stops early stops the generation now, not at GC time.
             async with contextlib.aclosing(self.llm.stream(request)) as pieces:
                 async for piece in pieces:
                     if isinstance(piece, Completion):
+                        tokens = piece.tokens
                         self._sample(piece.tokens, time.perf_counter() - started)
+                    else:
+                        text += piece
                     yield piece
         finally:
             self.busy -= 1
+            decoded = tokens or (count_tokens(self.llm, text) if text else 0)
+            self._record(purpose, ledger, Work(1, 1, self._prompt_tokens(request), decoded,
+                                               time.perf_counter() - started))
+
+    def record(self, purpose: Purpose, work: Work, ledger: CloudLedger | None = None) -> None:
+        """Record work the cloud LLM did outside these calls (the ensemble's scoring pass)."""
+        self._record(purpose, ledger, work)
+
+    def _record(self, purpose: Purpose, ledger: CloudLedger | None, work: Work) -> None:
+        self.ledger.record(purpose, work)
+        if ledger is not None:
+            ledger.record(purpose, work)
+
+    def _prompt_tokens(self, request: ChatRequest) -> int:
+        return count_prompt_tokens(self.llm, request.messages) + (count_tokens(self.llm, request.prefill)
+                                                                  if request.prefill else 0)
 
     @property
     def streams(self) -> bool:
         """Whether the backend can stream tokens."""
         return isinstance(self.llm, StreamingBackend)
 
-    async def _metered(self, call: Awaitable[list[Completion]]) -> list[Completion]:
+    async def _metered(self, call: Awaitable[list[Completion]], purpose: Purpose, ledger: CloudLedger | None,
+                       prefill: int) -> list[Completion]:
         self.busy += 1
         started = time.perf_counter()
         try:
             results = await call
         finally:
             self.busy -= 1
-        self._sample(max((r.tokens for r in results), default=0), time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        self._sample(max((r.tokens for r in results), default=0), elapsed)
+        self._record(purpose, ledger, Work(1, len(results), prefill, sum(r.tokens for r in results), elapsed))
         return results
 
     def _sample(self, longest: int, elapsed: float) -> None:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from pice_cloud.cloud_ledger import CloudLedger
 from pice_cloud.llm.base import TokenLogprob
 from pice_cloud.scheduler import Mode
 from pice_edge.protocol import Candidate, Sampling
@@ -63,7 +64,6 @@ class PointEvent:
 @dataclass
 class AnswerStats:
     mode: Mode = "cloud"
-    cloud_tokens: int = 0
     edge_tokens: int = 0
     points_edge: int = 0
     points_cloud: int = 0
@@ -81,6 +81,13 @@ class AnswerStats:
     sketch_rejected: list[str] = field(default_factory=list)
     #: Why headings were left out of the sketch that was used (see `pice_cloud.guards.repair_sketch`).
     sketch_repaired: list[str] = field(default_factory=list)
+    #: Everything the cloud LLM computed for this request, by purpose.
+    cloud_work: CloudLedger = field(default_factory=CloudLedger)
+
+    @property
+    def cloud_tokens(self) -> int:
+        """Tokens the cloud LLM decoded for this request (every purpose; prefill not included)."""
+        return self.cloud_work.total.decode_tokens
 
 
 @dataclass(frozen=True)

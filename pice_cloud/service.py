@@ -44,7 +44,7 @@ from pice_cloud.events import (
 )
 from pice_cloud.fleet import Fleet
 from pice_cloud.guards import MIN_POINTS, Embed, check_sketch, repair_sketch, sketch_rejection_reason
-from pice_cloud.llm.base import ChatRequest, Completion, LLMBackend, TextRequest, count_tokens
+from pice_cloud.llm.base import ChatRequest, Completion, LLMBackend, TextRequest
 from pice_cloud.progressive import (
     CloudExpander,
     Inbox,
@@ -181,9 +181,10 @@ class PiceService:
         started = time.perf_counter()
         limit = min(max_tokens or self.config.max_answer_tokens, self.config.max_answer_tokens)
         sampling = self._sampling(options)
+        stats = AnswerStats(mode="cloud")
         [done] = await self.cloud.complete_raw([TextRequest(prompt, max_tokens=limit, temperature=sampling.temperature,
-                                                            top_p=sampling.top_p, seed=sampling.seed)])
-        stats = AnswerStats(mode="cloud", cloud_tokens=done.tokens)
+                                                            top_p=sampling.top_p, seed=sampling.seed)],
+                                               ledger=stats.cloud_work)
         stats.total_s = stats.first_token_s = time.perf_counter() - started
         text, stats.stopped = apply_stop(done.text, options.stop)
         yield AnswerEvent(text, stats)
@@ -227,8 +228,8 @@ class PiceService:
                 max_tokens=budget.sketch_tokens, prefill=SKETCH_PREFILL,
                 temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed,
             )
-            [raw] = await self.sketch_cloud.complete([request])
-            stats.cloud_tokens += raw.tokens
+            [raw] = await self.sketch_cloud.complete([request], purpose="resketch" if attempt else "sketch",
+                                                     ledger=stats.cloud_work)
             try:
                 points = parse_sketch(raw.text, max_points=budget.max_points)
             except SketchError:
@@ -265,8 +266,7 @@ class PiceService:
                               seed=sampling.seed, logprobs=options.logprobs)
         # With logprobs the answer arrives whole (its tokens' probabilities with it).
         if not self.cloud.streams or options.logprobs is not None:
-            [done] = await self.cloud.complete([request])
-            stats.cloud_tokens += done.tokens
+            [done] = await self.cloud.complete([request], purpose="cloud_answer", ledger=stats.cloud_work)
             stats.total_s = stats.first_token_s = time.perf_counter() - started
             cut, stats.stopped = apply_stop(done.text, options.stop)
             yield AnswerEvent(cut.strip(), stats, within_length(done.token_logprobs, len(cut)))
@@ -274,13 +274,12 @@ class PiceService:
         # Stream, holding back what could still change: leading and trailing whitespace (the
         # answer is stripped) and a tail that could be the start of a stop string.
         hold = max((len(s) for s in options.stop), default=1) - 1
-        raw, sent, tokens = "", "", 0
-        pieces = contextlib.aclosing(self.cloud.stream(request))
+        raw, sent = "", ""
+        pieces = contextlib.aclosing(self.cloud.stream(request, purpose="cloud_answer", ledger=stats.cloud_work))
         async with pieces as stream:
             async for piece in stream:
                 if isinstance(piece, Completion):
-                    tokens = piece.tokens
-                    continue
+                    continue  # its tokens are counted in the ledger by the meter
                 raw += piece
                 cut, stopped = apply_stop(raw, options.stop)
                 visible = cut.lstrip()
@@ -300,7 +299,6 @@ class PiceService:
             if not sent:
                 stats.first_token_s = time.perf_counter() - started
             yield DeltaEvent(text[len(sent):])
-        stats.cloud_tokens += tokens if tokens else count_tokens(self.llm, raw)
         stats.total_s = time.perf_counter() - started
         yield AnswerEvent(text, stats)
 
@@ -338,7 +336,8 @@ class PiceService:
                                                                 has_stop=bool(options.stop)))
         request = ProgressiveRequest(request_id, question, points, plan, fleet=self.fleet, edges=self._eligible,
                                      config=self.config, sampling=sampling, tokens_per_point=tokens,
-                                     check=expansion_check(question, points) if self.config.expansion_guard else None)
+                                     check=expansion_check(question, points) if self.config.expansion_guard else None,
+                                     ledger=stats.cloud_work)
 
         def publish(task: PlannedTask) -> None:
             self.transport.publish(edge_tasks_topic(task.device_id), encode(ExpandTask(
@@ -358,7 +357,7 @@ class PiceService:
             streamed = ""
             for index in sorted(plan.self_served):
                 async for piece, text, spent in self.expander.stream(question, points, index, tokens,
-                                                                     sampling.point(index)):
+                                                                     sampling.point(index), ledger=stats.cloud_work):
                     if piece:
                         if not streamed:
                             stats.first_token_s = time.perf_counter() - started
@@ -378,7 +377,6 @@ class PiceService:
                         stats.devices.append(chosen.device_id)
                 else:
                     stats.points_cloud += 1
-                    stats.cloud_tokens += chosen.tokens
                 if options.stop:
                     text, stopped = apply_stop(chosen.text, options.stop)
                     if stopped:

@@ -65,6 +65,12 @@ async def test_cloud_and_two_edges_over_mosquitto(mosquitto: Mosquitto, tiny_mod
         # Every point was expanded at the edge (they are idle and fast), spread over both.
         assert final.stats.points_edge == len(sketch)
         assert final.stats.points_cloud == 0
+        # The cloud's ledger: the sketch and nothing else (points from edges cost it nothing).
+        work = final.stats.cloud_work.as_dict()
+        assert set(work) - {"resketch"} == {"sketch", "total"}, work
+        assert work["total"]["prefill_tokens"] > 0
+        assert final.stats.cloud_tokens == work["total"]["decode_tokens"] > 0
+        assert system.service.cloud.ledger.total.decode_tokens >= final.stats.cloud_tokens
         used = {p.point.device_id for p in points}
         assert used == ({"local-edge-1", "local-edge-2"} if len(sketch) > 1 else used & live)
         assert sum(n.stats.candidates_published for n in system.edges) == len(sketch)
@@ -112,6 +118,10 @@ async def test_dead_edge_points_fall_back_to_cloud_within_deadline(
             assert [p.point.index for p in points] == list(range(len(sketch)))
             assert all(p.point.source == "cloud" for p in points)
             assert final.stats.points_cloud == len(sketch)
+            fallback = final.stats.cloud_work.by_purpose["fallback_expansion"]
+            assert fallback.sequences >= len(sketch), "every point's expansion is on the cloud's ledger"
+            assert fallback.prefill_tokens > fallback.sequences * 20, "the expansion prompts are counted"
+            assert fallback.decode_tokens > 0
             # After the sketch: the deadline, then one batched cloud expansion (slack for CI noise).
             after_sketch = final.stats.total_s - final.stats.sketch_s
             assert deadline * 0.9 <= after_sketch < deadline + 2 * expansion_s + 1.0

@@ -307,6 +307,11 @@ async def test_the_driver_carries_out_actions_until_every_point_is_settled() -> 
     assert published == ["a", "b"]
     assert (await driver.point(0)).device_id == "b", "the more confident edge"
     assert (await driver.point(1)).source == "cloud"
+    # The cloud's expansion is on the request's ledger, prompt included.
+    work = request.ledger.by_purpose["fallback_expansion"]
+    assert (work.calls, work.sequences, work.decode_tokens) == (1, 1, 11)
+    assert work.prefill_tokens > 20
+    assert set(request.ledger.by_purpose) == {"fallback_expansion"}
 
 
 # --- the planner --------------------------------------------------------------------------------

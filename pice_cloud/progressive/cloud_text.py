@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncGenerator, Sequence
 
+from pice_cloud.cloud_ledger import CloudLedger, Purpose
 from pice_cloud.cloud_meter import CloudMeter
 from pice_cloud.events import render_point
 from pice_cloud.llm.base import ChatRequest, Completion
@@ -26,18 +27,20 @@ class CloudExpander:
                            temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed)
 
     async def expand(self, question: str, points: Sequence[str], indices: Sequence[int],
-                     samplings: Sequence[Sampling], tokens_per_point: int) -> dict[int, tuple[str, int]]:
+                     samplings: Sequence[Sampling], tokens_per_point: int, *, purpose: Purpose = "fallback_expansion",
+                     ledger: CloudLedger | None = None) -> dict[int, tuple[str, int]]:
         """Point -> (cleaned text, tokens decoded), for every index, in one batch; a point the
-        model said nothing useful about gets its heading as text."""
+        model said nothing useful about gets its heading as text. The work goes into ``ledger``."""
         requests = [self._request(question, points, i, tokens_per_point, s)
                     for i, s in zip(indices, samplings, strict=True)]
-        results: list[Completion] = await self.cloud.complete(requests)
+        results: list[Completion] = await self.cloud.complete(requests, purpose=purpose, ledger=ledger)
         return {index: (clean_expansion(res.text, truncated=res.tokens >= tokens_per_point, point=points[index])
                         or points[index], res.tokens)
                 for index, res in zip(indices, results, strict=True)}
 
     async def stream(self, question: str, points: Sequence[str], index: int, tokens_per_point: int,
-                     sampling: Sampling) -> AsyncGenerator[tuple[str, str | None, int], None]:
+                     sampling: Sampling, *, ledger: CloudLedger | None = None,
+                     ) -> AsyncGenerator[tuple[str, str | None, int], None]:
         """Expand point ``index`` and stream it: yields ``(piece, None, 0)`` as whole sentences
         settle (`pice_edge.prompts.clean_expansion`, then `settled_sentences`, on the text so
         far), the first piece opening with the point's rendered heading; then ``(rest, text,
@@ -47,7 +50,7 @@ class CloudExpander:
         heading = points[index]
         opening = render_point(index, heading, "") + " "
         raw, sent, tokens = "", "", 0
-        async with contextlib.aclosing(self.cloud.stream(request)) as stream:
+        async with contextlib.aclosing(self.cloud.stream(request, purpose="first_point", ledger=ledger)) as stream:
             async for piece in stream:
                 if isinstance(piece, Completion):
                     tokens = piece.tokens

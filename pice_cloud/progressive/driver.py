@@ -117,5 +117,6 @@ class RequestDriver:
         log.info("request %s: cloud expands point(s) %s%s", request.request_id, [i + 1 for i in work.points],
                  " again (the guard refused the first)" if work.attempt else "")
         texts = await self._expander.expand(request.question, request.headings, work.points, work.samplings,
-                                            request.tokens_per_point)
+                                            request.tokens_per_point, ledger=request.ledger,
+                                            purpose="fallback_resample" if work.attempt else "fallback_expansion")
         self.feed(request.on_cloud_texts(work, texts, self._clock()))

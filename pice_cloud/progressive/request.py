@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from pice_cloud import defaults
+from pice_cloud.cloud_ledger import CloudLedger
 from pice_cloud.config import ServiceConfig
 from pice_cloud.ensemble import SelectionItem
 from pice_cloud.events import EXPANSION_RESAMPLE_SEED_OFFSET, ChosenPoint, resampled
@@ -168,13 +169,15 @@ class ProgressiveRequest:
     """The points of one progressive request, from dispatch until each is settled.
 
     ``edges`` returns the edges a re-placed point may go to now (fresh, eligible views);
-    ``check`` is the expansion guard (None: every non-empty text is usable). All times are
+    ``check`` is the expansion guard (None: every non-empty text is usable); ``ledger`` receives
+    the cloud's work for the points (the request's whole ledger, in service). All times are
     seconds on the clock of ``fleet`` (``time.monotonic`` in service).
     """
 
     def __init__(self, request_id: str, question: str, points: Sequence[str], plan: Plan, *,
                  fleet: FleetLedger, edges: Callable[[], Sequence[EdgeView]], config: ServiceConfig,
-                 sampling: PointSampling, tokens_per_point: int, check: CandidateCheck | None = None) -> None:
+                 sampling: PointSampling, tokens_per_point: int, check: CandidateCheck | None = None,
+                 ledger: CloudLedger | None = None) -> None:
         if plan.n_points != len(points):
             raise ValueError(f"the plan has {plan.n_points} points, the sketch {len(points)}")
         self.request_id = request_id
@@ -185,6 +188,8 @@ class ProgressiveRequest:
         self.tokens_per_point = tokens_per_point
         #: Candidates stored (valid and assigned), whether or not they were used.
         self.accepted = 0
+        #: What the cloud LLM computed for this request's points (the cloud's expansions).
+        self.ledger = ledger if ledger is not None else CloudLedger()
         self._fleet = fleet
         self._edges = edges
         self._config = config

@@ -1,0 +1,79 @@
+"""What the cloud LLM computed, by purpose: one source of truth for "what did the cloud do".
+
+PICE exists to take work off the cloud, so every forward pass the cloud LLM runs for a request
+is counted here, in prefill (prompt) tokens, decode tokens and engine seconds, under the reason
+it ran. `pice_cloud.cloud_meter.CloudMeter` is the only way the request path reaches the cloud
+LLM, and each of its calls names a purpose and the request's ledger; the meter also keeps a
+ledger of everything since start (for ``/metrics``). A request's ledger goes out in the
+``pice`` extension of its response, which is what the benchmark and the eval tools read.
+
+Engine seconds are the wall time of the calls: calls of concurrent requests that a batching
+engine runs side by side each count their whole time, so the sum over requests can exceed the
+engine's busy time under load. Prefill tokens are the prompt as the model sees it (chat template
+included), counted with the backend's tokenizer where it has one, else estimated; an engine
+with prefix caching may compute fewer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, get_args
+
+#: Why the cloud LLM ran:
+#: ``sketch``: the outline; ``resketch``: another outline after the guards refused one;
+#: ``first_point``: the answer's opening point, streamed by the cloud while edges expand the rest;
+#: ``fallback_expansion``: a point no edge answered in time (or whose candidates were refused);
+#: ``fallback_resample``: another expansion after the guard refused the cloud's first;
+#: ``cloud_answer``: a whole answer (cloud-only mode, or after refused sketches);
+#: ``completion``: a raw prompt continued (the legacy completions endpoint);
+#: ``scoring``: the ensemble's cloud log-likelihood of candidates (prefill only).
+Purpose = Literal["sketch", "resketch", "first_point", "fallback_expansion", "fallback_resample", "cloud_answer",
+                  "completion", "scoring"]
+PURPOSES: tuple[Purpose, ...] = get_args(Purpose)
+
+
+@dataclass
+class Work:
+    """An amount of cloud LLM work."""
+
+    calls: int = 0
+    #: Sequences run (a batched call runs several).
+    sequences: int = 0
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    seconds: float = 0.0
+
+    def add(self, other: Work) -> None:
+        self.calls += other.calls
+        self.sequences += other.sequences
+        self.prefill_tokens += other.prefill_tokens
+        self.decode_tokens += other.decode_tokens
+        self.seconds += other.seconds
+
+    def as_dict(self) -> dict[str, int | float]:
+        return {"calls": self.calls, "sequences": self.sequences, "prefill_tokens": self.prefill_tokens,
+                "decode_tokens": self.decode_tokens, "seconds": round(self.seconds, 4)}
+
+
+@dataclass
+class CloudLedger:
+    """The cloud LLM's work, by purpose (of one request, or of a whole process)."""
+
+    by_purpose: dict[Purpose, Work] = field(default_factory=dict)
+
+    def record(self, purpose: Purpose, work: Work) -> None:
+        self.by_purpose.setdefault(purpose, Work()).add(work)
+
+    @property
+    def total(self) -> Work:
+        total = Work()
+        for work in self.by_purpose.values():
+            total.add(work)
+        return total
+
+    def as_dict(self) -> dict[str, dict[str, int | float]]:
+        """Purpose -> its work, plus ``total``; purposes that did not run are left out."""
+        out: dict[str, dict[str, int | float]] = {
+            purpose: self.by_purpose[purpose].as_dict() for purpose in PURPOSES if purpose in self.by_purpose}
+        out["total"] = self.total.as_dict()
+        return out
