@@ -8,13 +8,14 @@ mirrored.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from pice_cloud.cloud_ledger import PURPOSES, CloudLedger, Work
 from pice_edge.rejects import Rejections
 
 if TYPE_CHECKING:
@@ -52,6 +53,31 @@ class _QualityCollector(Collector):
         yield family
 
 
+class _CloudWorkCollector(Collector):
+    """The cloud LLM's work by purpose, from the meters' ledgers (`pice_cloud.cloud_ledger`)."""
+
+    def __init__(self, ledgers: Callable[[], Sequence[CloudLedger]]) -> None:
+        self._ledgers = ledgers
+
+    def collect(self) -> Iterator[Metric]:
+        work: dict[str, Work] = {}
+        for ledger in self._ledgers():
+            for purpose, item in ledger.by_purpose.items():
+                work.setdefault(purpose, Work()).add(item)
+        tokens = CounterMetricFamily("pice_cloud_work_tokens", "Tokens the cloud LLM computed, by purpose and phase "
+                                     "(prefill: prompt tokens; decode: generated tokens)", labels=["purpose", "phase"])
+        seconds = CounterMetricFamily("pice_cloud_work_seconds", "Wall time of the cloud LLM's calls, by purpose",
+                                      labels=["purpose"])
+        calls = CounterMetricFamily("pice_cloud_work_calls", "Calls to the cloud LLM, by purpose", labels=["purpose"])
+        for purpose in PURPOSES:
+            item = work.get(purpose, Work())
+            tokens.add_metric([purpose, "prefill"], item.prefill_tokens)
+            tokens.add_metric([purpose, "decode"], item.decode_tokens)
+            seconds.add_metric([purpose], item.seconds)
+            calls.add_metric([purpose], item.calls)
+        yield from (tokens, seconds, calls)
+
+
 class Metrics:
     """The service's counters, histograms and gauges."""
 
@@ -59,7 +85,8 @@ class Metrics:
                  in_flight: Callable[[], float], sketch_rejections: Rejections | None = None,
                  candidate_rejections: Rejections | None = None, sketch_repairs: Rejections | None = None,
                  cloud_expansion_rejections: Rejections | None = None, engine: EngineStats | None = None,
-                 engine_load: Callable[[], float] | None = None) -> None:
+                 engine_load: Callable[[], float] | None = None,
+                 cloud_work: Callable[[], Sequence[CloudLedger]] | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("pice_requests", "Chat completion requests, by mode and outcome "
@@ -86,6 +113,8 @@ class Metrics:
             Gauge("pice_cloud_batch_joined_running", "Cloud generations that joined a running batch",
                   registry=r).set_function(lambda: engine.joined_running)
         r.register(_RejectionsCollector(rejections))
+        if cloud_work is not None:
+            r.register(_CloudWorkCollector(cloud_work))
         r.register(_QualityCollector("pice_sketch_rejected", "Sketches refused by the guards, by reason",
                                      sketch_rejections or Rejections()))
         r.register(_QualityCollector("pice_candidate_rejected", "Edge expansions refused by the guards, by reason",

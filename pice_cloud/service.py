@@ -23,6 +23,7 @@ import uuid
 from collections.abc import AsyncGenerator, Sequence
 
 from pice_cloud import defaults
+from pice_cloud.cloud_ledger import CloudLedger
 from pice_cloud.cloud_meter import CloudMeter
 from pice_cloud.config import ServiceConfig
 from pice_cloud.ensemble import ConfidenceSelector, Selector
@@ -188,6 +189,12 @@ class PiceService:
         stats.total_s = stats.first_token_s = time.perf_counter() - started
         text, stats.stopped = apply_stop(done.text, options.stop)
         yield AnswerEvent(text, stats)
+
+    def cloud_ledgers(self) -> list[CloudLedger]:
+        """What the cloud LLM(s) computed since start, by purpose: the answering model's ledger,
+        and the sketch model's when a separate one writes the sketches."""
+        meters = [self.cloud] if self.sketch_cloud is self.cloud else [self.cloud, self.sketch_cloud]
+        return [meter.ledger for meter in meters]
 
     async def ask(self, question: str, *, mode: RequestedMode = "auto") -> AnswerEvent:
         """Answer ``question`` and return only the final event."""

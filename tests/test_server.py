@@ -464,6 +464,11 @@ async def test_long_inputs_are_refused_or_routed_before_any_compute(mosquitto: M
                                                  extra_body={"pice": {"mode": "progressive"}})
         assert info.value.code == "question_too_long"
         assert "service.max_question_chars" in info.value.message
+        # Streamed too: refused with a 400 before the stream's 200 is sent, not as an error event.
+        with pytest.raises(openai.BadRequestError) as info:
+            await client.chat.completions.create(model="pice", messages=[{"role": "user", "content": huge}],
+                                                 stream=True, extra_body={"pice": {"mode": "progressive"}})
+        assert info.value.code == "question_too_long"
         # A long chat history: the progressive question carries it, so it is too long for the edges.
         history = [{"role": "user" if i % 2 == 0 else "assistant", "content": "We talked about plans. " * 8}
                    for i in range(4)]
@@ -482,6 +487,13 @@ async def test_long_inputs_are_refused_or_routed_before_any_compute(mosquitto: M
     generated = api.state.metrics.registry.get_sample_value("pice_generated_tokens_total", {"where": "cloud"})
     assert generated is not None
     assert generated <= 8, "the refused requests generated nothing"
+    # The cloud's ledger on /metrics: the one answer's prompt and tokens; no sketch was written.
+    def work(purpose: str, phase: str) -> float | None:
+        return api.state.metrics.registry.get_sample_value("pice_cloud_work_tokens_total",
+                                                           {"purpose": purpose, "phase": phase})
+    assert work("cloud_answer", "decode") == generated
+    assert work("cloud_answer", "prefill") > 8 * 4  # type: ignore[operator]
+    assert work("sketch", "prefill") == work("sketch", "decode") == 0
     assert refused_in < 30  # generous for CI; nothing was generated (checked above)
 
 
