@@ -15,6 +15,7 @@ from pice_cloud.cloud_ledger import CloudLedger
 from pice_cloud.llm.base import TokenLogprob
 from pice_cloud.scheduler import Mode
 from pice_edge.protocol import Candidate, Sampling
+from pice_edge.text import format_point
 
 Source = Literal["edge", "cloud"]
 
@@ -171,5 +172,6 @@ def within_length(entries: tuple[TokenLogprob, ...] | None, length: int) -> tupl
 
 
 def render_point(index: int, heading: str, text: str) -> str:
-    """One point of the final answer: a numbered, bold heading and its expansion."""
-    return f"{index + 1}. **{heading}** {text}".rstrip()
+    """One point of the final answer: a numbered, bold heading and its expansion
+    (`pice_edge.text.format_point`; `pice_edge.text.parse_points` reads an answer back)."""
+    return format_point(index, heading, text)

@@ -30,6 +30,8 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 
+from pice_edge.text import split_sentences, strip_marker
+
 SketchReason = Literal["too_few_points", "duplicate_points", "meta_heading", "cut_heading", "restates_question",
                        "too_long"]
 ExpansionReason = Literal["empty", "echoes_prompt", "other_document", "repeats_other_point", "repetitive"]
@@ -351,17 +353,13 @@ def sketch_rejection_reason(problems: Iterable[SketchProblem]) -> SketchReason |
 
 # --- sentences and n-grams ------------------------------------------------------------------
 
-_SENTENCE_SPLIT = re.compile(r"(?<=[.!?])[\"')\]]*\s+|\n+")
-_LIST_MARKER = re.compile(r"^\s*(?:\d{1,2}[.)]|[-*•+])\s+")
-
-
 def sentences(text: str) -> list[str]:
     """The sentences (and list items, one per line) of ``text``, normalised for comparison: lower
     case, markup, list markers and punctuation removed. Sentences shorter than
     `MIN_SENTENCE_WORDS` words are left out."""
     found = []
-    for raw in _SENTENCE_SPLIT.split(text):
-        words = _words(_LIST_MARKER.sub("", raw))
+    for raw in split_sentences(text, newlines=True):
+        words = _words(strip_marker(raw))
         if len(words) >= MIN_SENTENCE_WORDS:
             found.append(" ".join(words))
     return found
@@ -375,11 +373,8 @@ def drop_repeated_sentences(text: str, other_texts: Sequence[str] = ()) -> str:
     sentence twice, and there is nobody left to write the point again."""
     seen = {s for other in other_texts for s in sentences(other)}
     kept: list[str] = []
-    start = 0
-    ends = [m.end() for m in _SENTENCE_SPLIT.finditer(text)] + [len(text)]
-    for end in ends:
-        piece, start = text[start:end], end
-        key = " ".join(_words(_LIST_MARKER.sub("", piece)))
+    for piece in split_sentences(text, newlines=True, keep_separators=True):
+        key = " ".join(_words(strip_marker(piece)))
         if len(key.split()) >= MIN_SENTENCE_WORDS:
             if key in seen:
                 continue

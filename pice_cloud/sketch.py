@@ -15,20 +15,11 @@ from collections.abc import Sequence
 
 from pice_cloud.errors import SketchError
 from pice_edge.runtimes.base import ChatMessage
+from pice_edge.text import list_item, markdown_heading, split_sentences, strip_marker
 
 SKETCH_PREFILL = "1."
 
-_ITEM = re.compile(
-    r"""^\s*(?:
-        \(?\d{1,2}\s*[.):\]]\s*      # 1.  1)  (1)  1:
-      | (?:step|point)\s+\d{1,2}\s*[.:)-]?\s*   # Step 1:
-      | [-*•·+]\s+                   # bullets
-      | \#{1,6}\s+                   # markdown headings
-    )(?P<body>.*)$""",
-    re.IGNORECASE | re.VERBOSE,
-)
 _MARKUP = re.compile(r"[*_`#]+")
-_SPLIT_SENTENCES = re.compile(r"(?<=[.!?;])\s+")
 
 
 #: Worked examples shown before the question, as earlier turns of the conversation. Measured
@@ -64,27 +55,37 @@ def sketch_messages(question: str, *, max_points: int, max_words: int) -> list[C
     return messages
 
 
-_ABBREVIATIONS = frozenset({"dr", "mr", "mrs", "ms", "st", "vs", "etc", "e.g", "i.e", "no", "jr", "sr", "prof"})
-_SENTENCE_END = re.compile(r"(?<=[a-z0-9)\]])[.!?]\s+(?=[A-Z\"'(])")
 _ELLIPSIS = re.compile(r"\s*(?:\.{2,}|…)\s*$")
 
 
 def _first_sentence(text: str) -> str:
     # "Plan ahead. It saves time later." -> "Plan ahead": the explanation is not the heading.
-    for match in _SENTENCE_END.finditer(text):
-        last_word = text[: match.start()].rsplit(None, 1)[-1].casefold()
-        if last_word not in _ABBREVIATIONS:
-            return text[: match.start()]
-    return text
+    # Prose rules, so that "Dr. Smith's method" and "U.S. holidays" stay whole.
+    first, *rest = split_sentences(text, prose=True, keep_separators=True)
+    if not "".join(rest).strip():
+        return text  # one sentence: its "?" or "!" is the heading's own
+    first = first.rstrip()
+    return first[:-1] if first[-1:] in ".!?" else first
+
+
+def _item_body(line: str) -> str | None:
+    # A point's line: a list item in any form a small model writes, or a markdown heading.
+    item = list_item(line, loose=True)
+    if item is not None:
+        return item.body
+    heading = markdown_heading(line.lstrip())
+    return heading[1] if heading is not None else None
 
 
 def _drop_unfinished(text: str) -> str:
     head, newline, _ = text.rstrip(" \t").rpartition("\n")
     if newline and head.strip():
         return head
-    # A single line: keep its finished sentences (if it has any).
-    ends = list(re.finditer(r"(?<=[^\W\d_)])[.!?](?=\s)", text))  # not the "1." of a list marker
-    return text[: ends[-1].end()] if ends else text
+    # A single line: keep its finished sentences (if it has any); its "1." ends none.
+    item = list_item(text, loose=True)
+    start = item.body_start if item is not None else 0
+    pieces = split_sentences(text[start:], keep_separators=True)
+    return text[:start] + "".join(pieces[:-1]) if len(pieces) > 1 else text
 
 
 def _clean_point(body: str) -> str:
@@ -128,12 +129,11 @@ def parse_sketch(text: str, *, max_points: int = 8, max_words: int | None = None
     if truncated and not full.rstrip(" \t").endswith("\n"):
         full = _drop_unfinished(full)
     lines = [ln for ln in full.split("\n") if ln.strip()]
-    items = [m.group("body") for ln in lines if (m := _ITEM.match(ln))]
+    items = [body for ln in lines if (body := _item_body(ln)) is not None]
     if len(items) <= 1:
         # One paragraph (or lines with no list markers): its sentences become the points.
-        joined = " ".join(items if len(lines) == 1 and items else lines)
-        joined = re.sub(r"^\s*\d{1,2}\s*[.)]\s*", "", joined)
-        items = [s for s in _SPLIT_SENTENCES.split(joined) if s.strip()]
+        joined = strip_marker(" ".join(items if len(lines) == 1 and items else lines), loose=True)
+        items = split_sentences(joined, semicolons=True)
         if len(items) == 1 and "," in items[0]:
             items = items[0].split(",")
     points: list[str] = []

@@ -17,10 +17,7 @@ import re
 from collections.abc import Sequence
 
 from pice_edge.runtimes.base import ChatMessage
-
-_SENTENCE_END = re.compile(r"[.!?)\]\"'](?=\s|$)")
-_NEXT_POINT = re.compile(r"\n\s*(?:\d{1,2}[.)]|[-*•])\s")
-
+from pice_edge.text import list_items, split_sentences, strip_marker
 
 #: Repetition penalty of an expansion (Hugging Face semantics, 1.0 = off): the device profiles'
 #: default, and what the cloud should use when it expands a point itself. Measured with
@@ -60,7 +57,6 @@ def expansion_messages(question: str, sketch: Sequence[str], point_index: int) -
     ]
 
 
-_LEADING_NUMBER = re.compile(r"^\s*\d{1,2}[.)]\s+")
 #: Where a letter or e-mail starts (at the start of the text, a line or a sentence): its
 #: salutation, subject line, or sign-off.
 _LETTER_START = re.compile(
@@ -70,14 +66,13 @@ _LETTER_START = re.compile(
 )
 
 
-_SETTLED_END = re.compile(r"[.!?)\]\"'](?=\s)")
-
-
 def settled_sentences(partial: str) -> str:
     """The whole sentences of a text that is still being generated: up to the last sentence end
     that more text already follows ("3." may yet become "3.5"); "" when there is none."""
-    ends = list(_SETTLED_END.finditer(partial))
-    return partial[: ends[-1].end()].strip() if ends else ""
+    finished = split_sentences(partial, keep_separators=True)[:-1]
+    if finished and not finished[-1][-1:].isspace():
+        finished.pop()  # the text ends with this sentence's stop: nothing follows it yet
+    return "".join(finished).strip()
 
 
 def clean_expansion(text: str, *, truncated: bool, point: str = "") -> str:
@@ -88,7 +83,8 @@ def clean_expansion(text: str, *, truncated: bool, point: str = "") -> str:
     With ``point``, a leading echo of the point ("2. Plan the day") is removed, and an
     expansion that is nothing but that echo counts as empty (worthless to the answer).
     """
-    text = _LEADING_NUMBER.sub("", text, count=1)
+    # An echo of the point's number ("2. ..."); a bullet may be the expansion's own.
+    text = strip_marker(text, numbered_only=True)
     if point:
         head = point.strip().rstrip(".:").lower()
         first, _, rest = text.strip().partition("\n")
@@ -96,9 +92,9 @@ def clean_expansion(text: str, *, truncated: bool, point: str = "") -> str:
             text = rest
         elif text.lower().startswith(head) and text[len(head):len(head) + 1] in (":", "."):
             text = text[len(head) + 1:]
-    match = _NEXT_POINT.search(text)
-    if match:
-        text = text[: match.start()]
+    following = next((item for item in list_items(text) if item.line > 0), None)
+    if following is not None:
+        text = text[: following.start]
     text = text.split("\n\n")[0] if text.strip().split("\n\n")[0].strip() else text
     # A small model may drift into another document (a letter, an e-mail): keep what came
     # before it; an expansion that is only that document is worthless.
@@ -110,7 +106,7 @@ def clean_expansion(text: str, *, truncated: bool, point: str = "") -> str:
     if any(text.startswith(echo) for echo in _ECHOES):
         return ""
     if truncated:
-        ends = list(_SENTENCE_END.finditer(text))
-        if ends:
-            text = text[: ends[-1].end()]
+        pieces = split_sentences(text, keep_separators=True)
+        if len(pieces) > 1:
+            text = "".join(pieces[:-1])  # the last piece is the unfinished sentence
     return text.strip()

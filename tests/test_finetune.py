@@ -574,3 +574,15 @@ def test_sketcher_run_outlines_its_instructions_for_negatives(tiny_model: Path, 
         == len(prepared.heldout_questions) > 0
     # The random model's outlines are words, not headings the guards know: few or no negatives.
     assert report["negatives"]["meta_headings"] <= report["negatives"]["headings"]
+
+
+def test_outline_headings_count_every_list_item_as_a_heading() -> None:
+    """Regression: "3)" and bulleted lines are headings of a generated outline, not text of the one
+    before (the old regex knew "N." only)."""
+    from pice_cloud.finetune.train import outline_headings
+
+    text = " Introduction\n2) Set clear goals\nwhy it matters\n3. The first step\n- Conclusion\n4."
+    found = outline_headings(text)
+    assert [h for _, h in found] == ["Introduction", "Set clear goals", "The first step", "Conclusion"]
+    for offset, heading in found:
+        assert text[offset:].startswith(heading), "the offset is the heading's first character"

@@ -351,7 +351,7 @@ def test_during_a_rollout_only_edges_on_the_new_build_take_points_when_they_have
 
 def test_a_replacement_avoids_the_edges_it_must_and_needs_a_free_slot() -> None:
     config = ServiceConfig()
-    edges = _views("a", "b") + [EdgeView(device_id="c", max_batch=1, queue_depth=1)]
+    edges = [*_views("a", "b"), EdgeView(device_id="c", max_batch=1, queue_depth=1)]
     task = plan_replacement(0, edges, avoid=frozenset({"a"}), config=config, sampling=Sampling(), tokens_per_point=40)
     assert task is not None
     assert task.device_id == "b"

@@ -71,7 +71,6 @@ EXPANDER = "smollm2-135m-pice-expander"
 SKETCHER = "smollm2-135m-pice-sketcher"
 #: Vicuna-bench categories where a sketch does not fit the question (and which the issue excludes).
 EXCLUDED = {"coding", "math"}
-_POINT = re.compile(r"^\s*(\d{1,2})\.\s+\*\*(?P<heading>.+?)\*\*\s*(?P<text>.*)$", re.DOTALL)
 
 
 def configurations(base: str, expander: str, sketcher: str) -> dict[str, tuple[str, str, str]]:
@@ -121,21 +120,21 @@ def stop_server(proc: subprocess.Popen[str]) -> None:
 
 
 def split_answer(text: str) -> list[tuple[str, str]]:
-    """(heading, text) of each point of a progressive answer ("1. **Heading** text" paragraphs)."""
-    out = []
-    for para in text.split("\n\n"):
-        match = _POINT.match(para)
-        if match:
-            out.append((match["heading"].strip(), " ".join(match["text"].split())))
-    return out
+    """(heading, text) of each point of a progressive answer ("1. **Heading** text" paragraphs,
+    `pice_edge.text.parse_points`), the text's whitespace collapsed."""
+    from pice_edge.text import parse_points
+
+    return [(point.heading, " ".join(point.text.split())) for point in parse_points(text)]
 
 
 def reference_chunks(reference: str) -> list[str]:
     """The GPT-4o answer's paragraphs and list items, the units a point is compared with."""
+    from pice_edge.text import list_item, paragraphs
+
     chunks = []
-    for block in re.split(r"\n\s*\n", reference):
+    for block in paragraphs(reference):
         lines = [ln for ln in block.split("\n") if ln.strip()]
-        items = [ln for ln in lines if re.match(r"^\s*(?:\d{1,2}[.)]|[-*•])\s", ln)]
+        items = [ln for ln in lines if list_item(ln)]
         chunks += [re.sub(r"[*#`]", "", ln).strip() for ln in items] if len(items) >= 2 else [" ".join(lines)]
     return [c for c in chunks if len(c.split()) >= 3] or [reference]
 

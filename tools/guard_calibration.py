@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -29,9 +28,9 @@ sys.path.insert(0, str(ROOT / "tools"))
 from vicuna import DATA_DIR  # noqa: E402
 
 from pice_cloud import guards  # noqa: E402
+from pice_edge.text import parse_point  # noqa: E402
 
 ALPACA = DATA_DIR / "alpaca_eval" / "gpt-4-turbo.jsonl"
-_ITEM = re.compile(r"^(\d{1,2})\.\s+\*\*(.+?)\*\*:?\s*(.*)$")
 
 
 def outlines(limit: int) -> list[dict[str, Any]]:
@@ -42,10 +41,12 @@ def outlines(limit: int) -> list[dict[str, Any]]:
         headings: list[str] = []
         texts: list[str] = []
         for raw in row["output"].split("\n"):
-            m = _ITEM.match(raw)
-            if m:
-                headings.append(m.group(2).strip().rstrip(":").strip())
-                texts.append(m.group(3).strip())
+            # A top-level "1. **Heading**: text" item (the grammar of a rendered point); an
+            # indented one is a sub-item of the previous point.
+            point = None if raw[:1].isspace() else parse_point(raw)
+            if point:
+                headings.append(point.heading.rstrip(":").strip())
+                texts.append(point.text.removeprefix(":").strip())
             elif headings and raw.strip() and not raw.startswith("#"):
                 texts[-1] = f"{texts[-1]}\n{raw.strip()}".strip()
         if len(headings) >= 3:

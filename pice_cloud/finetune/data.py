@@ -88,6 +88,16 @@ from pice_cloud.finetune.config import DataConfig, Role
 from pice_cloud.sketch import SKETCH_PREFILL, parse_sketch, sketch_messages
 from pice_edge.prompts import expansion_messages, format_sketch
 from pice_edge.runtimes.base import ChatMessage
+from pice_edge.text import (
+    ListItem,
+    bold_head,
+    list_item,
+    list_items,
+    markdown_heading,
+    paragraphs,
+    split_sentences,
+    strip_marker,
+)
 
 SplitKind = Literal["list", "paragraphs", "sentences", "sections"]
 #: Renders chat messages plus an assistant pre-fill into the model's prompt text.
@@ -95,19 +105,13 @@ Renderer = Callable[[Sequence[ChatMessage], str], str]
 #: Counts the tokens of a text.
 TokenCounter = Callable[[str], int]
 
-_ITEM = re.compile(r"^(?P<indent>[ \t]*)(?P<marker>\d{1,2}[.)]|[-*•+])[ \t]+(?P<body>\S.*)$")
-_MD_HEADING = re.compile(r"^\s{0,3}#{1,6}\s")
-_MD_SECTION = re.compile(r"^\s{0,3}(?P<level>#{1,6})\s+(?P<title>.*?)\s*#*\s*$")
-#: "Step 1:", "Part 2 -", "3.": a section's position, not its content.
-_SECTION_NUMBER = re.compile(
-    r"^(?:(?:step|part|section|phase|stage|day|week)\s*\d+\s*[:.)\-\u2013\u2014]?\s*|\d{1,2}[.)]\s+)", re.IGNORECASE)
-_BOLD_HEAD = re.compile(r"^\*\*(?P<head>[^*]+?)\*\*\s*(?P<rest>.*)$", re.DOTALL)
+#: "Step 1:", "Part 2 -": a section's position, not its content (as is a list number: `strip_marker`).
+_SECTION_NUMBER = re.compile(r"^(?:step|part|section|phase|stage|day|week)\s*\d+\s*[:.)\-\u2013\u2014]?\s*",
+                             re.IGNORECASE)
 _SEPARATORS = (":", " - ", " – ", " — ")
 #: Longest text before a ``:`` or dash that is read as an item's heading.
 _HEAD_CHARS = 80
 _CLAUSE_SPLIT = re.compile(r"[,;:()\u2013\u2014]|\s-\s")
-_SENTENCE_END = re.compile(r"[.!?][\"”’')\]]*(?=\s+[\"“‘(\[]?[A-Z0-9])")
-_ABBREVIATIONS = {"e.g", "i.e", "etc", "vs", "mr", "mrs", "ms", "dr", "st", "no", "approx", "u.s", "jr", "sr"}
 _CONNECTIVES = {
     "additionally", "also", "moreover", "furthermore", "first", "firstly", "second", "secondly", "third",
     "thirdly", "finally", "lastly", "however", "in addition", "besides", "similarly", "likewise", "next",
@@ -284,13 +288,13 @@ def split_answer(output: str, *, max_words: int = 6, min_points: int = 3, max_po
     text = output.replace("\r\n", "\n").replace("\r", "\n").strip()
     problem = _content_problem(text)
     lines = text.split("\n")
-    headings = [i for i, ln in enumerate(lines) if _MD_HEADING.match(ln)]
+    headings = [i for i, ln in enumerate(lines) if markdown_heading(ln)]
     if headings:
         first_content = next(i for i, ln in enumerate(lines) if ln.strip())
         if len(headings) > 1 or headings[0] != first_content:
             problem = problem or "sections"
         lines = [ln for i, ln in enumerate(lines) if i not in headings]
-    items = [(i, m) for i, ln in enumerate(lines) if (m := _ITEM.match(ln))]
+    items = [item for item in list_items("\n".join(lines)) if item.body]
     if len(items) >= 2:
         kind: SplitKind = "list"
         points, list_problem = _list_points(lines, items, max_words)
@@ -315,7 +319,7 @@ def split_sections(output: str, *, max_words: int = 6, min_points: int = 3, max_
     text = output.replace("\r\n", "\n").replace("\r", "\n").strip()
     problem = _content_problem(text)
     lines = text.split("\n")
-    sections = [(i, len(m["level"]), m["title"]) for i, ln in enumerate(lines) if (m := _MD_SECTION.match(ln))]
+    sections = [(i, *found) for i, ln in enumerate(lines) if (found := markdown_heading(ln))]
     levels = [level for _, level, _ in sections]
     if len(sections) > 1 and levels.count(levels[0]) == 1 and levels[0] < min(levels[1:]):
         sections = sections[1:]  # the title
@@ -326,10 +330,10 @@ def split_sections(output: str, *, max_words: int = 6, min_points: int = 3, max_
     points = []
     for k, (start, title) in enumerate(starts):
         end = starts[k + 1][0] if k + 1 < len(starts) else len(lines)
-        heading = _clean_heading(_SECTION_NUMBER.sub("", _plain(title)))
+        heading = _clean_heading(strip_marker(_SECTION_NUMBER.sub("", _plain(title)), numbered_only=True))
         if guards.is_meta_heading(heading):
             continue
-        body = " ".join(ln.strip() for ln in lines[start + 1:end] if ln.strip() and not _MD_HEADING.match(ln))
+        body = " ".join(ln.strip() for ln in lines[start + 1:end] if ln.strip() and not markdown_heading(ln))
         points.append(Point(heading, _plain(body)))
     return Split("sections", tuple(points), problem or _outline_problem(points, max_words, min_points, max_points))
 
@@ -342,37 +346,42 @@ def _content_problem(text: str) -> str | None:
     if _LETTER.search(text):
         return "letter"
     lines = [ln.strip() for ln in text.split("\n") if ln.strip()]
-    short = [ln for ln in lines if len(ln.split()) <= 8 and not _ITEM.match(ln) and ln[-1] not in ".:?!"]
+    short = [ln for ln in lines if len(ln.split()) <= 8 and not _item(ln) and ln[-1] not in ".:?!"]
     # Verse: most lines short and without closing punctuation.
     if len(lines) >= 6 and len(short) >= 0.6 * len(lines):
         return "verse"
     return None
 
 
-def _list_points(lines: list[str], items: list[tuple[int, re.Match[str]]],
-                 max_words: int) -> tuple[list[Point], str | None]:
-    indent = min(_width(m["indent"]) for _, m in items)
-    top = [(i, m) for i, m in items if _width(m["indent"]) == indent]
+def _item(line: str) -> ListItem | None:
+    """The list item ``line`` is, when it has text on its line (a bare "2." is no point)."""
+    item = list_item(line)
+    return item if item is not None and item.body else None
+
+
+def _list_points(lines: list[str], items: list[ListItem], max_words: int) -> tuple[list[Point], str | None]:
+    indent = min(_width(item.indent) for item in items)
+    top = [item for item in items if _width(item.indent) == indent]
     problem = None
-    numbered = {m["marker"][0].isdigit() for _, m in top}
+    numbered = {item.number is not None for item in top}
     if len(numbered) > 1:
         problem = "several_lists"
     points = []
-    for k, (start, match) in enumerate(top):
-        end = top[k + 1][0] if k + 1 < len(top) else len(lines)
+    for k, item in enumerate(top):
+        end = top[k + 1].line if k + 1 < len(top) else len(lines)
         subs: list[str] = []
         more: list[str] = []
-        for ln in lines[start + 1:end]:
+        for ln in lines[item.line + 1:end]:
             if not ln.strip():
                 continue
-            sub = _ITEM.match(ln)
+            sub = _item(ln)
             if _width(ln[: len(ln) - len(ln.lstrip())]) > indent:
-                (subs if sub else more).append((sub["body"] if sub else ln).strip())
+                (subs if sub else more).append((sub.body if sub else ln).strip())
             elif k + 1 < len(top):
                 problem = problem or "several_lists"  # unindented text between two items
             else:
                 break  # the outro
-        points.append(_item_point(match["body"].strip(), subs, more, max_words))
+        points.append(_item_point(item.body, subs, more, max_words))
     return points, problem
 
 
@@ -395,9 +404,9 @@ def _item_point(body: str, subs: list[str], more: list[str], max_words: int) -> 
 
 def _explicit_heading(body: str) -> tuple[str | None, str]:
     """(heading, rest) when the item names its heading (bold, or text before ``:``/a dash)."""
-    bold = _BOLD_HEAD.match(body)
+    bold = bold_head(body)
     if bold:
-        return bold["head"], bold["rest"].lstrip(":-–—. \t")
+        return bold[0], bold[1].lstrip(":-–—. \t")
     plain = _plain(body)
     cut = [(plain.find(sep), sep) for sep in _SEPARATORS if 0 < plain.find(sep) <= _HEAD_CHARS]
     if cut:
@@ -432,7 +441,7 @@ def _clean_heading(text: str) -> str:
 def first_clause_heading(text: str, max_words: int) -> str | None:
     """A heading made from the first clause of ``text`` (leading connectives skipped), or
     ``None`` when that clause is longer than ``max_words`` (it is never cut)."""
-    first = split_sentences(_plain(text))[:1]
+    first = split_sentences(_plain(text), prose=True)[:1]
     if not first:
         return None
     for clause in _CLAUSE_SPLIT.split(first[0]):
@@ -446,32 +455,15 @@ def first_clause_heading(text: str, max_words: int) -> str | None:
     return None
 
 
-def split_sentences(text: str) -> list[str]:
-    """Sentences of ``text`` (abbreviations such as "e.g." and initials do not end one)."""
-    out: list[str] = []
-    start = 0
-    for match in _SENTENCE_END.finditer(text):
-        before = text[start:match.start()].split()
-        word = before[-1].lower().rstrip(".") if before else ""
-        if word in _ABBREVIATIONS or (len(word) == 1 and word.isalpha()):
-            continue
-        out.append(text[start:match.end()].strip())
-        start = match.end()
-    tail = text[start:].strip()
-    if tail:
-        out.append(tail)
-    return [s for s in out if s]
-
-
 def _prose_points(text: str, max_words: int, min_points: int, group: int) -> tuple[SplitKind, list[Point]]:
-    paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", text) if p.strip()]
-    if paragraphs and paragraphs[0].endswith(":"):
-        paragraphs = paragraphs[1:]
-    if len(paragraphs) > 1 and _OUTRO.match(paragraphs[-1]):
-        paragraphs = paragraphs[:-1]
-    if len(paragraphs) >= min_points:
-        return "paragraphs", [Point(first_clause_heading(p, max_words), _plain(p), derived=True) for p in paragraphs]
-    sentences = split_sentences(_plain(" ".join(paragraphs)))
+    blocks = [" ".join(p.split()) for p in paragraphs(text)]
+    if blocks and blocks[0].endswith(":"):
+        blocks = blocks[1:]
+    if len(blocks) > 1 and _OUTRO.match(blocks[-1]):
+        blocks = blocks[:-1]
+    if len(blocks) >= min_points:
+        return "paragraphs", [Point(first_clause_heading(p, max_words), _plain(p), derived=True) for p in blocks]
+    sentences = split_sentences(_plain(" ".join(blocks)), prose=True)
     groups = [sentences[i:i + group] for i in range(0, len(sentences), group)]
     if len(groups) > 1 and len(groups[-1]) < group:
         last = groups.pop()
@@ -530,7 +522,7 @@ def _plain_render(messages: Sequence[ChatMessage], prefill: str) -> str:
 def expansion_target(text: str, sentences: int, max_tokens: int, count: TokenCounter) -> str | None:
     """The first ``sentences`` sentences of a point's text, fewer when that exceeds ``max_tokens``
     (``None`` when even one sentence does)."""
-    parts = split_sentences(text)
+    parts = split_sentences(text, prose=True)
     for n in range(min(sentences, len(parts)), 0, -1):
         target = " ".join(parts[:n])
         if count(target) <= max_tokens:

@@ -36,7 +36,6 @@ import math
 import os
 import platform
 import random
-import re
 import resource
 import sys
 import time
@@ -52,6 +51,7 @@ from pice_cloud.finetune.config import FinetuneConfig
 from pice_cloud.finetune.data import Example, Prepared, prepare
 from pice_edge.model_store import installed_path, resolve, sha256_file
 from pice_edge.runtimes.base import ChatMessage
+from pice_edge.text import list_items
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +59,6 @@ IGNORE_INDEX = -100  # label of prompt and padding tokens (torch's cross-entropy
 _CHECKPOINT = "checkpoint-{step:06d}.pt"
 DATA_NOTE = ("Trained on the data named in 'data'. For ../shared/data/alpaca_eval (AlpacaEval, GPT-4-Turbo "
              "answers): CC BY-NC 4.0, train and measure only, never ship the weights.")
-
-
-#: Where a heading starts in a generated outline: its beginning (after the "1." pre-fill) and after
-#: each later "N." marker; the heading runs to the end of its line.
-_HEADING = re.compile(r"(?:^|\n\d{1,2}\.)(?P<heading>[^\n]*)")
 
 
 class Row(NamedTuple):
@@ -129,19 +124,28 @@ def meta_negatives(prompt: list[int], generated: list[int], tokenizer: Any) -> t
     meta heading, the prompt and the outline up to the heading's first token, which is the one to
     make unlikely. Also returns how many headings the outline has."""
     text = tokenizer.decode(generated, skip_special_tokens=True)
-    matches = [m for m in _HEADING.finditer(text) if m["heading"].strip()]
+    found = outline_headings(text)
     rows = []
-    for match in matches:
-        if not guards.is_meta_heading(match["heading"]):
+    for first_char, heading in found:
+        if not guards.is_meta_heading(heading):
             continue
-        first_char = match.start("heading") + len(match["heading"]) - len(match["heading"].lstrip())
         # The first token whose text reaches past the heading's first character holds it.
         for j in range(len(generated)):
             if len(tokenizer.decode(generated[: j + 1], skip_special_tokens=True)) > first_char:
                 ids = [*prompt, *generated[: j + 1]]
                 rows.append(Row(ids, [IGNORE_INDEX] * len(ids), [len(ids) - 1]))
                 break
-    return rows, len(matches)
+    return rows, len(found)
+
+
+def outline_headings(text: str) -> list[tuple[int, str]]:
+    """``(offset, heading)`` of each heading of a generated outline (the text after the ``"1."``
+    pre-fill): its first line, and each later line that is a list item, numbered ("2.", "3)") or
+    bulleted; empty headings left out. ``offset`` is where the heading's first character is."""
+    first = text.partition("\n")[0]
+    found = [(len(first) - len(first.lstrip()), first.strip())]
+    found += [(item.body_start, item.body) for item in list_items(text) if item.line > 0]
+    return [(offset, heading) for offset, heading in found if heading]
 
 
 def outline_negatives(model: Any, tokenizer: Any, questions: Sequence[str], cfg: FinetuneConfig, device: str,
