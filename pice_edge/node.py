@@ -1,12 +1,15 @@
-"""EdgeNode: MQTT tasks -> queue -> batcher -> runtime (worker thread) -> candidates.
+"""EdgeNode: MQTT tasks -> queue -> batching engine -> runtime (worker thread) -> candidates.
 
 Tasks that arrive together are generated together in one batch (the edge's parallelism); a
 short gathering window lets points of one request that arrive a few milliseconds apart share
-a prefill. With a runtime that decodes step by step (`SteppingRuntime`), tasks that arrive
-while others are being generated join the running batch at the next decode step (continuous
-batching) and finished sequences leave it at once; with a plain `Runtime`, they form the next
-batch as soon as the runtime is free. Either way the batch is bounded by ``max_batch`` and by
-the estimated KV-cache bytes of its sequences (``memory_budget_mb``).
+a prefill. The batching itself is the project's one engine (`pice_edge._engine.BatchEngine`,
+the cloud's embedded model runs on it too): with a runtime that decodes step by step
+(`SteppingRuntime`), tasks that arrive while others are being generated join the running batch
+at the next decode step (continuous batching) and finished sequences leave it at once; with a
+plain `Runtime`, they form the next batch as soon as the runtime is free. Either way the batch is
+bounded by ``max_batch`` and by the estimated KV-cache bytes of its sequences
+(``memory_budget_mb``). The node keeps the queue policy on top: a bounded queue, refusals,
+deadlines checked when a task would start, model switches between batches, and publishing.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pice_edge._engine import BatchEngine, EngineStats, Job
 from pice_edge.errors import ConfigError, ProtocolError, TransportError
 from pice_edge.prompts import (
     EXPANSION_NO_REPEAT_NGRAM_SIZE,
@@ -44,27 +48,23 @@ from pice_edge.protocol import (
     refusal_topic,
 )
 from pice_edge.rejects import Rejections
-from pice_edge.runtimes.base import DecodeBatch, GenerationRequest, GenerationResult, Runtime, SteppingRuntime
+from pice_edge.runtimes.base import GenerationRequest, GenerationResult, Runtime
 from pice_edge.transport import BrokerSettings, Message, MqttTransport
 
 log = logging.getLogger(__name__)
 
-#: How often an idle batcher looks up from the task queue (for a due model switch).
+#: How often an idle engine looks up from the task queue (for a due model switch).
 _IDLE_POLL_S = 0.25
 
 #: How long a starting edge waits to see its own status come back from the broker (seconds).
 STATUS_ECHO_TIMEOUT_S = 5.0
-#: Weight of a new sample in the moving average of the decode speed reported in status
-#: (new = (1 - w) * old + w * sample): a batch's rate swings with its size and prompt lengths, so
-#: the reported figure moves slowly.
-RATE_SAMPLE_WEIGHT = 0.1
-
 _SEEN_TASKS = 4096  # remembered (request, point) pairs, to drop QoS 1 re-deliveries
 
 
 @dataclass
 class NodeStats:
-    """Counters an operator (or a test) can read from a running node."""
+    """Counters an operator (or a test) can read from a running node; those of the batching
+    itself are the engine's (``engine``), also readable under their node names below."""
 
     tasks_received: int = 0
     tasks_expired: int = 0
@@ -76,16 +76,41 @@ class NodeStats:
     rollouts: int = 0
     rollouts_failed: int = 0
     candidates_published: int = 0
-    batches: int = 0
-    batch_sizes: list[int] = field(default_factory=list)
-    tokens_generated: int = 0
-    tokens_per_s: float = 0.0
-    #: Decode steps run (step-level batching only).
-    steps: int = 0
-    #: Tasks that started while other sequences were being generated (continuous batching).
-    tasks_joined_running: int = 0
-    #: Largest number of sequences generated together so far.
-    peak_batch: int = 0
+    engine: EngineStats = field(default_factory=EngineStats)
+
+    @property
+    def batches(self) -> int:
+        """Generations that ran to the end."""
+        return self.engine.finished
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        """Sequences generated together at each of the last steps (batches, for a plain runtime)."""
+        return self.engine.batch_sizes
+
+    @property
+    def tokens_generated(self) -> int:
+        return self.engine.tokens_generated
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Measured decode rate of the whole batch (what status reports and refusals use)."""
+        return self.engine.tokens_per_s
+
+    @property
+    def steps(self) -> int:
+        """Steps run: decode steps, or batches for a plain runtime."""
+        return self.engine.steps
+
+    @property
+    def tasks_joined_running(self) -> int:
+        """Tasks that started while other sequences were being generated (continuous batching)."""
+        return self.engine.joined_running
+
+    @property
+    def peak_batch(self) -> int:
+        """Largest number of sequences generated together so far."""
+        return self.engine.peak_batch
 
 
 @dataclass
@@ -94,11 +119,74 @@ class _Queued:
     received: float
 
 
-@dataclass
-class _Live:
-    queued: _Queued
-    request: GenerationRequest
-    kv_bytes: int
+class _TaskQueue:
+    """The node's waiting tasks, as the engine's `pice_edge._engine.JobSource`: a bounded queue
+    (a full one refuses, in `EdgeNode._on_task`), the task first in line held out of it while it
+    does not fit the batch, a task whose deadline passed while it waited dropped (``expired``),
+    and nothing started while a model switch is due (``switch_due``; the switch itself,
+    ``on_idle``, happens when nothing runs)."""
+
+    def __init__(self, maxsize: int, *, prepare: Callable[[_Queued], Job[_Queued]],
+                 expired: Callable[[_Queued], bool], switch_due: Callable[[], bool],
+                 on_idle: Callable[[], None]) -> None:
+        self.queue: asyncio.Queue[_Queued] = asyncio.Queue(maxsize=maxsize)
+        self._prepare = prepare
+        self._expired = expired
+        self._switch_due = switch_due
+        self._on_idle = on_idle
+        #: Taken from the queue, first in line (no memory for it yet), and its prepared job.
+        self._held: _Queued | None = None
+        self._job: Job[_Queued] | None = None
+
+    def __len__(self) -> int:
+        return self.queue.qsize() + (self._held is not None)
+
+    def drain(self) -> list[_Queued]:
+        """Take every waiting task out, first in line first."""
+        waiting = [self._held] if self._held is not None else []
+        self._held = self._job = None
+        while not self.queue.empty():
+            waiting.append(self.queue.get_nowait())
+        return waiting
+
+    def reformat(self) -> None:
+        """Prepare the held task again (a new runtime formats its prompt)."""
+        self._job = None
+
+    def peek(self) -> Job[_Queued] | None:
+        if self._switch_due():
+            return None  # let the running batch drain: what waits runs on the new model
+        while True:
+            if self._held is None:
+                try:
+                    self._held = self.queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return None
+            # Checked every time: a held task's deadline may pass while it waits for memory.
+            if self._expired(self._held):
+                self._held = self._job = None
+                continue
+            if self._job is None:
+                self._job = self._prepare(self._held)
+            return self._job
+
+    def pop(self) -> Job[_Queued]:
+        job = self._job
+        assert job is not None, "pop without a peeked job"
+        self._held = self._job = None
+        return job
+
+    async def wait(self, timeout: float | None) -> bool:
+        if self._held is None:
+            try:
+                # An idle engine looks up now and then, so a due model switch is not held up.
+                self._held = await asyncio.wait_for(self.queue.get(), _IDLE_POLL_S if timeout is None else timeout)
+            except asyncio.TimeoutError:
+                return False
+        return not self._switch_due()
+
+    def idle(self) -> None:
+        self._on_idle()
 
 
 @dataclass(frozen=True)
@@ -169,9 +257,6 @@ class EdgeNode:
         self.runtime = runtime
         self.device_id = device_id
         self.profile = profile
-        self.max_batch = max_batch
-        self.batch_window_s = batch_window_s
-        self.memory_budget_bytes = int(memory_budget_mb * 2**20) if memory_budget_mb else None
         self.heartbeat_s = heartbeat_s
         self.repetition_penalty = repetition_penalty
         self.no_repeat_ngram_size = no_repeat_ngram_size
@@ -185,18 +270,20 @@ class EdgeNode:
         self._rollout_target: tuple[str, str] | None = None
         self._rollout_task: asyncio.Task[None] | None = None
         self._swapped = asyncio.Event()
-        self.stats = NodeStats()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"pice-edge-{device_id}")
+        self._waiting = _TaskQueue(max_queue, prepare=self._as_job, expired=self._expired,
+                                   switch_due=lambda: self._next_runtime is not None, on_idle=self._swap)
+        self._engine: BatchEngine[_Queued] = BatchEngine(
+            runtime, self._waiting, self._executor, max_batch=max_batch, batch_window_s=batch_window_s,
+            memory_budget_bytes=int(memory_budget_mb * 2**20) if memory_budget_mb else None,
+            after_step=self._ended, name=f"edge {device_id} runtime")
+        self.stats = NodeStats(engine=self._engine.stats)
         #: Set once our own status came back from the broker (the cloud can see us).
         self.status_visible = asyncio.Event()
         self._started_at = time.time()
         self.rejections = rejections or Rejections()
         self._max_payload = broker.max_payload_bytes
-        self._queue: asyncio.Queue[_Queued] = asyncio.Queue(maxsize=max_queue)
-        self._running = 0
-        self._held: _Queued | None = None
-        self._next_key = 0  # taken from the queue but not admitted (no memory yet)
         self._seen: OrderedDict[tuple[str, int], None] = OrderedDict()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"pice-edge-{device_id}")
         self._tasks: list[asyncio.Task[None]] = []
         #: Called with every status this node publishes (discovery uses it to keep its TXT
         #: record's free slots current); listeners must not block.
@@ -213,6 +300,35 @@ class EdgeNode:
         if rollout is not None:
             self.transport.add_subscription(FLEET_ROLLOUT_TOPIC, self._on_rollout)
         self.transport.on_connect(self.publish_status)
+
+    # --- batching limits (the engine's) ---------------------------------------------------
+
+    @property
+    def max_batch(self) -> int:
+        """Most tasks generated together."""
+        return self._engine.max_batch
+
+    @max_batch.setter
+    def max_batch(self, value: int) -> None:
+        self._engine.max_batch = value
+
+    @property
+    def batch_window_s(self) -> float:
+        """How long an idle node waits for more tasks after the first one of a batch."""
+        return self._engine.batch_window_s
+
+    @batch_window_s.setter
+    def batch_window_s(self, value: float) -> None:
+        self._engine.batch_window_s = value
+
+    @property
+    def memory_budget_bytes(self) -> int | None:
+        """Most estimated KV-cache bytes of the sequences of a batch (``None``: no limit)."""
+        return self._engine.memory_budget_bytes
+
+    @memory_budget_bytes.setter
+    def memory_budget_bytes(self, value: int | None) -> None:
+        self._engine.memory_budget_bytes = value
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -238,8 +354,8 @@ class EdgeNode:
                 f"ACL the device id must equal the broker username ({username or 'none given'}): use "
                 "--device-id USERNAME or --username DEVICE_ID"
             ) from exc
+        self._engine.start()
         self._tasks = [
-            asyncio.create_task(self._batch_loop(), name=f"{self.device_id}-batcher"),
             asyncio.create_task(self._heartbeat_loop(), name=f"{self.device_id}-heartbeat"),
             asyncio.create_task(self._check_status_visible(), name=f"{self.device_id}-status-check"),
         ]
@@ -255,12 +371,9 @@ class EdgeNode:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        await self._engine.close()
         if self.transport.connected:
-            waiting = [self._held] if self._held is not None else []
-            self._held = None
-            while not self._queue.empty():
-                waiting.append(self._queue.get_nowait())
-            for queued in waiting:
+            for queued in self._waiting.drain():
                 self._refuse(queued.task, "stopping", "the node is stopping")
         if self.transport.connected:
             await self.transport.publish_and_wait(
@@ -352,12 +465,14 @@ class EdgeNode:
         self.rollout_state = "switched"
 
     def _swap(self) -> None:
-        """Switch to the pending runtime; called by the batcher when nothing runs."""
+        """Switch to the pending runtime, if one is due; called by the engine when nothing runs."""
         if self._next_runtime is None:
-            return  # the rollout was abandoned meanwhile
+            return  # nothing due, or the rollout was abandoned meanwhile
         old = self.runtime
         self.runtime, self.model_name, self.model_build = self._next_runtime
         self._next_runtime = None
+        self._engine.use(self.runtime)
+        self._waiting.reformat()
         self._rollout_target = None
         self.stats.rollouts += 1
         log.info("%s: now running %s", self.device_id, self.model_id)
@@ -368,7 +483,8 @@ class EdgeNode:
     # --- status ----------------------------------------------------------------------------
 
     def _status(self, *, online: bool = True) -> EdgeStatus:
-        depth = self._queue.qsize()
+        depth = self._waiting.queue.qsize()
+        running = self._engine.running
         return EdgeStatus(
             device_id=self.device_id,
             online=online,
@@ -376,8 +492,8 @@ class EdgeNode:
             runtime=self.runtime.name,
             model_id=self.model_id,
             max_batch=self.max_batch,
-            free_slots=max(0, self.max_batch - depth - self._running),
-            queue_depth=depth + self._running,
+            free_slots=max(0, self.max_batch - depth - running),
+            queue_depth=depth + running,
             tokens_per_s=round(self.stats.tokens_per_s, 2),
             heartbeat_s=self.heartbeat_s,
         )
@@ -443,13 +559,13 @@ class EdgeNode:
         if len(self._seen) > _SEEN_TASKS:
             self._seen.popitem(last=False)
         self.stats.tasks_received += 1
-        if self._queue.full():
-            self._refuse(task, "queue_full", f"queue of {self._queue.maxsize} is full")
+        if self._waiting.queue.full():
+            self._refuse(task, "queue_full", f"queue of {self._waiting.queue.maxsize} is full")
             return
         if self._would_miss_deadline(task):
             self._refuse(task, "would_miss_deadline", f"{self._outstanding()} tasks ahead")
             return
-        self._queue.put_nowait(_Queued(task, time.monotonic()))
+        self._waiting.queue.put_nowait(_Queued(task, time.monotonic()))
         outstanding = self._outstanding()
         self.stats.peak_outstanding = max(self.stats.peak_outstanding, outstanding)
         if outstanding == self.max_batch:
@@ -458,7 +574,7 @@ class EdgeNode:
             self.publish_status()
 
     def _outstanding(self) -> int:
-        return self._queue.qsize() + self._running + (self._held is not None)
+        return len(self._waiting) + self._engine.running
 
     def _would_miss_deadline(self, task: ExpandTask) -> bool:
         """A task that must wait for a slot, and by the measured decode rate would not finish
@@ -481,143 +597,26 @@ class EdgeNode:
         except Exception:
             log.exception("could not refuse task %s/%d", task.request_id, task.point_index)
 
-    # --- batching --------------------------------------------------------------------------
+    # --- batching (the engine's hooks) ------------------------------------------------------
 
-    def _kv_bytes(self, request: GenerationRequest) -> int:
-        estimate = getattr(self.runtime, "kv_cache_bytes", None)
-        return int(estimate(request)) if callable(estimate) else 0
+    def _expired(self, queued: _Queued) -> bool:
+        """The task's deadline passed while it waited: nobody reads a late candidate (counted)."""
+        if queued.task.deadline > time.time():
+            return False
+        self.stats.tasks_expired += 1
+        return True
 
-    async def _take(self, timeout: float | None) -> _Queued | None:
-        """The next task: the held one, else from the queue (``None`` timeout: wait for one)."""
-        if self._held is not None:
-            queued, self._held = self._held, None
-            return queued
-        if timeout is None:
-            return await self._queue.get()
-        try:
-            if timeout <= 0:
-                return self._queue.get_nowait()
-            return await asyncio.wait_for(self._queue.get(), timeout=timeout)
-        except (asyncio.QueueEmpty, asyncio.TimeoutError):
-            return None
+    def _as_job(self, queued: _Queued) -> Job[_Queued]:
+        """The task as the engine's job, its prompt formatted by the runtime that will run it."""
+        return Job(self._request(queued.task), queued)
 
-    async def _admit(self, live: dict[int, _Live], used: int) -> list[tuple[int, _Live]]:
-        """Tasks that may start now, within ``max_batch`` and the memory budget.
-
-        When nothing runs, wait for a task and then ``batch_window_s`` for more; while a batch
-        runs, take only what is already queued (the running batch must not wait).
-        """
-        admitted: list[tuple[int, _Live]] = []
-        window_end: float | None = None
-        if self._next_runtime is not None:
-            # A new model is due: let the running batch drain; what waits runs on the new model.
-            return admitted
-        while len(live) + len(admitted) < self.max_batch:
-            if not live and not admitted:
-                queued = await self._take(_IDLE_POLL_S)
-                if queued is None:
-                    break  # idle: the caller checks for a due model switch and comes back
-                window_end = time.monotonic() + self.batch_window_s
-            else:
-                queued = await self._take(window_end - time.monotonic() if window_end is not None else 0.0)
-            if queued is None:
-                break
-            if queued.task.deadline <= time.time():
-                self.stats.tasks_expired += 1
-                continue
-            request = self._request(queued.task)
-            need = self._kv_bytes(request)
-            budget = self.memory_budget_bytes
-            if budget is not None and (live or admitted) and used + need > budget:
-                self._held = queued  # first in line once memory frees up
-                break
-            used += need
-            self._next_key += 1
-            admitted.append((self._next_key, _Live(queued, request, need)))
-        return admitted
-
-    async def _batch_loop(self) -> None:
-        while True:
-            runtime = self.runtime
-            if isinstance(runtime, SteppingRuntime):
-                await self._step_loop(runtime)
-            else:
-                await self._generate_loop(runtime)
-            # The loop returned: a new runtime is due and nothing runs.
-            self._swap()
-
-    async def _generate_loop(self, runtime: Runtime) -> None:
-        """Batch by batch; returns between batches when a rollout's runtime is due."""
-        loop = asyncio.get_running_loop()
-        while True:
-            admitted = await self._admit({}, 0)
-            if not admitted:
-                if self._next_runtime is not None:
-                    return
-                continue
-            batch = [item.queued for _, item in admitted]
-            requests = [item.request for _, item in admitted]
-            self._running = len(batch)
-            self.stats.peak_batch = max(self.stats.peak_batch, len(batch))
-            started = time.perf_counter()
-            try:
-                results = await loop.run_in_executor(self._executor, runtime.generate, requests)
-            except Exception:
-                log.exception("runtime failed on a batch of %d; the cloud will expand these points", len(batch))
-                self._running = 0
-                continue
-            elapsed = time.perf_counter() - started
-            self._running = 0
-            tokens = sum(r.token_count for r in results)
-            self._account(len(batch), tokens, elapsed)
-            for queued, req, result in zip(batch, requests, results, strict=False):
-                self._publish(queued, req, result)
-            self.publish_status()
-
-    async def _step_loop(self, runtime: SteppingRuntime) -> None:
-        """Continuous batching: admit between decode steps, publish as sequences finish."""
-        loop = asyncio.get_running_loop()
-        batch: DecodeBatch = runtime.new_batch()
-        live: dict[int, _Live] = {}
-        while True:
-            used = sum(item.kv_bytes for item in live.values())
-            admitted = await self._admit(live, used)
-            if admitted:
-                if live:
-                    self.stats.tasks_joined_running += len(admitted)
-                live.update(admitted)
-                try:
-                    await loop.run_in_executor(self._executor, _add_all, batch, admitted)
-                except Exception:
-                    log.exception("runtime failed to start %d tasks; the cloud will expand these points", len(admitted))
-                    batch, live = runtime.new_batch(), {}
-                    self._running = 0
-                    continue
-            if not live:
-                if self._next_runtime is not None:
-                    return
-                continue
-            self._running = len(live)
-            self.stats.peak_batch = max(self.stats.peak_batch, len(live))
-            self.stats.batch_sizes.append(len(live))
-            del self.stats.batch_sizes[:-100]
-            started = time.perf_counter()
-            try:
-                finished = await loop.run_in_executor(self._executor, batch.step)
-            except Exception:
-                log.exception("runtime failed on a batch of %d; the cloud will expand these points", len(live))
-                batch, live = runtime.new_batch(), {}
-                self._running = 0
-                continue
-            self._step_rate(len(live), time.perf_counter() - started)
-            for key, result in finished:
-                item = live.pop(int(key))  # type: ignore[call-overload]
-                self.stats.batches += 1
-                self.stats.tokens_generated += result.token_count
-                self._publish(item.queued, item.request, result)
-            self._running = len(live)
-            if finished:
-                self.publish_status()
+    def _ended(self, jobs: list[Job[_Queued]]) -> None:
+        """Publish what the step finished, then the slots it freed."""
+        for job in jobs:
+            if job.future.cancelled() or job.future.exception() is not None:
+                continue  # a failed step (the engine logged it): the cloud expands these points
+            self._publish(job.context, job.request, job.future.result())
+        self.publish_status()
 
     def _publish(self, queued: _Queued, req: GenerationRequest, result: GenerationResult) -> None:
         task = queued.task
@@ -653,24 +652,6 @@ class EdgeNode:
             no_repeat_ngram_size=self.no_repeat_ngram_size,
         )
 
-    def _step_rate(self, rows: int, elapsed: float) -> None:
-        self.stats.steps += 1
-        if elapsed > 0:
-            rate = rows / elapsed  # one token per live row per step
-            stats = self.stats
-            w = RATE_SAMPLE_WEIGHT
-            stats.tokens_per_s = rate if stats.tokens_per_s == 0 else (1 - w) * stats.tokens_per_s + w * rate
-
-    def _account(self, batch_size: int, tokens: int, elapsed: float) -> None:
-        stats = self.stats
-        stats.batches += 1
-        stats.batch_sizes.append(batch_size)
-        del stats.batch_sizes[:-100]
-        stats.tokens_generated += tokens
-        if elapsed > 0 and tokens:
-            rate = tokens / elapsed
-            stats.tokens_per_s = rate if stats.tokens_per_s == 0 else 0.7 * stats.tokens_per_s + 0.3 * rate
-
 
 def queued_finish_s(ahead: int, max_batch: int, tokens: int, tokens_per_s: float) -> float:
     """Seconds until a task of ``tokens`` tokens that arrives behind ``ahead`` others would
@@ -679,7 +660,3 @@ def queued_finish_s(ahead: int, max_batch: int, tokens: int, tokens_per_s: float
     rounds = 1 + max(0, -(-(ahead + 1 - max_batch) // max_batch))
     return rounds * tokens * max_batch / tokens_per_s
 
-
-def _add_all(batch: DecodeBatch, admitted: list[tuple[int, _Live]]) -> None:
-    for key, item in admitted:
-        batch.add(key, item.request)

@@ -1,7 +1,7 @@
 """Cloud LLM backend on a local Hugging Face model (default: the bundled SmolLM2).
 
-Generations are continuously batched (`pice_cloud.llm.step_engine.StepEngine` over the runtime's
-step engine): concurrent sketches, answers and expansions share decode steps, and streamed and
+Generations are continuously batched (`pice_cloud.llm.step_engine.StepEngine`, a driver of the
+batching engine the edges run too): concurrent sketches, answers and expansions share decode steps, and streamed and
 non-streamed answers come out of the same loop, so they are the same text for the same seed.
 Requests for per-token log-probabilities with alternatives run alone on the model thread (the
 step engine keeps only the chosen token's log-probability).
@@ -76,7 +76,7 @@ class TransformersBackend:
         self.context_tokens: int | None = getattr(self.runtime.model.config, "max_position_embeddings", None)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pice-cloud-llm")
         self._counter: Any = None
-        self.engine = StepEngine(self.runtime, self._executor, max_batch=max_batch,  # type: ignore[arg-type]
+        self.engine = StepEngine(self.runtime, self._executor, max_batch=max_batch,
                                  memory_budget_bytes=None if memory_budget_mb is None else memory_budget_mb << 20)
 
     def _tokenizer(self) -> Any:

@@ -144,7 +144,7 @@ class _Row:
 
 
 class StepBatch:
-    """A `DecodeBatch` over a `ForwardFn` (see the module docstring)."""
+    """A `StreamingDecodeBatch` over a `ForwardFn` (see the module docstring)."""
 
     def __init__(self, forward: ForwardFn, shape: ModelShape, policy: LogitsPolicy,
                  encode: Callable[[str], list[int]], decode: Callable[[list[int]], str]) -> None:

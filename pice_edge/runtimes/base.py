@@ -2,7 +2,8 @@
 
 A runtime turns a batch of fully formatted prompts into continuations, with the token count
 and mean token log-probability of each (the edge's own confidence, used by the cloud's
-ensemble). It is synchronous: the node runs it on a worker thread, never on the event loop.
+ensemble). It is synchronous: the batching engine (`pice_edge._engine`) runs it on a worker
+thread, never on the event loop.
 """
 
 from __future__ import annotations
@@ -93,9 +94,10 @@ class DecodeBatch(Protocol):
 class SteppingRuntime(Runtime, Protocol):
     """Optional extension of `Runtime` for step-level (continuous) batching.
 
-    `EdgeNode` uses it when a runtime provides it, so tasks that arrive while others are being
-    generated start at the next decode step instead of waiting for the whole batch; a runtime
-    with only `generate` still works (batch by batch).
+    The batching engine (`pice_edge._engine`, behind `EdgeNode`) uses it when a runtime provides
+    it, so tasks that arrive while others are being generated start at the next decode step
+    instead of waiting for the whole batch; a runtime with only `generate` still works (batch by
+    batch).
     """
 
     def new_batch(self) -> DecodeBatch:
@@ -104,4 +106,28 @@ class SteppingRuntime(Runtime, Protocol):
 
     def kv_cache_bytes(self, request: GenerationRequest) -> int:
         """Estimated KV-cache bytes of one sequence (prompt plus its whole token budget)."""
+        ...
+
+
+@runtime_checkable
+class StreamingDecodeBatch(DecodeBatch, Protocol):
+    """A `DecodeBatch` that shows its sequences' tokens as they come and lets a sequence go
+    before it finishes (`pice_edge.runtimes._decode.StepBatch` does both)."""
+
+    def progress(self) -> list[tuple[object, list[int]]]:
+        """The tokens generated so far by every live sequence, by key (copies)."""
+        ...
+
+    def discard(self, key: object) -> None:
+        """Drop a sequence nobody waits for any more; its slot is free at once."""
+        ...
+
+
+@runtime_checkable
+class StreamingRuntime(SteppingRuntime, Protocol):
+    """A `SteppingRuntime` whose batches stream: what the cloud's embedded model needs (streamed
+    answers, and a closed stream frees its slot at the next step)."""
+
+    def new_batch(self) -> StreamingDecodeBatch:
+        """An empty streaming decode batch bound to this runtime's model."""
         ...
