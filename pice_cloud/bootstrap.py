@@ -229,21 +229,22 @@ async def start_system(
 
 
 async def _start_local_edges(config: CloudConfig, broker: BrokerSettings) -> list[EdgeNode]:
-    """The in-process edge nodes of the single-host setup (they share one copy of the weights
-    with each other, and with the cloud when they name the same model)."""
+    """The in-process edge nodes of the single-host setup, assembled as ``pice-edge run``
+    assembles a device (`pice_edge.assembly`: runtime, KV-cache budget, model build) from the
+    ``edges`` section; they share one copy of the weights with each other, and with the cloud
+    when they name the same model."""
     count = config.local_edges
     if not count:
         return []
-    from pice_edge.node import EdgeNode
-    from pice_edge.runtimes import create_runtime
+    from pice_edge.assembly import assemble_edge, resolve_settings
 
+    # No device profile: the `edges` section says what a profile would (runtime, batch, threads).
+    settings = resolve_settings(model=config.edge_model, runtime=config.edges.runtime,
+                                max_batch=config.edges.max_batch, threads=config.edges.threads)
     nodes: list[EdgeNode] = []
     try:
         for i in range(count):
-            runtime = await asyncio.to_thread(create_runtime, config.edges.runtime, model=config.edge_model,
-                                              threads=config.edges.threads)
-            node = EdgeNode(runtime, device_id=f"local-edge-{i + 1}", broker=broker, profile="local",
-                            max_batch=config.edges.max_batch)
+            node = await assemble_edge(settings, device_id=f"local-edge-{i + 1}", broker=broker, profile_name="local")
             await node.start()
             nodes.append(node)
     except BaseException:

@@ -2,7 +2,10 @@
 
 Each candidate gets seven features; the selector picks the highest weighted sum. The weights
 are fitted by ``tools/fit_ensemble.py`` on a calibration set whose target is the candidate's
-similarity to a reference answer, and loaded from ``pice_cloud/data/ensemble.json``.
+similarity to a reference answer, and loaded from ``pice_cloud/data/ensemble.json``, keyed by
+feature name. A candidate's features are built in one place, `feature_row`, as a mapping from
+name to value, for both the selector and the fitter; `feature_vector` lays a row out in a list
+of names' order, so fitted weights and features always line up by name, never by position.
 
 Features (all "higher is better" before weighting; only differences within one point matter,
 because the selector takes an argmax per point):
@@ -29,7 +32,7 @@ import asyncio
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -45,8 +48,11 @@ from pice_edge.protocol import Candidate
 
 log = logging.getLogger(__name__)
 
+#: Every feature's name, in the order they are documented above (and summed in a score).
 FEATURES = ("cloud_loglik", "agreement", "relevance", "edge_logprob", "length_fit", "self_repetition",
             "cross_repetition")
+#: The features computed from sentence embeddings (costly: skipped when none is weighted).
+EMBEDDING_FEATURES = ("agreement", "relevance")
 #: Expected expansion length as a fraction of the token budget: the prompt asks for two
 #: sentences, which SmolLM2 writes in roughly 60% of an 80-token budget.
 LENGTH_TARGET = 0.6
@@ -94,8 +100,18 @@ class EnsembleWeights(BaseModel):
     #: How they were fitted and how well they select (free-form, for people).
     fit: dict[str, Any] = Field(default_factory=dict)
 
-    def vector(self) -> list[float]:
-        return [self.weights.get(name, 0.0) for name in FEATURES]
+    def weight(self, name: str) -> float:
+        """The weight of feature ``name`` (0 when the file does not name it)."""
+        return self.weights.get(name, 0.0)
+
+    def vector(self, names: Sequence[str] = FEATURES) -> list[float]:
+        """The weights laid out in ``names``' order (to pair with `feature_vector` of the same names)."""
+        return [self.weight(name) for name in names]
+
+    def score(self, row: Mapping[str, float]) -> float:
+        """The weighted sum of a candidate's features (`feature_row`), matched by name."""
+        # Summed in FEATURES order whatever order the file lists them in: one score per row.
+        return sum(self.weight(name) * row[name] for name in FEATURES)
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> EnsembleWeights:
@@ -139,8 +155,56 @@ def length_fit(tokens: int, budget: int) -> float:
     return -abs(math.log((tokens + 1) / (LENGTH_TARGET * max(1, budget) + 1)))
 
 
-def _cos(a: Sequence[float], b: Sequence[float]) -> float:
-    return float(sum(x * y for x, y in zip(a, b, strict=True)))
+def cosine(a: Sequence[float], b: Sequence[float]) -> float:
+    """Cosine of two L2-normalised embeddings (their dot product)."""
+    return float(sum(float(x) * float(y) for x, y in zip(a, b, strict=True)))
+
+
+def similarity_features(vectors: Sequence[Sequence[float]], context: Sequence[float]) -> list[tuple[float, float]]:
+    """``(agreement, relevance)`` of each of one point's candidates, from their embeddings and
+    the embedding of "question + point": mean cosine to the other candidates (0 alone), and
+    cosine to the context."""
+    out = []
+    for j, mine in enumerate(vectors):
+        others = [v for m, v in enumerate(vectors) if m != j]
+        agreement = sum(cosine(mine, o) for o in others) / len(others) if others else 0.0
+        out.append((agreement, cosine(mine, context)))
+    return out
+
+
+def feature_row(text: str, *, tokens: int, tokens_per_point: int, edge_logprob: float, cloud_loglik: float = 0.0,
+                agreement: float = 0.0, relevance: float = 0.0, other_texts: Sequence[str] = ()) -> dict[str, float]:
+    """One candidate's features by name (every name in `FEATURES`): the one definition of what
+    each feature is, used by the selector (`compute_features`) and the fitter
+    (``tools/fit_ensemble.py``).
+
+    Args:
+        text: the candidate's text; ``tokens``: its length in tokens, of a budget of
+            ``tokens_per_point``.
+        edge_logprob: the edge model's mean token log-prob of it.
+        cloud_loglik: the cloud LLM's mean token log-likelihood of it (0: no scorer).
+        agreement, relevance: from `similarity_features` (0: no embedder).
+        other_texts: the usable candidates' texts of the request's other points.
+    """
+    rep = repetition_signals(text, other_texts)
+    return {
+        "cloud_loglik": cloud_loglik,
+        "agreement": agreement,
+        "relevance": relevance,
+        "edge_logprob": edge_logprob,
+        "length_fit": length_fit(tokens, tokens_per_point),
+        "self_repetition": -(rep.own_sentences + rep.own_4grams),
+        "cross_repetition": -rep.other_points,
+    }
+
+
+def feature_vector(row: Mapping[str, float], names: Sequence[str] = FEATURES) -> list[float]:
+    """A feature row laid out in ``names``' order (a fitter's design-matrix row).
+
+    Raises:
+        KeyError: a name that is not a feature.
+    """
+    return [row[name] for name in names]
 
 
 async def compute_features(
@@ -148,8 +212,9 @@ async def compute_features(
     *,
     scorer: LikelihoodScorer | None = None,
     embedder: TextEmbedder | None = None,
-) -> list[list[list[float]]]:
-    """Feature vectors (in `FEATURES` order) per item, per candidate."""
+) -> list[list[dict[str, float]]]:
+    """Feature rows (`feature_row`: name -> value) per item, per candidate. The cloud's scores
+    come in one batched call for all items, the embeddings in one encode."""
     flat = [(it, c) for it in items for c in it.candidates]
     loglik = [0.0] * len(flat)
     if scorer is not None and flat:
@@ -163,23 +228,18 @@ async def compute_features(
         if hasattr(encoded, "tolist"):  # a tensor or array (pice_cloud.embeddings.Embedder)
             encoded = encoded.tolist()
         vectors, contexts = list(encoded[: len(flat)]), list(encoded[len(flat):])
-    out: list[list[list[float]]] = []
+    out: list[list[dict[str, float]]] = []
     pos = 0
     for n, it in enumerate(items):
-        rows = []
         k = len(it.candidates)
-        for j, cand in enumerate(it.candidates):
-            agreement = relevance = 0.0
-            if vectors is not None and contexts is not None:
-                mine = vectors[pos + j]
-                others = [vectors[pos + m] for m in range(k) if m != j]
-                agreement = sum(_cos(mine, o) for o in others) / len(others) if others else 0.0
-                relevance = _cos(mine, contexts[n])
-            rep = repetition_signals(cand.text, it.other_texts)
-            rows.append([loglik[pos + j], agreement, relevance, cand.mean_logprob,
-                         length_fit(cand.token_count, it.tokens_per_point),
-                         -(rep.own_sentences + rep.own_4grams), -rep.other_points])
-        out.append(rows)
+        if vectors is not None and contexts is not None:
+            similar = similarity_features(vectors[pos:pos + k], contexts[n])
+        else:
+            similar = [(0.0, 0.0)] * k
+        out.append([feature_row(cand.text, tokens=cand.token_count, tokens_per_point=it.tokens_per_point,
+                                edge_logprob=cand.mean_logprob, cloud_loglik=loglik[pos + j],
+                                agreement=similar[j][0], relevance=similar[j][1], other_texts=it.other_texts)
+                    for j, cand in enumerate(it.candidates)])
         pos += k
     return out
 
@@ -194,22 +254,22 @@ class LearnedSelector:
     def __init__(self, weights: EnsembleWeights | None = None, *, scorer: LikelihoodScorer | None = None,
                  embedder: TextEmbedder | None = None) -> None:
         self.weights = weights or EnsembleWeights.load()
-        w = self.weights.vector()
+        w = self.weights
         # Skip a feature's (costly) computation when its weight is zero.
-        self.scorer = scorer if w[0] else None
-        self.embedder = embedder if (w[1] or w[2]) else None
-        if w[0] and scorer is None:
+        self.scorer = scorer if w.weight("cloud_loglik") else None
+        self.embedder = embedder if any(w.weight(name) for name in EMBEDDING_FEATURES) else None
+        if w.weight("cloud_loglik") and scorer is None:
             log.warning("ensemble selection without the cloud's log-likelihood: the LLM backend cannot score")
 
     def describe(self) -> dict[str, Any]:
         """What `/health` shows: the features in use, and the fitted ones this deployment cannot
         compute (their part is missing), with why."""
-        w = dict(zip(FEATURES, self.weights.vector(), strict=True))
+        w = {name: self.weights.weight(name) for name in FEATURES}
         missing: dict[str, str] = {}
         if w["cloud_loglik"] and self.scorer is None:
             missing["cloud_loglik"] = "the cloud LLM backend cannot score continuations (an HTTP engine)"
         if self.embedder is None:
-            for name in ("agreement", "relevance"):
+            for name in EMBEDDING_FEATURES:
                 if w[name]:
                     missing[name] = "the embedding model is not fetched (pice-edge models fetch all-minilm-l6-v2)"
         return {"kind": "learned", "features": [f for f in FEATURES if w[f] and f not in missing],
@@ -219,9 +279,8 @@ class LearnedSelector:
         if not items:
             return []
         feats = await compute_features(items, scorer=self.scorer, embedder=self.embedder)
-        w = self.weights.vector()
         picks = []
         for rows in feats:
-            scores = [sum(wi * xi for wi, xi in zip(w, row, strict=True)) for row in rows]
+            scores = [self.weights.score(row) for row in rows]
             picks.append(max(range(len(rows)), key=lambda i: scores[i]))
         return picks

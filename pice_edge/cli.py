@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -23,19 +22,15 @@ import signal
 import socket
 import sys
 from collections.abc import Coroutine, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pice_edge.credentials import add_credential_options
 from pice_edge.errors import EXIT_CONFIG, EXIT_UNAVAILABLE, ConfigError, NotReachableError, PiceError
 from pice_edge.logs import log_level_option, setup_logging
 from pice_edge.model_store import DEFAULT_MODEL
-from pice_edge.prompts import EXPANSION_NO_REPEAT_NGRAM_SIZE, EXPANSION_REPETITION_PENALTY
 
 if TYPE_CHECKING:
-    from pice_edge.profiles import DeviceProfile
-    from pice_edge.runtimes.base import Runtime
+    from pice_edge.assembly import EdgeSettings
     from pice_edge.transport import BrokerSettings
 
 T = TypeVar("T")
@@ -132,107 +127,19 @@ def _broker_settings(args: argparse.Namespace, url: str) -> BrokerSettings:
     return broker_settings(args, url, default_username=args.device_id)
 
 
-@dataclass(frozen=True)
-class _EdgeConfig:
-    """Flags over profile over built-in defaults."""
-
-    profile: DeviceProfile | None
-    model: str
-    runtime: str
-    max_batch: int
-    threads: int | None
-    precision: str = "fp32"
-    providers: tuple[str, ...] = ("tensorrt", "cuda", "cpu")
-    memory_budget_mb: float | None = None
-    repetition_penalty: float = EXPANSION_REPETITION_PENALTY
-    no_repeat_ngram_size: int | None = EXPANSION_NO_REPEAT_NGRAM_SIZE
-
-
-def _config(args: argparse.Namespace) -> _EdgeConfig:
+def _config(args: argparse.Namespace) -> EdgeSettings:
+    """The edge's settings: the flags given over the profile's over the built-in defaults."""
+    from pice_edge.assembly import resolve_settings
     from pice_edge.profiles import load_profile
 
-    profile = load_profile(args.profile) if args.profile else None
-    threads = getattr(args, "threads", None)
-    return _EdgeConfig(
-        profile=profile,
-        model=args.model or (profile.model if profile and profile.model else DEFAULT_MODEL),
-        runtime=args.runtime or (profile.runtime if profile else "transformers"),
-        max_batch=getattr(args, "max_batch", None) or (profile.max_batch if profile else 4),
-        threads=threads if threads is not None else (profile.threads if profile else None),
-        precision=getattr(args, "precision", None) or (profile.precision if profile else "fp32"),
-        providers=tuple(p.strip() for p in args.providers.split(",") if p.strip())
-        if getattr(args, "providers", None) else
-        (tuple(profile.execution_providers) if profile else ("tensorrt", "cuda", "cpu")),
+    providers = getattr(args, "providers", None)
+    return resolve_settings(
+        load_profile(args.profile) if args.profile else None,
+        model=args.model, runtime=args.runtime, max_batch=getattr(args, "max_batch", None),
+        threads=getattr(args, "threads", None), precision=getattr(args, "precision", None),
+        providers=tuple(p.strip() for p in providers.split(",") if p.strip()) if providers else None,
         memory_budget_mb=getattr(args, "memory_budget_mb", None),
-        repetition_penalty=profile.repetition_penalty if profile else EXPANSION_REPETITION_PENALTY,
-        no_repeat_ngram_size=profile.no_repeat_ngram_size if profile else EXPANSION_NO_REPEAT_NGRAM_SIZE,
     )
-
-
-def _runtime_kwargs(cfg: _EdgeConfig) -> dict[str, Any]:
-    """The profile's settings in the form the chosen runtime's constructor takes."""
-    kwargs: dict[str, Any] = {"model": cfg.model, "threads": cfg.threads}
-    profile = cfg.profile
-    if cfg.runtime == "onnxruntime":
-        # fp16 is a TensorRT build option over the fp32 export; int8/int4 are separate exports.
-        cache = profile.engine_cache_path if profile else None
-        kwargs.update(providers=list(cfg.providers), precision="fp32" if cfg.precision == "fp16" else cfg.precision,
-                      fp16=cfg.precision == "fp16", engine_cache=str(cache) if cache else None)
-        return kwargs
-    if cfg.runtime == "tensorrt_edgellm":
-        cache = profile.engine_cache_path if profile else None
-        kwargs.update(max_batch=cfg.max_batch, engine_dir=str(cache / Path(cfg.model).name) if cache else None)
-        return kwargs
-    if profile is None:
-        return kwargs
-    if cfg.runtime == "transformers":
-        dtypes = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-        if cfg.precision not in dtypes:
-            raise ConfigError(f"profile {profile.name!r}: precision {cfg.precision} is not available with the "
-                              "transformers runtime; use --runtime onnxruntime or another profile")
-        kwargs["dtype"] = dtypes[cfg.precision]
-        kwargs["device"] = "cuda" if "CUDAExecutionProvider" in profile.execution_providers else "cpu"
-    return kwargs
-
-
-def _kv_budget_mb(cfg: _EdgeConfig, runtime: Runtime) -> float | None:
-    """The batch's KV-cache budget: the flag, or the profile's memory budget less the weights."""
-    if cfg.memory_budget_mb is not None or cfg.profile is None:
-        return cfg.memory_budget_mb
-    weights_mb = 0.0
-    where = getattr(runtime, "path", None)
-    if where is not None:
-        path = Path(where)
-        files = [path, *path.parent.glob(path.name + ".data")] if path.is_file() else list(path.glob("*"))
-        weights_mb = sum(f.stat().st_size for f in files
-                         if f.is_file() and f.suffix in (".safetensors", ".onnx", ".data")) / 2**20
-    return max(64.0, cfg.profile.memory_budget_mb - weights_mb)
-
-
-def _model_identity(model: str) -> tuple[str | None, str | None]:
-    """The model store's name and the build of the folder ``model`` names (None, None: not a
-    model folder with a manifest)."""
-    from pice_edge import model_store
-
-    try:
-        path = model_store.resolve(model)
-    except PiceError:
-        return None, None
-    build = model_store.build_id(path)
-    return (path.name, build) if build else (None, None)
-
-
-def _create_runtime(cfg: _EdgeConfig) -> Runtime:
-    from pice_edge.runtimes import create_runtime
-
-    kwargs = _runtime_kwargs(cfg)
-    try:
-        return create_runtime(cfg.runtime, **kwargs)
-    except TypeError as exc:
-        if "unexpected keyword" not in str(exc):
-            raise
-        raise ConfigError(f"runtime {cfg.runtime!r} does not take a profile setting ({exc}); "
-                          "remove it from the profile or choose another runtime") from exc
 
 
 async def _until(stop: asyncio.Event, coro: Coroutine[Any, Any, T]) -> T | None:
@@ -250,8 +157,9 @@ async def _until(stop: asyncio.Event, coro: Coroutine[Any, Any, T]) -> T | None:
 
 
 async def _run(args: argparse.Namespace) -> int:
+    from pice_edge.assembly import assemble_edge
     from pice_edge.discovery import Discovery, EdgeAdvert, check_fleet, parse_interfaces
-    from pice_edge.node import EdgeNode, RolloutPolicy
+    from pice_edge.node import EdgeNode
     from pice_edge.protocol import is_valid_id
 
     cfg = _config(args)
@@ -281,22 +189,15 @@ async def _run(args: argparse.Namespace) -> int:
                 return 0
             broker = _broker_settings(args, cloud.broker_url())
             log.info("found cloud %s: broker %s", cloud.id, broker.url)
-        # Found the broker first (fail fast), then load the model on a worker thread: this loop
-        # keeps answering mDNS queries and signals while the weights load.
-        runtime = await loop.run_in_executor(None, _create_runtime, cfg)
-        model_name, build = _model_identity(cfg.model)
-        profile_name = cfg.profile.name if cfg.profile else ""
-        node = EdgeNode(runtime, device_id=args.device_id, broker=broker, profile=profile_name,
-                        max_batch=cfg.max_batch, heartbeat_s=args.heartbeat,
-                        memory_budget_mb=_kv_budget_mb(cfg, runtime), repetition_penalty=cfg.repetition_penalty,
-                        no_repeat_ngram_size=cfg.no_repeat_ngram_size, model_name=model_name, model_build=build,
-                        rollout=None if args.no_rollout else RolloutPolicy(
-                            loader=lambda path: _create_runtime(dataclasses.replace(cfg, model=str(path))),
-                            api_key=os.environ.get("PICE_API_KEY")))
+        # Found the broker first (fail fast), then load the model (on a worker thread: this loop
+        # keeps answering mDNS queries and signals while the weights load).
+        node = await assemble_edge(cfg, device_id=args.device_id, broker=broker, heartbeat_s=args.heartbeat,
+                                   follow_rollout=not args.no_rollout, api_key=os.environ.get("PICE_API_KEY"))
+        runtime = node.runtime
         await node.start()
         if discovery is not None:
             ad = await discovery.advertise_edge(EdgeAdvert(
-                device_id=args.device_id, fleet=fleet, profile=profile_name, runtime=runtime.name,
+                device_id=args.device_id, fleet=fleet, profile=cfg.profile_name, runtime=runtime.name,
                 model_id=runtime.model_id, free_slots=cfg.max_batch, max_batch=cfg.max_batch))
             node.status_listeners.append(lambda status: ad.set_free_slots(status.free_slots))
         log.info("edge %s serving %s on %s", args.device_id, runtime.model_id, broker.url)

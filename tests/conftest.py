@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import socket
-import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -26,7 +23,7 @@ import psutil
 import pytest
 
 from pice_cloud.bootstrap import System, start_system
-from pice_cloud.broker import EmbeddedBroker, free_port
+from pice_cloud.broker import EmbeddedBroker, MosquittoProcess, mosquitto_executable
 from pice_cloud.config import CloudConfig, load_config
 from pice_cloud.llm.base import ChatRequest, Completion
 from pice_cloud.llm.transformers import TransformersBackend
@@ -37,7 +34,6 @@ from pice_edge.node import EdgeNode
 from pice_edge.transport import BrokerSettings
 
 HERE = Path(__file__).parent
-MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
 
 
 @pytest.fixture(scope="session")
@@ -185,48 +181,16 @@ async def serving(model: Path, broker_url: str, *, edges: int, overrides: dict[s
         await inner.close()
 
 
-def _wait_port(host: str, port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex((host, port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {host}:{port} after {timeout}s")
-
-
-class Mosquitto:
-    """A real Mosquitto on a free loopback port; can be killed and restarted on the same port."""
+class Mosquitto(MosquittoProcess):
+    """A real Mosquitto on a free loopback port (`MosquittoProcess`), configured from a template
+    in tests/mosquitto/; can be killed and restarted on the same port. Skips the test where
+    Mosquitto is not installed."""
 
     def __init__(self, workdir: Path, template: str = "anonymous.conf", scheme: str = "mqtt", **values: object) -> None:
         """``template`` names a file in tests/mosquitto/; ``values`` fill its extra placeholders."""
-        if MOSQUITTO is None:
+        if mosquitto_executable() is None:
             pytest.skip("mosquitto is not installed (apt-get install mosquitto; .ci/run does it)")
-        self.port = free_port()
-        self.workdir = workdir
-        self.scheme = scheme
-        (workdir / "data").mkdir(exist_ok=True)
-        text = (HERE / "mosquitto" / template).read_text().format(port=self.port, data=workdir / "data", **values)
-        self.config = workdir / "mosquitto.conf"
-        self.config.write_text(text)
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"{self.scheme}://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        assert MOSQUITTO is not None
-        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.config)], stderr=subprocess.PIPE)
-        _wait_port("127.0.0.1", self.port)
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            if self.proc.stderr:
-                self.proc.stderr.close()
-            self.proc = None
+        super().__init__(workdir, (HERE / "mosquitto" / template).read_text(), scheme=scheme, values=values)
 
 
 @pytest.fixture

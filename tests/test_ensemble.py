@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
+import json
 import math
+import random
 from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
+from pice_cloud import embeddings, ensemble
 from pice_cloud.bootstrap import start_system
 from pice_cloud.ensemble import (
     FEATURES,
@@ -17,7 +21,10 @@ from pice_cloud.ensemble import (
     LearnedSelector,
     SelectionItem,
     compute_features,
+    feature_row,
+    feature_vector,
     length_fit,
+    similarity_features,
 )
 from pice_cloud.errors import CloudError
 from pice_cloud.events import AnswerEvent, PointEvent
@@ -43,6 +50,10 @@ class BagOfWords:
             norm = math.sqrt(sum(v * v for v in vec)) or 1.0
             out.append([v / norm for v in vec])
         return out
+
+    def encode_lists(self, texts: Sequence[str]) -> list[list[float]]:
+        """`pice_cloud.embeddings.Embedder`'s name for the same (what tools/fit_ensemble.py calls)."""
+        return self.encode(texts)
 
 
 def cand(device: str, text: str, logprob: float = -1.0, tokens: int = 40, index: int = 0) -> Candidate:
@@ -96,7 +107,7 @@ async def test_repetition_features_pick_the_candidate_that_does_not_repeat() -> 
                  logprob=-0.9, index=1)
     item = SelectionItem(Q, SKETCH, 1, [repeats_other, repeats_itself, fresh], other_texts=[other])
     [rows] = await compute_features([item])
-    cross, own = FEATURES.index("cross_repetition"), FEATURES.index("self_repetition")
+    cross, own = "cross_repetition", "self_repetition"
     assert rows[0][cross] < -0.5  # most of its 4-grams are in the other point's text
     assert -0.5 < rows[1][own] < 0.0
     assert rows[2][cross] == rows[2][own] == 0.0
@@ -118,7 +129,7 @@ async def test_cloud_loglik_feature_matches_the_backend_scores(tiny_model: Path)
         item = SelectionItem(Q, SKETCH, 1, [cand(d, t, index=1) for d, t in zip("abc", texts, strict=True)])
         feats = await compute_features([item], scorer=llm)
         direct = await llm.score([ChatRequest(expansion_messages(Q, SKETCH, 1), max_tokens=0)] * 3, texts)
-        assert [row[0] for row in feats[0]] == pytest.approx(direct, abs=1e-4)
+        assert [row["cloud_loglik"] for row in feats[0]] == pytest.approx(direct, abs=1e-4)
         assert len(set(direct)) == 3  # the model does tell them apart
         chooser = LearnedSelector(EnsembleWeights(weights={"cloud_loglik": 1.0}), scorer=llm)
         assert (await chooser.choose([item]))[0] == max(range(3), key=lambda i: direct[i])
@@ -172,21 +183,19 @@ async def test_service_replicates_points_and_chooses(mosquitto: Mosquitto, tiny_
 
 
 def test_replicas_sample_apart_from_the_request() -> None:
-    from pice_cloud.config import ServiceConfig
-    from pice_cloud.events import REPLICA_SEED_OFFSET
-    from pice_cloud.service import PiceService
+    from pice_cloud.events import REPLICA_SEED_OFFSET, derive_seed
+    from pice_cloud.progressive import PointSampling
     from pice_edge.protocol import Sampling
 
-    service = PiceService.__new__(PiceService)  # only the config is read
-    service.config = ServiceConfig(ensemble_temperature=0.8)
-    first = Sampling(temperature=0.0, top_p=0.9, seed=7)
-    assert service._replica_sampling(first, 0) is first
-    second, third = service._replica_sampling(first, 1), service._replica_sampling(first, 2)
-    assert (second.temperature, second.top_p, second.seed) == (0.8, 0.9, 7 + REPLICA_SEED_OFFSET)
-    assert third.seed == 7 + 2 * REPLICA_SEED_OFFSET
-    hot = Sampling(temperature=1.2, seed=None)
-    assert service._replica_sampling(hot, 1).temperature == 1.2  # never cooler than asked
-    assert service._replica_sampling(hot, 1).seed is None
+    sampling = PointSampling(temperature=0.0, top_p=0.9, seed=7, ensemble_temperature=0.8)
+    first = sampling.point(0)
+    assert first == Sampling(temperature=0.0, top_p=0.9, seed=derive_seed(7, 1))
+    second, third = sampling.point(0, 1), sampling.point(0, 2)
+    assert (second.temperature, second.top_p, second.seed) == (0.8, 0.9, first.seed + REPLICA_SEED_OFFSET)
+    assert third.seed == first.seed + 2 * REPLICA_SEED_OFFSET  # type: ignore[operator]
+    hot = PointSampling(temperature=1.2, top_p=1.0, seed=None, ensemble_temperature=0.8)
+    assert hot.point(0, 1).temperature == 1.2  # never cooler than asked
+    assert hot.point(0, 1).seed is None
 
 
 def test_learned_selector_says_which_fitted_features_it_cannot_compute() -> None:
@@ -198,3 +207,98 @@ def test_learned_selector_says_which_fitted_features_it_cannot_compute() -> None
     assert "cannot score" in described["unavailable"]["cloud_loglik"]
     full = LearnedSelector(weights, embedder=BagOfWords()).describe()
     assert full["features"] == ["relevance", "self_repetition"]
+
+
+# --- one feature row, keyed by name, for the selector and the fitter ---------------------------
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+WORDS = ("sleep", "bed", "night", "time", "keep", "dark", "room", "cool", "light", "phone", "screen", "wake", "early",
+         "coffee", "avoid", "the", "a", "and", "same", "every", "quiet", "routine", "body")
+
+
+def _text(rng: random.Random) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 20))) + "."
+
+
+def _items(count: int = 12, seed: int = 3) -> list[SelectionItem]:
+    rng = random.Random(seed)
+    return [SelectionItem(Q, SKETCH, rng.randint(0, 1),
+                          [cand(f"d{j}", _text(rng), logprob=-3 * rng.random(), tokens=rng.randint(1, 80))
+                           for j in range(rng.randint(2, 4))],
+                          other_texts=[_text(rng) for _ in range(rng.randint(0, 2))]) for _ in range(count)]
+
+
+async def test_the_selector_builds_its_rows_with_feature_row() -> None:
+    items = _items()
+    embedder = BagOfWords()
+    for item, rows in zip(items, await compute_features(items, embedder=embedder), strict=True):
+        vectors = embedder.encode([c.text for c in item.candidates])
+        context = embedder.encode([f"{item.question} {item.sketch[item.index]}"])[0]
+        expected = [feature_row(c.text, tokens=c.token_count, tokens_per_point=item.tokens_per_point,
+                                edge_logprob=c.mean_logprob, agreement=agreement, relevance=relevance,
+                                other_texts=item.other_texts)
+                    for c, (agreement, relevance) in zip(item.candidates, similarity_features(vectors, context),
+                                                         strict=True)]
+        assert rows == expected
+        assert all(list(row) == list(FEATURES) for row in rows)  # every feature, by name
+        assert any(row["agreement"] and row["relevance"] for row in rows)
+
+
+async def test_a_reordered_names_list_gives_the_same_scores_and_picks(tmp_path: Path) -> None:
+    weights = EnsembleWeights.load()
+    items = _items()
+    rows = [row for per_item in await compute_features(items, embedder=BagOfWords()) for row in per_item]
+    reordered = list(reversed(FEATURES))
+    for row in rows:
+        by_position = sum(w * x for w, x in zip(weights.vector(reordered), feature_vector(row, reordered),
+                                                 strict=True))
+        assert by_position == pytest.approx(weights.score(row), abs=1e-12)
+        assert feature_vector(row, reordered) == list(reversed(feature_vector(row)))
+    # A weights file that lists the features in another order selects the same candidates.
+    shuffled = tmp_path / "shuffled.json"
+    shuffled.write_text(json.dumps({"weights": dict(reversed(list(weights.weights.items())))}))
+    picks = await LearnedSelector(weights, embedder=BagOfWords()).choose(items)
+    assert await LearnedSelector(EnsembleWeights.load(shuffled), embedder=BagOfWords()).choose(items) == picks
+    assert len(set(picks)) > 1, "the items do not tell the features apart"
+    with pytest.raises(KeyError):
+        feature_vector(rows[0], ["vibes"])
+
+
+def _calibration(path: Path, questions: int = 8, seed: int = 5) -> None:
+    """A small calibration file in `tools/fit_ensemble.py generate`'s format."""
+    rng = random.Random(seed)
+    with path.open("w") as out:
+        for qid in range(questions):
+            cands = [{"point": point, "temperature": 0.0 if k == 0 else 0.7, "text": _text(rng),
+                      "tokens": rng.randint(5, 80), "edge_logprob": -3 * rng.random(),
+                      "cloud_loglik": -3 * rng.random(), "guard": None}
+                     for point in range(2) for k in range(3)]
+            out.write(json.dumps({"id": qid, "category": "generic", "question": Q, "sketch": SKETCH,
+                                  "reference": f"{_text(rng)}\n\n{_text(rng)}", "tokens_per_point": 80,
+                                  "candidates": cands}) + "\n")
+
+
+def test_the_fitter_keys_its_columns_and_weights_by_feature_name(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fitter lays out its design matrix from the selector's feature names: fitted with the
+    names in another order, every feature gets the same weight."""
+    monkeypatch.syspath_prepend(str(TOOLS))
+    import fit_ensemble
+
+    monkeypatch.setattr(embeddings, "Embedder", BagOfWords)
+    monkeypatch.setattr(fit_ensemble, "RESULTS", tmp_path)
+    monkeypatch.setattr(fit_ensemble, "CALIBRATION", tmp_path / "calibration.jsonl")
+    _calibration(tmp_path / "calibration.jsonl")
+
+    def fitted(name: str) -> EnsembleWeights:
+        out = tmp_path / name
+        fit_ensemble.fit(argparse.Namespace(out=str(out), test_fraction=0.3, seed=0))
+        return EnsembleWeights.load(out)
+
+    usual = fitted("usual.json")
+    monkeypatch.setattr(ensemble, "FEATURES", tuple(reversed(FEATURES)))
+    backwards = fitted("backwards.json")
+    assert list(backwards.weights) == list(reversed(FEATURES))  # written in the order fitted, keyed by name
+    assert any(usual.weights.values())
+    for name in FEATURES:
+        assert backwards.weights[name] == pytest.approx(usual.weights[name], rel=1e-6, abs=1e-12), name

@@ -41,7 +41,6 @@ import platform
 import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -52,6 +51,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a script from a checkout: the package beside it
+
+from pice_cloud.broker import MosquittoProcess, free_port, wait_port  # noqa: E402
+
 #: Used by --quick when the data folder is absent (a clean CI clone): the tool still runs end to
 #: end; quality is then not computed (no references).
 BUILTIN_QUESTIONS = [
@@ -63,22 +66,6 @@ MODES = {"cloud": "cloud", "sot": "sot", "pice": "progressive", "pice-router": "
          "pice-llamacpp": "progressive"}
 LLAMACPP_MODES = ("llamacpp", "pice-llamacpp")
 LLAMACPP_ALIAS = "smollm2-gguf"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
 
 
 def pinned(cmd: list[str], cores: str | None) -> list[str]:
@@ -146,7 +133,7 @@ class System:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.cloud: subprocess.Popen[bytes] | None = None
         self.api_port = free_port()
-        self.broker_port = free_port()
+        self.broker = MosquittoProcess(workdir)
         #: llama.cpp's server and the PICE cloud that uses it (with --modes llamacpp/pice-llamacpp).
         self.llama: subprocess.Popen[bytes] | None = None
         self.llama_port = free_port()
@@ -163,12 +150,7 @@ class System:
 
     def start(self) -> None:
         a = self.args
-        mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        conf = self.workdir / "mosquitto.conf"
-        conf.write_text(f"listener {self.broker_port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-        self._spawn([mosquitto, "-c", str(conf)], "mosquitto")
-        wait_port(self.broker_port)
-        broker = f"mqtt://127.0.0.1:{self.broker_port}"
+        broker = self.broker.start()
         py = sys.executable
         cloud_env = {
             "PICE_SERVICE__MAX_POINTS": str(a.max_points), "PICE_SERVICE__TOKENS_PER_POINT": str(a.tokens_per_point),
@@ -260,6 +242,7 @@ class System:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        self.broker.stop()  # last: the edges and clouds publish their offline status on the way out
 
 
 async def one_request(client: Any, model: str, mode: str, qid: int, question: str, max_tokens: int) -> Outcome:

@@ -30,7 +30,6 @@ import argparse
 import asyncio
 import json
 import random
-import re
 import sys
 import time
 from pathlib import Path
@@ -151,8 +150,20 @@ async def generate(args: argparse.Namespace) -> None:
 
 
 def _chunks(reference: str) -> list[str]:
-    parts = [p.strip(" -*#\n") for p in re.split(r"\n\s*\n|\n\s*(?:\d+\.|[-*])\s", reference)]
-    return [p for p in parts if len(p.split()) >= 4] or [reference]
+    """The reference's paragraphs, cut at each list item (its marker dropped): the units a
+    candidate's text is scored against."""
+    from pice_edge.text import list_item, paragraphs
+
+    parts: list[list[str]] = []
+    for block in paragraphs(reference):
+        parts.append([])
+        for line in block.split("\n"):
+            item = list_item(line)
+            if item is not None and parts[-1]:
+                parts.append([])
+            parts[-1].append(item.body if item is not None else line)
+    texts = ["\n".join(lines).strip(" #\n") for lines in parts]  # "## Title": a heading's marks
+    return [p for p in texts if len(p.split()) >= 4] or [reference]
 
 
 def _center(rows: list[list[float]]) -> list[list[float]]:
@@ -184,9 +195,11 @@ def _evaluate(groups: list[dict[str, Any]], weights: list[float]) -> tuple[float
 
 def fit(args: argparse.Namespace) -> None:
     from pice_cloud.embeddings import Embedder
-    from pice_cloud.ensemble import FEATURES, length_fit
-    from pice_cloud.guards import repetition_signals
+    from pice_cloud.ensemble import FEATURES, cosine, feature_row, feature_vector, similarity_features
 
+    # The design matrix's columns, by name: rows are laid out and weights written back in this
+    # order, so the selector (which matches weights to features by name) reads them as fitted.
+    names = FEATURES
     rows = [json.loads(line) for line in CALIBRATION.read_text().splitlines() if line.strip()]
     embedder = Embedder()
     groups: list[dict[str, Any]] = []
@@ -204,14 +217,12 @@ def fit(args: argparse.Namespace) -> None:
             vecs = embedder.encode_lists([c["text"] for c in cands])
             ctx = embedder.encode_lists([f"{q['question']} {q['sketch'][point]}"])[0]
             x, y = [], []
-            for j, c in enumerate(cands):
-                peers = [vecs[m] for m in range(len(cands)) if m != j]
-                agreement = sum(_dot(vecs[j], o) for o in peers) / len(peers)
-                rep = repetition_signals(c["text"], others)
-                x.append([c["cloud_loglik"], agreement, _dot(vecs[j], ctx), c["edge_logprob"],
-                          length_fit(c["tokens"], q["tokens_per_point"]), -(rep.own_sentences + rep.own_4grams),
-                          -rep.other_points])
-                y.append(max(_dot(vecs[j], r) for r in ref))
+            for j, (c, (agreement, relevance)) in enumerate(zip(cands, similarity_features(vecs, ctx), strict=True)):
+                row = feature_row(c["text"], tokens=c["tokens"], tokens_per_point=q["tokens_per_point"],
+                                  edge_logprob=c["edge_logprob"], cloud_loglik=c["cloud_loglik"],
+                                  agreement=agreement, relevance=relevance, other_texts=others)
+                x.append(feature_vector(row, names))
+                y.append(max(cosine(vecs[j], r) for r in ref))
             first = next((j for j, c in enumerate(cands) if c.get("temperature", 0.0) == 0.0), 0)
             groups.append({"qid": q["id"], "x": x, "y": y, "first": first})
 
@@ -231,16 +242,16 @@ def fit(args: argparse.Namespace) -> None:
             ymean = sum(g["y"]) / len(g["y"])
             ys.extend(v - ymean for v in g["y"])
         # Standardise so one penalty suits features of different scales; map back after.
-        scale = [max(1e-9, (sum(r[i] ** 2 for r in xs) / len(xs)) ** 0.5) for i in range(len(FEATURES))]
-        active = list(range(len(FEATURES)))
+        scale = [max(1e-9, (sum(r[i] ** 2 for r in xs) / len(xs)) ** 0.5) for i in range(len(names))]
+        active = list(range(len(names)))
         while True:
             w = _ridge([[r[i] / scale[i] for i in active] for r in xs], ys, lam)
-            full = [0.0] * len(FEATURES)
+            full = [0.0] * len(names)
             for i, wi in zip(active, w, strict=True):
                 full[i] = wi / scale[i]
             # Repetition is never a merit: a penalty feature whose fitted weight would reward it
             # is noise of a small sample; drop it and fit the others again (sign-constrained).
-            wrong = [i for i in active if FEATURES[i] in PENALTIES and full[i] < 0]
+            wrong = [i for i in active if names[i] in PENALTIES and full[i] < 0]
             # A feature that barely moves the choice still costs its computation (the cloud's
             # scoring prefill, the embeddings): below 2% of the strongest, drop it too.
             top = max(abs(w[k]) for k in range(len(active))) if active else 0.0
@@ -272,10 +283,10 @@ def fit(args: argparse.Namespace) -> None:
     first_hit = sum(g["y"][g["first"]] == max(g["y"]) for g in test) / len(test)
     first_mean = sum(g["y"][g["first"]] for g in test) / len(test)
     report.append({"selector": "no ensemble (greedy replica)", "oracle_hit": first_hit, "mean_similarity": first_mean})
-    for i, name in enumerate(FEATURES):
+    for i, name in enumerate(names):
         # Sign from the training data: a single feature used the way it helps there.
         sign = 1.0 if fit_on(train, 1e6)[i] >= 0 else -1.0
-        single = [sign if j == i else 0.0 for j in range(len(FEATURES))]
+        single = [sign if j == i else 0.0 for j in range(len(names))]
         acc_i, mean_i = _evaluate(test, single)
         report.append({"selector": f"{name} only ({'+' if sign > 0 else '-'})", "oracle_hit": acc_i,
                        "mean_similarity": mean_i})
@@ -292,7 +303,7 @@ def fit(args: argparse.Namespace) -> None:
                          "guard; candidates made as served (edge prompt and repetition penalty, replicas at 0.7)",
             "categories": sorted({str(r.get("category", "")) for r in rows}),
             "report": report, "command": "python tools/fit_ensemble.py fit"}
-    out = {"weights": dict(zip(FEATURES, weights, strict=True)), "fit": meta}
+    out = {"weights": dict(zip(names, weights, strict=True)), "fit": meta}
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     (RESULTS / "ensemble.json").write_text(json.dumps(out, indent=2) + "\n")
     print(f"weights {out['weights']} written to {args.out}")
@@ -304,10 +315,6 @@ def args_k(rows: list[dict[str, Any]]) -> float:
         for c in q["candidates"]:
             counts[(q["id"], c["point"])] = counts.get((q["id"], c["point"]), 0) + 1
     return sum(counts.values()) / max(1, len(counts))
-
-
-def _dot(a: Any, b: Any) -> float:
-    return float(sum(float(x) * float(y) for x, y in zip(a, b, strict=True)))
 
 
 def main() -> int:

@@ -32,9 +32,7 @@ import json
 import os
 import platform
 import resource
-import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,10 +40,13 @@ import tempfile
 import time
 import tracemalloc
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+if TYPE_CHECKING:
+    from pice_cloud.broker import MosquittoProcess
 
 SKETCH_TOKENS_PER_POINT = 6  # what SimulatedBackend charges for a sketch, per heading
 
@@ -84,30 +85,15 @@ async def host_edges(args: argparse.Namespace) -> None:
 
 # --- the measuring side ----------------------------------------------------------------------
 
-class Broker:
-    def __init__(self, workdir: Path) -> None:
-        from pice_cloud.broker import free_port
+def start_broker(workdir: Path) -> MosquittoProcess:
+    """A Mosquitto for a thousand clients on a free loopback port (started). Its open-files limit
+    is this process's, which `main` raised to the hard limit before anything started."""
+    from pice_cloud.broker import ANONYMOUS_CONFIG, MosquittoProcess
 
-        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        self.port = free_port()
-        config = workdir / "mosquitto.conf"
-        config.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\nmax_connections -1\n"
-                          "max_queued_messages 10000\nlog_dest stderr\nlog_type error\n")
-        self.proc = subprocess.Popen([exe, "-c", str(config)], stderr=subprocess.DEVNULL, preexec_fn=raise_fd_limit)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                return
-            time.sleep(0.05)
-        raise RuntimeError("mosquitto did not start")
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
+    broker = MosquittoProcess(workdir, ANONYMOUS_CONFIG + "max_connections -1\nmax_queued_messages 10000\n"
+                                                          "log_dest stderr\nlog_type error\n")
+    broker.start()
+    return broker
 
 
 class MessageCounter:
@@ -164,7 +150,7 @@ def percentile(values: list[float], q: float) -> float:
 EDGES_PER_HOST = 200
 
 
-def start_edge_hosts(count: int, args: argparse.Namespace, broker: Broker) -> list[subprocess.Popen[str]]:
+def start_edge_hosts(count: int, args: argparse.Namespace, broker: MosquittoProcess) -> list[subprocess.Popen[str]]:
     hosts = []
     for first in range(0, count, EDGES_PER_HOST):
         hosts.append(subprocess.Popen(
@@ -191,7 +177,7 @@ def stop_edge_hosts(hosts: list[subprocess.Popen[str]]) -> dict[str, Any]:
             "peak_outstanding": max((r["peak_outstanding"] for r in reports), default=None)}
 
 
-async def measure(count: int, args: argparse.Namespace, broker: Broker,
+async def measure(count: int, args: argparse.Namespace, broker: MosquittoProcess,
                   hosts: list[subprocess.Popen[str]]) -> dict[str, Any]:
     from pice_cloud.bootstrap import start_system
     from pice_cloud.config import load_config
@@ -355,7 +341,7 @@ def main() -> int:
         for count in (int(x) for x in args.edges.split(",")):
             for replicas in (int(x) for x in args.replicas.split(",")):
                 run = argparse.Namespace(**{**vars(args), "replicas": replicas})
-                broker = Broker(Path(tmp))
+                broker = start_broker(Path(tmp))
                 hosts = start_edge_hosts(count, run, broker)
                 try:
                     row = asyncio.run(measure(count, run, broker, hosts))

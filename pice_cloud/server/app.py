@@ -8,14 +8,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pice_cloud.config import CloudConfig
+from pice_cloud.errors import InputTooLongError
 from pice_cloud.events import too_long_message
 from pice_cloud.llm.base import LLMBackend, RawCompleter, context_tokens, count_prompt_tokens, count_tokens
 from pice_cloud.llm.step_engine import StepEngine
@@ -31,7 +33,7 @@ from pice_cloud.openai_schema import (
 )
 from pice_cloud.server.admission import Admission
 from pice_cloud.server.artifacts import ModelCatalog
-from pice_cloud.server.completion import ChatJob, ClientGone, GuardedStream, TextJob, api_error, error_response
+from pice_cloud.server.completion import ChatJob, ClientGone, GuardedStream, Job, TextJob, api_error, error_response
 from pice_cloud.server.state import ApiState
 from pice_cloud.service import PiceService
 from pice_edge.model_store import models_dir
@@ -162,7 +164,7 @@ def create_app(service: PiceService, llm: LLMBackend, config: CloudConfig) -> Fa
     return app
 
 
-async def _respond(job: ChatJob) -> Response:
+async def _respond(job: Job[Any]) -> Response:
     """Run an admitted job: a stream of server-sent events, or one JSON body."""
     if job.request.stream:
         return GuardedStream(job)
@@ -186,21 +188,51 @@ async def _parse_completion(request: Request, state: ApiState) -> CompletionRequ
     if not isinstance(state.llm, RawCompleter):
         raise APIError(400, f"this server's LLM backend ({state.llm.name}) cannot continue raw prompts; use "
                             "/v1/chat/completions", code="unsupported_endpoint")
-    window = context_tokens(state.llm)
-    if window is not None:
-        prompt = count_tokens(state.llm, req.text)
-        answer = min(req.max_tokens or state.service.config.max_answer_tokens, state.service.config.max_answer_tokens)
-        if prompt + answer > window:
-            raise APIError(400, f"this model's maximum context length is {window} tokens; the prompt takes {prompt} "
-                                f"and up to {answer} more were asked ({prompt + answer}); shorten the prompt or "
-                                "lower max_tokens", param="prompt", code="context_length_exceeded")
+    check_context(state, lambda: count_tokens(state.llm, req.text), req.max_tokens, param="prompt")
     return req
 
 
+#: How a context-length refusal names what took the tokens, by the parameter that holds it.
+_CONTEXT_WORDING: dict[str, tuple[str, str]] = {
+    "prompt": ("the prompt takes", ""),
+    "messages": ("the messages take", " for the answer"),
+}
+
+
+def check_context(state: ApiState, prompt_tokens: Callable[[], int], asked: int | None, *,
+                  param: Literal["prompt", "messages"]) -> None:
+    """Refuse a request whose prompt and answer do not fit the cloud model's context window
+    (unchecked when the window is unknown: a remote engine refuses itself).
+
+    Args:
+        prompt_tokens: counts the prompt's tokens (called only when there is a window to fit).
+        asked: the answer's ``max_tokens`` (None: the service's cap).
+        param: the parameter that holds the prompt, named in the error.
+
+    Raises:
+        APIError: 400 ``context_length_exceeded``, with the window and the counts.
+    """
+    window = context_tokens(state.llm)
+    if window is None:
+        return
+    prompt, answer = prompt_tokens(), state.answer_tokens(asked)
+    if prompt + answer > window:
+        takes, purpose = _CONTEXT_WORDING[param]
+        raise APIError(400, f"this model's maximum context length is {window} tokens; {takes} {prompt} and up to "
+                            f"{answer} more were asked{purpose} ({prompt + answer}); shorten the {param} or lower "
+                            "max_tokens", param=param, code="context_length_exceeded")
+
+
 def check_limits(req: ChatCompletionRequest, state: ApiState) -> None:
-    """Refuse, before any compute, a request that cannot be answered as asked: a conversation
-    that does not fit the model's context with the tokens asked for, or a question too long
-    for progressive mode. Under ``auto`` a long question is answered cloud-only instead.
+    """Refuse, before admission and before any compute, a request that cannot be answered as
+    asked: a question too long for progressive mode (under ``auto`` a long question is answered
+    cloud-only instead), or a conversation that does not fit the model's context with the
+    tokens asked for.
+
+    The service refuses a too-long question too (`InputTooLongError`, for every caller); it is
+    checked here as well because by the time the service runs, a streamed response has already
+    answered 200, and a request that can never succeed must not wait for, or hold, a slot. Both
+    refusals reach the client through the one mapping, `api_error`.
 
     Raises:
         APIError: 400 in OpenAI's shape, naming the limit.
@@ -209,17 +241,8 @@ def check_limits(req: ChatCompletionRequest, state: ApiState) -> None:
     limit = state.service.config.max_question_chars
     mode = req.pice.mode
     if mode in ("progressive", "sot") and len(question) > limit:
-        raise APIError(400, too_long_message(len(question), limit, mode), param="messages",
-                       code="question_too_long")
-    window = context_tokens(state.llm)
-    if window is None:
-        return
-    prompt = count_prompt_tokens(state.llm, messages)
-    answer = min(req.token_limit or state.service.config.max_answer_tokens, state.service.config.max_answer_tokens)
-    if prompt + answer > window:
-        raise APIError(400, f"this model's maximum context length is {window} tokens; the messages take {prompt} "
-                            f"and up to {answer} more were asked for the answer ({prompt + answer}); shorten the "
-                            "messages or lower max_tokens", param="messages", code="context_length_exceeded")
+        raise api_error(InputTooLongError(too_long_message(len(question), limit, mode)))
+    check_context(state, lambda: count_prompt_tokens(state.llm, messages), req.token_limit, param="messages")
 
 
 async def _parse(request: Request, state: ApiState) -> ChatCompletionRequest:

@@ -1,5 +1,7 @@
-"""One admitted chat completion: runs the service's event stream for it, watches the client
-and the shutdown, and serialises the answer as one ``chat.completion`` or as server-sent events.
+"""One admitted request (`Job`: a chat completion, `ChatJob`, or a legacy text completion,
+`TextJob`): runs the service's event stream for it, watches the client and the shutdown, and
+serialises the answer as one object or as server-sent events; `api_error` maps what answering
+raised to the client's error.
 
 A progressive answer is streamed in point order, each point as soon as it and all before it
 are settled: the streamed deltas concatenate to exactly the non-streamed text. A client that
@@ -9,6 +11,7 @@ ends with an error event or a 503.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import json
@@ -16,7 +19,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator
-from typing import Any
+from typing import Any, ClassVar, Generic, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -42,6 +45,7 @@ from pice_cloud.openai_schema import (
 )
 from pice_cloud.server.state import ApiState
 from pice_edge.errors import PiceError
+from pice_edge.runtimes.base import ChatMessage
 
 log = logging.getLogger(__name__)
 
@@ -67,22 +71,66 @@ def _sse(data: dict[str, Any] | str) -> bytes:
     return f"data: {text}\n\n".encode()
 
 
-class ChatJob:
-    """One admitted chat completion: runs the service and watches the client and the shutdown."""
+#: The request a job answers: a chat completion, or a legacy text completion.
+RequestT = TypeVar("RequestT", ChatCompletionRequest, CompletionRequest)
 
-    def __init__(self, state: ApiState, request: ChatCompletionRequest, http: Request) -> None:
+
+class Job(abc.ABC, Generic[RequestT]):
+    """One admitted request: runs the service's answer for it, watches the client and the
+    shutdown, and serialises the answer (whole, or as server-sent events). Subclasses say which
+    answer to open and how its objects look (`ChatJob`, `TextJob`).
+
+    Args:
+        question: what the service answers (the sketch's question).
+        messages: the conversation, for a cloud-only answer (empty: ``question`` alone).
+        mode: the mode asked for, recorded in metrics until the service says which it chose.
+    """
+
+    #: Prefix of the response's id (OpenAI's: ``chatcmpl-`` for chat, ``cmpl-`` for text).
+    id_prefix: ClassVar[str]
+
+    def __init__(self, state: ApiState, request: RequestT, http: Request, *, question: str,
+                 messages: list[ChatMessage], mode: str) -> None:
         self.state = state
-        self.request = request
+        self.request: RequestT = request
         self.http = http
-        self.id = "chatcmpl-" + uuid.uuid4().hex
+        self.id = self.id_prefix + uuid.uuid4().hex
         self.created = int(time.time())
-        self.question, self.messages = conversation(request)
+        self.question, self.messages = question, messages
         self.started = time.perf_counter()
-        self.mode = request.pice.mode
+        self.mode = mode
         self.first_content_s: float | None = None
         self._released = False
         #: OpenAI's logprobs object of the answer, once known (asked-for, cloud-only answers).
         self._logprobs: dict[str, Any] | None = None
+
+    @abc.abstractmethod
+    def _open_answer(self) -> AsyncGenerator[Event, None]:
+        """The service's event stream for this request."""
+
+    @abc.abstractmethod
+    def _prompt_tokens(self) -> int:
+        """The request's prompt in the cloud model's tokens (usage)."""
+
+    @abc.abstractmethod
+    def _whole(self, text: str, finish: FinishReason, use: dict[str, int], info: dict[str, Any]) -> dict[str, Any]:
+        """The whole answer as one response object."""
+
+    @abc.abstractmethod
+    def _opening_chunks(self) -> list[dict[str, Any]]:
+        """What a stream starts with, before any text."""
+
+    @abc.abstractmethod
+    def _delta(self, text: str) -> dict[str, Any]:
+        """One streamed piece of the answer."""
+
+    @abc.abstractmethod
+    def _closing_chunk(self, finish: FinishReason, info: dict[str, Any]) -> dict[str, Any]:
+        """The stream's last chunk: the finish reason and the ``pice`` extension."""
+
+    @abc.abstractmethod
+    def _usage_chunk(self, use: dict[str, int]) -> dict[str, Any]:
+        """The usage chunk (``stream_options.include_usage``)."""
 
     def release(self) -> None:
         if not self._released:
@@ -95,32 +143,6 @@ class ChatJob:
             message = await self.http.receive()
             if message["type"] == "http.disconnect":
                 return
-
-    def _open_answer(self) -> AsyncGenerator[Event, None]:
-        """The service's event stream for this request."""
-        req = self.request
-        options = GenerationOptions(temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-                                    stop=req.stop_strings, logprobs=req.logprob_alternatives)
-        return self.state.service.answer(self.question, mode=req.pice.mode, max_tokens=req.token_limit,
-                                         messages=self.messages, options=options)
-
-    def _prompt_tokens(self) -> int:
-        return count_prompt_tokens(self.state.llm, self.messages)
-
-    def _whole(self, text: str, finish: FinishReason, use: dict[str, int], info: dict[str, Any]) -> dict[str, Any]:
-        return completion(self.id, self.request.model, text, finish, use, info, self.created, self._logprobs)
-
-    def _opening_chunks(self) -> list[dict[str, Any]]:
-        return [chunk(self.id, self.request.model, self.created, {"role": "assistant", "content": ""})]
-
-    def _delta(self, text: str) -> dict[str, Any]:
-        return chunk(self.id, self.request.model, self.created, {"content": text}, logprobs=self._logprobs)
-
-    def _closing_chunk(self, finish: FinishReason, info: dict[str, Any]) -> dict[str, Any]:
-        return chunk(self.id, self.request.model, self.created, {}, finish, pice=info)
-
-    def _usage_chunk(self, use: dict[str, int]) -> dict[str, Any]:
-        return usage_chunk(self.id, self.request.model, self.created, use)
 
     async def events(self) -> AsyncGenerator[Event, None]:
         """The service's events; raises `ClientGone` / `_Aborted`, closing the service's work."""
@@ -156,8 +178,7 @@ class ChatJob:
     def finish(self, final: AnswerEvent) -> tuple[FinishReason, dict[str, int], dict[str, Any]]:
         """finish_reason, usage and the ``pice`` extension of a finished answer; records metrics."""
         stats = final.stats
-        limit = min(self.request.token_limit or self.state.service.config.max_answer_tokens,
-                    self.state.service.config.max_answer_tokens)
+        limit = self.state.answer_tokens(self.request.token_limit)
         cut_by_limit = stats.mode == "cloud" and stats.cloud_tokens >= limit and not stats.stopped
         finish: FinishReason = "length" if cut_by_limit else "stop"
         llm = self.state.llm
@@ -287,7 +308,7 @@ def api_error(exc: BaseException) -> APIError:
 class GuardedStream(StreamingResponse):
     """Releases the job's admission slot even when the stream never started (client gone early)."""
 
-    def __init__(self, job: ChatJob) -> None:
+    def __init__(self, job: Job[Any]) -> None:
         self._events = job.stream()
         super().__init__(self._events, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -309,46 +330,73 @@ def error_response(exc: APIError) -> JSONResponse:
     return JSONResponse(error_body(exc), status_code=exc.status, headers=exc.headers)
 
 
-class TextJob(ChatJob):
+class ChatJob(Job[ChatCompletionRequest]):
+    """One admitted chat completion (``POST /v1/chat/completions``): the service's answer to the
+    conversation, in the mode asked for, as one ``chat.completion`` or as its chunks."""
+
+    id_prefix = "chatcmpl-"
+
+    def __init__(self, state: ApiState, request: ChatCompletionRequest, http: Request) -> None:
+        question, messages = conversation(request)
+        super().__init__(state, request, http, question=question, messages=messages, mode=request.pice.mode)
+
+    def _open_answer(self) -> AsyncGenerator[Event, None]:
+        """The service's event stream for this request."""
+        req = self.request
+        options = GenerationOptions(temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+                                    stop=req.stop_strings, logprobs=req.logprob_alternatives)
+        return self.state.service.answer(self.question, mode=req.pice.mode, max_tokens=req.token_limit,
+                                         messages=self.messages, options=options)
+
+    def _prompt_tokens(self) -> int:
+        return count_prompt_tokens(self.state.llm, self.messages)
+
+    def _whole(self, text: str, finish: FinishReason, use: dict[str, int], info: dict[str, Any]) -> dict[str, Any]:
+        return completion(self.id, self.request.model, text, finish, use, info, self.created, self._logprobs)
+
+    def _opening_chunks(self) -> list[dict[str, Any]]:
+        return [chunk(self.id, self.request.model, self.created, {"role": "assistant", "content": ""})]
+
+    def _delta(self, text: str) -> dict[str, Any]:
+        return chunk(self.id, self.request.model, self.created, {"content": text}, logprobs=self._logprobs)
+
+    def _closing_chunk(self, finish: FinishReason, info: dict[str, Any]) -> dict[str, Any]:
+        return chunk(self.id, self.request.model, self.created, {}, finish, pice=info)
+
+    def _usage_chunk(self, use: dict[str, int]) -> dict[str, Any]:
+        return usage_chunk(self.id, self.request.model, self.created, use)
+
+
+class TextJob(Job[CompletionRequest]):
     """One admitted legacy completion (``POST /v1/completions``): the prompt continued by the
     cloud LLM as it is, as one ``text_completion`` or as server-sent events."""
 
+    id_prefix = "cmpl-"
+
     def __init__(self, state: ApiState, request: CompletionRequest, http: Request) -> None:
-        self.state = state
-        self.request = request  # type: ignore[assignment]  # the same fields the base class reads
-        self.text_request = request
-        self.http = http
-        self.id = "cmpl-" + uuid.uuid4().hex
-        self.created = int(time.time())
-        self.question = request.text
-        self.messages = []
-        self.started = time.perf_counter()
-        self.mode = "cloud"
-        self.first_content_s = None
-        self._released = False
-        self._logprobs = None
+        super().__init__(state, request, http, question=request.text, messages=[], mode="cloud")
 
     def _open_answer(self) -> AsyncGenerator[Event, None]:
-        req = self.text_request
+        req = self.request
         options = GenerationOptions(temperature=req.temperature, top_p=req.top_p, seed=req.seed,
                                     stop=req.stop_strings)
         return self.state.service.complete_text(req.text, max_tokens=req.max_tokens, options=options)
 
     def _prompt_tokens(self) -> int:
-        return count_tokens(self.state.llm, self.text_request.text)
+        return count_tokens(self.state.llm, self.request.text)
 
     def _whole(self, text: str, finish: FinishReason, use: dict[str, int], info: dict[str, Any]) -> dict[str, Any]:
-        return text_completion(self.id, self.text_request.model, text, finish, use, info, self.created)
+        return text_completion(self.id, self.request.model, text, finish, use, info, self.created)
 
     def _opening_chunks(self) -> list[dict[str, Any]]:
         return []
 
     def _delta(self, text: str) -> dict[str, Any]:
-        return text_chunk(self.id, self.text_request.model, self.created, text)
+        return text_chunk(self.id, self.request.model, self.created, text)
 
     def _closing_chunk(self, finish: FinishReason, info: dict[str, Any]) -> dict[str, Any]:
-        return text_chunk(self.id, self.text_request.model, self.created, "", finish, pice=info)
+        return text_chunk(self.id, self.request.model, self.created, "", finish, pice=info)
 
     def _usage_chunk(self, use: dict[str, int]) -> dict[str, Any]:
         return {"id": self.id, "object": "text_completion", "created": self.created,
-                "model": self.text_request.model, "choices": [], "usage": use}
+                "model": self.request.model, "choices": [], "usage": use}

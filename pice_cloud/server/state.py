@@ -28,6 +28,12 @@ class ApiState:
     #: Clean-up tasks of cancelled requests (strong references until they finish).
     background: set[asyncio.Future[None]] = field(default_factory=set)
 
+    def answer_tokens(self, asked: int | None) -> int:
+        """Most tokens a request's answer may take: what it asked for (``max_tokens``), within
+        the service's ``max_answer_tokens``."""
+        cap = self.service.config.max_answer_tokens
+        return min(asked or cap, cap)
+
     @property
     def model_ids(self) -> list[str]:
         ids = [self.config.server.model_name]
