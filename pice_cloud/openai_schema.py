@@ -30,6 +30,13 @@ from pice_edge.runtimes.base import ChatMessage
 SUPPORTED_ROLES = ("system", "developer", "user", "assistant")
 
 
+
+def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
+    """A request's ``stop`` field (one string, a list, or none) as a tuple."""
+    if stop is None:
+        return ()
+    return (stop,) if isinstance(stop, str) else tuple(stop)
+
 class APIError(Exception):
     """An error answered to an HTTP client, in OpenAI's shape."""
 
@@ -154,9 +161,7 @@ class ChatCompletionRequest(BaseModel):
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
-        if self.stop is None:
-            return ()
-        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        return stop_strings(self.stop)
 
     @property
     def logprob_alternatives(self) -> int | None:
@@ -187,9 +192,7 @@ class CompletionRequest(BaseModel):
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
-        if self.stop is None:
-            return ()
-        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        return stop_strings(self.stop)
 
     @property
     def text(self) -> str:

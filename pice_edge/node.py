@@ -22,6 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Generic, TypeVar, cast
 
 from pice_edge._engine import BatchEngine, EngineStats, Job
 from pice_edge.errors import ConfigError, ProtocolError, TransportError
@@ -60,6 +61,23 @@ _IDLE_POLL_S = 0.25
 STATUS_ECHO_TIMEOUT_S = 5.0
 _SEEN_TASKS = 4096  # remembered (request, point) pairs, to drop QoS 1 re-deliveries
 
+T = TypeVar("T")
+M = TypeVar("M", ExpandTask, FleetRollout)
+
+
+class _Engines(Generic[T]):
+    """An attribute that is the batching engine's (the object's ``via`` attribute), read and
+    written under the node's name."""
+
+    def __init__(self, via: str, name: str) -> None:
+        self.via, self.name = via, name
+
+    def __get__(self, obj: object, owner: type | None = None) -> T:
+        return cast(T, getattr(getattr(obj, self.via), self.name))
+
+    def __set__(self, obj: object, value: T) -> None:
+        setattr(getattr(obj, self.via), self.name, value)
+
 
 @dataclass
 class NodeStats:
@@ -78,39 +96,19 @@ class NodeStats:
     candidates_published: int = 0
     engine: EngineStats = field(default_factory=EngineStats)
 
-    @property
-    def batches(self) -> int:
-        """Generations that ran to the end."""
-        return self.engine.finished
-
-    @property
-    def batch_sizes(self) -> list[int]:
-        """Sequences generated together at each of the last steps (batches, for a plain runtime)."""
-        return self.engine.batch_sizes
-
-    @property
-    def tokens_generated(self) -> int:
-        return self.engine.tokens_generated
-
-    @property
-    def tokens_per_s(self) -> float:
-        """Measured decode rate of the whole batch (what status reports and refusals use)."""
-        return self.engine.tokens_per_s
-
-    @property
-    def steps(self) -> int:
-        """Steps run: decode steps, or batches for a plain runtime."""
-        return self.engine.steps
-
-    @property
-    def tasks_joined_running(self) -> int:
-        """Tasks that started while other sequences were being generated (continuous batching)."""
-        return self.engine.joined_running
-
-    @property
-    def peak_batch(self) -> int:
-        """Largest number of sequences generated together so far."""
-        return self.engine.peak_batch
+    #: Generations that ran to the end.
+    batches = _Engines[int]("engine", "finished")
+    #: Sequences generated together at each of the last steps (batches, for a plain runtime).
+    batch_sizes = _Engines[list[int]]("engine", "batch_sizes")
+    tokens_generated = _Engines[int]("engine", "tokens_generated")
+    #: Measured decode rate of the whole batch (what status reports and refusals use).
+    tokens_per_s = _Engines[float]("engine", "tokens_per_s")
+    #: Steps run: decode steps, or batches for a plain runtime.
+    steps = _Engines[int]("engine", "steps")
+    #: Tasks that started while other sequences were being generated (continuous batching).
+    tasks_joined_running = _Engines[int]("engine", "joined_running")
+    #: Largest number of sequences generated together so far.
+    peak_batch = _Engines[int]("engine", "peak_batch")
 
 
 @dataclass
@@ -303,32 +301,12 @@ class EdgeNode:
 
     # --- batching limits (the engine's) ---------------------------------------------------
 
-    @property
-    def max_batch(self) -> int:
-        """Most tasks generated together."""
-        return self._engine.max_batch
-
-    @max_batch.setter
-    def max_batch(self, value: int) -> None:
-        self._engine.max_batch = value
-
-    @property
-    def batch_window_s(self) -> float:
-        """How long an idle node waits for more tasks after the first one of a batch."""
-        return self._engine.batch_window_s
-
-    @batch_window_s.setter
-    def batch_window_s(self, value: float) -> None:
-        self._engine.batch_window_s = value
-
-    @property
-    def memory_budget_bytes(self) -> int | None:
-        """Most estimated KV-cache bytes of the sequences of a batch (``None``: no limit)."""
-        return self._engine.memory_budget_bytes
-
-    @memory_budget_bytes.setter
-    def memory_budget_bytes(self, value: int | None) -> None:
-        self._engine.memory_budget_bytes = value
+    #: Most tasks generated together.
+    max_batch = _Engines[int]("_engine", "max_batch")
+    #: How long an idle node waits for more tasks after the first one of a batch.
+    batch_window_s = _Engines[float]("_engine", "batch_window_s")
+    #: Most estimated KV-cache bytes of the sequences of a batch (``None``: no limit).
+    memory_budget_bytes = _Engines["int | None"]("_engine", "memory_budget_bytes")
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -401,10 +379,8 @@ class EdgeNode:
         if not message.payload:
             self._abandon_rollout()  # withdrawn: stay on what runs now
             return
-        try:
-            rollout = decode(FleetRollout, message.payload, max_bytes=self._max_payload)
-        except ProtocolError as exc:
-            self.rejections.record("rollout", exc.kind, str(exc))
+        rollout = self._decode("rollout", FleetRollout, message)
+        if rollout is None:
             return
         target = (rollout.model, rollout.build)
         if target == self._rollout_target:
@@ -519,6 +495,14 @@ class EdgeNode:
 
     # --- inbound ---------------------------------------------------------------------------
 
+    def _decode(self, topic: str, model: type[M], message: Message) -> M | None:
+        """The message, or None when it is invalid (counted under ``topic``, never raised)."""
+        try:
+            return decode(model, message.payload, max_bytes=self._max_payload)
+        except ProtocolError as exc:
+            self.rejections.record(topic, exc.kind, str(exc))
+            return None
+
     def _on_own_status(self, message: Message) -> None:
         if not message.payload:
             return  # a cleared retained status, or doctor's probe
@@ -546,10 +530,8 @@ class EdgeNode:
         self.transport.unsubscribe(edge_status_topic(self.device_id))
 
     def _on_task(self, message: Message) -> None:
-        try:
-            task = decode(ExpandTask, message.payload, max_bytes=self._max_payload)
-        except ProtocolError as exc:
-            self.rejections.record("task", exc.kind, str(exc))
+        task = self._decode("task", ExpandTask, message)
+        if task is None:
             return
         key = (task.request_id, task.point_index)
         if key in self._seen:

@@ -69,10 +69,12 @@ class OpenAIHTTPBackend:
             body.update(continue_final_message=True, add_generation_prompt=False)
         return body
 
-    async def _one(self, request: ChatRequest) -> Completion:
+    async def _post(self, path: str, body: dict[str, Any], kind: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """POST ``body`` to ``path``: the response and its first choice, or a `BackendError` that
+        says what went wrong (unreachable, an error status, or not a ``kind`` completion)."""
         async with self._limit:
             try:
-                response = await self._client.post("/chat/completions", json=self._body(request))
+                response = await self._client.post(path, json=body)
             except httpx.HTTPError as exc:
                 raise BackendError(f"LLM server {self.base_url} unreachable: {type(exc).__name__}: {exc}; "
                                    "check llm.url and that the server runs") from exc
@@ -82,10 +84,20 @@ class OpenAIHTTPBackend:
         try:
             data = response.json()
             choice = data["choices"][0]
-            text = choice["message"]["content"] or ""
+            if not isinstance(choice, dict):
+                raise TypeError(type(choice).__name__)
         except (ValueError, KeyError, IndexError, TypeError) as exc:
-            raise BackendError(f"LLM server {self.base_url} sent a response that is not a chat completion: "
+            raise BackendError(f"LLM server {self.base_url} sent a response that is not a {kind} completion: "
                                f"{response.text[:200]!r}") from exc
+        return data, choice
+
+    async def _one(self, request: ChatRequest) -> Completion:
+        data, choice = await self._post("/chat/completions", self._body(request), "chat")
+        try:
+            text = choice["message"]["content"] or ""
+        except (KeyError, TypeError) as exc:
+            raise BackendError(f"LLM server {self.base_url} sent a response that is not a chat completion: "
+                               f"{str(data)[:200]!r}") from exc
         if request.prefill and not self.continue_final_message:
             stripped = text.lstrip()
             if stripped.startswith(request.prefill):
@@ -151,21 +163,12 @@ class OpenAIHTTPBackend:
                                 "temperature": request.temperature, "top_p": request.top_p, "stream": False}
         if request.seed is not None:
             body["seed"] = request.seed
-        async with self._limit:
-            try:
-                response = await self._client.post("/completions", json=body)
-            except httpx.HTTPError as exc:
-                raise BackendError(f"LLM server {self.base_url} unreachable: {type(exc).__name__}: {exc}; "
-                                   "check llm.url and that the server runs") from exc
-        if response.status_code != 200:
-            raise BackendError(f"LLM server {self.base_url} answered {response.status_code}: "
-                               f"{_error_message(response)}")
+        data, choice = await self._post("/completions", body, "text")
         try:
-            data = response.json()
-            text = data["choices"][0]["text"] or ""
-        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            text = choice["text"] or ""
+        except (KeyError, TypeError) as exc:
             raise BackendError(f"LLM server {self.base_url} sent a response that is not a text completion: "
-                               f"{response.text[:200]!r}") from exc
+                               f"{str(data)[:200]!r}") from exc
         tokens = (data.get("usage") or {}).get("completion_tokens")
         return Completion(text=text, tokens=tokens if isinstance(tokens, int) else estimate_tokens(text))
 
