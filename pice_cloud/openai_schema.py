@@ -11,7 +11,9 @@ Extensions (ignored by clients that do not know them):
 - request ``"pice": {"mode": "auto" | "progressive" | "cloud"}`` (the ``openai`` client sends
   it with ``extra_body``);
 - response ``usage.cloud_tokens`` / ``usage.edge_tokens`` (tokens generated in the cloud and at
-  the edges) and ``pice`` (mode, points expanded at the edge and in the cloud, the devices).
+  the edges) and ``pice`` (mode, points expanded at the edge and in the cloud, the devices, and
+  ``cloud_work``: what the cloud LLM computed for the request, by purpose, from
+  `pice_cloud.cloud_ledger`).
 """
 
 from __future__ import annotations

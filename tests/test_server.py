@@ -483,6 +483,10 @@ async def test_long_inputs_are_refused_or_routed_before_any_compute(mosquitto: M
             model="pice", messages=[*history, {"role": "user", "content": "And now?"}], max_tokens=8)
         assert answer.model_extra is not None
         assert answer.model_extra["pice"]["mode"] == "cloud"
+        work = answer.model_extra["pice"]["cloud_work"]
+        assert set(work) == {"cloud_answer", "total"}, "no sketch: only the answer, counted with its prompt"
+        assert work["total"]["decode_tokens"] == answer.usage.completion_tokens  # type: ignore[union-attr]
+        assert work["cloud_answer"]["prefill_tokens"] > 32
         assert api.system.service.inbox.accepted == 0, "no task went to an edge"
     generated = api.state.metrics.registry.get_sample_value("pice_generated_tokens_total", {"where": "cloud"})
     assert generated is not None

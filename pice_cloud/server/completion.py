@@ -283,7 +283,8 @@ def _pice_info(stats: AnswerStats) -> dict[str, Any]:
             "schedule_s": round(stats.schedule_s, 6),
             "first_point_s": round(stats.first_token_s, 4), "total_s": round(stats.total_s, 4),
             "route_probability": None if stats.route_probability is None else round(stats.route_probability, 4),
-            "sketch_rejected": stats.sketch_rejected, "sketch_repaired": stats.sketch_repaired}
+            "sketch_rejected": stats.sketch_rejected, "sketch_repaired": stats.sketch_repaired,
+            "cloud_work": stats.cloud_work.as_dict()}
 
 
 def api_error(exc: BaseException) -> APIError:
