@@ -21,10 +21,21 @@ import math
 import time
 from collections.abc import Callable, Sequence
 
-from pice_cloud.broker import EmbeddedBroker
-from pice_edge import BrokerSettings, EdgeNode, ExpandTask, GenerationRequest, GenerationResult, MqttTransport
-from pice_edge.protocol import CANDIDATES_FILTER, Candidate, decode, edge_tasks_topic, encode
-from pice_edge.runtimes.base import ChatMessage
+from pice_cloud import EmbeddedBroker
+from pice_edge import (
+    CANDIDATES_FILTER,
+    BrokerSettings,
+    Candidate,
+    ChatMessage,
+    EdgeNode,
+    ExpandTask,
+    GenerationRequest,
+    GenerationResult,
+    MqttTransport,
+    decode,
+    edge_tasks_topic,
+    encode,
+)
 
 
 class CallableRuntime:

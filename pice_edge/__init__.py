@@ -1,7 +1,10 @@
 """PICE edge SDK: serve expansion tasks from the cloud with a local small model.
 
-The edge core (protocol, transport, discovery, node) needs only pydantic, paho-mqtt and zeroconf; model runtimes
-import their libraries (torch, onnxruntime, TensorRT-LLM) only when created.
+The edge core (protocol, transport, discovery, node, model store) needs only pydantic, paho-mqtt and
+zeroconf; model runtimes import their libraries (torch, onnxruntime, TensorRT-LLM) only when created
+(`pice_edge.runtimes` names their classes lazily). What ``__all__`` lists is the public API; the
+submodules are implementation and may change. ``install_model`` and ``resolve_model`` are
+`pice_edge.model_store`'s ``install`` and ``resolve``, renamed for the package root.
 """
 
 from pice_edge.discovery import CloudAdvert, Discovery, DiscoveryError, EdgeAdvert, Peer, TxtRecordError
@@ -19,18 +22,43 @@ from pice_edge.errors import (
     RuntimeUnavailableError,
     TransportError,
 )
-from pice_edge.node import EdgeNode, NodeStats
+from pice_edge.model_store import DEFAULT_MODEL, build_id, build_random_model
+from pice_edge.model_store import install as install_model
+from pice_edge.model_store import resolve as resolve_model
+from pice_edge.model_transfer import fetch_from
+from pice_edge.node import EdgeNode, NodeStats, RolloutPolicy, queued_finish_s
 from pice_edge.profiles import DeviceProfile, load_profile
-from pice_edge.protocol import PROTOCOL_VERSION, Candidate, CloudStatus, EdgeStatus, ExpandTask
+from pice_edge.prompts import (
+    EXPANSION_NO_REPEAT_NGRAM_SIZE,
+    EXPANSION_REPETITION_PENALTY,
+    clean_expansion,
+    expansion_messages,
+)
+from pice_edge.protocol import (
+    CANDIDATES_FILTER,
+    PROTOCOL_VERSION,
+    Candidate,
+    CloudStatus,
+    EdgeStatus,
+    ExpandTask,
+    decode,
+    edge_tasks_topic,
+    encode,
+)
 from pice_edge.runtimes import available_runtimes, create_runtime
 from pice_edge.runtimes.base import ChatMessage, GenerationRequest, GenerationResult, Runtime
-from pice_edge.transport import BrokerSettings, MqttTransport
+from pice_edge.text import RenderedPoint, list_item, paragraphs, parse_point, parse_points
+from pice_edge.transport import BrokerSettings, Message, MqttTransport
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CANDIDATES_FILTER",
+    "DEFAULT_MODEL",
     "EXIT_CONFIG",
     "EXIT_UNAVAILABLE",
+    "EXPANSION_NO_REPEAT_NGRAM_SIZE",
+    "EXPANSION_REPETITION_PENALTY",
     "PROTOCOL_VERSION",
     "BrokerSettings",
     "BrokerUnreachableError",
@@ -48,6 +76,7 @@ __all__ = [
     "ExpandTask",
     "GenerationRequest",
     "GenerationResult",
+    "Message",
     "ModelError",
     "ModelNotFoundError",
     "MqttTransport",
@@ -57,11 +86,28 @@ __all__ = [
     "Peer",
     "PiceError",
     "ProtocolError",
+    "RenderedPoint",
+    "RolloutPolicy",
     "Runtime",
     "RuntimeUnavailableError",
     "TransportError",
     "TxtRecordError",
     "available_runtimes",
+    "build_id",
+    "build_random_model",
+    "clean_expansion",
     "create_runtime",
+    "decode",
+    "edge_tasks_topic",
+    "encode",
+    "expansion_messages",
+    "fetch_from",
+    "install_model",
+    "list_item",
     "load_profile",
+    "paragraphs",
+    "parse_point",
+    "parse_points",
+    "queued_finish_s",
+    "resolve_model",
 ]

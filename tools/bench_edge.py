@@ -41,7 +41,7 @@ SKETCH = [
 
 
 def _make_runtime(spec: str, model: str, threads: int) -> Any:
-    from pice_edge.runtimes import create_runtime
+    from pice_edge import create_runtime
 
     name, _, precision = spec.partition(":")
     kwargs: dict[str, Any] = {"model": model, "threads": threads}
@@ -53,10 +53,19 @@ def _make_runtime(spec: str, model: str, threads: int) -> Any:
 
 
 async def _measure(model: str, runtime_name: str, batch: int, threads: int, tasks: int, tokens: int) -> dict[str, Any]:
-    from pice_cloud.broker import EmbeddedBroker
-    from pice_edge.node import EdgeNode
-    from pice_edge.protocol import CANDIDATES_FILTER, Candidate, ExpandTask, decode, edge_tasks_topic, encode
-    from pice_edge.transport import BrokerSettings, Message, MqttTransport
+    from pice_cloud import EmbeddedBroker
+    from pice_edge import (
+        CANDIDATES_FILTER,
+        BrokerSettings,
+        Candidate,
+        EdgeNode,
+        ExpandTask,
+        Message,
+        MqttTransport,
+        decode,
+        edge_tasks_topic,
+        encode,
+    )
 
     broker = EmbeddedBroker()
     url = await broker.start()
@@ -130,9 +139,8 @@ def _quality(args: argparse.Namespace) -> dict[str, Any]:
     """Mean MiniLM similarity of each runtime's greedy expansions to the GPT-4o answers."""
     from vicuna import read_vicuna
 
-    from pice_cloud.embeddings import Embedder
-    from pice_edge.prompts import clean_expansion, expansion_messages
-    from pice_edge.runtimes.base import GenerationRequest
+    from pice_cloud import Embedder
+    from pice_edge import GenerationRequest, clean_expansion, expansion_messages
 
     # Generic questions (not math/coding) with a plain three-point outline; one point each.
     picked = [q for q in read_vicuna() if q["category"] not in ("math", "coding", "fermi")][: args.quality]

@@ -31,7 +31,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pice_cloud.router import (  # noqa: E402  (the repo root must be on sys.path first)
+from pice_cloud import (  # noqa: E402  (the repo root must be on sys.path first)
     CalibrationSample,
     EmbeddingRouter,
     RouterWeights,

@@ -122,14 +122,14 @@ def stop_server(proc: subprocess.Popen[str]) -> None:
 def split_answer(text: str) -> list[tuple[str, str]]:
     """(heading, text) of each point of a progressive answer ("1. **Heading** text" paragraphs,
     `pice_edge.text.parse_points`), the text's whitespace collapsed."""
-    from pice_edge.text import parse_points
+    from pice_edge import parse_points
 
     return [(point.heading, " ".join(point.text.split())) for point in parse_points(text)]
 
 
 def reference_chunks(reference: str) -> list[str]:
     """The GPT-4o answer's paragraphs and list items, the units a point is compared with."""
-    from pice_edge.text import list_item, paragraphs
+    from pice_edge import list_item, paragraphs
 
     chunks = []
     for block in paragraphs(reference):
@@ -145,7 +145,7 @@ class Scorer:
     def __init__(self) -> None:
         from rouge_score import rouge_scorer
 
-        from pice_cloud.embeddings import Embedder
+        from pice_cloud import Embedder
 
         self.embedder = Embedder()
         self.rouge = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
@@ -172,7 +172,7 @@ def ask(client: Any, question: str, max_tokens: int | None) -> tuple[str, dict[s
 
 
 def answer_metrics(scorer: Scorer, text: str, reference: str, info: dict[str, Any]) -> dict[str, Any]:
-    from pice_cloud.guards import is_cut_heading, is_meta_heading, repeated_sentence_rate
+    from pice_cloud import is_cut_heading, is_meta_heading, repeated_sentence_rate
 
     points = split_answer(text)
     headings = [h for h, _ in points]
@@ -251,10 +251,9 @@ def sketch_level(args: argparse.Namespace) -> dict[str, Any]:
     """Raw sketches of the base and the fine-tuned sketcher, with the serving prompt and parser."""
     from collections import Counter
 
-    from pice_cloud.guards import check_sketch, is_cut_heading, is_meta_heading
-    from pice_cloud.sketch import SKETCH_PREFILL, parse_sketch, sketch_messages
-    from pice_edge.runtimes.base import GenerationRequest
-    from pice_edge.runtimes.transformers import TransformersRuntime
+    from pice_cloud import SKETCH_PREFILL, check_sketch, is_cut_heading, is_meta_heading, parse_sketch, sketch_messages
+    from pice_edge import GenerationRequest
+    from pice_edge.runtimes import TransformersRuntime
 
     qs = questions(args.sketches)
     out: dict[str, Any] = {"questions": len(qs), "max_points": args.max_points, "max_words": args.max_words,
@@ -302,8 +301,7 @@ def sketch_level(args: argparse.Namespace) -> dict[str, Any]:
 
 def heldout_points(report_path: Path, limit: int) -> tuple[list[Any], dict[str, Any]]:
     """The held-out expander examples of the training run whose report is ``report_path``."""
-    from pice_cloud.finetune.config import FinetuneConfig
-    from pice_cloud.finetune.train import prepare_for
+    from pice_cloud.finetune import FinetuneConfig, prepare_for
 
     report = json.loads(report_path.read_text())
     cfg = FinetuneConfig.model_validate(report["config"])
@@ -314,14 +312,14 @@ def heldout_points(report_path: Path, limit: int) -> tuple[list[Any], dict[str, 
 
 def expand_points(model: str, examples: list[Any], max_new_tokens: int, threads: int) -> list[str]:
     """Each example's point expanded as an edge does it: its prompt, greedy, its clean-up."""
-    from pice_edge.prompts import (
+    from pice_edge import (
         EXPANSION_NO_REPEAT_NGRAM_SIZE,
         EXPANSION_REPETITION_PENALTY,
+        GenerationRequest,
         clean_expansion,
         expansion_messages,
     )
-    from pice_edge.runtimes.base import GenerationRequest
-    from pice_edge.runtimes.transformers import TransformersRuntime
+    from pice_edge.runtimes import TransformersRuntime
 
     runtime = TransformersRuntime(model, threads=threads)
     out: list[str] = []

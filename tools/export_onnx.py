@@ -31,7 +31,7 @@ def expansion_prompts(runtime: object, count: int) -> list[str]:
     """``count`` expansion prompts: Vicuna-bench questions with a generic three-point outline."""
     from vicuna import VICUNA, read_vicuna
 
-    from pice_edge.prompts import expansion_messages
+    from pice_edge import expansion_messages
 
     questions = [q["question"] for q in read_vicuna()] if (VICUNA / "question.jsonl").is_file() \
         else FALLBACK_QUESTIONS
@@ -45,8 +45,7 @@ def expansion_prompts(runtime: object, count: int) -> list[str]:
 
 def check_agreement(model: str, count: int, tokens: int) -> dict[str, float]:
     """Greedy token agreement between the transformers and onnxruntime (fp32) runtimes."""
-    from pice_edge.runtimes import create_runtime
-    from pice_edge.runtimes.base import GenerationRequest
+    from pice_edge import GenerationRequest, create_runtime
 
     hf = create_runtime("transformers", model=model)
     ort = create_runtime("onnxruntime", model=model)
@@ -88,12 +87,12 @@ def main() -> int:
     # The quantizers log every node they visit.
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
 
-    from pice_edge.model_store import resolve
-    from pice_edge.runtimes.onnx_export import export
+    from pice_edge import resolve_model
+    from pice_edge.runtimes import export_onnx
 
     if not args.skip_export:
         started = time.perf_counter()
-        paths = export(resolve(args.model), args.out, precisions=tuple(args.precision))
+        paths = export_onnx(resolve_model(args.model), args.out, precisions=tuple(args.precision))
         for precision, path in paths.items():
             print(f"{precision}: {path} ({path.stat().st_size / 1e6:.0f} MB)")
         print(f"export took {time.perf_counter() - started:.1f}s")

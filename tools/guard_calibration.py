@@ -27,8 +27,9 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 from vicuna import DATA_DIR  # noqa: E402
 
-from pice_cloud import guards  # noqa: E402
-from pice_edge.text import parse_point  # noqa: E402
+from pice_cloud import MAX_HEADING_WORDS, check_expansion, check_sketch, repeated_ngram_share  # noqa: E402
+from pice_cloud.guards import _cosines, _ngrams, _share_found, _words  # noqa: E402  (private: their thresholds are calibrated here)
+from pice_edge import parse_point  # noqa: E402
 
 ALPACA = DATA_DIR / "alpaca_eval" / "gpt-4-turbo.jsonl"
 
@@ -72,7 +73,7 @@ def main() -> None:
     data = outlines(args.limit)
     embed = None
     if not args.no_embed:
-        from pice_cloud.embeddings import Embedder
+        from pice_cloud import Embedder
 
         embed = Embedder().encode
     lengths = [len(h.split()) for o in data for h in o["headings"]]
@@ -82,11 +83,11 @@ def main() -> None:
     flagged: dict[str, list[str]] = {}
     for o in data:
         if embed is not None:
-            sims = guards._cosines(embed([o["question"], *o["headings"]]))
+            sims = _cosines(embed([o["question"], *o["headings"]]))
             n = len(o["headings"])
             heading_question += [float(sims[0, i + 1]) for i in range(n)]
             heading_pairs.append(max(float(sims[i + 1, j + 1]) for i in range(n) for j in range(i)))
-        for p in guards.check_sketch(o["question"], o["headings"], embed=embed):
+        for p in check_sketch(o["question"], o["headings"], embed=embed):
             reasons[p.reason] += 1
             flagged.setdefault(p.reason, []).append(p.detail)
 
@@ -100,13 +101,13 @@ def main() -> None:
             if not text:
                 continue
             paragraphs += 1
-            words = guards._words(text)
-            grams = guards._ngrams(words)
-            pool = {g for p in [o["question"], *o["headings"]] for g in guards._ngrams(guards._words(p))}
-            echo.append(guards._share_found(grams, pool))
-            repeat.append(guards.repeated_ngram_share(text))
+            words = _words(text)
+            grams = _ngrams(words)
+            pool = {g for p in [o["question"], *o["headings"]] for g in _ngrams(_words(p))}
+            echo.append(_share_found(grams, pool))
+            repeat.append(repeated_ngram_share(text))
             others = [t for j, t in enumerate(o["texts"]) if j != i]
-            reason = guards.check_expansion(text, point=o["headings"][i], question=o["question"], other_texts=others,
+            reason = check_expansion(text, point=o["headings"][i], question=o["question"], other_texts=others,
                                             prompt_texts=o["headings"])
             if reason:
                 expansion_reasons[reason] += 1
@@ -118,7 +119,7 @@ def main() -> None:
         "outlines": len(data),
         "headings": headings,
         "heading_words": _quantiles([float(n) for n in lengths]),
-        "headings_over_max_words": sum(n > guards.MAX_HEADING_WORDS for n in lengths) / headings,
+        "headings_over_max_words": sum(n > MAX_HEADING_WORDS for n in lengths) / headings,
         "max_pairwise_heading_cosine_per_outline": _quantiles(heading_pairs),
         "outlines_with_a_heading_pair_at_or_above": {
             str(t): sum(c >= t for c in heading_pairs) for t in (0.8, 0.83, 0.86, 0.9)} if heading_pairs else {},
@@ -126,7 +127,7 @@ def main() -> None:
         "headings_at_or_above_question_cosine": {
             str(t): sum(c >= t for c in heading_question) for t in (0.7, 0.75, 0.8, 0.85)} if heading_question else {},
         "sketch_problems_per_heading": {r: round(c / headings, 4) for r, c in reasons.most_common()},
-        "outlines_rejected": sum(bool(guards.check_sketch(o["question"], o["headings"], embed=embed)) for o in data),
+        "outlines_rejected": sum(bool(check_sketch(o["question"], o["headings"], embed=embed)) for o in data),
         "sketch_examples": {r: v[:8] for r, v in flagged.items()},
         "paragraphs": paragraphs,
         "paragraph_prompt_4gram_share": _quantiles(echo),

@@ -35,7 +35,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from a checkout: the package beside it
 
-from pice_cloud.broker import free_port  # noqa: E402
+from pice_cloud import free_port  # noqa: E402
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model = args.model
     if model is None:
-        from pice_edge.model_store import build_random_model
+        from pice_edge import build_random_model
 
         model = str(build_random_model(Path(tempfile.mkdtemp(prefix="pice-load-")) / "tiny"))
     port = free_port()

@@ -31,9 +31,8 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 from guard_calibration import outlines  # noqa: E402
 
-from pice_cloud import guards  # noqa: E402
-from pice_edge.prompts import clean_expansion, expansion_messages  # noqa: E402
-from pice_edge.runtimes.base import GenerationRequest  # noqa: E402
+from pice_cloud import check_expansion, repeated_ngram_share, repeated_sentence_rate  # noqa: E402
+from pice_edge import GenerationRequest, clean_expansion, expansion_messages  # noqa: E402
 
 POINTS = 5
 
@@ -52,8 +51,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "tools" / "results" / "repetition_control.jsonl")
     args = parser.parse_args()
 
-    from pice_cloud.embeddings import Embedder
-    from pice_edge.runtimes.transformers import TransformersRuntime
+    from pice_cloud import Embedder
+    from pice_edge.runtimes import TransformersRuntime
 
     chosen = [o for o in outlines(725) if len(o["question"]) < 300][args.offset::9][:args.outlines]
     runtime = TransformersRuntime(args.model, threads=args.threads)
@@ -76,7 +75,7 @@ def main() -> None:
         verdicts: Counter[str] = Counter()
         for (o, i, _), text in zip(jobs, texts, strict=True):
             before = answers.setdefault(id(o), [])
-            reason = guards.check_expansion(text, point=o["headings"][i], question=o["question"], other_texts=before,
+            reason = check_expansion(text, point=o["headings"][i], question=o["question"], other_texts=before,
                                             prompt_texts=o["headings"][:POINTS])
             verdicts[reason or "accepted"] += 1
             before.append(text)
@@ -84,8 +83,8 @@ def main() -> None:
             "repetition_penalty": penalty, "no_repeat_ngram_size": ngram, "model": runtime.model_id,
             "temperature": args.temperature, "outlines": len(chosen), "offset": args.offset, "expansions": len(texts),
             "answer_repeated_sentences": round(statistics.mean(
-                guards.repeated_sentence_rate("\n".join(v)) for v in answers.values()), 3),
-            "own_repeated_4grams": round(statistics.mean(guards.repeated_ngram_share(t) for t in texts), 3),
+                repeated_sentence_rate("\n".join(v)) for v in answers.values()), 3),
+            "own_repeated_4grams": round(statistics.mean(repeated_ngram_share(t) for t in texts), 3),
             "cosine_to_reference": round(statistics.mean(cosines), 3),
             "words": round(statistics.mean(len(t.split()) for t in texts), 1),
             "guard": dict(verdicts.most_common()),

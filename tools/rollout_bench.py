@@ -32,28 +32,23 @@ sys.path.insert(0, str(ROOT))
 
 
 def install(store: Path, source: Path, name: str) -> str:
-    from pice_edge import model_store
+    from pice_edge import build_id, install_model
 
-    path = model_store.install(source, name, replace=True, root=store)
-    build = model_store.build_id(path)
+    path = install_model(source, name, replace=True, root=store)
+    build = build_id(path)
     assert build is not None
     return build
 
 
 async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    from pice_cloud.bootstrap import start_system
-    from pice_cloud.config import load_config
-    from pice_cloud.fleet_cli import publish_rollout, rollout_message
-    from pice_cloud.llm.simulated import SimulatedBackend
+    from pice_cloud import load_config, publish_rollout, rollout_message, start_system
+    from pice_cloud.llm import SimulatedBackend
     from pice_cloud.server import bind, create_app, running, url_of
-    from pice_edge import model_store
-    from pice_edge.model_transfer import fetch_from
-    from pice_edge.node import EdgeNode, RolloutPolicy
-    from pice_edge.runtimes.transformers import TransformersRuntime
-    from pice_edge.transport import BrokerSettings
+    from pice_edge import BrokerSettings, EdgeNode, RolloutPolicy, build_id, fetch_from, resolve_model
+    from pice_edge.runtimes import TransformersRuntime
 
     store = work / "cloud-store"
-    source_a, source_b = model_store.resolve(args.from_model), model_store.resolve(args.to_model)
+    source_a, source_b = resolve_model(args.from_model), resolve_model(args.to_model)
     build_a = await asyncio.to_thread(install, store, source_a, args.name)
     size = sum(f.stat().st_size for f in (store / args.name).rglob("*") if f.is_file())
     config = load_config(None, {
@@ -79,7 +74,7 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 root = work / f"edge{i}"
                 path = await asyncio.to_thread(fetch_from, url, args.name, root=root, progress=False)
                 nodes.append(EdgeNode(loader(path), device_id=f"edge-{i}", broker=broker, max_batch=4,
-                                      heartbeat_s=1.0, model_build=model_store.build_id(path),
+                                      heartbeat_s=1.0, model_build=build_id(path),
                                       rollout=RolloutPolicy(loader=loader, models_root=root)))
             try:
                 for node in nodes:

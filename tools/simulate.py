@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 from pice_cloud import CloudView, EdgeView, GenerationOptions, ServiceConfig  # noqa: E402
 from pice_cloud.progressive import PointSampling, plan_request  # noqa: E402
-from pice_edge.node import queued_finish_s  # noqa: E402
+from pice_edge import queued_finish_s  # noqa: E402
 
 #: Sketch tokens per heading (the service's sketches: a number, a few words and a newline).
 SKETCH_TOKENS_PER_POINT = 6

@@ -31,10 +31,17 @@ sys.path.insert(0, str(ROOT / "tools"))
 from guard_calibration import outlines  # noqa: E402
 from vicuna import read_vicuna  # noqa: E402
 
-from pice_cloud import guards  # noqa: E402
-from pice_cloud.errors import SketchError  # noqa: E402
-from pice_cloud.sketch import SKETCH_PREFILL, parse_sketch, sketch_messages  # noqa: E402
-from pice_edge.runtimes.base import ChatMessage, GenerationRequest  # noqa: E402
+from pice_cloud import (  # noqa: E402
+    SKETCH_PREFILL,
+    Embed,
+    SketchError,
+    check_sketch,
+    parse_sketch,
+    repair_sketch,
+    sketch_messages,
+    sketch_rejection_reason,
+)
+from pice_edge import ChatMessage, GenerationRequest  # noqa: E402
 
 MAX_POINTS = 6
 MAX_WORDS = 6
@@ -70,7 +77,7 @@ def questions(source: str, limit: int) -> list[str]:
     return [o["question"] for o in outlines(725)[1::7] if len(o["question"]) < 300][:limit]
 
 
-def judge(question: str, raw: str, *, cut_words: int | None, embed: guards.Embed | None,
+def judge(question: str, raw: str, *, cut_words: int | None, embed: Embed | None,
           truncated: bool = False) -> dict[str, Any]:
     try:
         points = parse_sketch(raw, max_points=MAX_POINTS, truncated=truncated)
@@ -79,10 +86,10 @@ def judge(question: str, raw: str, *, cut_words: int | None, embed: guards.Embed
     if cut_words:
         # What the parser did before the guards: cut every heading at max_words.
         points = [" ".join(p.split()[:cut_words]) for p in points]
-    problems = guards.check_sketch(question, points, embed=embed)
-    reason = guards.sketch_rejection_reason(problems)
+    problems = check_sketch(question, points, embed=embed)
+    reason = sketch_rejection_reason(problems)
     # What the service serves: the sketch as it is, or repaired by leaving faulty headings out.
-    served = points if reason is None else guards.repair_sketch(points, problems)
+    served = points if reason is None else repair_sketch(points, problems)
     return {"points": points, "reasons": sorted({p.reason for p in problems}), "reason": reason,
             "served": served}
 
@@ -101,12 +108,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "tools" / "results" / "sketch_guards.jsonl")
     args = parser.parse_args()
 
-    from pice_edge.runtimes.transformers import TransformersRuntime
+    from pice_edge.runtimes import TransformersRuntime
 
     runtime = TransformersRuntime(args.model, threads=args.threads)
     embed = None
     if not args.no_embed:
-        from pice_cloud.embeddings import Embedder
+        from pice_cloud import Embedder
 
         embed = Embedder().encode
     qs = questions(args.source, args.limit)

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from vicuna import DATA_DIR  # noqa: E402  (this folder is on sys.path when run as a script)
 
-from pice_cloud.router import (  # noqa: E402  (the repo root must be on sys.path first)
+from pice_cloud import (  # noqa: E402  (the repo root must be on sys.path first)
     WEIGHTS_FORMAT,
     HeuristicRouter,
     is_held_out,
@@ -67,8 +67,7 @@ def embed(texts: list[str], model: str, cache: Path | None) -> Any:
     import numpy as np
     import torch
 
-    from pice_cloud.embeddings import Embedder
-    from pice_cloud.router import MAX_QUESTION_CHARS
+    from pice_cloud import MAX_QUESTION_CHARS, Embedder
 
     clipped = [t[:MAX_QUESTION_CHARS] for t in texts]
     if cache is not None and cache.is_file():

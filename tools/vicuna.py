@@ -46,7 +46,7 @@ def read_alpaca(part: str, path: Path = ALPACA) -> list[dict[str, Any]]:
     fifth (the mode router's threshold is chosen on it), ``"fit"`` the rest (the ensemble
     selector is fitted on it). The data is CC BY-NC 4.0: fitting and measurement only.
     """
-    from pice_cloud.router import is_held_out
+    from pice_cloud import is_held_out
 
     if part not in ("fit", "calibration"):
         raise ValueError(f"part must be 'fit' or 'calibration', not {part!r}")

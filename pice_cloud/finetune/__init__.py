@@ -11,5 +11,7 @@ torch, transformers and peft are imported only when training starts.
 
 from pice_cloud.finetune.config import FinetuneConfig, load_finetune_config
 from pice_cloud.finetune.data import Example, Prepared, Split, prepare, split_answer
+from pice_cloud.finetune.train import prepare_for
 
-__all__ = ["Example", "FinetuneConfig", "Prepared", "Split", "load_finetune_config", "prepare", "split_answer"]
+__all__ = ["Example", "FinetuneConfig", "Prepared", "Split", "load_finetune_config", "prepare", "prepare_for",
+           "split_answer"]

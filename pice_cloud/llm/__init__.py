@@ -8,16 +8,24 @@ openai          an OpenAI-compatible HTTP server: trtllm-serve, vLLM, SGLang, ll
                 server, or another ``pice-cloud serve``
 tensorrt_llm    TensorRT-LLM's in-process ``LLM`` API (extra ``pice[trtllm]``, NVIDIA GPU)
 ==============  ============================================================================
+
+`SimulatedBackend` (synthetic text for load tests and benchmarks) and `TransformersBackend`
+(loaded with torch on first access) can be imported from here too.
 """
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pice_cloud.errors import BackendError
 from pice_cloud.llm.base import ChatRequest, Completion, LLMBackend, TokenCounter
+from pice_cloud.llm.simulated import SimulatedBackend
 from pice_edge.model_store import DEFAULT_MODEL
+
+if TYPE_CHECKING:  # imported lazily at run time by `__getattr__`: it pulls torch and transformers in
+    from pice_cloud.llm.transformers import TransformersBackend
 
 BACKENDS = ("transformers", "openai", "tensorrt_llm")
 
@@ -50,4 +58,27 @@ def create_backend(kind: str, *, model: str | Path = DEFAULT_MODEL, **options: A
     raise BackendError(f"unknown LLM backend {kind!r}; choose one of {', '.join(BACKENDS)}")
 
 
-__all__ = ["BACKENDS", "ChatRequest", "Completion", "LLMBackend", "TokenCounter", "create_backend"]
+# Backend classes named from the package root without importing their libraries until first use (PEP 562).
+_LAZY: dict[str, str] = {"TransformersBackend": "pice_cloud.llm.transformers"}
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module_name = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value
+    return value
+
+
+__all__ = [
+    "BACKENDS",
+    "ChatRequest",
+    "Completion",
+    "LLMBackend",
+    "SimulatedBackend",
+    "TokenCounter",
+    "TransformersBackend",
+    "create_backend",
+]

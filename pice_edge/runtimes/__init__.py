@@ -4,12 +4,16 @@ New runtimes are one module with a class implementing `Runtime`, registered in `
 (or passed to `EdgeNode` directly — see ``examples/custom_runtime.py``). The simulated runtime
 (`pice_edge.runtimes.simulated`, synthetic text for load tests) is deliberately not registered:
 the load tools construct it, no configuration can select it for real answers.
+
+`TransformersRuntime` and `SimulatedRuntime` can be imported from here; each is loaded (with
+its library) on first access. `export_onnx` is `onnx_export.export` (it imports
+torch, transformers and onnxruntime only when called).
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pice_edge.errors import RuntimeUnavailableError
 from pice_edge.runtimes.base import (
@@ -20,6 +24,11 @@ from pice_edge.runtimes.base import (
     Runtime,
     SteppingRuntime,
 )
+from pice_edge.runtimes.onnx_export import export as export_onnx
+
+if TYPE_CHECKING:  # imported lazily at run time by `__getattr__`: each pulls its model library in
+    from pice_edge.runtimes.simulated import SimulatedRuntime
+    from pice_edge.runtimes.transformers import TransformersRuntime
 
 # name -> (module, class, pip extra that provides its library)
 _FACTORIES: dict[str, tuple[str, str, str]] = {
@@ -59,13 +68,33 @@ def create_runtime(name: str, **kwargs: Any) -> Runtime:
     return runtime
 
 
+# Runtime classes named from the package root without importing their libraries until first use (PEP 562).
+_LAZY: dict[str, str] = {
+    "SimulatedRuntime": "pice_edge.runtimes.simulated",
+    "TransformersRuntime": "pice_edge.runtimes.transformers",
+}
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module_name = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value
+    return value
+
+
 __all__ = [
     "ChatMessage",
     "DecodeBatch",
     "GenerationRequest",
     "GenerationResult",
     "Runtime",
+    "SimulatedRuntime",
     "SteppingRuntime",
+    "TransformersRuntime",
     "available_runtimes",
     "create_runtime",
+    "export_onnx",
 ]
