@@ -314,6 +314,29 @@ async def test_the_driver_carries_out_actions_until_every_point_is_settled() -> 
     assert set(request.ledger.by_purpose) == {"fallback_expansion"}
 
 
+class _Down(_Texts):
+    async def complete(self, requests: list[object]) -> list[object]:
+        from pice_cloud.errors import BackendError
+        raise BackendError("LLM server unreachable")
+
+
+async def test_when_the_cloud_fails_the_waiting_points_fail_with_it_instead_of_hanging() -> None:
+    from pice_cloud.cloud_meter import CloudMeter
+    from pice_cloud.ensemble import ConfidenceSelector
+    from pice_cloud.errors import BackendError
+
+    clock = FakeClock()
+    request = make_request([()], live_fleet(clock))
+    driver = RequestDriver(request, publish=lambda task: None, expander=CloudExpander(CloudMeter(_Down())),  # type: ignore[arg-type]
+                           selector=ConfidenceSelector(), clock=clock,
+                           counters=RejectionCounters(Rejections(), Rejections(), Rejections()))
+    driver.feed(request.start(clock()))
+    with pytest.raises(BackendError):
+        await asyncio.wait_for(driver.run(), 10)
+    with pytest.raises(BackendError):
+        await asyncio.wait_for(driver.point(0), 1)
+
+
 # --- the planner --------------------------------------------------------------------------------
 
 def _views(*ids: str, model: str = "", free: int = 2) -> list[EdgeView]:

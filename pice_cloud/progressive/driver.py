@@ -86,7 +86,18 @@ class RequestDriver:
         return await asyncio.shield(self._points[index])
 
     async def run(self) -> None:
-        """Drive the request until every point is settled; cancel it to stop early."""
+        """Drive the request until every point is settled; cancel it to stop early. If the
+        cloud fails (a backend error while it expands a point), the points still waited for
+        fail with that error, so the answer ends with it instead of waiting forever."""
+        try:
+            await self._run()
+        except Exception as exc:
+            for future in self._points:
+                if not future.done():
+                    future.set_exception(exc)
+            raise
+
+    async def _run(self) -> None:
         request = self.request
         while True:
             self.feed(request.tick(self._clock()))
