@@ -292,7 +292,7 @@ def test_the_fitter_keys_its_columns_and_weights_by_feature_name(tmp_path: Path,
 
     def fitted(name: str) -> EnsembleWeights:
         out = tmp_path / name
-        fit_ensemble.fit(argparse.Namespace(out=str(out), test_fraction=0.3, seed=0))
+        fit_ensemble.fit(argparse.Namespace(out=str(out), test_fraction=0.3, seed=0, keep_costly=True))
         return EnsembleWeights.load(out)
 
     usual = fitted("usual.json")
@@ -302,3 +302,27 @@ def test_the_fitter_keys_its_columns_and_weights_by_feature_name(tmp_path: Path,
     assert any(usual.weights.values())
     for name in FEATURES:
         assert backwards.weights[name] == pytest.approx(usual.weights[name], rel=1e-6, abs=1e-12), name
+
+
+def test_a_feature_the_cloud_computes_is_left_out_where_it_does_not_pay(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """cloud_loglik costs the cloud a prefill of every candidate: noise (as here) is not kept,
+    and the report says why, with the held-out picks with and without it."""
+    monkeypatch.syspath_prepend(str(TOOLS))
+    import fit_ensemble
+
+    monkeypatch.setattr(embeddings, "Embedder", BagOfWords)
+    monkeypatch.setattr(fit_ensemble, "RESULTS", tmp_path)
+    monkeypatch.setattr(fit_ensemble, "CALIBRATION", tmp_path / "calibration.jsonl")
+    _calibration(tmp_path / "calibration.jsonl")
+    out = tmp_path / "weights.json"
+    fit_ensemble.fit(argparse.Namespace(out=str(out), test_fraction=0.3, seed=0, keep_costly=False))
+    written = json.loads(out.read_text())
+    verdict = written["fit"]["costly_features"]
+    assert verdict["features"] == ["cloud_loglik"]
+    assert verdict["kept"] is verdict["pays"] is False
+    assert written["weights"]["cloud_loglik"] == 0.0
+    assert any(written["weights"].values()), "the cheap features still choose"
+    assert "fitted without cloud_loglik" in {row["selector"] for row in written["fit"]["report"]}
+    # With zero weight the selector runs no scoring pass on the cloud.
+    assert LearnedSelector(EnsembleWeights.load(out), scorer=object()).scorer is None  # type: ignore[arg-type]

@@ -43,6 +43,9 @@ SKIP_CATEGORIES = {"coding", "math"}  # routed cloud-only: no sketch, no ensembl
 PENALTIES = {"self_repetition", "cross_repetition"}
 #: Standardised weights below this share of the largest are dropped (see ``fit_on``).
 NEGLIGIBLE = 0.02
+#: Features the cloud LLM computes (a prefill of every candidate on the cloud): one stays in the
+#: weights only where the held-out picks gain with it by more than twice the gain's standard error.
+COSTLY = ("cloud_loglik",)
 
 
 def load_questions(source: str, data: Path | None, limit: int) -> list[dict[str, Any]]:
@@ -182,15 +185,28 @@ def _ridge(xs: list[list[float]], ys: list[float], lam: float) -> list[float]:
     return [float(v) for v in w]
 
 
-def _evaluate(groups: list[dict[str, Any]], weights: list[float]) -> tuple[float, float]:
-    """(fraction of points where the pick is the oracle, mean target of the picks)."""
-    hits = total = 0.0
+def _picks(groups: list[dict[str, Any]], weights: list[float]) -> list[float]:
+    """The target of the candidate ``weights`` pick, per point."""
+    out = []
     for g in groups:
         scores = [sum(w * x for w, x in zip(weights, row, strict=True)) for row in g["x"]]
-        pick = max(range(len(scores)), key=lambda i: scores[i])
-        hits += g["y"][pick] == max(g["y"])
-        total += g["y"][pick]
-    return hits / len(groups), total / len(groups)
+        out.append(g["y"][max(range(len(scores)), key=lambda i: scores[i])])
+    return out
+
+
+def _evaluate(groups: list[dict[str, Any]], weights: list[float]) -> tuple[float, float]:
+    """(fraction of points where the pick is the oracle, mean target of the picks)."""
+    picked = _picks(groups, weights)
+    hits = sum(y == max(g["y"]) for y, g in zip(picked, groups, strict=True))
+    return hits / len(groups), sum(picked) / len(groups)
+
+
+def _paired_gain(groups: list[dict[str, Any]], better: list[float], base: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the per-point gain in pick target of ``better`` over ``base``."""
+    diffs = [a - b for a, b in zip(_picks(groups, better), _picks(groups, base), strict=True)]
+    mean = sum(diffs) / len(diffs)
+    var = sum((d - mean) ** 2 for d in diffs) / max(1, len(diffs) - 1)
+    return mean, (var / len(diffs)) ** 0.5
 
 
 def fit(args: argparse.Namespace) -> None:
@@ -234,7 +250,7 @@ def fit(args: argparse.Namespace) -> None:
     train = [g for g in groups if g["qid"] not in test_ids]
     test = [g for g in groups if g["qid"] in test_ids]
 
-    def fit_on(gs: list[dict[str, Any]], lam: float) -> list[float]:
+    def fit_on(gs: list[dict[str, Any]], lam: float, exclude: frozenset[str] = frozenset()) -> list[float]:
         xs: list[list[float]] = []
         ys: list[float] = []
         for g in gs:
@@ -243,7 +259,7 @@ def fit(args: argparse.Namespace) -> None:
             ys.extend(v - ymean for v in g["y"])
         # Standardise so one penalty suits features of different scales; map back after.
         scale = [max(1e-9, (sum(r[i] ** 2 for r in xs) / len(xs)) ** 0.5) for i in range(len(names))]
-        active = list(range(len(names)))
+        active = [i for i in range(len(names)) if names[i] not in exclude]
         while True:
             w = _ridge([[r[i] / scale[i] for i in active] for r in xs], ys, lam)
             full = [0.0] * len(names)
@@ -260,22 +276,42 @@ def fit(args: argparse.Namespace) -> None:
                 return full
             active = [i for i in active if i not in wrong]
 
-    # Penalty by leave-one-question-out accuracy on the training questions.
-    train_ids = sorted({g["qid"] for g in train})
-    best_lam, best_acc = 1.0, -1.0
-    for lam in (0.01, 0.1, 1.0, 10.0, 100.0):
-        accs = []
-        for held in train_ids:
-            w = fit_on([g for g in train if g["qid"] != held], lam)
-            accs.append(_evaluate([g for g in train if g["qid"] == held], w)[0])
-        acc = sum(accs) / len(accs)
-        if acc > best_acc:
-            best_lam, best_acc = lam, acc
-    weights = fit_on(train, best_lam)
+    def select_and_fit(exclude: frozenset[str]) -> tuple[float, list[float]]:
+        """The penalty by leave-one-question-out accuracy on the training questions, and the
+        weights fitted with it on all of them."""
+        train_ids = sorted({g["qid"] for g in train})
+        best_lam, best_acc = 1.0, -1.0
+        for lam in (0.01, 0.1, 1.0, 10.0, 100.0):
+            accs = []
+            for held in train_ids:
+                w = fit_on([g for g in train if g["qid"] != held], lam, exclude)
+                accs.append(_evaluate([g for g in train if g["qid"] == held], w)[0])
+            acc = sum(accs) / len(accs)
+            if acc > best_acc:
+                best_lam, best_acc = lam, acc
+        return best_lam, fit_on(train, best_lam, exclude)
+
+    # A feature the cloud LLM computes costs the cloud a prefill of every candidate: it stays
+    # only if the held-out questions show it pays (and `--keep-costly` does not override that).
+    lam_all, with_costly = select_and_fit(frozenset())
+    lam_cheap, without_costly = select_and_fit(frozenset(COSTLY))
+    acc_all, mean_all = _evaluate(test, with_costly)
+    acc_cheap, mean_cheap = _evaluate(test, without_costly)
+    # Pays: the held-out points' picks gain with it by more than twice the gain's standard error.
+    gain, gain_se = _paired_gain(test, with_costly, without_costly)
+    pays = gain > 2 * gain_se and gain > 0
+    keep = pays or args.keep_costly
+    best_lam, weights = (lam_all, with_costly) if keep else (lam_cheap, without_costly)
+    costly_verdict = {
+        "features": list(COSTLY), "kept": keep, "pays": pays, "gain": gain, "gain_standard_error": gain_se,
+        "held_out_with": {"oracle_hit": acc_all, "mean_similarity": mean_all},
+        "held_out_without": {"oracle_hit": acc_cheap, "mean_similarity": mean_cheap},
+    }
 
     report: list[dict[str, Any]] = []
-    acc, mean = _evaluate(test, weights)
-    report.append({"selector": "fitted (all features)", "oracle_hit": acc, "mean_similarity": mean})
+    report.append({"selector": "fitted (all features)", "oracle_hit": acc_all, "mean_similarity": mean_all})
+    report.append({"selector": f"fitted without {', '.join(COSTLY)}", "oracle_hit": acc_cheap,
+                   "mean_similarity": mean_cheap})
     rand_hit = sum(1 / len(g["y"]) for g in test) / len(test)
     rand_mean = sum(sum(g["y"]) / len(g["y"]) for g in test) / len(test)
     report.append({"selector": "random pick", "oracle_hit": rand_hit, "mean_similarity": rand_mean})
@@ -302,10 +338,13 @@ def fit(args: argparse.Namespace) -> None:
             "question_set": "alpaca_eval's fitting part (tools/vicuna.py read_alpaca('fit')), sketches that pass the "
                          "guard; candidates made as served (edge prompt and repetition penalty, replicas at 0.7)",
             "categories": sorted({str(r.get("category", "")) for r in rows}),
-            "report": report, "command": "python tools/fit_ensemble.py fit"}
+            "costly_features": costly_verdict, "report": report, "command": "python tools/fit_ensemble.py fit"}
     out = {"weights": dict(zip(names, weights, strict=True)), "fit": meta}
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     (RESULTS / "ensemble.json").write_text(json.dumps(out, indent=2) + "\n")
+    print(f"{', '.join(COSTLY)}: held-out mean similarity {mean_all:.4f} with, {mean_cheap:.4f} without "
+          f"(paired gain {gain:+.4f} ± {gain_se:.4f}); "
+          f"{'kept' if keep else 'left out (the cloud computes it for every candidate and it does not pay)'}")
     print(f"weights {out['weights']} written to {args.out}")
 
 
@@ -336,6 +375,8 @@ def main() -> int:
     f.add_argument("--out", default=str(ROOT / "pice_cloud" / "data" / "ensemble.json"))
     f.add_argument("--test-fraction", type=float, default=0.3)
     f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--keep-costly", action="store_true",
+                   help=f"keep the features the cloud LLM computes ({', '.join(COSTLY)}) even where they do not pay")
     args = parser.parse_args()
     if args.command == "generate":
         asyncio.run(generate(args))
