@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Install PICE with its test dependencies (and Mosquitto, which the suite starts itself),
-# then lint, type-check and run the whole test suite. Usage: ./scripts/test.sh [pytest args]
+# Install PICE with its test dependencies into the virtual environment .venv (scripts/setup.sh;
+# nothing goes into the system Python) and Mosquitto from the distribution (the suite starts it
+# itself), then lint, type-check and run the whole test suite. Usage: ./scripts/test.sh [pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,10 +14,10 @@ if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
 fi
 # Mosquitto is started by the tests on free loopback ports; the packaged service is not needed.
 
-PYTHON="${PYTHON:-python3}"
-# torch is pinned to the CPU wheel: an unpinned torch pulls gigabytes of CUDA libraries.
-"$PYTHON" -m pip install --disable-pip-version-check -q "torch==2.13.0" -e ".[dev]"
+# PYTHON (default python3) is the interpreter the venv is made from; torch is pinned there.
+./scripts/setup.sh dev
+PY="${PICE_VENV:-.venv}/bin/python"
 
-"$PYTHON" -m ruff check .
-"$PYTHON" -m mypy
-exec "$PYTHON" -m pytest "$@"
+"$PY" -m ruff check .
+"$PY" -m mypy
+exec "$PY" -m pytest "$@"
