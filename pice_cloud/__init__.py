@@ -7,7 +7,7 @@ implementation and may change. Nothing here imports torch or transformers.
 
 from pice_cloud.bootstrap import System, start_system
 from pice_cloud.broker import EmbeddedBroker, MosquittoProcess, free_port, wait_port
-from pice_cloud.config import CloudConfig, ServiceConfig, load_config
+from pice_cloud.config import CloudConfig, EdgesConfig, ServiceConfig, load_config
 from pice_cloud.embeddings import Embedder
 from pice_cloud.ensemble import ConfidenceSelector, EnsembleWeights, LearnedSelector, Selector
 from pice_cloud.errors import CloudError, SketchError
@@ -63,6 +63,7 @@ __all__ = [
     "Completion",
     "ConfidenceSelector",
     "EdgeView",
+    "EdgesConfig",
     "Embed",
     "EmbeddedBroker",
     "Embedder",

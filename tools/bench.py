@@ -53,7 +53,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from a checkout: the package beside it
 
-from pice_cloud.broker import MosquittoProcess, free_port, wait_port  # noqa: E402
+from pice_cloud import EdgesConfig, MosquittoProcess, ServiceConfig, free_port, wait_port  # noqa: E402
 
 #: Used by --quick when the data folder is absent (a clean CI clone): the tool still runs end to
 #: end; quality is then not computed (no references).
@@ -154,7 +154,7 @@ class System:
         py = sys.executable
         cloud_env = {
             "PICE_SERVICE__MAX_POINTS": str(a.max_points), "PICE_SERVICE__TOKENS_PER_POINT": str(a.tokens_per_point),
-            "PICE_SERVICE__MAX_ANSWER_TOKENS": str(a.max_points * a.tokens_per_point),
+            "PICE_SERVICE__MAX_ANSWER_TOKENS": str(a.max_answer_tokens),
             "PICE_SERVICE__ENSEMBLE_WIDTH": str(a.ensemble_width),
             # Admit every request: the benchmark measures queueing, it does not want 429s.
             "PICE_SERVER__MAX_CONCURRENT": "64", "PICE_SERVER__MAX_QUEUE": "256",
@@ -385,7 +385,8 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
             "cloud_cores": args.cloud_cores, "edge_cores": args.edge_cores, "edges": args.edges,
             "edge_max_batch": args.edge_batch, "threads_per_process": 1, "model": str(args.model),
             "max_points": args.max_points, "tokens_per_point": args.tokens_per_point,
-            "max_answer_tokens": args.max_points * args.tokens_per_point, "versions": versions}
+            "max_answer_tokens": args.max_answer_tokens, "ensemble_width": args.ensemble_width,
+            "versions": versions}
 
 
 def ratios(light: dict[str, dict[str, Any]], saturated: dict[str, dict[str, Any]]) -> dict[str, float]:
@@ -475,7 +476,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     phases: list[Phase] = []
     try:
         system.start()
-        max_tokens = args.max_points * args.tokens_per_point
+        max_tokens = args.max_answer_tokens
         with tqdm(total=total, desc="requests", unit="req", file=sys.stderr) as progress:
             for mode in modes:
                 phases.append(await run_phase(system, mode, 0.0, questions, len(questions), max_tokens, 0, progress))
@@ -533,11 +534,16 @@ def main() -> int:
     parser.add_argument("--rates", type=float, nargs="*", default=[1 / 60, 2 / 60, 4 / 60],
                         help="offered loads in requests per second (open loop, Poisson)")
     parser.add_argument("--requests-per-rate", type=int, default=8)
-    parser.add_argument("--max-points", type=int, default=5)
-    parser.add_argument("--tokens-per-point", type=int, default=48)
-    parser.add_argument("--ensemble-width", type=int, default=1)
+    # The budgets default to the service's own (`ServiceConfig`, `EdgesConfig`): the benchmark
+    # measures the configuration a user gets unless told otherwise.
+    service, edges = ServiceConfig(), EdgesConfig()
+    parser.add_argument("--max-points", type=int, default=service.max_points)
+    parser.add_argument("--tokens-per-point", type=int, default=service.tokens_per_point)
+    parser.add_argument("--max-answer-tokens", type=int, default=service.max_answer_tokens,
+                        help="the answer's token cap, every mode (the service's max_answer_tokens)")
+    parser.add_argument("--ensemble-width", type=int, default=service.ensemble_width)
     parser.add_argument("--edges", type=int, default=2)
-    parser.add_argument("--edge-batch", type=int, default=4)
+    parser.add_argument("--edge-batch", type=int, default=edges.max_batch)
     parser.add_argument("--cloud-cores", default="0")
     parser.add_argument("--edge-cores", default="1")
     parser.add_argument("--json", default=None)
@@ -547,7 +553,7 @@ def main() -> int:
         from pice_edge.model_store import build_random_model
 
         args.model = str(build_random_model(Path(tempfile.mkdtemp(prefix="pice-bench-model-")) / "tiny"))
-        args.questions, args.max_points, args.tokens_per_point = 2, 3, 8
+        args.questions, args.max_points, args.tokens_per_point, args.max_answer_tokens = 2, 3, 8, 24
         args.rates, args.requests_per_rate = [0.5], 4
     llama_modes = [m for m in args.modes if m in LLAMACPP_MODES]
     if llama_modes:

@@ -182,7 +182,7 @@ def main() -> int:
         scorer = Scorer()
         from openai import OpenAI
 
-        proc, url = start_server("", "", args.serve_arg)
+        proc, url = start_server("", "", "", args.serve_arg)
         try:
             client = OpenAI(base_url=url, api_key="pice", max_retries=0, timeout=900)
             args.rows.parent.mkdir(parents=True, exist_ok=True)
