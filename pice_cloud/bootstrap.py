@@ -91,7 +91,8 @@ def build_backend(config: LLMConfig, *, model: str | None = None) -> LLMBackend:
     elif config.kind == "openai":
         options = {"url": config.url, "api_key": config.api_key.get_secret_value() if config.api_key else None,
                    "timeout_s": config.timeout_s, "max_parallel": config.max_parallel,
-                   "continue_final_message": config.continue_final_message, "context_tokens": config.context_tokens}
+                   "continue_final_message": config.continue_final_message, "context_tokens": config.context_tokens,
+                   "structured_outputs": config.structured_outputs}
     else:
         options = {}
     backend = create_backend(config.kind, model=model or config.model, **options)

@@ -102,6 +102,11 @@ class LLMConfig(BaseModel):
         default=None, ge=1, le=10_000_000,
         description="transformers: most KV-cache megabytes of the sequences in the batch (none: max_batch alone "
                     "bounds it)")
+    structured_outputs: Literal["none", "vllm", "llamacpp"] = Field(
+        default="none",
+        description="kind openai: how the engine is asked to decode a sketch under its outline format: vllm "
+                    "(guided_regex; also SGLang and TensorRT-LLM's trtllm-serve with a regex backend), llamacpp "
+                    "(a GBNF grammar), none (the guards alone)")
     continue_final_message: bool = Field(
         default=False,
         description="send pre-fills as a final assistant turn to continue (vLLM, SGLang); otherwise an "
@@ -187,6 +192,11 @@ class ServiceConfig(BaseModel):
     sketch_guard: bool = Field(
         default=True, description="check each sketch (too few, duplicate, meta, cut or restating headings); a failed "
                                   "one is re-sampled once, then the request is answered cloud-only")
+    sketch_format: Literal["constrained", "free"] = Field(
+        default="constrained",
+        description="constrained: the cloud LLM decodes the sketch under its outline format (3 to max_points "
+                    "numbered headings of at most max_words words; the embedded backend masks tokens, an HTTP "
+                    "engine gets llm.structured_outputs), so refusals for its form become rare; free: as written")
     expander_model: str | None = Field(
         default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}(@[0-9a-f]{12})?$",
         description="points go only to edges running this model (NAME) or build (NAME@BUILD, as edges report "

@@ -44,7 +44,15 @@ from pice_cloud.events import (
     within_length,
 )
 from pice_cloud.fleet import Fleet
-from pice_cloud.guards import MIN_POINTS, Embed, check_sketch, repair_sketch, sketch_rejection_reason
+from pice_cloud.guards import (
+    MAX_HEADING_WORDS,
+    MIN_POINTS,
+    Embed,
+    check_sketch,
+    is_cut_heading,
+    repair_sketch,
+    sketch_rejection_reason,
+)
 from pice_cloud.llm.base import ChatRequest, Completion, LLMBackend, TextRequest
 from pice_cloud.progressive import (
     CloudExpander,
@@ -78,6 +86,7 @@ from pice_edge.protocol import (
 )
 from pice_edge.rejects import Rejections
 from pice_edge.runtimes.base import ChatMessage
+from pice_edge.text import OutlineFormat
 from pice_edge.transport import Message, MqttTransport
 
 log = logging.getLogger(__name__)
@@ -226,6 +235,13 @@ class PiceService:
         ``stats.sketch_rejected`` and counted in `sketch_rejections`)."""
         base = self._sampling(options)
         attempts = 2 if self.config.sketch_guard else 1
+        # The form a sketch must have, decoded under where the engine can (`sketch_format`).
+        # Headings of the prompt's length, or up to the guards' limit to finish a phrase that
+        # would otherwise be cut (a cut heading is refused).
+        outline = (OutlineFormat(min_points=min(MIN_POINTS, budget.max_points), max_points=budget.max_points,
+                                 max_words=budget.max_words, extra_words=max(0, MAX_HEADING_WORDS - budget.max_words),
+                                 can_end=lambda heading: not is_cut_heading(heading))
+                   if self.config.sketch_format == "constrained" else None)
         for attempt in range(attempts):
             sampling = base if attempt == 0 else resampled(
                 base, min_temperature=defaults.SKETCH_RESAMPLE_TEMPERATURE, seed_offset=SKETCH_RESAMPLE_SEED_OFFSET,
@@ -233,7 +249,7 @@ class PiceService:
             request = ChatRequest(
                 sketch_messages(question, max_points=budget.max_points, max_words=budget.max_words),
                 max_tokens=budget.sketch_tokens, prefill=SKETCH_PREFILL,
-                temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed,
+                temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed, outline=outline,
             )
             [raw] = await self.sketch_cloud.complete([request], purpose="resketch" if attempt else "sketch",
                                                      ledger=stats.cloud_work)

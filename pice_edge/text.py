@@ -19,8 +19,8 @@ edge imports this, and it must not pull in a model library.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 __all__ = [
     "ListItem",
@@ -266,3 +266,48 @@ def parse_points(answer: str) -> list[RenderedPoint]:
     prose) are left out; an expansion never holds a blank line (`pice_edge.prompts.clean_expansion`
     keeps its first paragraph), so nothing of a point is lost."""
     return [point for paragraph in answer.split("\n\n") if (point := parse_point(paragraph))]
+
+
+# --- outlines as a format to decode under ----------------------------------------------
+
+@dataclass(frozen=True)
+class OutlineFormat:
+    """A numbered outline continued after ``"{first}."``: items ``first`` .. ``max_points``."""
+
+    min_points: int
+    max_points: int
+    max_words: int
+    first: int = 1
+    #: Whether a heading may end as it stands (e.g. not on "and" or "of"): in-process engines
+    #: only (the regex and the grammar cannot say it). A heading that may not end yet may run
+    #: ``extra_words`` words past ``max_words`` to finish its phrase.
+    can_end: Callable[[str], bool] | None = field(default=None, compare=False, repr=False)
+    extra_words: int = 0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.first <= self.min_points <= self.max_points or self.max_words < 1:
+            raise ValueError(f"not an outline format: {self}")
+
+    def regex(self) -> str:
+        """The continuation as a regular expression (numbers in order, words bounded)."""
+        heading = rf" [^\s]+(?: [^\s]+){{0,{self.max_words - 1}}}"
+
+        def tail(n: int) -> str:
+            if n > self.max_points:
+                return ""
+            item = rf"\n{n}\.{heading}{tail(n + 1)}"
+            return item if n <= self.min_points else f"(?:{item})?"
+
+        return heading + tail(self.first + 1)
+
+    def gbnf(self, *, lead: str = "") -> str:
+        """The continuation as a GBNF grammar (llama.cpp), after the literal ``lead``."""
+        rules = [f'heading ::= " " word (" " word){{0,{self.max_words - 1}}}', "word ::= [^ \\t\\n]+"]
+        for n in range(self.first + 1, self.max_points + 1):
+            rest = f" item{n + 1}" + ("" if n + 1 <= self.min_points else "?") if n < self.max_points else ""
+            rules.append(f'item{n} ::= "\\n{n}." heading{rest}')
+        first = self.first + 1
+        tail = "" if first > self.max_points else f" item{first}" + ("" if first <= self.min_points else "?")
+        quoted = lead.replace("\\", "\\\\").replace('"', '\\"')
+        root = "root ::= " + (f'"{quoted}" ' if lead else "") + "heading" + tail
+        return "\n".join([root, *rules]) + "\n"

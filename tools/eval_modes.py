@@ -98,7 +98,19 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "edge_tokens_per_request": round(mean("edge_tokens") or 0.0, 1),
         "latency_median_s": round(statistics.median(r["latency_s"] for r in rows), 2) if rows else None,
         "sketch_rejections": _count(reason for r in rows for reason in r.get("sketch_rejected") or []),
+        # The cloud's ledger (`pice.cloud_work`): mean prefill and decode tokens per request, by purpose.
+        "cloud_work_per_request": _work(rows),
     }
+
+
+def _work(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    total: dict[str, dict[str, float]] = {}
+    for r in rows:
+        for purpose, work in (r.get("cloud_work") or {}).items():
+            into = total.setdefault(purpose, {"prefill_tokens": 0.0, "decode_tokens": 0.0, "seconds": 0.0})
+            for key in into:
+                into[key] += float(work.get(key, 0.0))
+    return {purpose: {k: round(v / max(1, len(rows)), 2) for k, v in work.items()} for purpose, work in total.items()}
 
 
 def _count(items: Any) -> dict[str, int]:
@@ -197,7 +209,8 @@ def main() -> int:
                                **answer_metrics(scorer, text, q["reference"], info),
                                "cloud_tokens": usage.get("cloud_tokens"), "edge_tokens": usage.get("edge_tokens"),
                                "route_probability": info.get("route_probability"),
-                               "sketch_rejected": info.get("sketch_rejected") or [], "answer": text}
+                               "sketch_rejected": info.get("sketch_rejected") or [],
+                               "cloud_work": info.get("cloud_work") or {}, "answer": text}
                         out.write(json.dumps(row) + "\n")
                         out.flush()
                         print(f"[{n}/{len(qs)}] q{q['id']} {mode:<11} served {row['mode_served']:<11} "

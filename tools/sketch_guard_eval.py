@@ -41,7 +41,9 @@ from pice_cloud import (  # noqa: E402
     sketch_messages,
     sketch_rejection_reason,
 )
+from pice_cloud.guards import MAX_HEADING_WORDS, MIN_POINTS, is_cut_heading  # noqa: E402
 from pice_edge import ChatMessage, GenerationRequest  # noqa: E402
+from pice_edge.text import OutlineFormat  # noqa: E402
 
 MAX_POINTS = 6
 MAX_WORDS = 6
@@ -104,6 +106,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--cut-words", type=int, default=None, help="cut headings at N words (the old parser)")
     parser.add_argument("--no-embed", action="store_true", help="lexical duplicate/restatement checks only")
+    parser.add_argument("--outline", action="store_true", help="decode under the outline format (sketch_format: "
+                                                               "constrained, the service's default)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=ROOT / "tools" / "results" / "sketch_guards.jsonl")
     args = parser.parse_args()
@@ -120,9 +124,16 @@ def main() -> None:
     build = PROMPTS[args.prompt]
     prompts = [runtime.format_chat(build(q, max_points=MAX_POINTS, max_words=MAX_WORDS), SKETCH_PREFILL) for q in qs]
     started = time.perf_counter()
-    greedy = runtime.generate([GenerationRequest(p, SKETCH_TOKENS) for p in prompts])
-    sampled = runtime.generate([GenerationRequest(p, SKETCH_TOKENS, temperature=args.temperature, seed=args.seed)
-                                for p in prompts])
+    # --outline: decoded under the outline format as the service does (`service.sketch_format`),
+    # through the step batch that the embedded cloud backend runs.
+    outline = (OutlineFormat(min_points=MIN_POINTS, max_points=MAX_POINTS, max_words=MAX_WORDS,
+                             extra_words=max(0, MAX_HEADING_WORDS - MAX_WORDS),
+                             can_end=lambda heading: not is_cut_heading(heading))
+               if args.outline else None)
+    generate = runtime.new_batch().run if args.outline else runtime.generate
+    greedy = generate([GenerationRequest(p, SKETCH_TOKENS, outline=outline) for p in prompts])
+    sampled = generate([GenerationRequest(p, SKETCH_TOKENS, temperature=args.temperature, seed=args.seed,
+                                          outline=outline) for p in prompts])
     elapsed = time.perf_counter() - started
     rows = []
     for q, g, s in zip(qs, greedy, sampled, strict=True):
@@ -136,7 +147,8 @@ def main() -> None:
     greedy_served = sum(r["greedy"]["served"] is not None for r in rows)
     either_served = sum(r["greedy"]["served"] is not None or r["sampled"]["served"] is not None for r in rows)
     report = {
-        "prompt": args.prompt, "source": args.source, "questions": len(rows), "model": runtime.model_id,
+        "prompt": args.prompt, "outline": args.outline, "source": args.source, "questions": len(rows),
+        "model": runtime.model_id,
         "embed": embed is not None, "cut_words": args.cut_words, "temperature": args.temperature, "seed": args.seed,
         "greedy_pass": greedy_pass, "sampled_pass": sampled_pass, "greedy_or_resample_pass": either,
         "greedy_served_with_repair": greedy_served, "served_with_repair_and_resample": either_served,

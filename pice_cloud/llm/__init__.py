@@ -34,7 +34,8 @@ def create_backend(kind: str, *, model: str | Path = DEFAULT_MODEL, **options: A
     """The backend of ``kind`` on ``model``; ``options`` go to its constructor.
 
     - transformers: ``device``, ``dtype``, ``threads``, ``max_batch``, ``memory_budget_mb``
-    - openai: ``url`` (required), ``api_key``, ``timeout_s``, ``max_parallel``, ``continue_final_message``
+    - openai: ``url`` (required), ``api_key``, ``timeout_s``, ``max_parallel``, ``continue_final_message``,
+      ``structured_outputs``
     - tensorrt_llm: keyword arguments of ``tensorrt_llm.LLM``
 
     Raises:

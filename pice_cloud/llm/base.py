@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from pice_edge.runtimes.base import ChatMessage
+from pice_edge.text import OutlineFormat
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,9 @@ class ChatRequest:
     seed: int | None = None
     #: Return each generated token's log-probability with this many alternatives (None: none).
     logprobs: int | None = None
+    #: Decode under this outline format (a sketch: `pice_edge.text.OutlineFormat`), where the
+    #: backend can constrain decoding; others ignore it (the guards still check the sketch).
+    outline: OutlineFormat | None = None
 
 
 @dataclass(frozen=True)

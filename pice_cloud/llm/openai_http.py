@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
@@ -36,13 +37,18 @@ class OpenAIHTTPBackend:
         timeout_s: per request.
         max_parallel: most requests in flight at once (the server batches them).
         continue_final_message: send pre-fills as an assistant turn to continue (vLLM, SGLang).
+        structured_outputs: how a sketch's outline format (`ChatRequest.outline`) is sent: ``vllm``
+            (``guided_regex``), ``llamacpp`` (a GBNF ``grammar``) or ``none`` (not sent).
     """
 
     name = "openai"
 
     def __init__(self, base_url: str, model: str, *, api_key: str | None = None, timeout_s: float = 120.0,
                  max_parallel: int = 8, continue_final_message: bool = False,
-                 context_tokens: int | None = None) -> None:
+                 context_tokens: int | None = None, structured_outputs: str = "none") -> None:
+        if structured_outputs not in ("none", "vllm", "llamacpp"):
+            raise BackendError(f"structured_outputs {structured_outputs!r}: choose none, vllm or llamacpp")
+        self.structured_outputs = structured_outputs
         root = base_url.rstrip("/")
         self.base_url = root if root.endswith("/v1") else root + "/v1"
         self.model_id = model
@@ -67,6 +73,13 @@ class OpenAIHTTPBackend:
         if request.prefill and self.continue_final_message:
             messages.append({"role": "assistant", "content": request.prefill})
             body.update(continue_final_message=True, add_generation_prompt=False)
+        if request.outline is not None and self.structured_outputs != "none":
+            # Without the pre-fill continued, the engine writes it too: the format starts with it.
+            lead = "" if self.continue_final_message else request.prefill
+            if self.structured_outputs == "vllm":
+                body["guided_regex"] = re.escape(lead) + request.outline.regex()
+            else:
+                body["grammar"] = request.outline.gbnf(lead=lead)
         return body
 
     async def _post(self, path: str, body: dict[str, Any], kind: str) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -109,7 +109,7 @@ class TransformersBackend:
 
     def _request(self, r: ChatRequest) -> GenerationRequest:
         return GenerationRequest(prompt=self.runtime.format_chat(r.messages, r.prefill), max_new_tokens=r.max_tokens,
-                                 temperature=r.temperature, top_p=r.top_p, seed=r.seed)
+                                 temperature=r.temperature, top_p=r.top_p, seed=r.seed, outline=r.outline)
 
     async def stream(self, request: ChatRequest) -> AsyncGenerator[str | Completion, None]:
         """Stream one continuation token by token (`StreamingBackend`).

@@ -12,6 +12,7 @@ share one batch.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -23,6 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pice_edge.runtimes.base import GenerationRequest, GenerationResult
+from pice_edge.runtimes.outline import OutlineGuide, TokenTexts
 
 FloatArray = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int64]
@@ -141,18 +143,23 @@ class _Row:
     logprobs: list[float] = field(default_factory=list)
     position: int = 0  # position id of the next token fed to the model
     done: bool = False
+    guide: OutlineGuide | None = None  # the request's outline format, when it has one
 
 
 class StepBatch:
     """A `StreamingDecodeBatch` over a `ForwardFn` (see the module docstring)."""
 
     def __init__(self, forward: ForwardFn, shape: ModelShape, policy: LogitsPolicy,
-                 encode: Callable[[str], list[int]], decode: Callable[[list[int]], str]) -> None:
+                 encode: Callable[[str], list[int]], decode: Callable[[list[int]], str],
+                 vocab: Callable[[int], TokenTexts] | None = None) -> None:
         self._forward = forward
         self._shape = shape
         self._policy = policy
         self._encode = encode
         self._decode = decode
+        #: Vocabulary size -> the tokens' texts, for outline-constrained requests (built on
+        #: first use; pass the runtime's cached one so that each batch does not rebuild it).
+        self._vocab = vocab or functools.cache(lambda size: TokenTexts.build(decode, size))
         self._rows: list[_Row] = []
         self._past: list[FloatArray] = []
         self._mask: IntArray = np.zeros((0, 0), dtype=np.int64)
@@ -218,6 +225,9 @@ class StepBatch:
             rng = np.random.default_rng(req.seed)
             row = _Row(key=key, request=req, history=list(prompt), rng=rng, policy=self._policy.for_request(req),
                        position=len(prompt))
+            if req.outline is not None:
+                row.guide = OutlineGuide(req.outline, self._vocab(int(logits.shape[-1])), self._encode,
+                                         self._policy.eos_ids, budget=req.max_new_tokens)
             rows.append(row)
             self._accept(row, logits[i])
         self._merge(rows, present, mask)
@@ -255,7 +265,11 @@ class StepBatch:
 
     def _accept(self, row: _Row, logits: FloatArray) -> None:
         scores = row.policy.process(logits, row.history)
+        if row.guide is not None:
+            row.guide.mask(scores)
         token, logprob = choose(scores, logits, row.request, row.rng)
+        if row.guide is not None:
+            row.guide.advance(token)
         row.generated.append(token)
         row.history.append(token)
         row.logprobs.append(logprob)

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from pice_edge.text import OutlineFormat
+
 
 @dataclass(frozen=True)
 class GenerationRequest:
@@ -31,6 +33,9 @@ class GenerationRequest:
     seed: int | None = None
     repetition_penalty: float | None = None
     no_repeat_ngram_size: int | None = None
+    #: Decode a numbered outline under this format (`pice_edge.runtimes.outline`); engines that
+    #: cannot constrain decoding ignore it (the sketch guards still check the text).
+    outline: OutlineFormat | None = None
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ decode step grows far slower than the batch, which is where the edge's paralleli
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -21,6 +22,7 @@ from pice_edge.errors import ModelError
 from pice_edge.model_store import resolve
 from pice_edge.runtimes._decode import FloatArray, IntArray, LogitsPolicy, ModelShape, StepBatch
 from pice_edge.runtimes.base import ChatMessage, GenerationRequest, GenerationResult
+from pice_edge.runtimes.outline import TokenTexts
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +163,14 @@ class TransformersRuntime:
     def new_batch(self) -> StepBatch:
         return StepBatch(self._forward, self.shape, self.policy,
                          lambda text: list(self.tokenizer(text, add_special_tokens=False)["input_ids"]),
-                         lambda ids: str(self.tokenizer.decode(ids, skip_special_tokens=True)))
+                         self._decode_ids, self._token_texts)
+
+    def _decode_ids(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+    @functools.cache  # noqa: B019  (one runtime per model, kept for the process's life)
+    def _token_texts(self, vocab_size: int) -> TokenTexts:
+        return TokenTexts.build(self._decode_ids, vocab_size)
 
     def kv_cache_bytes(self, request: GenerationRequest) -> int:
         tokens = len(request.prompt) // 3 + request.max_new_tokens  # ~3.5 characters per token
