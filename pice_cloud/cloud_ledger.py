@@ -16,6 +16,7 @@ with prefix caching may compute fewer.
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
@@ -77,3 +78,8 @@ class CloudLedger:
             purpose: self.by_purpose[purpose].as_dict() for purpose in PURPOSES if purpose in self.by_purpose}
         out["total"] = self.total.as_dict()
         return out
+
+
+#: The ledger of the request whose work runs in this context: for cloud work done behind an
+#: interface that does not know the request (the ensemble's scoring pass, inside a `Selector`).
+current_ledger: ContextVar[CloudLedger | None] = ContextVar("pice_current_ledger", default=None)

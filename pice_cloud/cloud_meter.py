@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncGenerator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable, Sequence
 
 from pice_cloud import defaults
-from pice_cloud.cloud_ledger import CloudLedger, Purpose, Work
+from pice_cloud.cloud_ledger import CloudLedger, Purpose, Work, current_ledger
+from pice_cloud.ensemble import LikelihoodScorer
 from pice_cloud.errors import BackendError
 from pice_cloud.llm.base import (
     ChatRequest,
@@ -82,11 +83,13 @@ class CloudMeter:
             self._record(purpose, ledger, Work(1, 1, self._prompt_tokens(request), decoded,
                                                time.perf_counter() - started))
 
-    def record(self, purpose: Purpose, work: Work, ledger: CloudLedger | None = None) -> None:
-        """Record work the cloud LLM did outside these calls (the ensemble's scoring pass)."""
-        self._record(purpose, ledger, work)
+    def metered_scorer(self, scorer: LikelihoodScorer) -> LikelihoodScorer:
+        """``scorer`` (the cloud LLM scoring candidates for the ensemble) with its prefill on the
+        ledgers, under ``scoring``: the process's, and the request's (`current_ledger`)."""
+        return _MeteredScorer(self, scorer)
 
     def _record(self, purpose: Purpose, ledger: CloudLedger | None, work: Work) -> None:
+        ledger = ledger if ledger is not None else current_ledger.get()
         self.ledger.record(purpose, work)
         if ledger is not None:
             ledger.record(purpose, work)
@@ -123,3 +126,22 @@ class CloudMeter:
     def view(self) -> CloudView:
         """The scheduler's snapshot of the cloud LLM now."""
         return CloudView(queue_depth=self.busy, tokens_per_s=self.tokens_per_s, max_batch=self.max_batch)
+
+
+class _MeteredScorer:
+    """A `LikelihoodScorer` whose prefill goes on the cloud's ledgers."""
+
+    def __init__(self, meter: CloudMeter, scorer: LikelihoodScorer) -> None:
+        self._meter, self._scorer = meter, scorer
+
+    async def score(self, requests: Sequence[ChatRequest], continuations: Sequence[str]) -> list[float]:
+        started = time.perf_counter()
+        self._meter.busy += 1
+        try:
+            scores = await self._scorer.score(requests, continuations)
+        finally:
+            self._meter.busy -= 1
+        prefill = sum(self._meter._prompt_tokens(r) + count_tokens(self._meter.llm, c)
+                      for r, c in zip(requests, continuations, strict=True))
+        self._meter._record("scoring", None, Work(1, len(requests), prefill, 0, time.perf_counter() - started))
+        return scores

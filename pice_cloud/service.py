@@ -26,7 +26,7 @@ from pice_cloud import defaults
 from pice_cloud.cloud_ledger import CloudLedger
 from pice_cloud.cloud_meter import CloudMeter
 from pice_cloud.config import ServiceConfig
-from pice_cloud.ensemble import ConfidenceSelector, Selector
+from pice_cloud.ensemble import ConfidenceSelector, LearnedSelector, Selector
 from pice_cloud.errors import InputTooLongError, SketchError, UnavailableInModeError
 from pice_cloud.events import (
     SKETCH_RESAMPLE_SEED_OFFSET,
@@ -121,6 +121,9 @@ class PiceService:
         #: Writes the sketches: a separate model (``llm.sketch_model``, e.g. a fine-tuned sketcher or a
         #: LoRA adapter on the same server) or the cloud LLM itself.
         self.sketch_cloud = self.cloud if sketcher is None else CloudMeter(sketcher, max_batch=self.cloud.max_batch)
+        if isinstance(self.selector, LearnedSelector) and self.selector.scorer is not None:
+            # The ensemble's scoring pass is cloud work too: on the ledger, under "scoring".
+            self.selector.scorer = self.cloud.metered_scorer(self.selector.scorer)
         max_payload = transport.settings.max_payload_bytes
         self.fleet = fleet or Fleet(rejections=transport.rejections, max_payload_bytes=max_payload)
         #: Routes candidates and refusals to the requests in flight.

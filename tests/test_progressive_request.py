@@ -381,3 +381,29 @@ def test_a_replacement_avoids_the_edges_it_must_and_needs_a_free_slot() -> None:
     assert task.deadline_s >= config.deadline_floor_s
     assert plan_replacement(0, edges, avoid=frozenset({"a", "b"}), config=config, sampling=Sampling(),
                             tokens_per_point=40) is None, "c is full"
+
+
+class _Scorer:
+    async def score(self, requests: list[object], continuations: list[str]) -> list[float]:
+        return [-float(len(c)) for c in continuations]
+
+
+async def test_a_selector_that_has_the_cloud_score_candidates_puts_that_on_the_requests_ledger() -> None:
+    from pice_cloud.cloud_meter import CloudMeter
+    from pice_cloud.ensemble import EnsembleWeights, LearnedSelector
+
+    clock = FakeClock()
+    request = make_request([("a", "b")], live_fleet(clock, "a", "b", heartbeat_s=100))
+    meter = CloudMeter(_Texts())  # type: ignore[arg-type]
+    selector = LearnedSelector(EnsembleWeights(weights={"cloud_loglik": 1.0}), scorer=meter.metered_scorer(_Scorer()))
+    driver = RequestDriver(request, publish=lambda task: None, expander=CloudExpander(meter), selector=selector,
+                           clock=clock, counters=RejectionCounters(Rejections(), Rejections(), Rejections()))
+    driver.feed(request.start(clock()))
+    driver.feed(request.on_candidate(candidate(0, "a", GOOD), clock()))
+    driver.feed(request.on_candidate(candidate(0, "b", OTHER), clock()))
+    await asyncio.wait_for(driver.run(), 10)
+    assert (await driver.point(0)).device_id == "b", "the shorter text, by the scorer"
+    scoring = request.ledger.by_purpose["scoring"]
+    assert (scoring.calls, scoring.sequences, scoring.decode_tokens) == (1, 2, 0)
+    assert scoring.prefill_tokens > 2 * 20, "prompt and candidate, for each candidate"
+    assert meter.ledger.by_purpose["scoring"].prefill_tokens == scoring.prefill_tokens

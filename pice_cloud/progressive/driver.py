@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from pice_cloud.cloud_ledger import current_ledger
 from pice_cloud.ensemble import ConfidenceSelector, Selector
 from pice_cloud.events import ChosenPoint
 from pice_cloud.progressive.cloud_text import CloudExpander
@@ -116,12 +117,16 @@ class RequestDriver:
     async def _do(self, work: ExpandInCloud | Choose) -> None:
         request = self.request
         if isinstance(work, Choose):
+            # A selector that has the cloud score candidates puts that work on this request's ledger.
+            scope = current_ledger.set(request.ledger)
             try:
                 picks = await self._selector.choose(work.items)
             except Exception:
                 # A broken scorer must not lose the answer: fall back to the edges' own confidence.
                 log.exception("request %s: ensemble selection failed; using edge confidence", request.request_id)
                 picks = await ConfidenceSelector().choose(work.items)
+            finally:
+                current_ledger.reset(scope)
             for item, pick in zip(work.items, picks, strict=True):
                 self.feed(request.on_choice(item.index, pick, self._clock()))
             return
