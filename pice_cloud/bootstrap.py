@@ -238,14 +238,18 @@ async def _start_local_edges(config: CloudConfig, broker: BrokerSettings) -> lis
     if not count:
         return []
     from pice_edge.assembly import assemble_edge, resolve_settings
+    from pice_edge.profiles import load_profile
 
-    # No device profile: the `edges` section says what a profile would (runtime, batch, threads).
-    settings = resolve_settings(model=config.edge_model, runtime=config.edges.runtime,
+    # The `edges` section says what runs (runtime, batch, threads); a device profile, when named,
+    # adds what a device would (its KV-cache budget, precision, repetition control).
+    profile = await asyncio.to_thread(load_profile, config.edges.profile) if config.edges.profile else None
+    settings = resolve_settings(profile, model=config.edge_model, runtime=config.edges.runtime,
                                 max_batch=config.edges.max_batch, threads=config.edges.threads)
     nodes: list[EdgeNode] = []
     try:
         for i in range(count):
-            node = await assemble_edge(settings, device_id=f"local-edge-{i + 1}", broker=broker, profile_name="local")
+            node = await assemble_edge(settings, device_id=f"local-edge-{i + 1}", broker=broker,
+                                       profile_name=config.edges.profile or "local")
             await node.start()
             nodes.append(node)
     except BaseException:

@@ -131,6 +131,11 @@ class EdgesConfig(BaseModel):
                               description=f"in-process edge nodes (default: {defaults.LOCAL_EDGES}, or 0 with an "
                                           "external broker)")
     model: str | None = Field(default=None, description="their model (default: the cloud's local model)")
+    profile: str | None = Field(
+        default=None, min_length=1,
+        description="a device profile for them (a packaged name such as x86-cpu-dev, or a YAML path): its "
+                    "KV-cache budget, precision and repetition control, as pice-edge run applies them; runtime, "
+                    "max_batch and threads come from this section")
     runtime: str = "transformers"
     threads: int | None = Field(default=1, ge=1, le=1024)
     max_batch: int = Field(default=defaults.EDGE_MAX_BATCH, ge=1, le=256)

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-import pice_edge.assembly
 from pice_cloud.bootstrap import start_system
+from pice_cloud.config import CloudConfig
 from pice_cloud.llm.transformers import TransformersBackend
 from pice_edge import cli, model_store
 from pice_edge.assembly import EdgeSettings, assemble_edge, kv_budget_mb, resolve_settings
@@ -111,20 +110,26 @@ async def test_the_clouds_local_edges_are_assembled_with_the_build(installed: Pa
 
 
 async def test_the_clouds_local_edges_take_a_profiles_kv_budget(board: DeviceProfile, installed: Path,
-                                                                 tiny_llm: TransformersBackend,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                 tiny_llm: TransformersBackend, tmp_path: Path) -> None:
     """The cloud's local edges go through the same settings -> KV budget path as a device: given
-    a profile, its budget (less the weights) bounds their batches."""
-    resolve = pice_edge.assembly.resolve_settings
-
-    def with_profile(profile: DeviceProfile | None = None, **flags: Any) -> EdgeSettings:
-        return resolve(board, **flags)
-
-    monkeypatch.setattr(pice_edge.assembly, "resolve_settings", with_profile)
-    async with start_system(cloud_config(None, edges=1, edge_model=installed), llm=tiny_llm) as system:
+    a profile (``edges.profile``), its budget (less the weights) bounds their batches."""
+    path = tmp_path / "test-board.yaml"
+    path.write_text(PROFILE)
+    config = _with_profile(cloud_config(None, edges=1, edge_model=installed), str(path))
+    async with start_system(config, llm=tiny_llm) as system:
         [node] = system.edges
         assert node.memory_budget_bytes == int((board.memory_budget_mb - weights_mb(installed)) * 2**20)
-        expected = kv_budget_mb(with_profile(model=str(installed)), node.runtime)
+        expected = kv_budget_mb(resolve_settings(board, model=str(installed)), node.runtime)
         assert expected is not None
         assert node.memory_budget_bytes == int(expected * 2**20)
         assert node.model_build == model_store.build_id(installed)
+        assert node.profile == str(path)
+    with pytest.raises(Exception, match="profile"):
+        async with start_system(_with_profile(cloud_config(None, edges=1, edge_model=installed), "no-such-board"),
+                                llm=tiny_llm):
+            pass
+
+
+def _with_profile(config: CloudConfig, profile: str) -> CloudConfig:
+    config.edges = config.edges.model_copy(update={"profile": profile})
+    return config
