@@ -15,13 +15,13 @@ tensorrt_llm    TensorRT-LLM's in-process ``LLM`` API (extra ``pice[trtllm]``, N
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pice_cloud.errors import BackendError
 from pice_cloud.llm.base import ChatRequest, Completion, LLMBackend, TokenCounter
 from pice_cloud.llm.simulated import SimulatedBackend
+from pice_edge._lazy import lazy_exports
 from pice_edge.model_store import DEFAULT_MODEL
 
 if TYPE_CHECKING:  # imported lazily at run time by `__getattr__`: it pulls torch and transformers in
@@ -59,18 +59,8 @@ def create_backend(kind: str, *, model: str | Path = DEFAULT_MODEL, **options: A
     raise BackendError(f"unknown LLM backend {kind!r}; choose one of {', '.join(BACKENDS)}")
 
 
-# Backend classes named from the package root without importing their libraries until first use (PEP 562).
-_LAZY: dict[str, str] = {"TransformersBackend": "pice_cloud.llm.transformers"}
-
-
-def __getattr__(name: str) -> Any:
-    try:
-        module_name = _LAZY[name]
-    except KeyError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-    value = getattr(importlib.import_module(module_name), name)
-    globals()[name] = value
-    return value
+# Backend classes named from the package root without importing their libraries until first use.
+__getattr__ = lazy_exports(globals(), {"TransformersBackend": "pice_cloud.llm.transformers"})
 
 
 __all__ = [

@@ -78,7 +78,6 @@ class RequestDriver:
                 self._counters.record(action)
             else:
                 self._work.append(action)
-                self._wakeup.set()
         if actions:
             self._wakeup.set()
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from pice_edge._lazy import lazy_exports
 from pice_edge.errors import RuntimeUnavailableError
 from pice_edge.runtimes.base import (
     ChatMessage,
@@ -69,20 +70,10 @@ def create_runtime(name: str, **kwargs: Any) -> Runtime:
 
 
 # Runtime classes named from the package root without importing their libraries until first use (PEP 562).
-_LAZY: dict[str, str] = {
+__getattr__ = lazy_exports(globals(), {
     "SimulatedRuntime": "pice_edge.runtimes.simulated",
     "TransformersRuntime": "pice_edge.runtimes.transformers",
-}
-
-
-def __getattr__(name: str) -> Any:
-    try:
-        module_name = _LAZY[name]
-    except KeyError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-    value = getattr(importlib.import_module(module_name), name)
-    globals()[name] = value
-    return value
+})
 
 
 __all__ = [
