@@ -94,9 +94,11 @@ class OutlineGuide:
         head = scores[:size]
         head[self.vocab.never[:size]] = -np.inf
         words = len(self.heading.split())
+        # A heading that has had its share of the budget ends now, whatever else holds.
+        at_cap = bool(self.heading) and self.heading_tokens >= self._cap
         # A heading cut mid-phrase would be refused: it may not end yet, and may run a little longer.
-        unfinished = bool(words) and self.form.can_end is not None and not self.form.can_end(self.heading) \
-            and words < self.form.max_words + self.form.extra_words
+        unfinished = bool(words) and not at_cap and self.form.can_end is not None \
+            and not self.form.can_end(self.heading) and words < self.form.max_words + self.form.extra_words
         if unfinished:
             scores[self._eos] = -np.inf
             head[self.vocab.line_end[:size]] = -np.inf
@@ -115,11 +117,10 @@ class OutlineGuide:
                 # answer is 2"), which the guards refuse as duplicates.
                 opened = np.fromiter(self.openings, dtype=np.int64)
                 head[opened[opened < size]] = -np.inf
-        elif self.heading_tokens >= self._cap:
-            ending = self.vocab.line_end[:size].copy()
-            head[~ending] = -np.inf  # this heading has had its share of the budget
-            if self.item >= self.form.min_points:
-                scores[self._eos] = 0.0 if not np.isfinite(scores[self._eos]).any() else scores[self._eos]
+        elif at_cap:
+            eos = scores[self._eos]  # (a copy) ending the text stays as allowed above
+            head[~self.vocab.line_end[:size]] = -np.inf
+            scores[self._eos] = eos
         elif words >= self.form.max_words and not unfinished:
             head[self.vocab.word_start[:size]] = -np.inf  # no new word past the limit
         if not np.isfinite(scores).any():  # nothing left (a tiny vocabulary): end the text
