@@ -53,6 +53,10 @@ class Route(NamedTuple):
     probability: float
 
 
+#: The advice for a question `cloud_only_reason` names: no sketch, whatever a model would score.
+GATED = Route("cloud", 0.0)
+
+
 class ModeRouter(Protocol):
     """Decides per question between cloud-only and progressive answering.
 
@@ -63,6 +67,49 @@ class ModeRouter(Protocol):
     def predict(self, question: str) -> Route:
         """The advised mode for ``question`` and P(suits a sketch)."""
         ...
+
+
+# --- the code/math gate ---------------------------------------------------------------------
+
+#: Questions no sketch serves, whatever a router scores: writing, reading or fixing code, and
+#: exact math (an expression, an equation, a proof, coordinates). Narrower than the heuristic's
+#: "code" and "math" rules (which also catch "the Enigma code" or "how many"), because it
+#: overrides the learned router: it names programming languages with what is asked of them,
+#: code-shaped text, and math notation, not topics.
+_LANGUAGES = r"python|java(?:script)?|c\+\+|c\#|rust|golang|ruby|php|sql|bash|typescript|kotlin|swift|matlab|perl"
+_GATES: dict[str, re.Pattern[str]] = {
+    "code": re.compile(
+        r"""```                                                         # a code block
+        | ^\s*(def|class|import|\#include|public|select|function)\b.*[(:{;]   # a line of code
+        | [{};]\s*$ | \b[a-z_]\w*\(\) | \b[a-z_]\w*\([^()\n]*\)\s*[;{]  # code-shaped text
+        | \b(write|implement|debug|fix|refactor|optimi[sz]e|complete|code\ up)\b [^.?!\n]{0,60}
+          \b(program|function|method|class|code|query|regex|algorithm|snippet|script\ in|unit\ tests?)\b
+        | \b(in|using|with)\s+(""" + _LANGUAGES + r"""|html|css)(?![\w-])     # ... in Python
+        | (\b|(?=c[+\#]))(""" + _LANGUAGES + r"""|shell|powershell)\s+
+          (script|program|function|code|query|snippet|class|method)\b     # a C++ program
+        | \b(regex|regular\ expression|time\ complexity|big-o|stack\ trace|compiler?\ error|syntax\ error
+             |linked\ list|binary\ search)\b""",
+        re.IGNORECASE | re.MULTILINE | re.VERBOSE),
+    "math": re.compile(
+        r"""\d\s*[+*/^=×÷]\s*\(?-?\d | \d\s+-\s+\(?\d       # an expression (not a range: 1939-1945)
+        | \$[^$\n]*[\\^_=][^$\n]*\$                       # LaTeX (not prices: $5 and $8)
+        | \b[fgh]\([a-z0-9]\)
+        | \b(solve|simplify|evaluate|differentiate|integrate)\b [^.?!\n]{0,40}
+          (equation|expression|\bfor\ [a-z]\b|\d|\b[a-z]\s*[=^])
+        | \b(equations?|integral|derivative|theorem|prove\ that|proof\ that|probability\ (of|that))\b
+        | \(\s*-?\d+(\.\d+)?\s*,\s*-?\d+(\.\d+)?\s*\)     # coordinates""",
+        re.IGNORECASE | re.VERBOSE),
+}
+
+
+def cloud_only_reason(question: str) -> str | None:
+    """``"code"`` or ``"math"`` when ``question`` asks for code or exact math (always answered
+    cloud-only under ``auto``), else None."""
+    text = question[:MAX_QUESTION_CHARS]
+    for name, pattern in _GATES.items():
+        if pattern.search(text):
+            return name
+    return None
 
 
 # --- heuristic fallback ----------------------------------------------------------------------
@@ -235,17 +282,21 @@ class EmbeddingRouter:
         return cls(weights, embedder)
 
     def predict(self, question: str) -> Route:
-        if self.embedder is None:
-            return self._fallback.predict(question)
-        [vector] = self.embedder.encode([question[:MAX_QUESTION_CHARS]]).tolist()
-        return self.weights.route(vector)
+        [route] = self.predict_many([question])
+        return route
 
     def predict_many(self, questions: Sequence[str]) -> list[Route]:
-        """`predict` for many questions with batched embedding."""
+        """`predict` for many questions with batched embedding. Code and math questions
+        (`cloud_only_reason`) go cloud-only with P = 0 and are not embedded."""
         if self.embedder is None:
             return [self._fallback.predict(q) for q in questions]
-        vectors = self.embedder.encode([q[:MAX_QUESTION_CHARS] for q in questions]).tolist()
-        return [self.weights.route(v) for v in vectors]
+        routes: list[Route | None] = [GATED if cloud_only_reason(q) else None for q in questions]
+        todo = [i for i, r in enumerate(routes) if r is None]
+        if todo:
+            vectors = self.embedder.encode([questions[i][:MAX_QUESTION_CHARS] for i in todo]).tolist()
+            for i, vector in zip(todo, vectors, strict=True):
+                routes[i] = self.weights.route(vector)
+        return [r for r in routes if r is not None]
 
 
 # --- SoT's labels (training and evaluation) ----------------------------------------------------

@@ -12,6 +12,7 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,6 +28,7 @@ from pice_cloud.router import (
     RouterWeights,
     RouterWeightsError,
     calibrate_threshold,
+    cloud_only_reason,
     heuristic_reason,
     is_held_out,
     read_labels,
@@ -150,6 +152,53 @@ def test_heuristic_sends_list_style_questions_to_the_edges(question: str) -> Non
     route = HeuristicRouter().predict(question)
     assert route.mode == "progressive"
     assert route.probability > 0.5
+
+
+@pytest.mark.parametrize(
+    ("question", "reason"),
+    [
+        ("Write a Python function that reverses a linked list.", "code"),
+        ("Develop a C++ program that counts the words of a file.", "code"),
+        ("Why does this fail?\n```\nx = [1, 2\n```", "code"),
+        ("How do I read a large file using python?", "code"),
+        ("What is the time complexity of binary search?", "code"),
+        ("Solve for x: 3x + 10 = 5x - 2.", "math"),
+        ("Given f(x) = 5x^3 - 2x + 3, find f(2).", "math"),
+        ("What is 12 * 7?", "math"),
+        ("The endpoints of a segment are (2, -2) and (10, 4); how long is it?", "math"),
+        ("What is the probability of rolling two sixes?", "math"),
+        # Topics, not tasks: a sketch serves these.
+        ("What are the main differences between Python and JavaScript?", None),
+        ("What if Alan Turing had not cracked the Enigma code during World War II?", None),
+        ("Write a script for a YouTube video about the history of jazz.", None),
+        ("How many times does the average human blink in a lifetime? Explain your reasoning.", None),
+        ("Write a haiku with 5-7-5 syllables about autumn.", None),
+        ("I paid $500 for a bike and $300 for a helmet; was that a good deal?", None),
+        ("What happened in Europe in 1939-1945?", None),
+    ],
+)
+def test_code_and_math_gate(question: str, reason: str | None) -> None:
+    assert cloud_only_reason(question) == reason
+
+
+def test_the_gate_overrides_the_learned_router_without_embedding() -> None:
+    class Counting:
+        model_id, dim, calls = "counting", 4, 0
+
+        def encode(self, texts: list[str]) -> Any:
+            import numpy as np
+
+            Counting.calls += len(texts)
+            return np.ones((len(texts), 4))
+
+    weights = RouterWeights(weights=(1.0,) * 4, bias=0.0, threshold=0.5, embedding_model="counting")
+    router = EmbeddingRouter(weights, Counting())  # type: ignore[arg-type]
+    routes = router.predict_many(["Write a Python function that adds two numbers.", GENERIC, "What is 2 + 2?"])
+    assert routes[0] == routes[2] == Route("cloud", 0.0)
+    assert routes[1].mode == "progressive"
+    assert routes[1].probability > 0.9  # sigmoid(4)
+    assert Counting.calls == 1, "gated questions are not embedded"
+    assert router.predict(GENERIC) == routes[1]
 
 
 def test_embedding_router_without_a_model_falls_back_to_the_heuristic(
