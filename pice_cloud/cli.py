@@ -128,8 +128,9 @@ async def _ask(args: argparse.Namespace) -> int:
                 s = event.stats
                 if s.mode == "cloud":
                     out.write(event.text + "\n")
-                print(f"[pice] mode={s.mode} total={s.total_s:.2f}s first_point={s.first_token_s:.2f}s "
-                      f"sketch={s.sketch_s:.2f}s points edge/cloud={s.points_edge}/{s.points_cloud} "
+                print(f"[pice] mode={s.mode} total={s.total_s:.2f}s first_content={s.first_token_s:.2f}s "
+                      f"first_point={s.first_text_s:.2f}s sketch={s.sketch_s:.2f}s "
+                      f"points edge/cloud={s.points_edge}/{s.points_cloud} "
                       f"tokens edge/cloud={s.edge_tokens}/{s.cloud_tokens}", file=sys.stderr)
             out.flush()
     return 0

@@ -71,7 +71,11 @@ class AnswerStats:
     sketch_s: float = 0.0
     #: Seconds spent placing the points and publishing their tasks (the scheduler's share).
     schedule_s: float = 0.0
+    #: Seconds to the answer's first content: a cloud-only answer's first token, a progressive
+    #: answer's first heading (sent once the points are placed).
     first_token_s: float = 0.0
+    #: Seconds to the first point's expansion text (progressive; 0 otherwise).
+    first_text_s: float = 0.0
     total_s: float = 0.0
     devices: list[str] = field(default_factory=list)
     #: The mode router's P(suits a sketch), when it ran (``auto`` with live edges).

@@ -386,16 +386,27 @@ class PiceService:
                                                                      sampling.point(index), ledger=stats.cloud_work):
                     if piece:
                         if not streamed:
-                            stats.first_token_s = time.perf_counter() - started
+                            stats.first_token_s = stats.first_text_s = time.perf_counter() - started
                         streamed += piece
                         yield DeltaEvent(piece)
                     if text is not None:
                         driver.feed(request.on_self_served(index, text, spent))
             parts: list[str] = []
+            # The answer's opening is the first point's heading, known since the sketch: it goes
+            # out now, so a reader sees the answer start at sketch time + scheduling instead of
+            # after the slowest candidate of point 1, at no cloud cost. Its text follows as a
+            # delta of its own when the point is settled.
+            headed = -1
+            if not streamed and points:
+                headed = 0
+                stats.first_token_s = time.perf_counter() - started
+                yield DeltaEvent(render_point(0, points[0], ""))
             for index in range(len(points)):
                 chosen = await driver.point(index)
-                if not parts and not streamed:
+                if not parts and not streamed and headed < 0:
                     stats.first_token_s = time.perf_counter() - started
+                if index == 0 and stats.first_text_s == 0.0:
+                    stats.first_text_s = time.perf_counter() - started
                 if chosen.source == "edge":
                     stats.points_edge += 1
                     stats.edge_tokens += chosen.tokens
@@ -409,7 +420,12 @@ class PiceService:
                         stats.stopped = True
                         chosen = dataclasses.replace(chosen, text=text.rstrip())
                 parts.append(render_point(chosen.index, points[chosen.index], chosen.text))
-                yield PointEvent(chosen, points[chosen.index], streamed=chosen.index in plan.self_served)
+                if chosen.index == headed:
+                    if chosen.text:
+                        yield DeltaEvent(" " + chosen.text)
+                    yield PointEvent(chosen, points[chosen.index], streamed=True)
+                else:
+                    yield PointEvent(chosen, points[chosen.index], streamed=chosen.index in plan.self_served)
             stats.total_s = time.perf_counter() - started
             yield AnswerEvent("\n\n".join(parts), stats)
         finally:

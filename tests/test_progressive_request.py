@@ -5,6 +5,8 @@ selector's answers) and the fleet accounting it alone writes; and the pure plann
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from typing import ClassVar
 
 import pytest
 
@@ -17,6 +19,7 @@ from pice_cloud.progressive import (
     CloudExpander,
     ExpandInCloud,
     PointSampling,
+    ProgressiveRequest,
     RejectionCounters,
     RequestDriver,
     SendTask,
@@ -112,7 +115,8 @@ def test_duplicate_unassigned_unknown_and_late_candidates_are_rejected() -> None
     assert request.accepted == 3
 
 
-def test_a_candidate_the_guard_refuses_is_never_used_and_the_cloud_expands_the_point() -> None:
+def _guarded_pair(second: str) -> tuple[FakeClock, ProgressiveRequest, Recorder]:
+    """Two points on edge ``a`` under the real guard: point 0 answered with GOOD, point 1 with ``second``."""
     clock = FakeClock()
     points = ["Set clear goals", "Plan the day"]
     request = make_request([("a",), ("a",)], live_fleet(clock, "a"), points=points,
@@ -120,13 +124,26 @@ def test_a_candidate_the_guard_refuses_is_never_used_and_the_cloud_expands_the_p
     recorder = Recorder()
     recorder(request.start(clock()))
     recorder(request.on_candidate(candidate(0, "a", GOOD), clock()))
-    recorder(request.on_candidate(candidate(1, "a", GOOD), clock()))  # repeats point 1
+    recorder(request.on_candidate(candidate(1, "a", second), clock()))
+    return clock, request, recorder
+
+
+def test_a_candidate_the_guard_refuses_is_never_used_and_the_cloud_expands_the_point() -> None:
+    clock, request, recorder = _guarded_pair(GOOD)  # point 1 repeats point 0
     assert recorder.counters.candidate_guard.snapshot() == {("candidate", "repeats_other_point"): 1}
     [expand] = recorder.of(ExpandInCloud)
     assert expand.points == (1,)  # type: ignore[attr-defined]
     recorder(request.on_cloud_texts(expand, {1: (OTHER, 17)}, clock()))  # type: ignore[arg-type]
     assert _settled(recorder)[1] == ("cloud", None, OTHER)
     assert request.chosen(1).tokens == 17  # type: ignore[union-attr]
+
+
+def test_a_candidate_refused_for_a_repeated_sentence_is_used_without_it() -> None:
+    own = "Block the first hour of each day for the one task that matters most, before any meetings or e-mail."
+    _, _, recorder = _guarded_pair(f"{GOOD} {own}")
+    assert recorder.counters.candidate_guard.snapshot() == {("candidate", "repeats_other_point"): 1}
+    assert recorder.of(ExpandInCloud) == [], "no cloud work: the edge's own sentence is kept"
+    assert _settled(recorder)[1] == ("edge", "a", own)
 
 
 # --- the cloud's own expansions --------------------------------------------------------------------
@@ -335,6 +352,56 @@ async def test_when_the_cloud_fails_the_waiting_points_fail_with_it_instead_of_h
         await asyncio.wait_for(driver.run(), 10)
     with pytest.raises(BackendError):
         await asyncio.wait_for(driver.point(0), 1)
+
+
+class _SlowStream(_Texts):
+    """Streams one word per 20 ms, up to 50 words (a cloud expansion that takes a second)."""
+
+    streams = True
+    stopped_after: ClassVar[list[int]] = []
+
+    async def stream(self, request: object) -> AsyncIterator[object]:
+        from pice_cloud.llm.base import Completion
+
+        sent = 0
+        try:
+            for _ in range(50):
+                await asyncio.sleep(0.02)
+                sent += 1
+                yield "word "
+            yield Completion(text="word " * sent, tokens=sent)
+        finally:
+            _SlowStream.stopped_after.append(sent)
+
+
+async def test_an_edge_that_settles_a_point_stops_the_clouds_expansion_of_it() -> None:
+    from pice_cloud.cloud_meter import CloudMeter
+    from pice_cloud.ensemble import ConfidenceSelector
+
+    clock = FakeClock()
+    fleet = live_fleet(clock, "a", heartbeat_s=100)
+    request = make_request([("a",), ()], fleet)
+    meter = CloudMeter(_SlowStream())  # type: ignore[arg-type]
+    assert meter.streams
+    driver = RequestDriver(request, publish=lambda task: None, expander=CloudExpander(meter),
+                           selector=ConfidenceSelector(), clock=clock,
+                           counters=RejectionCounters(Rejections(), Rejections(), Rejections()))
+    driver.feed(request.start(clock()))
+    driver.feed(request.tick(clock.advance(60)))  # point 0's deadline: the cloud expands it too
+    runner = asyncio.create_task(driver.run())
+    await asyncio.sleep(0.3)
+    assert set(driver._in_cloud) == {0, 1}
+    # The late edge's candidate wins point 0: the cloud stops expanding it, not point 1.
+    driver.feed(request.on_candidate(candidate(0, "a", GOOD), clock()))
+    await asyncio.wait_for(runner, 10)
+    assert (await driver.point(0)).device_id == "a"
+    assert (await driver.point(1)).source == "cloud"
+    assert driver.cloud_cancelled == 1
+    assert sorted(_SlowStream.stopped_after)[0] < 30 <= sorted(_SlowStream.stopped_after)[1] == 50
+    # What the stopped expansion decoded is still on the ledger: the cloud computed it.
+    work = request.ledger.by_purpose["fallback_expansion"]
+    assert work.calls == 2
+    assert 50 < work.decode_tokens < 80
 
 
 # --- the planner --------------------------------------------------------------------------------

@@ -20,7 +20,10 @@ import httpx
 import openai
 import pytest
 
+from pice_cloud.config import load_config
+from pice_cloud.llm.base import count_prompt_tokens
 from pice_edge.protocol import CLOUD_STATUS_FILTER, CloudStatus, EdgeStatus, decode, edge_status_topic, encode
+from pice_edge.runtimes.base import ChatMessage
 from pice_edge.transport import BrokerSettings, Message, MqttTransport
 from tests.conftest import QUESTION, Api, Mosquitto, eventually, serving
 
@@ -71,11 +74,19 @@ async def test_progressive_streamed_text_equals_non_streamed(api: Api) -> None:
     assert usage.model_extra["edge_tokens"] > 0
     assert usage.model_extra["cloud_tokens"] > 0  # the sketch
 
+    assert 0 < extra["pice"]["first_content_s"] <= extra["pice"]["first_point_s"] <= extra["pice"]["total_s"]
+    assert extra["pice"]["sketch_s"] <= extra["pice"]["first_content_s"]
+
     deltas, chunks = await _stream(client, "progressive")
     assert "".join(deltas) == text
-    # One delta per point, in point order.
-    assert len(deltas) == n_points
-    assert [d.lstrip("\n").split(".")[0] for d in deltas] == [str(i + 1) for i in range(n_points)]
+    # The first heading alone (written by the sketch, sent before any edge answered), then its
+    # text, then one delta per later point, in point order.
+    assert re.fullmatch(r"1\. \*\*[^*]+\*\*", deltas[0])
+    assert text.startswith(deltas[0] + deltas[1])
+    assert deltas[1].startswith(" ")
+    assert "**" not in deltas[1]
+    assert len(deltas) == n_points + 1
+    assert [d.lstrip("\n").split(".")[0] for d in deltas[2:]] == [str(i + 1) for i in range(1, n_points)]
     assert chunks[0].choices[0].delta.role == "assistant"
     finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
     assert [c.choices[0].finish_reason for c in finals] == ["stop"]
@@ -499,6 +510,47 @@ async def test_long_inputs_are_refused_or_routed_before_any_compute(mosquitto: M
     assert work("cloud_answer", "prefill") > 8 * 4  # type: ignore[operator]
     assert work("sketch", "prefill") == work("sketch", "decode") == 0
     assert refused_in < 30  # generous for CI; nothing was generated (checked above)
+
+
+def test_prompt_token_limit_defaults_below_the_context_on_a_cpu_only() -> None:
+    """server.max_prompt_tokens unset: 2,048 for the embedded model on a CPU (SmolLM2's context
+    is 8,192), no limit of the server's own on a GPU or behind a remote engine; set: as set."""
+    assert load_config(None, {}).prompt_token_limit == 2048
+    assert load_config(None, {"llm": {"device": "cuda"}}).prompt_token_limit is None
+    assert load_config(None, {"llm": {"kind": "openai", "url": "http://gpu:8000/v1"}}).prompt_token_limit is None
+    assert load_config(None, {"server": {"max_prompt_tokens": 9000}, "llm": {"device": "cuda"}}
+                       ).prompt_token_limit == 9000
+
+
+@pytest.mark.mosquitto
+async def test_prompt_over_max_prompt_tokens_is_400_before_any_compute(mosquitto: Mosquitto, tiny_model: Path) -> None:
+    """A prompt inside the model's context but past server.max_prompt_tokens is refused with a
+    400 naming the limit, streamed or not, chat or legacy completions, and nothing is generated;
+    a prompt under the limit is answered."""
+    async with serving(tiny_model, mosquitto.url, edges=0, overrides={"server": {"max_prompt_tokens": 300}}) as api:
+        client = api.client()
+        long = "Tell me about this. " * 40  # ~560 tokens of the tiny tokenizer: past 300, inside 2,048
+        assert 300 < count_prompt_tokens(api.state.llm, [ChatMessage("user", long)]) < 2048 - 400
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError) as info:
+                await client.chat.completions.create(model="pice", messages=[{"role": "user", "content": long}],
+                                                     stream=stream, extra_body={"pice": {"mode": "cloud"}})
+            assert info.value.code == "prompt_too_long"
+            assert info.value.param == "messages"
+            assert "at most 300 tokens" in info.value.message
+            assert "server.max_prompt_tokens" in info.value.message
+        with pytest.raises(openai.BadRequestError) as info:
+            await client.completions.create(model="pice", prompt=long, max_tokens=4)
+        assert info.value.code == "prompt_too_long"
+        assert info.value.param == "prompt"
+        generated = api.state.metrics.registry.get_sample_value("pice_generated_tokens_total", {"where": "cloud"})
+        assert not generated, "the refused requests generated nothing"
+        prefill = api.state.metrics.registry.get_sample_value("pice_cloud_work_tokens_total",
+                                                              {"purpose": "cloud_answer", "phase": "prefill"})
+        assert not prefill, "and the cloud prefilled nothing"
+        reply = await client.chat.completions.create(model="pice", messages=[{"role": "user", "content": QUESTION}],
+                                                     max_tokens=4, extra_body={"pice": {"mode": "cloud"}})
+        assert reply.choices[0].message.content is not None
 
 
 @pytest.mark.mosquitto

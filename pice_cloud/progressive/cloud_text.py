@@ -1,5 +1,6 @@
-"""The cloud's own expansions of sketch points: whole (points no edge answered in time) or
-streamed (the answer's opening point), with the same prompt and clean-up as an edge's."""
+"""The cloud's own expansions of sketch points: one point at a time (a point no edge answered in
+time, stopped if an edge's candidate settles it first) or streamed to the client (the answer's
+opening point), with the same prompt and clean-up as an edge's."""
 
 from __future__ import annotations
 
@@ -26,17 +27,23 @@ class CloudExpander:
         return ChatRequest(expansion_messages(question, list(points), index), max_tokens=tokens_per_point,
                            temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed)
 
-    async def expand(self, question: str, points: Sequence[str], indices: Sequence[int],
-                     samplings: Sequence[Sampling], tokens_per_point: int, *, purpose: Purpose = "fallback_expansion",
-                     ledger: CloudLedger | None = None) -> dict[int, tuple[str, int]]:
-        """Point -> (cleaned text, tokens decoded), for every index, in one batch; a point the
-        model said nothing useful about gets its heading as text. The work goes into ``ledger``."""
-        requests = [self._request(question, points, i, tokens_per_point, s)
-                    for i, s in zip(indices, samplings, strict=True)]
-        results: list[Completion] = await self.cloud.complete(requests, purpose=purpose, ledger=ledger)
-        return {index: (clean_expansion(res.text, truncated=res.tokens >= tokens_per_point, point=points[index])
-                        or points[index], res.tokens)
-                for index, res in zip(indices, results, strict=True)}
+    async def expand_one(self, question: str, points: Sequence[str], index: int, tokens_per_point: int,
+                         sampling: Sampling, *, purpose: Purpose = "fallback_expansion",
+                         ledger: CloudLedger | None = None) -> tuple[str, int]:
+        """One point's (cleaned text, tokens decoded), as `expand` gives it. Streamed when the
+        backend can: cancelled midway (an edge's candidate settled the point first), the
+        generation stops at the next decode step and the ledger still gets what was decoded."""
+        request = self._request(question, points, index, tokens_per_point, sampling)
+        if not self.cloud.streams:
+            [res] = await self.cloud.complete([request], purpose=purpose, ledger=ledger)
+        else:
+            res = Completion("", 0)
+            async with contextlib.aclosing(self.cloud.stream(request, purpose=purpose, ledger=ledger)) as stream:
+                async for piece in stream:
+                    if isinstance(piece, Completion):
+                        res = piece
+        text = clean_expansion(res.text, truncated=res.tokens >= tokens_per_point, point=points[index])
+        return text or points[index], res.tokens
 
     async def stream(self, question: str, points: Sequence[str], index: int, tokens_per_point: int,
                      sampling: Sampling, *, ledger: CloudLedger | None = None,

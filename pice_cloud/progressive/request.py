@@ -13,13 +13,15 @@ the request ends or its client went away) returns the actions the caller must ca
 - `Reject`: a message or a text was refused, and why (for the counters).
 
 The rules: a point settles with its only usable candidate as soon as all its edges answered or
-refused; with several, the selector chooses; at its deadline it takes what arrived, and if
-nothing usable did, the cloud expands it. An edge that stops being live (last will, missed
-heartbeats) or refuses its task does not hold the point until the deadline: the point is placed
-again on another edge with a free slot (at most `defaults.MAX_REPLACEMENTS` times), else the
-cloud expands it. After a reconnection to the broker, outstanding points wait only
-`defaults.RECONNECT_GRACE_S` more (their candidates may have been lost). The cloud's own
-expansion passes the same guard as an edge's: a refused one is sampled once more.
+refused; with several, the selector chooses; at its deadline it takes what arrived; if nothing
+usable did, a refused candidate whose fault was repeated sentences is used without them when the
+rest passes the guard, else the cloud expands it (and stops if an edge's candidate comes first).
+An edge that stops being live (last will, missed heartbeats) or refuses its task does not hold
+the point until the deadline: the point is placed again on another edge with a free slot (at
+most `defaults.MAX_REPLACEMENTS` times), else the cloud expands it. After a reconnection to the
+broker, outstanding points wait only `defaults.RECONNECT_GRACE_S` more (their candidates may
+have been lost). The cloud's own expansion passes the same guard as an edge's: a refused one is
+sampled once more.
 
 `pice_cloud.progressive.driver.RequestDriver` carries the actions out on asyncio; the unit tests
 drive this class directly on a fake clock.
@@ -125,6 +127,9 @@ class Reject:
 
 
 Action = SendTask | ExpandInCloud | Choose | Settle | Reject
+
+#: Guard reasons a candidate loses by dropping its repeated sentences (`ProgressiveRequest._repaired`).
+_REPAIRABLE = frozenset({"repeats_other_point", "repetitive"})
 
 
 @dataclass
@@ -381,7 +386,9 @@ class ProgressiveRequest:
                     continue
             # Take what arrived in time before giving up on the edges.
             usable = state.usable()
-            if not usable:
+            if not usable and (repaired := self._repaired(state)) is not None:
+                actions += self._settle(ChosenPoint.from_candidate(repaired, len(state.received)))
+            elif not usable:
                 missing.append(state.index)
             elif len(usable) == 1:
                 actions += self._settle(ChosenPoint.from_candidate(usable[0]))
@@ -435,6 +442,19 @@ class ProgressiveRequest:
         # expansion of the point already under way (whose text is then dropped).
         usable = state.usable()
         return self._settle(ChosenPoint.from_candidate(usable[0])) if state.ready and len(usable) == 1 else []
+
+    def _repaired(self, state: PointState) -> Candidate | None:
+        """A refused candidate that only repeated sentences (another point's, or its own),
+        without them, when what is left passes the guard: the edge's work is kept instead of
+        the cloud writing the point again. The most confident candidate first."""
+        others = self.other_texts(state.index)
+        for cand in sorted(state.received.values(), key=lambda c: (-c.mean_logprob, c.device_id)):
+            if state.rejected.get(cand.device_id) not in _REPAIRABLE:
+                continue
+            text = drop_repeated_sentences(cand.text, others)
+            if text and text != cand.text and (self.check is None or self.check(state.index, text, others) is None):
+                return cand.model_copy(update={"text": text})
+        return None
 
     def _replacement(self, state: PointState) -> PlannedTask | None:
         return plan_replacement(state.index, self._edges(), avoid=frozenset(state.expected | state.refused),

@@ -281,7 +281,8 @@ def _pice_info(stats: AnswerStats) -> dict[str, Any]:
     return {"mode": stats.mode, "points_edge": stats.points_edge, "points_cloud": stats.points_cloud,
             "devices": stats.devices, "sketch_s": round(stats.sketch_s, 4),
             "schedule_s": round(stats.schedule_s, 6),
-            "first_point_s": round(stats.first_token_s, 4), "total_s": round(stats.total_s, 4),
+            "first_content_s": round(stats.first_token_s, 4), "first_point_s": round(stats.first_text_s, 4),
+            "total_s": round(stats.total_s, 4),
             "route_probability": None if stats.route_probability is None else round(stats.route_probability, 4),
             "sketch_rejected": stats.sketch_rejected, "sketch_repaired": stats.sketch_repaired,
             "cloud_work": stats.cloud_work.as_dict()}
