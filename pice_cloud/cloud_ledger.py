@@ -1,4 +1,4 @@
-"""What the cloud LLM computed, by purpose: one source of truth for "what did the cloud do".
+"""What the cloud's models computed, by purpose: one source of truth for "what did the cloud do".
 
 PICE exists to take work off the cloud, so every forward pass the cloud LLM runs for a request
 is counted here, in prefill (prompt) tokens, decode tokens and engine seconds, under the reason
@@ -16,6 +16,7 @@ with prefix caching may compute fewer.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Literal, get_args
@@ -28,9 +29,14 @@ from typing import Literal, get_args
 #: ``cloud_answer``: a whole answer (cloud-only mode, or after refused sketches);
 #: ``completion``: a raw prompt continued (the legacy completions endpoint);
 #: ``scoring``: the ensemble's cloud log-likelihood of candidates (prefill only).
+#: The cloud's sentence-embedding model (MiniLM, forward passes only) is on the ledger too:
+#: ``route``: the mode router embeds the question; ``sketch_check``: the sketch guard embeds the
+#: question and headings; ``selection``: the ensemble selector embeds a point's candidates.
 Purpose = Literal["sketch", "resketch", "first_point", "fallback_expansion", "fallback_resample", "cloud_answer",
-                  "completion", "scoring"]
+                  "completion", "scoring", "route", "sketch_check", "selection"]
 PURPOSES: tuple[Purpose, ...] = get_args(Purpose)
+#: The purposes run by the embedding model, not the cloud LLM: they are left out of `CloudLedger.total`.
+EMBEDDING_PURPOSES: frozenset[Purpose] = frozenset({"route", "sketch_check", "selection"})
 
 
 @dataclass
@@ -67,16 +73,29 @@ class CloudLedger:
 
     @property
     def total(self) -> Work:
+        """The cloud LLM's work (every purpose but the embedding model's)."""
+        return self._sum(lambda purpose: purpose not in EMBEDDING_PURPOSES)
+
+    @property
+    def embeddings(self) -> Work:
+        """The embedding model's work (`EMBEDDING_PURPOSES`)."""
+        return self._sum(lambda purpose: purpose in EMBEDDING_PURPOSES)
+
+    def _sum(self, include: Callable[[Purpose], bool]) -> Work:
         total = Work()
-        for work in self.by_purpose.values():
-            total.add(work)
+        for purpose, work in self.by_purpose.items():
+            if include(purpose):
+                total.add(work)
         return total
 
     def as_dict(self) -> dict[str, dict[str, int | float]]:
-        """Purpose -> its work, plus ``total``; purposes that did not run are left out."""
+        """Purpose -> its work, plus ``total`` (the cloud LLM's) and, when it ran, ``embeddings``
+        (the embedding model's); purposes that did not run are left out."""
         out: dict[str, dict[str, int | float]] = {
             purpose: self.by_purpose[purpose].as_dict() for purpose in PURPOSES if purpose in self.by_purpose}
         out["total"] = self.total.as_dict()
+        if any(purpose in EMBEDDING_PURPOSES for purpose in self.by_purpose):
+            out["embeddings"] = self.embeddings.as_dict()
         return out
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncGenerator, Awaitable, Sequence
+from typing import Any
 
 from pice_cloud import defaults
 from pice_cloud.cloud_ledger import CloudLedger, Purpose, Work, current_ledger
@@ -88,6 +89,16 @@ class CloudMeter:
         ledgers, under ``scoring``: the process's, and the request's (`current_ledger`)."""
         return _MeteredScorer(self, scorer)
 
+    def metered_embedder(self, embedder: Any, purpose: Purpose) -> MeteredEmbedder:
+        """``embedder`` (the cloud's sentence-embedding model, e.g. `pice_cloud.embeddings.Embedder`)
+        with each ``encode`` on the ledgers under ``purpose``: the process's, and the request's
+        (`current_ledger`, which `asyncio.to_thread` carries into the worker thread)."""
+        return MeteredEmbedder(self, embedder, purpose)
+
+    def record(self, purpose: Purpose, work: Work, ledger: CloudLedger | None = None) -> None:
+        """Put ``work`` on the process's ledger and on ``ledger`` (default: `current_ledger`'s)."""
+        self._record(purpose, ledger, work)
+
     def _record(self, purpose: Purpose, ledger: CloudLedger | None, work: Work) -> None:
         ledger = ledger if ledger is not None else current_ledger.get()
         self.ledger.record(purpose, work)
@@ -145,3 +156,24 @@ class _MeteredScorer:
                       for r, c in zip(requests, continuations, strict=True))
         self._meter._record("scoring", None, Work(1, len(requests), prefill, 0, time.perf_counter() - started))
         return scores
+
+
+class MeteredEmbedder:
+    """A sentence embedder whose ``encode`` calls go on the cloud's ledgers (its other
+    attributes are the wrapped embedder's)."""
+
+    def __init__(self, meter: CloudMeter, embedder: Any, purpose: Purpose) -> None:
+        self._meter, self._embedder, self._purpose = meter, embedder, purpose
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._embedder, name)
+
+    def encode(self, texts: Sequence[str]) -> Any:
+        started = time.perf_counter()
+        counted = getattr(self._embedder, "encode_counted", None)
+        if counted is not None:
+            vectors, tokens = counted(texts)
+        else:
+            vectors, tokens = self._embedder.encode(texts), 0
+        self._meter.record(self._purpose, Work(1, len(texts), tokens, 0, time.perf_counter() - started))
+        return vectors

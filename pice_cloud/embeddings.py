@@ -72,17 +72,23 @@ class Embedder:
 
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
         """L2-normalised embeddings of ``texts``: a float32 tensor of shape (len(texts), dim) on CPU."""
+        return self.encode_counted(texts)[0]
+
+    def encode_counted(self, texts: Sequence[str]) -> tuple[torch.Tensor, int]:
+        """`encode`, and the number of tokens the model ran over (padding included: it was computed)."""
         import torch
 
         if isinstance(texts, str):
             raise TypeError("encode() takes a sequence of texts, not one string")
         out = torch.empty((len(texts), self.dim), dtype=torch.float32)
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        tokens = 0
         with self._lock, torch.inference_mode():
             for start in range(0, len(order), self.batch_size):
                 idx = order[start:start + self.batch_size]
-                out[idx] = self._encode_batch([texts[i] for i in idx])
-        return out
+                out[idx], computed = self._encode_batch([texts[i] for i in idx])
+                tokens += computed
+        return out, tokens
 
     def encode_lists(self, texts: Sequence[str]) -> list[list[float]]:
         """`encode` as plain Python lists (JSON-friendly)."""
@@ -92,7 +98,7 @@ class Embedder:
         """Cosine similarity of every text of ``a`` with every text of ``b``: shape (len(a), len(b))."""
         return cosine(self.encode(a), self.encode(b))
 
-    def _encode_batch(self, texts: list[str]) -> torch.Tensor:
+    def _encode_batch(self, texts: list[str]) -> tuple[torch.Tensor, int]:
         import torch
 
         enc = self._tokenizer(texts, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt")
@@ -101,7 +107,7 @@ class Embedder:
         mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         # Mean over real tokens only (padding excluded), as sentence-transformers' Pooling does.
         pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-        return torch.nn.functional.normalize(pooled, p=2, dim=1).float().cpu()
+        return torch.nn.functional.normalize(pooled, p=2, dim=1).float().cpu(), int(enc["input_ids"].numel())
 
 
 def cosine(a: Any, b: Any) -> torch.Tensor:

@@ -224,7 +224,8 @@ async def compute_features(
     contexts: list[Sequence[float]] | None = None
     if embedder is not None and flat:
         texts = [c.text for _, c in flat] + [f"{it.question} {it.sketch[it.index]}" for it in items]
-        encoded: Any = await asyncio.get_running_loop().run_in_executor(None, embedder.encode, texts)
+        # to_thread: the worker sees the request's context (its `current_ledger`).
+        encoded: Any = await asyncio.to_thread(embedder.encode, texts)
         if hasattr(encoded, "tolist"):  # a tensor or array (pice_cloud.embeddings.Embedder)
             encoded = encoded.tolist()
         vectors, contexts = list(encoded[: len(flat)]), list(encoded[len(flat):])

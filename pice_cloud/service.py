@@ -21,9 +21,11 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, Sequence
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, cast
 
 from pice_cloud import defaults
-from pice_cloud.cloud_ledger import CloudLedger
+from pice_cloud.cloud_ledger import CloudLedger, current_ledger
 from pice_cloud.cloud_meter import CloudMeter
 from pice_cloud.config import ServiceConfig
 from pice_cloud.ensemble import ConfidenceSelector, LearnedSelector, Selector
@@ -67,7 +69,7 @@ from pice_cloud.progressive import (
     first_point_in_cloud,
     plan_request,
 )
-from pice_cloud.router import ModeRouter, Route
+from pice_cloud.router import EmbeddingRouter, ModeRouter, Route
 from pice_cloud.scheduler import Budget, EdgeView, RequestedMode, choose_mode, plan_budget
 from pice_cloud.sketch import SKETCH_PREFILL, parse_sketch, sketch_messages
 from pice_edge.errors import ProtocolError
@@ -88,6 +90,9 @@ from pice_edge.rejects import Rejections
 from pice_edge.runtimes.base import ChatMessage
 from pice_edge.text import OutlineFormat
 from pice_edge.transport import Message, MqttTransport
+
+if TYPE_CHECKING:
+    from pice_cloud.embeddings import Embedder
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +137,7 @@ class PiceService:
         self.expander = CloudExpander(self.cloud)
         #: Sentence embeddings for the sketch guard's near-duplicate check (None: shared words only).
         self.embed = embed
+        self._meter_embeddings()
         #: Sketches refused by the guards, by reason (``pice_sketch_rejected_total``).
         self.sketch_rejections = Rejections()
         #: Sketches used after leaving faulty headings out, by the first reason
@@ -169,10 +175,12 @@ class PiceService:
                                              "the answer from several models' expansions: use mode 'cloud' or 'auto'")
             mode = "cloud"  # the caller wants the tokens' probabilities: the cloud answers alone
         edges = self._eligible()
-        route = await self._route(question) if mode == "auto" and edges and fits else None
+        work = CloudLedger()
+        route = await self._route(question, work) if mode == "auto" and edges and fits else None
         chosen_mode = choose_mode(mode, len(edges), None if route is None else route.mode == "progressive",
                                   question_fits=fits)
-        stats = AnswerStats(mode=chosen_mode, route_probability=None if route is None else route.probability)
+        stats = AnswerStats(mode=chosen_mode, route_probability=None if route is None else route.probability,
+                            cloud_work=work)
         if chosen_mode == "cloud":
             async for event in self._cloud_answer(question, messages, max_tokens, options, stats, started):
                 yield event
@@ -217,18 +225,37 @@ class PiceService:
         assert final is not None
         return final
 
+    def _meter_embeddings(self) -> None:
+        # The embedding model's passes are cloud CPU as well: on the ledger, by purpose. Each
+        # runs in a worker thread started with `asyncio.to_thread`, which carries the request's
+        # `current_ledger` along.
+        if isinstance(self.router, EmbeddingRouter) and self.router.embedder is not None:
+            # A proxy: every attribute but the metered ``encode`` is the embedder's own.
+            self.router.embedder = cast("Embedder", self.cloud.metered_embedder(self.router.embedder, "route"))
+        if isinstance(self.selector, LearnedSelector) and self.selector.embedder is not None:
+            self.selector.embedder = self.cloud.metered_embedder(self.selector.embedder, "selection")
+        if self.embed is not None:
+            owner = getattr(self.embed, "__self__", None)  # a bound `Embedder.encode`: its model
+            embedder = owner if owner is not None and hasattr(owner, "encode_counted") else SimpleNamespace(
+                encode=self.embed)
+            self.embed = self.cloud.metered_embedder(embedder, "sketch_check").encode
+
     # --- mode router ------------------------------------------------------------------------
 
-    async def _route(self, question: str) -> Route | None:
-        """Ask the router (in a worker thread: it embeds the question); None without one or on failure."""
+    async def _route(self, question: str, ledger: CloudLedger) -> Route | None:
+        """Ask the router (in a worker thread: it embeds the question, on ``ledger``); None
+        without one or on failure."""
         if self.router is None:
             return None
+        scope = current_ledger.set(ledger)
         try:
             return await asyncio.to_thread(self.router.predict, question)
         except Exception:
             # The router only advises; a broken one must not fail the request.
             log.exception("mode router failed; answering progressively")
             return None
+        finally:
+            current_ledger.reset(scope)
 
     # --- progressive path ------------------------------------------------------------------
 
@@ -264,8 +291,14 @@ class PiceService:
                 points = []
             if not self.config.sketch_guard:
                 return points
-            problems = await asyncio.to_thread(check_sketch, question, points, embed=self.embed) \
-                if self.embed is not None else check_sketch(question, points)
+            if self.embed is not None:
+                scope = current_ledger.set(stats.cloud_work)
+                try:
+                    problems = await asyncio.to_thread(check_sketch, question, points, embed=self.embed)
+                finally:
+                    current_ledger.reset(scope)
+            else:
+                problems = check_sketch(question, points)
             reason = sketch_rejection_reason(problems)
             if reason is None:
                 return points

@@ -312,6 +312,41 @@ async def test_service_routes_coding_to_cloud_and_generic_to_edges(
     assert all(name != "MainThread" for name in router.threads)
 
 
+class _FakeMiniLM:
+    """A 4-d embedder that reports 7 tokens per text, as `Embedder.encode_counted` does."""
+
+    model_id, dim = "fake-minilm", 4
+
+    def encode_counted(self, texts: list[str]) -> tuple[Any, int]:
+        import numpy as np
+
+        return np.ones((len(texts), 4)), 7 * len(texts)
+
+    def encode(self, texts: list[str]) -> Any:
+        return self.encode_counted(texts)[0]
+
+
+@pytest.mark.mosquitto
+async def test_the_routers_embedding_is_on_the_requests_cloud_ledger(
+    mosquitto: Mosquitto, tiny_model: Path, tiny_llm: TransformersBackend
+) -> None:
+    router = EmbeddingRouter(RouterWeights(weights=(1.0,) * 4, bias=0.0, threshold=0.5, embedding_model="fake-minilm"),
+                             _FakeMiniLM())  # type: ignore[arg-type]
+    settings = dict(max_points=2, tokens_per_point=6, sketch_tokens=20)
+    config = cloud_config(mosquitto.url, edges=1, edge_model=tiny_model, service=settings)
+    async with start_system(config, llm=tiny_llm, router=router) as system:
+        routed = await system.service.ask(GENERIC)
+        gated = await system.service.ask(CODING)  # the code gate: no embedding
+        process = system.service.cloud.ledger.by_purpose["route"]
+    work = routed.stats.cloud_work
+    assert (work.by_purpose["route"].sequences, work.by_purpose["route"].prefill_tokens) == (1, 7)
+    assert work.by_purpose["route"].seconds > 0
+    assert work.total.decode_tokens == routed.stats.cloud_tokens, "the embedding model decodes nothing"
+    assert work.as_dict()["embeddings"]["prefill_tokens"] >= 7
+    assert "route" not in gated.stats.cloud_work.by_purpose
+    assert (process.calls, process.prefill_tokens) == (1, 7)
+
+
 @pytest.mark.mosquitto
 async def test_a_failing_router_does_not_fail_the_request(
     mosquitto: Mosquitto, tiny_model: Path, tiny_llm: TransformersBackend, caplog: pytest.LogCaptureFixture
