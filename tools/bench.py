@@ -87,7 +87,14 @@ class Outcome:
     cloud_tokens: int = 0
     edge_tokens: int = 0
     sketch_s: float = 0.0
+    #: The first point's text (progressive; ``ttft_s`` is the first content, its heading).
+    first_point_s: float = 0.0
     served: str = ""
+    points_edge: int = 0
+    points_cloud: int = 0
+    sketch_rejected: list[str] = field(default_factory=list)
+    #: The request's cloud work ledger (``pice.cloud_work``): purpose -> prefill/decode/seconds.
+    cloud_work: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -108,6 +115,18 @@ class Phase:
                 return float("nan")
             return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
+        n = len(done) or 1
+        ledger: dict[str, dict[str, float]] = {}
+        for o in done:
+            for purpose, work in o.cloud_work.items():
+                row = ledger.setdefault(purpose, {"prefill_tokens": 0.0, "decode_tokens": 0.0, "seconds": 0.0})
+                for key in row:
+                    row[key] += float(work.get(key, 0.0)) / n
+        llm_s = ledger.get("total", {}).get("seconds", float("nan"))
+        embed_s = ledger.get("embeddings", {}).get("seconds", 0.0)
+        cpu = self.cloud_cpu_s / len(done) if done else float("nan")
+        points = sum(o.points_edge + o.points_cloud for o in done)
+        progressive = [o for o in done if o.served == "progressive"]
         return {
             "mode": self.mode, "rate_per_s": self.rate, "requests": len(self.outcomes), "completed": len(done),
             "refused": sum(o.status in ("429", "503") for o in self.outcomes),
@@ -120,6 +139,14 @@ class Phase:
             "sketch_p50_s": pct(sorted(o.sketch_s for o in done if o.sketch_s), 0.5),
             "served_progressive": sum(o.served == "progressive" for o in done),
             "edge_tokens_per_request": statistics.fmean(o.edge_tokens for o in done) if done else float("nan"),
+            "first_point_p50_s": pct(sorted(o.first_point_s for o in progressive), 0.5),
+            "share_progressive": len(progressive) / n,
+            "edge_point_share": sum(o.points_edge for o in done) / points if points else float("nan"),
+            "cloud_only_after_refused_sketches": sum(o.served == "cloud" and bool(o.sketch_rejected) for o in done),
+            # The ledger per request (means by purpose; "total" is the cloud LLM's, "embeddings"
+            # the embedding model's) and how much of the OS-measured cloud CPU it accounts for.
+            "ledger_per_request": {k: {kk: round(vv, 3) for kk, vv in v.items()} for k, v in ledger.items()},
+            "ledger_cpu_share": (llm_s + embed_s) / cpu if done and cpu > 0 else float("nan"),
             "wall_s": self.wall_s,
         }
 
@@ -265,7 +292,12 @@ async def one_request(client: Any, model: str, mode: str, qid: int, question: st
             info = (chunk.model_extra or {}).get("pice")
             if isinstance(info, dict):
                 out.sketch_s = float(info.get("sketch_s") or 0.0)
+                out.first_point_s = float(info.get("first_point_s") or 0.0)
                 out.served = str(info.get("mode", ""))
+                out.points_edge = int(info.get("points_edge") or 0)
+                out.points_cloud = int(info.get("points_cloud") or 0)
+                out.sketch_rejected = list(info.get("sketch_rejected") or [])
+                out.cloud_work = dict(info.get("cloud_work") or {})
             usage = getattr(chunk, "usage", None)
             if usage is not None:
                 out.completion_tokens = usage.completion_tokens
@@ -405,14 +437,15 @@ def ratios(light: dict[str, dict[str, Any]], saturated: dict[str, dict[str, Any]
     return out
 
 
-def targets(rows: list[dict[str, Any]], rates: list[float]) -> list[dict[str, Any]]:
-    """Issue 12's targets, each with its measured value (side by side in this run)."""
+def targets(rows: list[dict[str, Any]], rates: list[float], qual: dict[str, dict[str, float]],
+            include_code: bool) -> list[dict[str, Any]]:
+    """The cloud-work issue's targets at light load, each with its value measured side by side
+    in this run (auto = ``pice-router``, progressive mode = ``pice``), then the load targets."""
     by = {(r["mode"], r["rate_per_s"]): r for r in rows}
     ordered = sorted(rates)
     top = ordered[-1] if ordered else 0.0
-    moderate = ordered[(len(ordered) - 1) // 2] if ordered else 0.0
 
-    def get(mode: str, rate: float, key: str) -> float:
+    def get(mode: str, key: str, rate: float = 0.0) -> float:
         value = by.get((mode, rate), {}).get(key)
         return float(value) if isinstance(value, (int, float)) else float("nan")
 
@@ -424,22 +457,44 @@ def targets(rows: list[dict[str, Any]], rates: list[float]) -> list[dict[str, An
     def add(name: str, value: float, goal: str, met: bool) -> None:
         out.append({"target": name, "value": round(value, 3), "goal": goal, "met": bool(met)})
 
-    cost = ratio(get("cloud", 0.0, "cloud_cpu_s_per_request"), get("pice", 0.0, "cloud_cpu_s_per_request"))
-    add("cloud CPU-s per request, cloud-only / PICE (light load)", cost, ">= 3", cost >= 3)
-    lat = ratio(get("pice", 0.0, "latency_p50_s"), get("cloud", 0.0, "latency_p50_s"))
-    add("latency p50 at light load, PICE / cloud-only", lat, "<= 0.6", lat <= 0.6)
-    ttft_top = ratio(get("pice", top, "ttft_p50_s"), get("cloud", top, "ttft_p50_s"))
-    add(f"time to first token p50 at {60 * top:.0f}/min, PICE / cloud-only", ttft_top, "<= 0.5", ttft_top <= 0.5)
-    over = get("pice", 0.0, "ttft_p50_s") - get("pice", 0.0, "sketch_p50_s")
-    add("time to first token minus sketch time at light load (s)", over, "<= 1.5", over <= 1.5)
-    thru = ratio(get("pice", top, "throughput_per_min"), get("cloud", top, "throughput_per_min"))
-    add(f"throughput at {60 * top:.0f}/min, PICE / cloud-only", thru, ">= 1.2", thru >= 1.2)
-    llama = get("llamacpp", moderate, "latency_p50_s")
-    best = min((get(m, moderate, "latency_p50_s") for m in ("pice", "pice-llamacpp") if (m, moderate) in by),
-               default=float("nan"))
-    add(f"best PICE latency p50 / llama.cpp cloud-only at {60 * moderate:.0f}/min", ratio(best, llama), "< 1",
-        ratio(best, llama) < 1)
+    # Over Vicuna minus coding/math the issue asks 0.35x; with them (auto may answer those
+    # cloud-only) 0.6x at quality >= cloud-only - 0.01.
+    cost_goal, quality_margin = (0.6, 0.01) if include_code else (0.35, 0.005)
+    for mode, name in (("pice-router", "auto"), ("pice", "progressive")):
+        if (mode, 0.0) not in by or ("cloud", 0.0) not in by:
+            continue
+        cpu = ratio(get(mode, "cloud_cpu_s_per_request"), get("cloud", "cloud_cpu_s_per_request"))
+        add(f"{name}: cloud CPU-s per request (OS) / cloud-only", cpu, f"<= {cost_goal}", cpu <= cost_goal)
+        tok = ratio(get(mode, "cloud_tokens_per_request"), get("cloud", "cloud_tokens_per_request"))
+        add(f"{name}: cloud decode tokens per request / cloud-only", tok, f"<= {cost_goal}", tok <= cost_goal)
+        for metric in ("similarity", "rouge_l"):
+            if metric in qual.get(mode, {}) and metric in qual.get("cloud", {}):
+                gap = qual[mode][metric] - qual["cloud"][metric]
+                add(f"{name}: {metric} minus cloud-only's", gap, f">= -{quality_margin}", gap >= -quality_margin)
+        over = get(mode, "ttft_p50_s") - get(mode, "sketch_p50_s")
+        add(f"{name}: first content p50 minus sketch p50 (s)", over, "<= 1.5", over <= 1.5)
+    if ("pice-router", 0.0) in by and not include_code:
+        share = get("pice-router", "share_progressive")
+        add("auto: share of answers progressive", share, ">= 0.7", share >= 0.7)
+        edge = get("pice-router", "edge_point_share")
+        add("auto: share of their points written by the edges", edge, ">= 0.9", edge >= 0.9)
+    if ("pice", 0.0) in by:
+        refused = ratio(get("pice", "cloud_only_after_refused_sketches"), get("pice", "completed"))
+        add("progressive: share ending cloud-only after refused sketches", refused, "<= 0.05", refused <= 0.05)
+    for mode in ("cloud", "pice", "pice-router"):
+        share = get(mode, "ledger_cpu_share")
+        if share == share:  # not NaN
+            add(f"{mode}: ledger seconds / OS cloud CPU-s", share, "0.85-1.15", 0.85 <= share <= 1.15)
+    if top > 0 and ("pice", top) in by and ("cloud", top) in by:
+        thru = ratio(get("pice", "throughput_per_min", top), get("cloud", "throughput_per_min", top))
+        add(f"throughput at {60 * top:.0f}/min, progressive / cloud-only", thru, ">= 1.2", thru >= 1.2)
     return out
+
+
+def _ledger(row: dict[str, Any], key: str) -> float:
+    """The cloud's work per request in ``row`` (the LLM's and the embedding model's), by ``key``."""
+    ledger = row.get("ledger_per_request", {})
+    return float(sum(ledger.get(part, {}).get(key, 0.0) for part in ("total", "embeddings")))
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -491,20 +546,28 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     top = max(args.rates) if args.rates else 0.0
     saturated = {r["mode"]: r for r in rows if r["rate_per_s"] == top and top > 0}
     qual = quality([p for p in phases if p.rate == 0], questions)
-    goals = targets(rows, args.rates)
+    goals = targets(rows, args.rates, qual, args.include_code)
     result = {"command": " ".join(sys.argv), "environment": environment(args), "rows": rows,
               "ratios": ratios(light, saturated), "targets": goals, "quality": qual,
               "light_load": [asdict(o) for p in phases if p.rate == 0 for o in p.outcomes]}
 
     header = (f"{'mode':<12}{'rate/min':>9}{'done':>6}{'refused':>8}{'thru/min':>9}{'p50 s':>8}{'p95 s':>8}"
-              f"{'ttft s':>8}{'cloud cpu s':>12}{'cloud tok':>10}{'edge tok':>9}")
+              f"{'ttft s':>8}{'cloud cpu s':>12}{'ledger s':>9}{'cloud tok':>10}{'prefill':>8}{'edge tok':>9}"
+              f"{'prog':>6}")
     print(header)
     print("-" * len(header))
     for r in rows:
         print(f"{r['mode']:<12}{60 * r['rate_per_s']:>9.1f}{r['completed']:>6}{r['refused']:>8}"
               f"{r['throughput_per_min']:>9.2f}{r['latency_p50_s']:>8.2f}{r['latency_p95_s']:>8.2f}"
-              f"{r['ttft_p50_s']:>8.2f}{r['cloud_cpu_s_per_request']:>12.2f}{r['cloud_tokens_per_request']:>10.1f}"
-              f"{r['edge_tokens_per_request']:>9.1f}")
+              f"{r['ttft_p50_s']:>8.2f}{r['cloud_cpu_s_per_request']:>12.2f}"
+              f"{_ledger(r, 'seconds'):>9.2f}{r['cloud_tokens_per_request']:>10.1f}{_ledger(r, 'prefill_tokens'):>8.0f}"
+              f"{r['edge_tokens_per_request']:>9.1f}{r['share_progressive']:>6.2f}")
+    print("\ncloud work per request at light load (ledger: prefill / decode tokens, seconds):")
+    for r in rows:
+        if r["rate_per_s"] == 0:
+            parts = [f"{k} {v['prefill_tokens']:.0f}/{v['decode_tokens']:.0f}/{v['seconds']:.2f}s"
+                     for k, v in r["ledger_per_request"].items()]
+            print(f"  {r['mode']:<12}" + "; ".join(parts))
     print("\nratios:", json.dumps({k: round(v, 3) for k, v in result["ratios"].items()}))
     print("quality:", json.dumps({m: {k: round(v, 4) for k, v in q.items()} for m, q in qual.items()}))
     print("\n| target | measured | goal | met |\n|---|---|---|---|")
@@ -530,7 +593,8 @@ def main() -> int:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--questions", type=int, default=10)
     parser.add_argument("--include-code", action="store_true", help="also coding and math questions")
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--modes", nargs="+", default=["cloud", "pice", "pice-router"], choices=list(MODES),
+                        help="pice = progressive mode, pice-router = auto (the default mode)")
     parser.add_argument("--rates", type=float, nargs="*", default=[1 / 60, 2 / 60, 4 / 60],
                         help="offered loads in requests per second (open loop, Poisson)")
     parser.add_argument("--requests-per-rate", type=int, default=8)
