@@ -10,8 +10,8 @@ progressive answer (which is itself cloud-only when the sketch guards refused bo
 in service), otherwise the cloud-only one. The chosen t maximises the share of questions served
 progressively subject to mean MiniLM cosine and mean ROUGE-L of auto >= cloud-only's; ties go to
 the higher cosine. The curve (share progressive vs quality, per threshold) and the choice are
-written to ``tools/results/router_calibration.{json,png}``; ``--write`` also stores the threshold
-and how it was chosen in ``pice_cloud/data/router.json``.
+written to ``tools/results/router_calibration.{json,png}`` (``--out``); ``--write`` also stores
+the threshold and how it was chosen in ``pice_cloud/data/router.json``.
 
     python tools/eval_modes.py --source alpaca --modes cloud,progressive \\
         --rows tools/results/quality_modes_alpaca.jsonl
@@ -92,6 +92,8 @@ def main() -> int:
     parser.add_argument("--rows", type=Path, required=True, help="eval_modes.py answers (modes cloud, progressive)")
     parser.add_argument("--weights", type=Path, default=WEIGHTS)
     parser.add_argument("--write", action="store_true", help="store the chosen threshold in --weights")
+    parser.add_argument("--out", type=Path, default=RESULTS / "router_calibration.json",
+                        help="the curve and the choice (JSON; the plot goes beside it as .png)")
     args = parser.parse_args()
     rows = [json.loads(line) for line in args.rows.read_text().splitlines() if line.strip()]
     pairs = paired(rows)
@@ -121,9 +123,9 @@ def main() -> int:
               "previous_threshold": previous, "chosen": chosen, "cloud_only": cloud, "all_progressive": always,
               "curve": curve, "command": "python tools/calibrate_router.py " + " ".join(sys.argv[1:]),
               "created": time.strftime("%Y-%m-%d")}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "router_calibration.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(curve, chosen, cloud, RESULTS / "router_calibration.png")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    plot(curve, chosen, cloud, args.out.with_suffix(".png"))
     if args.write:
         data = json.loads(args.weights.read_text())
         data["threshold"] = best.threshold  # exact: a rounded one could drop the question at the boundary

@@ -112,6 +112,8 @@ async def generate(args: argparse.Namespace) -> None:
             except SketchError:  # an unparsable sketch is refused like a bad one
                 points = []
             reason = sketch_rejection_reason(check_sketch(q["question"], points))
+            if args.no_sketch_guard and points:
+                reason = None
             if reason is not None:
                 refused += 1
                 print(f"[{n}/{len(questions)}] q{q['id']} sketch refused ({reason})", file=sys.stderr, flush=True)
@@ -357,7 +359,10 @@ def args_k(rows: list[dict[str, Any]]) -> float:
 
 
 def main() -> int:
+    global RESULTS, CALIBRATION  # --results moves both
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", type=Path, default=RESULTS,
+                        help="folder of the calibration set (ensemble_calibration.jsonl) and the fit's report")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate")
     gen.add_argument("--model", default="smollm2-135m-instruct")
@@ -371,6 +376,8 @@ def main() -> int:
     gen.add_argument("--tokens", type=int, default=80, help="expansion budget per point (serving default)")
     gen.add_argument("--threads", type=int, default=2)
     gen.add_argument("--fresh", action="store_true", help="start over instead of resuming")
+    gen.add_argument("--no-sketch-guard", action="store_true",
+                     help="keep every sketch that parses (smoke runs on a random model, whose sketches it refuses)")
     f = sub.add_parser("fit")
     f.add_argument("--out", default=str(ROOT / "pice_cloud" / "data" / "ensemble.json"))
     f.add_argument("--test-fraction", type=float, default=0.3)
@@ -378,6 +385,7 @@ def main() -> int:
     f.add_argument("--keep-costly", action="store_true",
                    help=f"keep the features the cloud LLM computes ({', '.join(COSTLY)}) even where they do not pay")
     args = parser.parse_args()
+    RESULTS, CALIBRATION = args.results, args.results / CALIBRATION.name
     if args.command == "generate":
         asyncio.run(generate(args))
     else:
