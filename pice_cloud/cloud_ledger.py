@@ -7,9 +7,11 @@ LLM, and each of its calls names a purpose and the request's ledger; the meter a
 ledger of everything since start (for ``/metrics``). A request's ledger goes out in the
 ``pice`` extension of its response, which is what the benchmark and the eval tools read.
 
-Engine seconds are the wall time of the calls: calls of concurrent requests that a batching
-engine runs side by side each count their whole time, so the sum over requests can exceed the
-engine's busy time under load. Prefill tokens are the prompt as the model sees it (chat template
+Engine seconds are the model's own time for the request's sequences where the engine measures
+it (the embedded engine: a sequence's prefill, and an equal share of every batched decode step
+it was in, so the sum over requests is the engine's busy time); elsewhere (an HTTP engine, a
+stream stopped early) the wall time of the call, which counts waiting and, under load, time
+shared with other requests. Prefill tokens are the prompt as the model sees it (chat template
 included), counted with the backend's tokenizer where it has one, else estimated; an engine
 with prefix caching may compute fewer.
 """

@@ -67,13 +67,13 @@ class CloudMeter:
             raise BackendError(f"the {self.llm.name} backend cannot stream")
         self.busy += 1
         started = time.perf_counter()
-        text, tokens = "", 0
+        text, tokens, compute = "", 0, None
         try:
             # aclosing: a consumer that stops early stops the generation now, not at GC time.
             async with contextlib.aclosing(self.llm.stream(request)) as pieces:
                 async for piece in pieces:
                     if isinstance(piece, Completion):
-                        tokens = piece.tokens
+                        tokens, compute = piece.tokens, piece.compute_s
                         self._sample(piece.tokens, time.perf_counter() - started)
                     else:
                         text += piece
@@ -81,8 +81,9 @@ class CloudMeter:
         finally:
             self.busy -= 1
             decoded = tokens or (count_tokens(self.llm, text) if text else 0)
-            self._record(purpose, ledger, Work(1, 1, self._prompt_tokens(request), decoded,
-                                               time.perf_counter() - started))
+            # A stream stopped early never got its engine time: its wall time stands in.
+            seconds = compute if compute is not None else time.perf_counter() - started
+            self._record(purpose, ledger, Work(1, 1, self._prompt_tokens(request), decoded, seconds))
 
     def metered_scorer(self, scorer: LikelihoodScorer) -> LikelihoodScorer:
         """``scorer`` (the cloud LLM scoring candidates for the ensemble) with its prefill on the
@@ -124,7 +125,9 @@ class CloudMeter:
             self.busy -= 1
         elapsed = time.perf_counter() - started
         self._sample(max((r.tokens for r in results), default=0), elapsed)
-        self._record(purpose, ledger, Work(1, len(results), prefill, sum(r.tokens for r in results), elapsed))
+        measured = [r.compute_s for r in results]
+        seconds = sum(m for m in measured if m is not None) if results and None not in measured else elapsed
+        self._record(purpose, ledger, Work(1, len(results), prefill, sum(r.tokens for r in results), seconds))
         return results
 
     def _sample(self, longest: int, elapsed: float) -> None:

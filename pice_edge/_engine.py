@@ -24,6 +24,7 @@ and tells the driver, after each step, which jobs ended (``after_step``).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import time
@@ -78,6 +79,8 @@ class Job(Generic[C]):
     key: int = -1
     #: Tokens already passed to ``on_tokens``.
     sent: int = 0
+    #: The model's seconds spent on this job so far: its prefill, and an equal share of each step.
+    compute_s: float = 0.0
 
 
 class JobSource(Protocol[C]):
@@ -344,7 +347,7 @@ class BatchEngine(Generic[C]):
         added: list[tuple[object, GenerationRequest]] = [(job.key, job.request) for job in admitted]
         started = time.perf_counter()
         try:
-            finished, progress = await loop.run_in_executor(self._executor, _advance, batch, added, watch)
+            finished, progress, timing = await loop.run_in_executor(self._executor, _advance, batch, added, watch)
         except Exception as exc:
             log.exception("%s failed on a batch of %d", self._name, rows)
             failed = list(self._live.values())
@@ -357,6 +360,10 @@ class BatchEngine(Generic[C]):
             self._report(failed)
             return
         self._count(rows, [result for _, result in finished], time.perf_counter() - started)
+        prefills, step_s = timing
+        share = step_s / rows if rows else 0.0
+        for job in self._live.values():
+            job.compute_s += share + prefills.get(job.key, 0.0)
         for key, ids in progress:
             watched = self._live.get(key)
             if watched is not None and watched.on_tokens is not None and len(ids) > watched.sent:
@@ -368,7 +375,7 @@ class BatchEngine(Generic[C]):
             if done is None:
                 continue  # discarded during the step
             if not done.future.done():
-                done.future.set_result(result)
+                done.future.set_result(dataclasses.replace(result, compute_s=done.compute_s))
             ended.append(done)
         self._report(ended)
 
@@ -399,14 +406,24 @@ class BatchEngine(Generic[C]):
             stats.tokens_per_s = rate if stats.tokens_per_s == 0 else (1 - w) * stats.tokens_per_s + w * rate
 
 
-def _advance(batch: DecodeBatch, added: list[tuple[object, GenerationRequest]],
-             watch: bool) -> tuple[list[tuple[object, GenerationResult]], list[tuple[object, list[int]]]]:
-    """One step on the model thread: the new jobs join, then every sequence advances."""
+Timing = tuple[dict[object, float], float]
+
+
+def _advance(batch: DecodeBatch, added: list[tuple[object, GenerationRequest]], watch: bool,
+             ) -> tuple[list[tuple[object, GenerationResult]], list[tuple[object, list[int]]], Timing]:
+    """One step on the model thread: the new jobs join, then every sequence advances. Also how
+    long each join (its prefill, where the batch prefills on ``add``) and the step took, timed
+    here so that waiting for the thread is not counted."""
+    prefills: dict[object, float] = {}
     for key, request in added:
+        started = time.perf_counter()
         batch.add(key, request)
+        prefills[key] = time.perf_counter() - started
+    started = time.perf_counter()
     finished = batch.step()
+    step_s = time.perf_counter() - started
     progress = batch.progress() if watch and isinstance(batch, StreamingDecodeBatch) else []
-    return finished, progress
+    return finished, progress, (prefills, step_s)
 
 
 __all__ = ["BatchEngine", "EngineStats", "GenerateBatch", "Job", "JobSource", "TokenCallback", "WaitingLine"]

@@ -386,3 +386,32 @@ async def test_a_source_that_raises_stops_the_loop_loudly(executor: ThreadPoolEx
         await eventually(lambda: "broken: the batching loop stopped" in caplog.text, what="the loop's error")
     finally:
         await engine.close()
+
+
+class _Ticks:
+    """Stands in for the engine's `time` module: every `perf_counter` call is one second later."""
+
+    def __init__(self) -> None:
+        import itertools
+        import time
+
+        self.monotonic = time.monotonic
+        self._count = itertools.count()
+
+    def perf_counter(self) -> float:
+        return float(next(self._count))
+
+
+async def test_each_sequence_gets_its_prefill_and_a_share_of_every_step(
+        executor: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pice_edge._engine as engine_module
+
+    monkeypatch.setattr(engine_module, "time", _Ticks())  # each join and each step takes "1 s"
+    runtime = FakeRuntime()
+    _, (long, short) = await run_all(runtime, [job("long", 4), job("short", 2)], executor)
+    assert runtime.steps == [{"long", "short"}, {"long", "short"}, {"long"}, {"long"}]
+    # Prefill 1 each; two shared steps split 0.5/0.5; the last two steps are long's alone.
+    assert short.compute_s == pytest.approx(1 + 0.5 + 0.5)
+    assert long.compute_s == pytest.approx(1 + 0.5 + 0.5 + 1 + 1)
+    # Nothing double-counted: the sequences' seconds add up to the engine's (2 joins + 4 steps).
+    assert long.compute_s + short.compute_s == pytest.approx(6)

@@ -474,3 +474,26 @@ async def test_a_selector_that_has_the_cloud_score_candidates_puts_that_on_the_r
     assert (scoring.calls, scoring.sequences, scoring.decode_tokens) == (1, 2, 0)
     assert scoring.prefill_tokens > 2 * 20, "prompt and candidate, for each candidate"
     assert meter.ledger.by_purpose["scoring"].prefill_tokens == scoring.prefill_tokens
+
+
+async def test_the_ledger_takes_the_engines_own_seconds_when_it_measures_them() -> None:
+    from pice_cloud.cloud_meter import CloudMeter
+    from pice_cloud.llm.base import ChatRequest, Completion
+    from pice_edge.runtimes.base import ChatMessage
+
+    class Measured(_Texts):
+        async def complete(self, requests: list[object]) -> list[object]:
+            await asyncio.sleep(0.05)  # waiting for the engine: not the request's compute
+            return [Completion(text=OTHER, tokens=11, compute_s=0.25) for _ in requests]
+
+    meter = CloudMeter(Measured())  # type: ignore[arg-type]
+    request = ChatRequest([ChatMessage("user", QUESTION)], max_tokens=11)
+    await meter.complete([request, request], purpose="cloud_answer")
+    work = meter.ledger.by_purpose["cloud_answer"]
+    assert (work.sequences, work.decode_tokens) == (2, 22)
+    assert work.seconds == pytest.approx(0.5)  # 2 x 0.25, not the call's wall time
+    await meter.complete([request], purpose="sketch")
+    meter.llm.complete = _Texts().complete  # type: ignore[method-assign]  # an engine that does not measure:
+    await meter.complete([request], purpose="resketch")  # the call's wall time stands in
+    assert meter.ledger.by_purpose["sketch"].seconds == pytest.approx(0.25)
+    assert 0 < meter.ledger.by_purpose["resketch"].seconds < 0.25

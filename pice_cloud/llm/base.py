@@ -56,6 +56,10 @@ class Completion:
     mean_logprob: float = 0.0
     #: Per-token log-probabilities, when the request asked for them (`ChatRequest.logprobs`).
     token_logprobs: tuple[TokenLogprob, ...] | None = None
+    #: Seconds of the model's own work for this sequence where the engine measures them (the
+    #: embedded engine: prefill plus its share of each batched step); None: the ledger uses the
+    #: call's wall time instead.
+    compute_s: float | None = None
 
 
 @runtime_checkable

@@ -105,7 +105,8 @@ class TransformersBackend:
             return [await loop.run_in_executor(self._executor, _generate_with_logprobs, self.runtime, r)
                     for r in requests]
         results = await asyncio.gather(*(self.engine.generate(self._request(r)) for r in requests))
-        return [Completion(text=x.text, tokens=x.token_count, mean_logprob=x.mean_logprob) for x in results]
+        return [Completion(text=x.text, tokens=x.token_count, mean_logprob=x.mean_logprob, compute_s=x.compute_s)
+                for x in results]
 
     def _request(self, r: ChatRequest) -> GenerationRequest:
         return GenerationRequest(prompt=self.runtime.format_chat(r.messages, r.prefill), max_new_tokens=r.max_tokens,
@@ -136,7 +137,8 @@ class TransformersBackend:
             result = job.result()
             if len(result.text) > len(sent) and result.text.startswith(sent):
                 yield result.text[len(sent):]
-            yield Completion(text=result.text, tokens=result.token_count, mean_logprob=result.mean_logprob)
+            yield Completion(text=result.text, tokens=result.token_count, mean_logprob=result.mean_logprob,
+                             compute_s=result.compute_s)
         finally:
             if not job.done():
                 job.cancel()  # the consumer stopped reading: free the slot
@@ -150,7 +152,8 @@ class TransformersBackend:
         results = await asyncio.gather(*(self.engine.generate(GenerationRequest(
             prompt=r.prompt, max_new_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p, seed=r.seed))
             for r in requests))
-        return [Completion(text=x.text, tokens=x.token_count, mean_logprob=x.mean_logprob) for x in results]
+        return [Completion(text=x.text, tokens=x.token_count, mean_logprob=x.mean_logprob, compute_s=x.compute_s)
+                for x in results]
 
     async def score(self, requests: Sequence[ChatRequest], continuations: Sequence[str]) -> list[float]:
         """Mean token log-likelihood of each continuation as the reply to its request (one

@@ -46,6 +46,9 @@ class GenerationResult:
     token_count: int
     #: Mean natural-log probability of the generated tokens under the model (0 when empty).
     mean_logprob: float
+    #: Seconds of the model's own work for this sequence, when a batching engine measured them
+    #: (its prefill, and its share of each decode step it was in); None: not measured.
+    compute_s: float | None = None
 
 
 @dataclass(frozen=True)
