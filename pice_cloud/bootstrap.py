@@ -30,10 +30,11 @@ from pice_cloud.ensemble import ConfidenceSelector, EnsembleWeights, LearnedSele
 from pice_cloud.guards import Embed
 from pice_cloud.llm import create_backend
 from pice_cloud.llm.base import LLMBackend
+from pice_cloud.replica import ReplicaClaim
 from pice_cloud.router import EmbeddingRouter, HeuristicRouter, ModeRouter
 from pice_cloud.service import PiceService
 from pice_edge.errors import PiceError
-from pice_edge.protocol import CloudStatus, cloud_status_topic, encode
+from pice_edge.protocol import encode
 from pice_edge.transport import BrokerSettings, MqttTransport
 
 if TYPE_CHECKING:
@@ -67,6 +68,9 @@ class System:
     broker_url: str
     edges: list[EdgeNode] = field(default_factory=list)
     discovery: Discovery | None = None
+    #: This process's claim on its cloud_id; ``claim.lost_event`` is set when another process
+    #: holds the id and this one must stop (`pice_cloud.replica`).
+    claim: ReplicaClaim | None = None
 
 
 def default_cloud_id(api_url: str = "") -> str:
@@ -162,9 +166,17 @@ async def start_system(
         api_url: the HTTP API's URL, published in the cloud's status and zeroconf record.
 
     Raises:
+        CloudIdClashError: another live replica holds this replica's ``cloud_id`` (checked on an
+            external broker before anything is loaded).
         PiceError: a part could not be built or started (model, broker, edges); the message
             says which and what to do.
     """
+    cloud_id = config.cloud_id or default_cloud_id(api_url)
+    claim = ReplicaClaim(cloud_id, api_url=api_url)
+    if config.broker is not None:
+        # Before the model loads (seconds to minutes) and before we connect under the id, which
+        # would take the holder's broker session: a clash is refused at once, the holder untouched.
+        await claim.probe(config.broker)
     own_llm = llm is None
     backend = await asyncio.to_thread(build_backend, config.llm) if llm is None else llm
     sketcher: LLMBackend | None = None
@@ -172,6 +184,7 @@ async def start_system(
     nodes: list[EdgeNode] = []
     transport: MqttTransport | None = None
     discovery: Discovery | None = None
+    give_way: asyncio.Task[None] | None = None
     try:
         if config.llm.sketch_model:
             sketcher = await asyncio.to_thread(build_backend, config.llm, model=config.llm.sketch_model)
@@ -188,36 +201,42 @@ async def start_system(
         nodes = await _start_local_edges(config, broker_settings)
         # A persistent session under a stable client id: candidates that edges publish while we
         # reconnect (a broker restart) are queued for us instead of dropped.
-        cloud_id = config.cloud_id or default_cloud_id(api_url)
-        status_topic = cloud_status_topic(cloud_id)
         transport = MqttTransport(
-            broker_settings, client_id=cloud_id, clean_session=False,
-            will=(status_topic, encode(CloudStatus(cloud_id=cloud_id, online=False))),
+            broker_settings, client_id=cloud_id, clean_session=False, will=(claim.topic, encode(claim.status(False))),
         )
+        # Every (re)connect re-subscribes, and the broker sends the retained status: another
+        # process's claim when it took our session in between (`ReplicaClaim.watch`).
+        transport.add_subscription(claim.topic, claim.watch)
         embed = await asyncio.to_thread(build_sketch_embed) if config.service.sketch_guard else None
         service = PiceService(backend, transport, config=config.service, router=router, selector=selector,
                               cloud_max_batch=config.llm.max_batch, embed=embed, cloud_id=cloud_id,
                               sketcher=sketcher)
-        online = encode(CloudStatus(cloud_id=cloud_id, online=True, api_url=api_url))
-        # On every (re)connect: a restarted broker without persistence has lost our retained status.
-        transport.on_connect(lambda: transport.publish(status_topic, online, retain=True))
+        def announce() -> None:
+            # On every (re)connect: a restarted broker without persistence has lost our retained
+            # status. A process that gave the id up announces nothing over the holder's claim.
+            if claim.lost is None:
+                transport.publish(claim.topic, encode(claim.status(True)), retain=True)
+
+        transport.on_connect(announce)
         await transport.connect()
+        claim.start_heartbeat(transport)
+        give_way = asyncio.create_task(_give_way(claim, transport))
         if nodes and not await service.fleet.wait_for(len(nodes), config.edges.wait_s):
             log.warning("only %d of %d local edges registered within %.0fs", len(service.fleet.live()), len(nodes),
                         config.edges.wait_s)
         discovery = await _advertise(config, service, broker_settings.url, api_url)
         yield System(config=config, llm=backend, service=service, broker_url=broker_settings.url, edges=nodes,
-                     discovery=discovery)
+                     discovery=discovery, claim=claim)
     finally:
+        if give_way is not None:
+            give_way.cancel()
+        await claim.stop_heartbeat()
         if discovery is not None:
             await discovery.close()
         if transport is not None:
-            if transport.connected:
-                await transport.publish_and_wait(
-                    cloud_status_topic(transport.client_id),
-                    encode(CloudStatus(cloud_id=transport.client_id, online=False, api_url=api_url)), retain=True,
-                    timeout=OFFLINE_STATUS_TIMEOUT_S,
-                )
+            if transport.connected and claim.lost is None:
+                await transport.publish_and_wait(claim.topic, encode(claim.status(False)), retain=True,
+                                                 timeout=OFFLINE_STATUS_TIMEOUT_S)
             await transport.close()
         for node in nodes:
             await node.stop()
@@ -227,6 +246,13 @@ async def start_system(
             await sketcher.close()
         if own_llm:
             await backend.close()
+
+
+async def _give_way(claim: ReplicaClaim, transport: MqttTransport) -> None:
+    """Once this process gives its cloud_id up, leave the broker at once: every reconnect would
+    take the holder's session again. Whoever runs the system stops it (`pice_cloud.server.serve`)."""
+    await claim.lost_event.wait()
+    await transport.close()
 
 
 async def _start_local_edges(config: CloudConfig, broker: BrokerSettings) -> list[EdgeNode]:

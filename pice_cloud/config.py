@@ -53,6 +53,14 @@ class ServerConfig(BaseModel):
     retry_after_s: int = Field(default=2, ge=1, le=3600, description="Retry-After sent with 429 and 503")
     max_tokens_limit: int = Field(default=4096, ge=1, le=1_000_000,
                                   description="largest max_tokens a request may ask for (more: 400)")
+    max_prompt_tokens: int | None = Field(
+        default=None, ge=1, le=10_000_000,
+        description="longest prompt in tokens (the messages under the chat template, or a /v1/completions "
+                    "prompt); longer: 400 prompt_too_long before any compute. Default: "
+                    f"{defaults.CPU_MAX_PROMPT_TOKENS} when the cloud LLM runs here on a CPU (llm.kind transformers, "
+                    "llm.device cpu), where a prompt's prefill grows faster than its length (one core: 2,048 tokens "
+                    "6.9 s, 4,096 19 s, 7,662 held a slot 150 s); otherwise unset, and the model's context is the "
+                    "only limit")
     max_body_bytes: int = Field(default=defaults.MAX_BODY_BYTES, ge=1024, le=256 * 1024 * 1024,
                                 description="largest request body (more: 413, before anything is parsed)")
     body_timeout_s: float = Field(default=10.0, gt=0, le=600,
@@ -264,6 +272,17 @@ class CloudConfig(BaseSettings):
         if self.edges.model:
             return self.edges.model
         return self.llm.model if self.llm.kind == "transformers" else DEFAULT_MODEL
+
+    @property
+    def prompt_token_limit(self) -> int | None:
+        """Most prompt tokens a request may send (None: only the model's context limits it):
+        ``server.max_prompt_tokens`` when set, else `defaults.CPU_MAX_PROMPT_TOKENS` for the
+        embedded model on a CPU, whose prefill would otherwise hold a slot for minutes."""
+        if self.server.max_prompt_tokens is not None:
+            return self.server.max_prompt_tokens
+        if self.llm.kind == "transformers" and self.llm.device == "cpu":
+            return defaults.CPU_MAX_PROMPT_TOKENS
+        return None
 
     def redacted(self) -> dict[str, Any]:
         """The effective configuration as plain data, secrets masked (for --print-config and logs)."""

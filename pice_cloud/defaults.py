@@ -34,6 +34,15 @@ MAX_QUESTION_CHARS: Final = PROTOCOL_MAX_QUESTION_CHARS
 #: of megabytes would only burn CPU on parsing and tokenizing before it is refused.
 MAX_BODY_BYTES: Final = 256 * 1024
 
+#: Longest prompt (tokens: the messages under the chat template, or a raw prompt) when the
+#: embedded model runs on a CPU. Prefill grows faster than the prompt (attention is quadratic):
+#: measured here (SmolLM2-135M, one core, one forward pass) 1,024 tokens take 3.1 s, 2,048 take
+#: 6.9 s, 4,096 take 19 s, and issue 27's 7,662-token prompt held its slot for 150 s before the
+#: first byte. At 2,048 the worst prompt costs about as much as a whole default answer's decode;
+#: every multi-turn chat of ordinary length still fits. On a GPU or a remote engine the model's
+#: context is the only limit unless ``server.max_prompt_tokens`` is set.
+CPU_MAX_PROMPT_TOKENS: Final = 2048
+
 #: Who expands a progressive answer's first point ("edge" or "cloud", which streams it).
 FIRST_POINT: Final = "edge"
 

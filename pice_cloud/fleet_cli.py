@@ -4,6 +4,13 @@ Connects to the broker (given, or the one the fleet's cloud advertises on zeroco
 the retained status of every edge plus the zeroconf announcements for ``--wait`` seconds, and
 prints one row per edge. Edges only seen on zeroconf are listed with state ``seen``: they are not
 scheduled until their MQTT status arrives (see `pice_cloud.fleet`).
+
+Below the table it says how the fleet stands against its rollout (`summarize`): the rollout
+announced and how many live edges run it (naming those that do not, with their rollout state:
+retrying, failed, withdrawn), or, with no rollout announced, a fleet whose live edges run
+different builds of a model as **mixed**. Edges keep the build a rollout gave them after it is
+cleared, also across restarts (`pice_edge.rollout`); a fleet left mixed by a cleared rollout
+stays mixed until a new rollout (or a rollback) names one build.
 """
 
 from __future__ import annotations
@@ -11,15 +18,28 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import time
 import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pice_cloud.fleet import Fleet, FleetEntry
 from pice_edge.discovery import DEFAULT_FLEET, Discovery, check_fleet, parse_interfaces
-from pice_edge.errors import ConfigError
-from pice_edge.protocol import EDGE_STATUS_FILTER, FLEET_ROLLOUT_TOPIC, FleetRollout, encode
-from pice_edge.transport import BrokerSettings, MqttTransport
+from pice_edge.errors import ConfigError, ProtocolError
+from pice_edge.protocol import (
+    EDGE_ROLLOUT_FILTER,
+    EDGE_STATUS_FILTER,
+    FLEET_ROLLOUT_TOPIC,
+    EdgeRolloutState,
+    FleetRollout,
+    decode,
+    encode,
+    runs,
+    topic_level,
+)
+from pice_edge.transport import BrokerSettings, Message, MqttTransport
 
 
 def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
@@ -46,10 +66,58 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     fleet.add_argument("--clear-rollout", action="store_true", help="withdraw the fleet's rollout message")
 
 
+@dataclass
+class FleetView:
+    """What `collect_view` heard: the edges, the fleet's rollout, and each edge's rollout state."""
+
+    broker_url: str
+    rows: list[FleetEntry]
+    #: The rollout announced (retained), or None.
+    rollout: FleetRollout | None = None
+    #: Each edge's latest `EdgeRolloutState`, by device id.
+    rollout_states: dict[str, EdgeRolloutState] = field(default_factory=dict)
+
+
+class _RolloutListener:
+    """Collects the fleet's rollout message and the edges' rollout states (invalid ones ignored:
+    this is a read-only view)."""
+
+    def __init__(self) -> None:
+        self.rollout: FleetRollout | None = None
+        self.states: dict[str, EdgeRolloutState] = {}
+
+    def on_rollout(self, message: Message) -> None:
+        try:
+            self.rollout = decode(FleetRollout, message.payload) if message.payload else None
+        except ProtocolError:
+            self.rollout = None
+
+    def on_state(self, message: Message) -> None:
+        device = topic_level(message.topic, -2)
+        if not message.payload:
+            self.states.pop(device, None)
+            return
+        try:
+            state = decode(EdgeRolloutState, message.payload)
+        except ProtocolError:
+            return
+        if state.device_id == device:
+            self.states[device] = state
+
+
 async def collect(broker_url: str | None, *, credentials: dict[str, Any] | None = None,
                   fleet_name: str = DEFAULT_FLEET, interfaces: Any = "all",
                   zeroconf: bool = True, wait_s: float = 3.0) -> tuple[str, list[FleetEntry]]:
-    """(broker URL used, fleet snapshot) after listening for ``wait_s`` seconds.
+    """(broker URL used, fleet snapshot) after listening for ``wait_s`` seconds (`collect_view`)."""
+    view = await collect_view(broker_url, credentials=credentials, fleet_name=fleet_name, interfaces=interfaces,
+                              zeroconf=zeroconf, wait_s=wait_s)
+    return view.broker_url, view.rows
+
+
+async def collect_view(broker_url: str | None, *, credentials: dict[str, Any] | None = None,
+                       fleet_name: str = DEFAULT_FLEET, interfaces: Any = "all",
+                       zeroconf: bool = True, wait_s: float = 3.0) -> FleetView:
+    """The fleet, its rollout and the edges' rollout states after listening for ``wait_s`` seconds.
 
     Raises:
         ConfigError: no broker given and zeroconf disabled.
@@ -59,6 +127,7 @@ async def collect(broker_url: str | None, *, credentials: dict[str, Any] | None 
     if broker_url is None and not zeroconf:
         raise ConfigError("--no-zeroconf needs --broker mqtt://HOST:PORT")
     fleet = Fleet()
+    listener = _RolloutListener()
     discovery = Discovery(interfaces) if zeroconf else None
     transport: MqttTransport | None = None
     try:
@@ -72,11 +141,13 @@ async def collect(broker_url: str | None, *, credentials: dict[str, Any] | None 
                                   client_id=f"pice-fleet-{uuid.uuid4().hex[:8]}",
                                   rejections=fleet.rejections)
         transport.add_subscription(EDGE_STATUS_FILTER, fleet.handle_status)
+        transport.add_subscription(FLEET_ROLLOUT_TOPIC, listener.on_rollout)
+        transport.add_subscription(EDGE_ROLLOUT_FILTER, listener.on_state)
         # connect() returns once the SUBACK is in, so retained statuses are on their way; the
         # wait lets live heartbeats and zeroconf adverts arrive too.
         await transport.connect(timeout=max(wait_s, 3.0))
         await asyncio.sleep(wait_s)
-        return broker_url, fleet.snapshot()
+        return FleetView(broker_url, fleet.snapshot(), listener.rollout, dict(listener.states))
     finally:
         if transport is not None:
             await transport.close()
@@ -97,6 +168,59 @@ def format_fleet(rows: list[FleetEntry]) -> str:
                       f"{r.age_s:.1f}s", "+".join(r.sources)))
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in table)
+
+
+def builds_of(rows: list[FleetEntry]) -> dict[str, list[str]]:
+    """The live edges by the model build they report (``NAME@BUILD``, or a bare model id)."""
+    builds: dict[str, list[str]] = defaultdict(list)
+    for row in rows:
+        if row.state == "live":
+            builds[row.model_id or "-"].append(row.device_id)
+    return dict(sorted(builds.items()))
+
+
+def is_mixed(rows: list[FleetEntry]) -> bool:
+    """Whether live edges run different builds of one model (NAME@A beside NAME@B): the state a
+    rollout in progress, an edge that failed one, or an edge with ``--no-rollout`` leaves."""
+    by_name: dict[str, set[str]] = defaultdict(set)
+    for model_id in builds_of(rows):
+        name, _, build = model_id.partition("@")
+        by_name[name].add(build)
+    return any(len(builds) > 1 for builds in by_name.values())
+
+
+def _describe_state(state: EdgeRolloutState, now: float) -> str:
+    if state.phase == "retrying" and state.retry_at is not None:
+        return (f"retrying (attempt {state.attempt}, next in {max(0.0, state.retry_at - now):.0f}s): "
+                f"{state.detail}")
+    return f"{state.phase}: {state.detail}" if state.detail else state.phase
+
+
+def summarize(view: FleetView, *, now: float | None = None) -> list[str]:
+    """Lines under the table: how the live fleet stands against its rollout, or that it is mixed."""
+    now = time.time() if now is None else now
+    live = [r for r in view.rows if r.state == "live"]
+    builds = builds_of(view.rows)
+    lines: list[str] = []
+    rollout = view.rollout
+    if rollout is not None:
+        target = f"{rollout.model}@{rollout.build}"
+        behind = [r for r in live if not runs(r.model_id, rollout.model, rollout.build)]
+        lines.append(f"rollout {target} (from {rollout.source}): {len(live) - len(behind)} of {len(live)} live edges "
+                     "run it" + ("" if behind else "; done"))
+        for row in behind:
+            state = view.rollout_states.get(row.device_id)
+            doing = (_describe_state(state, now) if state is not None and (state.model, state.build)
+                     == (rollout.model, rollout.build) else "not following (pice-edge run --no-rollout?) or not "
+                     "started yet")
+            lines.append(f"  {row.device_id}: runs {row.model_id or '-'}; {doing}")
+    if is_mixed(view.rows):
+        parts = "; ".join(f"{build} on {', '.join(devices)}" for build, devices in builds.items())
+        lines.append(f"mixed fleet: {len(builds)} builds among {len(live)} live edges: {parts}")
+        if rollout is None:
+            lines.append("  no rollout is announced (cleared?): edges keep their builds, restarts too; "
+                         "`pice-cloud fleet --rollout NAME --source URL` brings them to one")
+    return lines
 
 
 def rollout_message(model: str, source: str, models_root: Path | None = None) -> FleetRollout:
@@ -144,13 +268,21 @@ async def run(args: argparse.Namespace) -> int:
         await publish_rollout(args.broker, message, credentials=credentials)
         print(f"rollout: {message.model}@{message.build} from {message.source}" if message else "rollout withdrawn")
         return 0
-    broker_url, rows = await collect(args.broker, credentials=credentials, fleet_name=check_fleet(args.fleet),
-                                     interfaces=parse_interfaces(args.interfaces), zeroconf=not args.no_zeroconf,
-                                     wait_s=args.wait)
+    view = await collect_view(args.broker, credentials=credentials, fleet_name=check_fleet(args.fleet),
+                              interfaces=parse_interfaces(args.interfaces), zeroconf=not args.no_zeroconf,
+                              wait_s=args.wait)
+    rows = view.rows
     if args.json:
-        print(json.dumps({"broker": broker_url, "fleet": args.fleet, "edges": [r.as_dict() for r in rows]}, indent=2))
-    elif rows:
+        print(json.dumps({"broker": view.broker_url, "fleet": args.fleet, "edges": [r.as_dict() for r in rows],
+                          "builds": builds_of(rows), "mixed": is_mixed(rows),
+                          "rollout": view.rollout.model_dump(mode="json") if view.rollout else None,
+                          "rollout_states": {d: s.model_dump(mode="json") for d, s in view.rollout_states.items()},
+                          "summary": summarize(view)}, indent=2))
+        return 0
+    if rows:
         print(format_fleet(rows))
     else:
-        print(f"no edges on {broker_url} (fleet {args.fleet!r})")
+        print(f"no edges on {view.broker_url} (fleet {args.fleet!r})")
+    for line in summarize(view):
+        print(line)
     return 0

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
     from pice_edge.profiles import DeviceProfile
     from pice_edge.runtimes.base import Runtime
     from pice_edge.transport import BrokerSettings
+
+log = logging.getLogger(__name__)
 
 #: Execution providers of the onnxruntime runtime when neither a flag nor a profile names them.
 DEFAULT_PROVIDERS: tuple[str, ...] = ("tensorrt", "cuda", "cpu")
@@ -174,6 +177,29 @@ def model_identity(model: str) -> tuple[str | None, str | None]:
     return (path.name, build) if build else (None, None)
 
 
+def _adopted_settings(settings: EdgeSettings, root: Path, device_id: str) -> EdgeSettings:
+    """``settings`` with the model this edge adopted from the fleet's rollout (`pice_edge.rollout`),
+    when it has one and the build is intact on this disk: a restart keeps the build the fleet
+    chose, whatever ``--model`` says (``--no-rollout`` ignores both)."""
+    from pice_edge.rollout import adopted, adopted_path, local_build
+
+    record = adopted(root, device_id)
+    if record is None:
+        return settings
+    if model_identity(settings.model) == (record.model, record.build):
+        return settings
+    folder = local_build(root, record.model, record.build, [Path(record.path)])
+    if folder is None:
+        log.warning("edge %s adopted %s@%s from the fleet's rollout, but that build is no longer intact on this disk; "
+                    "starting on %s (the fleet's rollout, if still announced, brings it back)", device_id,
+                    record.model, record.build, settings.model)
+        return settings
+    log.warning("edge %s: starting on %s@%s, the build the fleet's rollout gave it (%s), instead of --model %s; "
+                "--no-rollout ignores rollouts, or delete %s", device_id, record.model, record.build, folder,
+                settings.model, adopted_path(root, device_id))
+    return dataclasses.replace(settings, model=str(folder))
+
+
 async def assemble_edge(
     settings: EdgeSettings,
     *,
@@ -197,17 +223,22 @@ async def assemble_edge(
         heartbeat_s: status interval in seconds.
         follow_rollout: fetch, verify and switch to the build the fleet's rollout announces,
             loading it with these same settings; ``api_key`` is the cloud's, for the download.
+            The node starts on the build it adopted from an earlier rollout, when that build is
+            intact on this disk (`pice_edge.rollout`), instead of ``settings.model``.
 
     Raises:
         ConfigError: a setting the runtime cannot take.
         RuntimeUnavailableError: the runtime's library is not installed.
     """
-    from pice_edge.node import EdgeNode, RolloutPolicy
+    from pice_edge.node import EdgeNode
+    from pice_edge.rollout import RolloutPolicy
 
-    runtime = await asyncio.to_thread(load_runtime, settings)
-    model_name, build = model_identity(settings.model)
     rollout = RolloutPolicy(loader=lambda path: load_runtime(dataclasses.replace(settings, model=str(path))),
                             api_key=api_key) if follow_rollout else None
+    if rollout is not None:
+        settings = await asyncio.to_thread(_adopted_settings, settings, rollout.root, device_id)
+    runtime = await asyncio.to_thread(load_runtime, settings)
+    model_name, build = model_identity(settings.model)
     return EdgeNode(runtime, device_id=device_id, broker=broker,
                     profile=settings.profile_name if profile_name is None else profile_name,
                     max_batch=settings.max_batch, heartbeat_s=heartbeat_s,

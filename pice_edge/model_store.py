@@ -481,6 +481,10 @@ _CORPUS = (
 RANDOM_PRESETS: dict[str, dict[str, int]] = {
     "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
              "num_key_value_heads": 2, "vocab": 400},
+    # About 120 MB of fp32 weights: enough that a model left in memory shows in a process's RSS
+    # (tests of an edge's memory across rollouts), small enough to load in about a second.
+    "small": {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 4, "num_attention_heads": 8,
+              "num_key_value_heads": 4, "vocab": 32768},
     "smollm2-135m": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
                      "num_attention_heads": 9, "num_key_value_heads": 3, "vocab": 49152},
 }

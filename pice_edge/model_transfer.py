@@ -19,8 +19,10 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import http.client
 import json
 import logging
+import os
 import re
 import shutil
 import time
@@ -32,7 +34,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pice_edge.errors import ModelError
-from pice_edge.model_store import MANIFEST, build_of, check_manifest, models_dir, sha256_file
+from pice_edge.model_store import MANIFEST, build_id, build_of, check_manifest, models_dir, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,17 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _CHUNK = 1 << 20
 #: Where models are offered on a cloud's HTTP API.
 API_PATH = "/v1/pice/models"
+#: Builds a fetch replaces are kept beside the store (``.builds/NAME@BUILD``), this many per
+#: model, newest first: a rollback to the build an edge ran before needs no download, and works
+#: when the cloud no longer offers it (or is unreachable). One build of SmolLM2 is 517 MB (fp32).
+KEEP_PREVIOUS_BUILDS = 1
+#: HTTP answers that say "not now" rather than "no": worth another try later.
+_TRANSIENT_HTTP = {408, 425, 429, 500, 502, 503, 504}
+
+
+class SourceUnreachableError(ModelError):
+    """The cloud that offers a model could not be reached, or answered "not now" (5xx, 429) or
+    broke off a transfer: the same fetch may succeed later (a rollout retries it with back-off)."""
 
 
 def safe_relative_path(rel: str) -> PurePosixPath:
@@ -85,9 +98,11 @@ class _Client:
         except urllib.error.HTTPError as exc:
             if exc.code == 401:
                 raise ModelError(f"{self.base} wants an API key: pass --api-key (or PICE_API_KEY)") from exc
-            raise ModelError(f"{self.base}{path}: HTTP {exc.code} {exc.reason}") from exc
+            kind = SourceUnreachableError if exc.code in _TRANSIENT_HTTP else ModelError
+            raise kind(f"{self.base}{path}: HTTP {exc.code} {exc.reason}") from exc
         except (urllib.error.URLError, OSError) as exc:
-            raise ModelError(f"cannot reach the cloud at {self.base} ({exc}); is `pice-cloud serve` running?") from exc
+            raise SourceUnreachableError(f"cannot reach the cloud at {self.base} ({exc}); is `pice-cloud serve` "
+                                         "running?") from exc
 
     def json(self, path: str) -> Any:
         with self.open(path) as response:
@@ -158,10 +173,16 @@ def fetch_from(base_url: str, name: str, *, api_key: str | None = None, root: Pa
             for rel, info in sorted(files.items()):
                 _fetch_file(client, f"{API_PATH}/{quoted}/files/{urllib.parse.quote(rel)}", staging / rel,
                             int(info["size"]), str(info["sha256"]), bar)
+        except http.client.HTTPException as exc:  # the cloud broke off mid-file (not an OSError)
+            raise SourceUnreachableError(f"the transfer of {name} from {client.base} broke off ({exc!r}); run "
+                                         "again to resume") from exc
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
                 raise ModelError(f"no room for {name} in {root} ({exc.strerror}): it needs {total / 2**20:.0f} MiB; "
                                  f"free some space and run the same command again (it resumes)") from exc
+            if isinstance(exc, (ConnectionError, TimeoutError)):
+                raise SourceUnreachableError(f"the transfer of {name} from {client.base} broke off ({exc}); run "
+                                             "again to resume") from exc
             raise ModelError(f"cannot write {name} into {root}: {exc}") from exc
         finally:
             if bar is not None:
@@ -239,7 +260,9 @@ def _fetch_file(client: _Client, url_path: str, dest: Path, size: int, digest: s
 
 
 def _swap_into_place(staging: Path, target: Path) -> None:
-    """Two renames on one file system: readers see the old model or the new one, never a mix."""
+    """Two renames on one file system: readers see the old model or the new one, never a mix.
+    The build replaced is kept as a previous build (`previous_build_path`), up to
+    `KEEP_PREVIOUS_BUILDS` per model."""
     old = target.with_name(f".{target.name}.previous")
     if old.exists():
         shutil.rmtree(old)
@@ -251,7 +274,36 @@ def _swap_into_place(staging: Path, target: Path) -> None:
         if old.exists():
             old.rename(target)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    _keep_previous(old, target.parent, target.name)
 
 
-__all__ = ["API_PATH", "fetch_from", "offered", "safe_relative_path", "validate_manifest"]
+def previous_build_path(root: Path, name: str, build: str) -> Path:
+    """Where a replaced build of model ``name`` is kept in the store ``root``."""
+    return root / ".builds" / f"{name}@{build}"
+
+
+def _keep_previous(old: Path, root: Path, name: str) -> None:
+    """Keep the replaced folder ``old`` as a previous build of ``name``; drop the oldest beyond
+    `KEEP_PREVIOUS_BUILDS` (a folder without a manifest is no build: dropped)."""
+    build = build_id(old) if old.exists() else None
+    if build is None or KEEP_PREVIOUS_BUILDS <= 0:
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    kept = previous_build_path(root, name, build)
+    try:
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        if kept.exists():
+            shutil.rmtree(kept)
+        old.rename(kept)
+        os.utime(kept)  # the newest previous build: the last one pruned
+    except OSError as exc:
+        log.warning("could not keep the previous build of %s (%s); it is removed", name, exc)
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    builds = sorted(kept.parent.glob(f"{name}@*"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for stale in builds[KEEP_PREVIOUS_BUILDS:]:
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+__all__ = ["API_PATH", "KEEP_PREVIOUS_BUILDS", "SourceUnreachableError", "fetch_from", "offered",
+           "previous_build_path", "safe_relative_path", "validate_manifest"]

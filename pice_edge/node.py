@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import Generic, TypeVar, cast
 
 from pice_edge._engine import BatchEngine, EngineStats, Job
+from pice_edge._memory import free_memory
 from pice_edge.errors import ConfigError, ProtocolError, TransportError
+from pice_edge.model_transfer import SourceUnreachableError
 from pice_edge.prompts import (
     EXPANSION_NO_REPEAT_NGRAM_SIZE,
     EXPANSION_REPETITION_PENALTY,
@@ -35,13 +37,16 @@ from pice_edge.prompts import (
 from pice_edge.protocol import (
     FLEET_ROLLOUT_TOPIC,
     Candidate,
+    EdgeRolloutState,
     EdgeStatus,
     ExpandTask,
     FleetRollout,
     RefusalReason,
+    RolloutPhase,
     TaskRefusal,
     candidate_topic,
     decode,
+    edge_rollout_topic,
     edge_status_topic,
     edge_tasks_topic,
     encode,
@@ -49,6 +54,7 @@ from pice_edge.protocol import (
     refusal_topic,
 )
 from pice_edge.rejects import Rejections
+from pice_edge.rollout import RolloutPolicy, local_build, remember
 from pice_edge.runtimes.base import GenerationRequest, GenerationResult, Runtime
 from pice_edge.transport import BrokerSettings, Message, MqttTransport
 
@@ -187,17 +193,6 @@ class _TaskQueue:
         self._on_idle()
 
 
-@dataclass(frozen=True)
-class RolloutPolicy:
-    """How a node follows the fleet's model rollout (`FleetRollout`): ``loader`` builds a runtime
-    on a model folder (the same runtime and settings the node started with), ``models_root`` is
-    the model store to fetch into (default: the usual one), ``api_key`` the cloud's."""
-
-    loader: Callable[[Path], Runtime]
-    models_root: Path | None = None
-    api_key: str | None = None
-
-
 class EdgeNode:
     """An edge device's serving loop.
 
@@ -227,8 +222,8 @@ class EdgeNode:
             reported as ``model_id`` ``NAME@BUILD`` so the cloud can schedule by build.
         model_name: that model's name in the model store (default: the runtime's model id; an
             ONNX runtime's id carries its precision, the store's name does not).
-        rollout: follow the fleet's model rollout (fetch, verify, switch between batches);
-            ``None``: ignore it.
+        rollout: follow the fleet's model rollout (a build on this disk, else fetched; verified;
+            switched to between batches; see `pice_edge.rollout`); ``None``: ignore it.
     """
 
     def __init__(
@@ -260,11 +255,15 @@ class EdgeNode:
         self.no_repeat_ngram_size = no_repeat_ngram_size
         self.model_build = model_build
         self.rollout = rollout
-        #: The last rollout's outcome, for logs and tests: "", "switched", "failed: ...".
+        #: The last rollout's outcome, for logs and tests: "", "fetching", "retrying in 4s (attempt
+        #: 1): ...", "switched", "failed: ...", "withdrawn".
         self.rollout_state = ""
         #: The model store's name of the loaded model (what rollouts name), and its build.
         self.model_name = model_name or runtime.model_id
-        self._next_runtime: tuple[Runtime, str, str | None] | None = None
+        # Folders this node ran each build from: a rollback looks there first (see `local_build`).
+        self._ran_from: dict[tuple[str, str], Path] = {}
+        self._note_folder(runtime)
+        self._next_runtime: tuple[Runtime, str, str | None, Path] | None = None
         self._rollout_target: tuple[str, str] | None = None
         self._rollout_task: asyncio.Task[None] | None = None
         self._swapped = asyncio.Event()
@@ -375,9 +374,21 @@ class EdgeNode:
         else the runtime's id."""
         return f"{self.model_name}@{self.model_build}" if self.model_build else self.runtime.model_id
 
+    def _note_folder(self, runtime: Runtime) -> None:
+        """Remember where the running build was loaded from (when the runtime says, and the
+        build is known)."""
+        where = getattr(runtime, "path", None)
+        if self.model_build and isinstance(where, Path):
+            self._ran_from[(self.model_name, self.model_build)] = where if where.is_dir() else where.parent
+
     def _on_rollout(self, message: Message) -> None:
         if not message.payload:
-            self._abandon_rollout()  # withdrawn: stay on what runs now
+            # Withdrawn: stay on what runs now (and on the build adopted, after a restart too).
+            target = self._rollout_target
+            self._abandon_rollout()
+            if target is not None:
+                self.rollout_state = "withdrawn"
+                self._rollout_report(target, "withdrawn", "the rollout was cleared before this edge switched")
             return
         rollout = self._decode("rollout", FleetRollout, message)
         if rollout is None:
@@ -387,10 +398,28 @@ class EdgeNode:
             return  # the same rollout again (a reconnect re-delivers the retained message)
         self._abandon_rollout()  # a newer rollout, or a rollback, supersedes the one in progress
         if target == (self.model_name, self.model_build):
+            self._adopt(self._ran_from.get(target))  # already there: a restart must keep it too
             return
         self._rollout_target = target
         self._rollout_task = asyncio.get_running_loop().create_task(self._roll_out(rollout),
                                                                     name=f"{self.device_id}-rollout")
+
+    def _adopt(self, folder: Path | None) -> None:
+        """Record the build this node runs on the fleet's word, so a restart starts on it."""
+        if self.rollout is None or not self.model_build or folder is None:
+            return
+        remember(self.rollout.root, self.device_id, self.model_name, self.model_build, folder)
+
+    def _rollout_report(self, target: tuple[str, str], phase: RolloutPhase, detail: str = "", *,
+                        attempt: int = 0, retry_at: float | None = None) -> None:
+        """Publish (retained) how this node's part of the rollout of ``target`` (model, build)
+        stands; never raises."""
+        state = EdgeRolloutState(device_id=self.device_id, model=target[0], build=target[1], phase=phase,
+                                 running=self.model_id, detail=detail[:1000], attempt=attempt, retry_at=retry_at)
+        try:
+            self.transport.publish(edge_rollout_topic(self.device_id), encode(state), retain=True)
+        except Exception:
+            log.exception("could not publish the rollout state")
 
     def _abandon_rollout(self) -> None:
         """Stop the rollout in progress; a runtime it loaded but did not switch to is closed."""
@@ -398,61 +427,107 @@ class EdgeNode:
             self._rollout_task.cancel()
         self._rollout_target = None
         if self._next_runtime is not None:
-            pending, _, _ = self._next_runtime
+            pending = self._next_runtime[0]
             self._next_runtime = None
-            self._executor.submit(pending.close)
+            self._executor.submit(_close_runtime, pending, _on_cuda(pending))
 
     async def _roll_out(self, rollout: FleetRollout) -> None:
-        """Fetch, verify and load the rollout's build, then switch between batches. Any failure
-        leaves the node on the build it runs (the rollback), and says why in the log."""
-        from pice_edge.model_store import build_id
-        from pice_edge.model_transfer import fetch_from
-
+        """Find (on this disk) or fetch, verify and load the rollout's build, then switch between
+        batches. A source that cannot be reached is tried again with back-off; any other failure,
+        or the last try, leaves the node on the build it runs (the rollback), and says why in the
+        log and in its rollout state."""
         assert self.rollout is not None
         policy = self.rollout
         target = f"{rollout.model}@{rollout.build}"
-        log.info("%s: rolling out %s from %s", self.device_id, target, rollout.source)
-        loop = asyncio.get_running_loop()
-        try:
+        goal = (rollout.model, rollout.build)
+        attempt = 0
+        while True:
+            attempt += 1
+            if attempt == 1:  # later tries keep saying "retrying" (with the last error) until they end
+                self.rollout_state = "fetching"
+                self._rollout_report(goal, "fetching", f"from {rollout.source}", attempt=attempt)
+            try:
+                runtime, path = await self._obtain(rollout, policy)
+                break
+            except asyncio.CancelledError:
+                raise
+            except SourceUnreachableError as exc:
+                if attempt >= policy.max_attempts:
+                    self._rollout_failed(rollout, f"{exc} (gave up after {attempt} tries)", attempt)
+                    return
+                delay = policy.retry_delay_s(attempt)
+                self.rollout_state = f"retrying in {delay:.0f}s (attempt {attempt}): {exc}"
+                self._rollout_report(goal, "retrying", str(exc), attempt=attempt, retry_at=time.time() + delay)
+                log.warning("%s: rollout of %s: %s; trying again in %.1fs (attempt %d of %d)", self.device_id, target,
+                            exc, delay, attempt, policy.max_attempts)
+                await asyncio.sleep(delay)
+            except Exception as exc:
+                self._rollout_failed(rollout, str(exc), attempt)
+                return
+        self._swapped.clear()
+        self._next_runtime = (runtime, rollout.model, rollout.build, path)
+        await self._swapped.wait()
+        self.rollout_state = "switched"
+        self._rollout_report(goal, "switched", attempt=attempt)
+
+    async def _obtain(self, rollout: FleetRollout, policy: RolloutPolicy) -> tuple[Runtime, Path]:
+        """The rollout's build loaded, and the folder it came from: a copy on this disk when
+        there is one (no network: a rollback works offline), else fetched from the source.
+
+        Raises:
+            SourceUnreachableError: the source could not be reached (worth another try).
+            ModelError, ConfigError: the build arrived damaged or different, or does not load.
+        """
+        from pice_edge.model_store import build_id
+        from pice_edge.model_transfer import fetch_from
+
+        target = f"{rollout.model}@{rollout.build}"
+        ran_from = self._ran_from.get((rollout.model, rollout.build))
+        known = [ran_from] if ran_from is not None else []
+        path = await asyncio.to_thread(local_build, policy.root, rollout.model, rollout.build, known)
+        if path is not None:
+            log.info("%s: rolling out %s from this disk (%s)", self.device_id, target, path)
+        else:
+            log.info("%s: rolling out %s from %s", self.device_id, target, rollout.source)
             path = await asyncio.to_thread(fetch_from, rollout.source, rollout.model, api_key=policy.api_key,
                                            root=policy.models_root, progress=False, expected_build=rollout.build)
             got = build_id(path)
             if got != rollout.build:
                 raise ConfigError(f"the fetched {rollout.model} is build {got}, not {rollout.build}")
-            loading = loop.run_in_executor(None, policy.loader, path)
-            try:
-                runtime = await asyncio.shield(loading)
-            except asyncio.CancelledError:
-                # Superseded while loading: close what the loader returns when it does.
-                loading.add_done_callback(lambda f: f.result().close() if not f.cancelled() and f.exception() is None
-                                          else None)
-                raise
+        loading = asyncio.get_running_loop().run_in_executor(None, policy.loader, path)
+        try:
+            runtime = await asyncio.shield(loading)
         except asyncio.CancelledError:
+            # Superseded while loading: close what the loader returns when it does.
+            loading.add_done_callback(lambda f: f.result().close() if not f.cancelled() and f.exception() is None
+                                      else None)
             raise
-        except Exception as exc:
-            self.rollout_state = f"failed: {exc}"
-            self.stats.rollouts_failed += 1
-            self._rollout_target = None
-            log.error("%s: rollout of %s failed (%s); staying on %s", self.device_id, target, exc, self.model_id)
-            return
-        self._swapped.clear()
-        self._next_runtime = (runtime, rollout.model, rollout.build)
-        await self._swapped.wait()
-        self.rollout_state = "switched"
+        return runtime, path
+
+    def _rollout_failed(self, rollout: FleetRollout, why: str, attempt: int) -> None:
+        self.rollout_state = f"failed: {why}"
+        self.stats.rollouts_failed += 1
+        self._rollout_target = None
+        self._rollout_report((rollout.model, rollout.build), "failed", why, attempt=attempt)
+        log.error("%s: rollout of %s@%s failed (%s); staying on %s", self.device_id, rollout.model, rollout.build,
+                  why, self.model_id)
 
     def _swap(self) -> None:
         """Switch to the pending runtime, if one is due; called by the engine when nothing runs."""
         if self._next_runtime is None:
             return  # nothing due, or the rollout was abandoned meanwhile
         old = self.runtime
-        self.runtime, self.model_name, self.model_build = self._next_runtime
+        self.runtime, self.model_name, self.model_build, path = self._next_runtime
         self._next_runtime = None
         self._engine.use(self.runtime)
         self._waiting.reformat()
         self._rollout_target = None
         self.stats.rollouts += 1
+        self._ran_from[(self.model_name, self.model_build or "")] = path
+        self._adopt(path)
         log.info("%s: now running %s", self.device_id, self.model_id)
-        self._executor.submit(old.close)
+        self._executor.submit(_close_runtime, old, _on_cuda(old))
+        del old  # the runtime's close frees the weights only once nothing here refers to them
         self._swapped.set()
         self.publish_status()
 
@@ -633,6 +708,19 @@ class EdgeNode:
             else task.sampling.repetition_penalty,
             no_repeat_ngram_size=self.no_repeat_ngram_size,
         )
+
+
+def _on_cuda(runtime: Runtime) -> bool:
+    """Whether ``runtime`` holds CUDA memory (a torch runtime on a CUDA device)."""
+    return str(getattr(runtime, "device", "")).startswith("cuda")
+
+
+def _close_runtime(runtime: Runtime, cuda: bool) -> None:
+    """Close a runtime switched away from and give its memory back (`pice_edge._memory`); on the
+    node's worker thread, after the last step that used it."""
+    runtime.close()
+    del runtime
+    free_memory(cuda=cuda)
 
 
 def queued_finish_s(ahead: int, max_batch: int, tokens: int, tokens_per_s: float) -> float:

@@ -15,6 +15,7 @@ topic                                               direction    payload
 ``pice/v1/candidates/{request_id}/{device}``        edge->cloud  `Candidate` of a task without
                                                                  ``reply_to`` (senders before it)
 ``pice/v1/fleet/rollout``                           cloud->all   `FleetRollout` (retained)
+``pice/v1/edge/{device_id}/rollout``                edge->all    `EdgeRolloutState` (retained)
 =================================================== ============ =========================
 
 Several cloud replicas can share one broker and one fleet: each has its own ``cloud_id``, a task
@@ -187,6 +188,27 @@ class FleetRollout(_Message):
     issued_at: float = Field(default_factory=time.time, gt=0)
 
 
+RolloutPhase = Literal["fetching", "retrying", "switched", "failed", "withdrawn"]
+
+
+class EdgeRolloutState(_Message):
+    """Edge -> all, retained: how this edge's part of the fleet's rollout stands (for operators:
+    ``pice-cloud fleet`` shows it). ``retrying``: the source could not be reached, try
+    ``attempt + 1`` comes at ``retry_at``; ``failed``: given up, the edge stays on its build
+    (``detail`` says why); ``withdrawn``: the rollout was cleared before the edge switched."""
+
+    device_id: Identifier
+    model: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+    build: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{12}$")]
+    phase: RolloutPhase
+    #: The build the edge runs now (``NAME@BUILD`` or the runtime's model id).
+    running: str = Field(default="", max_length=200)
+    detail: str = Field(default="", max_length=1000)
+    attempt: int = Field(default=0, ge=0, le=100_000)
+    retry_at: float | None = Field(default=None, gt=0)
+    sent_at: float = Field(default_factory=time.time, gt=0)
+
+
 class EdgeStatus(_Message):
     """Edge -> cloud, retained; the last will sends the same with ``online=False``."""
 
@@ -206,19 +228,44 @@ class EdgeStatus(_Message):
 
 
 class CloudStatus(_Message):
-    """Cloud -> all, retained."""
+    """Cloud -> all, retained; the last will sends the same with ``online=False``.
+
+    It is also the replica's claim on its ``cloud_id`` (`pice_cloud.replica`): ``instance`` is a
+    random token of the process that holds the id, re-published every ``heartbeat_s``, so a
+    second process started with the same id sees a live holder and refuses to start instead of
+    taking the holder's broker connection. The three fields are additions to v1 (``None`` from
+    senders older than them)."""
 
     cloud_id: Identifier
     online: bool
     api_url: str = Field(default="", max_length=500)
     load: float = Field(default=0.0, ge=0.0, le=1e6)
     sent_at: float = Field(default_factory=time.time, gt=0)
+    #: Random token of the process holding ``cloud_id`` (a new one every start).
+    instance: Identifier | None = None
+    #: When that process started (Unix seconds): of two processes claiming one id at once, the
+    #: later one gives way.
+    started_at: float | None = Field(default=None, gt=0)
+    #: How often a live holder re-publishes this status (seconds).
+    heartbeat_s: float | None = Field(default=None, gt=0.0, le=3600.0)
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_additions(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        for name in ("instance", "started_at", "heartbeat_s"):
+            if data.get(name) is None:
+                data.pop(name, None)
+        return data
 
 
 # --- topics -----------------------------------------------------------------------------
 
 def edge_status_topic(device_id: str) -> str:
     return f"{TOPIC_ROOT}/edge/{device_id}/status"
+
+
+def edge_rollout_topic(device_id: str) -> str:
+    return f"{TOPIC_ROOT}/edge/{device_id}/rollout"
 
 
 def edge_tasks_topic(device_id: str) -> str:
@@ -256,6 +303,8 @@ FLEET_ROLLOUT_TOPIC = f"{TOPIC_ROOT}/fleet/rollout"
 #: Every cloud replica's status.
 CLOUD_STATUS_FILTER = f"{TOPIC_ROOT}/cloud/+/status"
 EDGE_STATUS_FILTER = f"{TOPIC_ROOT}/edge/+/status"
+#: Every edge's rollout state.
+EDGE_ROLLOUT_FILTER = f"{TOPIC_ROOT}/edge/+/rollout"
 #: Candidates of tasks without ``reply_to`` (tools and senders older than it).
 CANDIDATES_FILTER = f"{TOPIC_ROOT}/candidates/+/+"
 
@@ -323,16 +372,19 @@ __all__ = [
     "CANDIDATES_FILTER",
     "CLOUD_STATUS_FILTER",
     "DEFAULT_MAX_PAYLOAD_BYTES",
+    "EDGE_ROLLOUT_FILTER",
     "EDGE_STATUS_FILTER",
     "FLEET_ROLLOUT_TOPIC",
     "PROTOCOL_VERSION",
     "TOPIC_ROOT",
     "Candidate",
     "CloudStatus",
+    "EdgeRolloutState",
     "EdgeStatus",
     "ExpandTask",
     "FleetRollout",
     "RefusalReason",
+    "RolloutPhase",
     "Sampling",
     "TaskRefusal",
     "candidate_topic",
@@ -340,6 +392,7 @@ __all__ = [
     "cloud_refusals_filter",
     "cloud_status_topic",
     "decode",
+    "edge_rollout_topic",
     "edge_status_topic",
     "edge_tasks_topic",
     "encode",

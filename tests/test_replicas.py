@@ -6,31 +6,39 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from pice_cloud.bootstrap import default_cloud_id, start_system
 from pice_cloud.llm.transformers import TransformersBackend
 from pice_cloud.progressive import Inbox, SendTask, Settle
+from pice_cloud.replica import ReplicaClaim
+from pice_edge.errors import EXIT_CONFIG
 from pice_edge.node import EdgeNode
 from pice_edge.protocol import (
     ID_PATTERN,
     Candidate,
+    CloudStatus,
     EdgeStatus,
     ExpandTask,
     TaskRefusal,
     candidate_topic,
+    cloud_status_topic,
     decode,
     encode,
     refusal_topic,
 )
 from pice_edge.runtimes.transformers import TransformersRuntime
-from pice_edge.transport import BrokerSettings, Message
-from tests.conftest import QUESTION, Mosquitto, ScriptedSketches, cloud_config, started
+from pice_edge.transport import BrokerSettings, Message, MqttTransport
+from tests.conftest import QUESTION, Mosquitto, ScriptedSketches, cloud_config, eventually, started
 from tests.progressive_support import FakeClock, live_fleet, open_request
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -169,3 +177,153 @@ async def test_a_site_broker_bridges_edges_to_the_central_broker(tmp_path: Path,
     assert final.stats.mode == "progressive"
     assert final.stats.points_cloud == 0, "tasks or candidates did not cross the bridge"
     assert final.stats.points_edge == 3
+
+
+# --- one cloud_id, one process (issue 27, D1) --------------------------------------------------
+
+def test_the_claim_is_an_optional_addition_and_the_later_start_gives_way() -> None:
+    assert b"instance" not in encode(CloudStatus(cloud_id="c", online=True)), "older readers still accept it"
+    claim = ReplicaClaim("c")
+    older = CloudStatus(cloud_id="c", online=True, instance="a" * 16, started_at=claim.started_at - 5)
+    newer = CloudStatus(cloud_id="c", online=True, instance="b" * 16, started_at=claim.started_at + 5)
+    assert claim.yields_to(older)
+    assert not claim.yields_to(newer)
+    assert claim.yields_to(CloudStatus(cloud_id="c", online=True)), "a replica older than the claim never yields"
+    assert decode(CloudStatus, encode(claim.status(True))).instance == claim.instance
+
+
+def _serve(mosquitto: Mosquitto, model: Path, cloud_id: str, log: Path) -> subprocess.Popen[bytes]:
+    """A real ``pice-cloud serve`` on a free port over ``mosquitto``, no local edges; stderr to ``log``."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PICE_CLOUD_ID": cloud_id, "PICE_DISCOVERY__ENABLED": "false",
+           "PICE_SERVICE__ROUTER": "off", "PICE_SERVICE__SELECTOR": "confidence"}
+    with open(log, "wb") as out:
+        return subprocess.Popen([sys.executable, "-m", "pice_cloud.cli", "serve", "--broker", mosquitto.url,
+                                 "--edges", "0", "--port", "0", "--model", str(model), "--log-level", "warning"],
+                                stdout=subprocess.DEVNULL, stderr=out, env=env, cwd=ROOT)
+
+
+async def _until_serving_or_exit(proc: subprocess.Popen[bytes], log: Path, timeout: float = 120) -> str | None:
+    """The API URL once ``proc`` serves; None when it exits first."""
+    found: list[str] = []
+
+    def ready() -> bool:
+        match = re.search(r"serving on (http://\S+)/v1", log.read_text(errors="replace"))
+        if match:
+            found.append(match.group(1))
+        return bool(found) or proc.poll() is not None
+
+    await eventually(ready, timeout=timeout, what=f"{proc.args} to serve or exit")
+    return found[0] if found else None
+
+
+@pytest.mark.mosquitto
+async def test_a_second_replica_with_the_same_cloud_id_refuses_to_start(mosquitto: Mosquitto, tiny_model: Path,
+                                                                       tmp_path: Path) -> None:
+    """Issue 27's reproduction: two ``pice-cloud serve`` with PICE_CLOUD_ID=cloud-r1 on one broker.
+    The second exits with status 2 and says who holds the id and what to change; the first keeps
+    its broker connection (no flapping) and its claim."""
+    statuses: list[Message] = []
+    watcher = MqttTransport(BrokerSettings(url=mosquitto.url))
+    watcher.add_subscription(cloud_status_topic("cloud-r1"), statuses.append)
+    await watcher.connect()
+    first = _serve(mosquitto, tiny_model, "cloud-r1", tmp_path / "r1.log")
+    second: subprocess.Popen[bytes] | None = None
+    try:
+        url = await _until_serving_or_exit(first, tmp_path / "r1.log")
+        assert url is not None, (tmp_path / "r1.log").read_text()
+        holder = decode(CloudStatus, statuses[-1].payload)
+        assert holder.online
+        assert holder.instance
+        assert holder.api_url == url + "/v1"
+
+        second = _serve(mosquitto, tiny_model, "cloud-r1", tmp_path / "r2.log")
+        assert await _until_serving_or_exit(second, tmp_path / "r2.log") is None, "the second replica served"
+        assert second.wait(timeout=10) == EXIT_CONFIG
+        said = (tmp_path / "r2.log").read_text()
+        assert "cloud_id 'cloud-r1' is held by another running replica" in said, said
+        assert url in said, "names the holder"
+        assert "PICE_CLOUD_ID" in said, "says what to change"
+        assert "Traceback" not in said
+
+        # The first replica was never disturbed: connected throughout, its claim the last word.
+        async with httpx.AsyncClient(base_url=url) as http:
+            assert (await http.get("/health")).json()["broker_connected"] is True
+        assert "lost MQTT broker" not in (tmp_path / "r1.log").read_text()
+        claims = [decode(CloudStatus, m.payload) for m in statuses]
+        assert {c.instance for c in claims} == {holder.instance}, "only the holder ever published"
+        assert all(c.online for c in claims)
+    finally:
+        await watcher.close()
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                proc.wait(timeout=60)
+
+
+@pytest.mark.mosquitto
+async def test_replicas_that_claim_one_id_at_once_leave_the_earlier_one_holding_it(
+        mosquitto: Mosquitto, tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two processes that both passed the start-up check (they started at the same moment, or
+    the broker delivered the claim late): the one that took the session second sees the other's
+    claim on its (re)subscription; the later-started one gives way and leaves the broker, the
+    other keeps the id and its connection."""
+    llm = TransformersBackend(tiny_model, threads=1)
+    try:
+        async with start_system(cloud_config(mosquitto.url, service=SMALL, cloud_id="cloud-x"),
+                                llm=llm) as a:
+            assert a.claim is not None
+            connects = a.service.transport.connect_count
+
+            async def no_probe(self: ReplicaClaim, settings: BrokerSettings, *, timeout: float = 10.0) -> None:
+                return None  # as if the check had run before the holder announced itself
+
+            monkeypatch.setattr(ReplicaClaim, "probe", no_probe)
+            async with start_system(cloud_config(mosquitto.url, service=SMALL, cloud_id="cloud-x"),
+                                    llm=llm) as b:
+                assert b.claim is not None
+                await eventually(lambda: b.claim is not None and b.claim.lost is not None, timeout=30,
+                                 what="the later replica to give way")
+                assert "is held by another running replica" in str(b.claim.lost)
+                assert "PICE_CLOUD_ID" in str(b.claim.lost)
+                await eventually(lambda: not b.service.transport.connected, timeout=10)
+            assert a.claim.lost is None
+            await eventually(lambda: a.service.transport.connected, timeout=30, what="the holder to reconnect")
+            # The holder's claim is the retained status again, and nothing takes its session any more.
+            seen: list[Message] = []
+            spy = MqttTransport(BrokerSettings(url=mosquitto.url))
+            spy.add_subscription(a.claim.topic, seen.append)
+            await spy.connect()
+            try:
+                await eventually(lambda: any(not m.retain for m in seen), timeout=10, what="a heartbeat")
+                live = [decode(CloudStatus, m.payload) for m in seen if not m.retain]
+                assert all(s.instance == a.claim.instance and s.online for s in live)
+                settled = a.service.transport.connect_count
+                assert settled <= connects + 2
+                count = len(seen)
+                await eventually(lambda: len(seen) >= count + 2, timeout=10, what="two more heartbeats")
+                assert a.service.transport.connect_count == settled, "the holder's connection is left alone"
+            finally:
+                await spy.close()
+    finally:
+        await llm.close()
+
+
+@pytest.mark.mosquitto
+async def test_a_stale_claim_without_heartbeats_does_not_block_a_restart(mosquitto: Mosquitto,
+                                                                         tiny_model: Path) -> None:
+    """A holder that died while the broker was down left "online" retained with no last will:
+    no heartbeat follows it, so a replica started with that id takes it after a short wait."""
+    stale = CloudStatus(cloud_id="cloud-y", online=True, api_url="http://old:8000/v1", instance="deadbeef",
+                        started_at=time.time() - 3600, heartbeat_s=0.4)
+    writer = MqttTransport(BrokerSettings(url=mosquitto.url))
+    await writer.connect()
+    assert await writer.publish_and_wait(cloud_status_topic("cloud-y"), encode(stale), retain=True)
+    await writer.close()
+    llm = TransformersBackend(tiny_model, threads=1)
+    try:
+        async with start_system(cloud_config(mosquitto.url, service=SMALL, cloud_id="cloud-y"), llm=llm) as system:
+            assert system.claim is not None
+            assert system.claim.lost is None
+            assert system.service.transport.connected
+    finally:
+        await llm.close()

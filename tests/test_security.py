@@ -161,6 +161,7 @@ def test_acl_confines_edges_with_username_patterns() -> None:
     patterns = {(r[1], r[2]) for r in rules if r[0] == "pattern"}
     assert patterns == {
         ("readwrite", "pice/v1/edge/%u/status"),
+        ("write", "pice/v1/edge/%u/rollout"),
         ("write", "pice/v1/candidates/+/%u"),
         ("write", "pice/v1/cloud/+/candidates/+/%u"),
         ("write", "pice/v1/cloud/+/refusals/+/%u"),

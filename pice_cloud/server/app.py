@@ -201,26 +201,37 @@ _CONTEXT_WORDING: dict[str, tuple[str, str]] = {
 
 def check_context(state: ApiState, prompt_tokens: Callable[[], int], asked: int | None, *,
                   param: Literal["prompt", "messages"]) -> None:
-    """Refuse a request whose prompt and answer do not fit the cloud model's context window
-    (unchecked when the window is unknown: a remote engine refuses itself).
+    """Refuse a request whose prompt does not fit: the prompt and the answer together past the
+    cloud model's context window (unchecked when the window is unknown: a remote engine refuses
+    itself), or the prompt alone past the operator's limit (`CloudConfig.prompt_token_limit`,
+    ``server.max_prompt_tokens``). The prompt is tokenized once, and only when a limit applies.
 
     Args:
-        prompt_tokens: counts the prompt's tokens (called only when there is a window to fit).
+        prompt_tokens: counts the prompt's tokens.
         asked: the answer's ``max_tokens`` (None: the service's cap).
         param: the parameter that holds the prompt, named in the error.
 
     Raises:
-        APIError: 400 ``context_length_exceeded``, with the window and the counts.
+        APIError: 400 ``context_length_exceeded`` (with the window and the counts), or 400
+            ``prompt_too_long`` (with the limit and the count). The context is checked first: a
+            prompt past it cannot be answered by any server configuration.
     """
     window = context_tokens(state.llm)
-    if window is None:
+    limit = state.config.prompt_token_limit
+    if window is None and limit is None:
         return
-    prompt, answer = prompt_tokens(), state.answer_tokens(asked)
-    if prompt + answer > window:
-        takes, purpose = _CONTEXT_WORDING[param]
-        raise APIError(400, f"this model's maximum context length is {window} tokens; {takes} {prompt} and up to "
-                            f"{answer} more were asked{purpose} ({prompt + answer}); shorten the {param} or lower "
-                            "max_tokens", param=param, code="context_length_exceeded")
+    prompt = prompt_tokens()
+    takes, purpose = _CONTEXT_WORDING[param]
+    if window is not None:
+        answer = state.answer_tokens(asked)
+        if prompt + answer > window:
+            raise APIError(400, f"this model's maximum context length is {window} tokens; {takes} {prompt} and up "
+                                f"to {answer} more were asked{purpose} ({prompt + answer}); shorten the {param} or "
+                                "lower max_tokens", param=param, code="context_length_exceeded")
+    if limit is not None and prompt > limit:
+        raise APIError(400, f"this server takes prompts of at most {limit} tokens; {takes} {prompt}: shorten the "
+                            f"{param} (the operator sets the limit with server.max_prompt_tokens)",
+                       param=param, code="prompt_too_long")
 
 
 def check_limits(req: ChatCompletionRequest, state: ApiState) -> None:

@@ -142,6 +142,8 @@ async def serve(config: CloudConfig, *, on_ready: Callable[[str], None] | None =
     the HTTP API, until SIGTERM/SIGINT; then shut down gracefully.
 
     Raises:
+        CloudIdClashError: another live replica holds this replica's cloud_id (at start, or
+            found while serving: this process started later and gave way).
         PiceError: the model, broker or address could not be set up (clear message).
     """
     sock = bind(config.server.host, config.server.port)
@@ -160,7 +162,19 @@ async def serve(config: CloudConfig, *, on_ready: Callable[[str], None] | None =
                             system.llm.name, system.llm.model_id, url, system.broker_url, ", ".join(live) or "none")
                 if on_ready is not None:
                     on_ready(url)
+            # Until the server stops (SIGTERM), or this process gives its cloud_id up to another
+            # replica that holds it (`pice_cloud.replica`): then it drains and exits with the clash.
+            claim = system.claim
+            lost = asyncio.ensure_future(claim.lost_event.wait()) if claim is not None else None
+            await asyncio.wait({task, *([lost] if lost else [])}, return_when=asyncio.FIRST_COMPLETED)
+            if lost is not None and not lost.done():
+                lost.cancel()
+            elif lost is not None:
+                server.begin_shutdown()
+                server.should_exit = True
             await task
+            if claim is not None and claim.lost is not None:
+                raise claim.lost
             log.warning("HTTP server stopped; publishing offline status")
     finally:
         sock.close()

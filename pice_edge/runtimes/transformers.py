@@ -7,10 +7,12 @@ decode step grows far slower than the batch, which is where the edge's paralleli
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
 from typing import Any
@@ -18,8 +20,9 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from pice_edge._memory import free_memory
 from pice_edge.errors import ModelError
-from pice_edge.model_store import resolve
+from pice_edge.model_store import build_id, resolve
 from pice_edge.runtimes._decode import FloatArray, IntArray, LogitsPolicy, ModelShape, StepBatch
 from pice_edge.runtimes.base import ChatMessage, GenerationRequest, GenerationResult
 from pice_edge.runtimes.outline import TokenTexts
@@ -27,19 +30,39 @@ from pice_edge.runtimes.outline import TokenTexts
 log = logging.getLogger(__name__)
 
 # Several in-process nodes (the single-host demo) share one copy of the weights: inference
-# under no_grad only reads them.
-_SHARED: dict[tuple[str, str, str], tuple[PreTrainedModel, PreTrainedTokenizerBase]] = {}
+# under no_grad only reads them. Each copy counts its users; the last `release_model` frees it.
+# The key names the build as well as the folder: a rollout installs a new build in the same
+# folder, and must not be handed the old weights.
+@dataclass
+class _Loaded:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    users: int = 0
+
+
+_SHARED: dict[tuple[str, str, str, str], _Loaded] = {}
 _SHARED_LOCK = threading.Lock()
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def _identity(path: Path) -> str:
+    """What tells two builds in one folder apart: the build id when the folder has a manifest,
+    else the files' names, sizes and modification times."""
+    build = build_id(path)
+    if build is not None:
+        return build
+    stats = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir() if p.is_file())
+    return hashlib.sha256(repr(stats).encode()).hexdigest()[:12]
+
+
 def load_model(
     model: str | Path, *, device: str = "cpu", dtype: str = "float32"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Path]:
-    """Load (or reuse) a causal LM and its tokenizer from a model name or folder."""
+    """Load (or reuse) a causal LM and its tokenizer from a model name or folder; give it back
+    with `release_model` when done (the last user's release frees it)."""
     path = resolve(model)
-    key = (str(path.resolve()), device, dtype)
+    key = (str(path.resolve()), _identity(path), device, dtype)
     with _SHARED_LOCK:
         if key not in _SHARED:
             started = time.perf_counter()
@@ -51,10 +74,31 @@ def load_model(
             tokenizer.padding_side = "left"
             if tokenizer.pad_token_id is None:
                 tokenizer.pad_token = tokenizer.eos_token
-            _SHARED[key] = (lm, tokenizer)
+            _SHARED[key] = _Loaded(lm, tokenizer)
             log.info("loaded %s on %s (%s) in %.2fs", path, device, dtype, time.perf_counter() - started)
-        lm, tokenizer = _SHARED[key]
-    return lm, tokenizer, path
+        loaded = _SHARED[key]
+        loaded.users += 1
+    return loaded.model, loaded.tokenizer, path
+
+
+def release_model(model: PreTrainedModel) -> bool:
+    """One user of ``model`` is done with it; the last one frees it: the shared copy is dropped,
+    Python's cycles collected, CUDA's cached blocks handed back to the driver and the C heap
+    trimmed, so that memory after a model switch is what the new model needs (issue 27: an edge
+    kept every model it had run). True when it was freed."""
+    with _SHARED_LOCK:
+        key = next((k for k, v in _SHARED.items() if v.model is model), None)
+        if key is None:
+            return False
+        loaded = _SHARED[key]
+        loaded.users -= 1
+        if loaded.users > 0:
+            return False
+        del _SHARED[key]
+    on_cuda = key[2].startswith("cuda")
+    del loaded, model
+    free_memory(cuda=on_cuda)
+    return True
 
 
 class TransformersRuntime:
@@ -222,8 +266,11 @@ class TransformersRuntime:
         return scores
 
     def close(self) -> None:
-        # Weights may be shared with other nodes in this process; drop our references only.
-        del self.model
+        """Give the weights back: freed when no other node in this process shares them."""
+        model = self.__dict__.pop("model", None)
+        self.__dict__.pop("tokenizer", None)
+        if model is not None:
+            release_model(model)
 
 
 def _cache_of(output: Any) -> Any:
