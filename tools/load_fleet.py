@@ -13,8 +13,9 @@ text to judge) in this process. Then:
   tasks);
 - **throughput**: ``--concurrency`` requests in flight for ``--duration`` seconds (closed loop):
   progressive requests per second orchestrated, latency p50/p95, share of points the cloud had
-  to expand, MQTT messages per request (tasks, candidates, refusals, counted by a subscriber)
-  and edge statuses per second;
+  to expand, MQTT messages per request (tasks, candidates, refusals, counted by a subscriber),
+  edge statuses per second, and the cloud's work ledger per request by purpose (``pice.cloud_work``
+  means, which ``tools/simulate.py --validate`` compares with its own model);
 - **fleet registry memory**: bytes per edge of the cloud's `Fleet` (tracemalloc, N statuses).
 
 Loopback only. Prints a table and writes JSON:
@@ -140,6 +141,19 @@ def registry_bytes_per_edge(count: int) -> float:
     return grown / count + per_status
 
 
+def ledger_means(stats: list[Any]) -> dict[str, dict[str, float]]:
+    """The requests' cloud work ledgers (``pice.cloud_work``: `AnswerStats.cloud_work`), as
+    means per request by purpose (a purpose a request did not run counts as zero for it)."""
+    sums: dict[str, dict[str, float]] = {}
+    for s in stats:
+        for purpose, work in s.cloud_work.as_dict().items():
+            row = sums.setdefault(purpose, dict.fromkeys(work, 0.0))
+            for key, value in work.items():
+                row[key] = row.get(key, 0.0) + float(value)
+    n = len(stats) or 1
+    return {purpose: {key: round(value / n, 4) for key, value in row.items()} for purpose, row in sums.items()}
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
@@ -231,6 +245,7 @@ async def measure(count: int, args: argparse.Namespace, broker: MosquittoProcess
             "overhead_share": round(statistics.median(overheads) / statistics.median(totals), 4),
             "schedule_p50_ms": round(1000 * statistics.median(s.schedule_s for s in light), 3),
             "points_cloud": sum(s.points_cloud for s in light),
+            "cloud_work_per_request": ledger_means(light),
         }
 
         # Throughput: a closed loop of `concurrency` requests for `duration` seconds.
@@ -278,6 +293,9 @@ async def measure(count: int, args: argparse.Namespace, broker: MosquittoProcess
             "unknown_or_unassigned": sum(n for svc in services for (_, kind), n in
                                          svc.transport.rejections.snapshot().items()
                                          if kind in {"unknown_request", "unassigned", "identity"}),
+            # What the cloud LLM computed per request, by purpose (its ledger: the simulated
+            # model's tokens; tools/simulate.py --validate compares its own with it).
+            "cloud_work_per_request": ledger_means(done),
         }
     await counters.transport.close()
     result["registry_bytes_per_edge"] = round(registry_bytes_per_edge(count))
