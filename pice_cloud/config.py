@@ -192,7 +192,10 @@ class ServiceConfig(BaseModel):
         description="sampling temperature of a point's second and later replicas (the first keeps the request's), "
                     "so that candidates differ")
     deadline_floor_s: float = Field(default=defaults.DEADLINE_FLOOR_S, gt=0, le=3600)
-    deadline_factor: float = Field(default=defaults.DEADLINE_FACTOR, gt=0, le=100)
+    deadline_factor: float = Field(
+        default=defaults.DEADLINE_FACTOR, gt=0, le=100,
+        description="a point waits for a live edge up to this many times its predicted finish (within the floor "
+                    "and cap) before the cloud expands it itself: lower trades cloud work for latency")
     deadline_cap_s: float = Field(default=defaults.DEADLINE_CAP_S, gt=0, le=3600)
     temperature: float = Field(default=defaults.TEMPERATURE, ge=0.0, le=2.0, description="edge sampling (0: greedy)")
     top_p: float = Field(default=defaults.TOP_P, gt=0.0, le=1.0)

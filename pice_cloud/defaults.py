@@ -54,8 +54,13 @@ ENSEMBLE_WIDTH: Final = 3
 #: greedy replicas of the same model would write the same text and give the selector no choice.
 ENSEMBLE_TEMPERATURE: Final = 0.7
 #: A point's deadline is DEADLINE_FACTOR x its predicted finish, clamped to [floor, cap] seconds.
+#: An edge that left is noticed by its last will or missed heartbeats, not by the deadline: the
+#: deadline only decides how long a live edge that is slower than predicted (a busy host, a batch
+#: larger than the one its rate was measured at) may take before the cloud writes the point
+#: itself. That costs the cloud the point's prefill and decode, and the answer's first content no
+#: longer waits for it (the first heading goes out at once), so the cloud waits 5x, not 3x.
 DEADLINE_FLOOR_S: Final = 5.0
-DEADLINE_FACTOR: Final = 3.0
+DEADLINE_FACTOR: Final = 5.0
 DEADLINE_CAP_S: Final = 60.0
 
 #: After the cloud reconnects to the broker mid-request, how long outstanding points still wait
