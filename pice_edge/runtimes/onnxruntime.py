@@ -48,10 +48,13 @@ def _import_ort() -> Any:
 
 
 def select_providers(requested: Sequence[str], available: Sequence[str], *, engine_cache: Path | None = None,
-                     fp16: bool = False) -> list[tuple[str, dict[str, Any]]]:
+                     fp16: bool = False, trt_profile: dict[str, str] | None = None) -> list[tuple[str, dict[str, Any]]]:
     """The requested providers this onnxruntime build has, in order, with their options; CPU last.
 
-    Unknown or unavailable names are skipped with a warning that lists what is available.
+    Unknown or unavailable names are skipped with a warning that lists what is available. The
+    TensorRT provider's options are onnxruntime's documented ``trt_*`` provider options
+    (onnxruntime.ai/docs/execution-providers/TensorRT-ExecutionProvider.html); ``trt_profile``
+    (`tensorrt_profile`) adds the explicit shape ranges of its engine.
     """
     chosen: list[tuple[str, dict[str, Any]]] = []
     for name in requested:
@@ -69,11 +72,39 @@ def select_providers(requested: Sequence[str], available: Sequence[str], *, engi
             cache.mkdir(parents=True, exist_ok=True)
             options = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
                        "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache),
-                       "trt_fp16_enable": fp16}
+                       "trt_fp16_enable": fp16, **(trt_profile or {})}
         chosen.append((full, options))
     if not any(c == _CPU for c, _ in chosen):
         chosen.append((_CPU, {}))
     return chosen
+
+
+def tensorrt_profile(shape: ModelShape, *, max_batch: int, max_tokens: int) -> dict[str, str]:
+    """The TensorRT engine's shape ranges for the decoder export, as onnxruntime's
+    ``trt_profile_{min,opt,max}_shapes`` options (``name:d0xd1x...`` joined by commas).
+
+    The export's inputs are all dynamic: ``input_ids`` and ``position_ids`` [batch, new tokens],
+    ``attention_mask`` [batch, past + new], ``past_key_values.{i}.key|value`` [batch, kv heads,
+    past, head dim] (`pice_edge.runtimes.onnx_export`). Without explicit ranges the TensorRT
+    provider builds its engine for the shapes it has seen and rebuilds it whenever a longer
+    sequence or a larger batch comes, which on a Jetson takes minutes each time; with them one
+    engine serves every batch up to ``max_batch`` sequences of up to ``max_tokens`` tokens
+    (prompt and generated), tuned for decoding (one new token, half the context).
+    """
+    if max_batch < 1 or max_tokens < 2:
+        raise ModelError(f"a TensorRT profile needs max_batch >= 1 and max_tokens >= 2 (got {max_batch}, {max_tokens})")
+
+    def shapes(batch: int, new: int, past: int, mask: int) -> str:
+        dims: dict[str, tuple[int, ...]] = {"input_ids": (batch, new), "attention_mask": (batch, mask),
+                                            "position_ids": (batch, new)}
+        for layer in range(shape.layers):
+            for kind in ("key", "value"):
+                dims[f"past_key_values.{layer}.{kind}"] = (batch, shape.kv_heads, past, shape.head_dim)
+        return ",".join(f"{name}:{'x'.join(str(d) for d in sizes)}" for name, sizes in dims.items())
+
+    return {"trt_profile_min_shapes": shapes(1, 1, 0, 1),
+            "trt_profile_opt_shapes": shapes(max_batch, 1, max_tokens // 2, max_tokens // 2 + 1),
+            "trt_profile_max_shapes": shapes(max_batch, max_tokens, max_tokens - 1, max_tokens)}
 
 
 def _locate(model: str | Path, precision: str) -> tuple[Path, Path]:
@@ -133,6 +164,9 @@ class OnnxRuntime:
         threads: intra-op threads (default: all cores).
         engine_cache: TensorRT engine cache folder.
         fp16: let TensorRT build fp16 engines.
+        max_batch, max_tokens: with the TensorRT provider, build one engine for batches of up to
+            ``max_batch`` sequences of up to ``max_tokens`` tokens (`tensorrt_profile`); without
+            them TensorRT rebuilds its engine whenever the shapes outgrow the ones it has seen.
 
     Attributes:
         provider: the execution provider that actually runs the model.
@@ -142,7 +176,8 @@ class OnnxRuntime:
 
     def __init__(self, model: str | Path = "smollm2-135m-instruct", *, precision: str = "fp32",
                  providers: Sequence[str] = DEFAULT_PROVIDERS, threads: int | None = None,
-                 engine_cache: str | Path | None = None, fp16: bool = False) -> None:
+                 engine_cache: str | Path | None = None, fp16: bool = False, max_batch: int | None = None,
+                 max_tokens: int | None = None) -> None:
         ort = _import_ort()
         if precision not in PRECISIONS:
             raise ModelError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
@@ -168,12 +203,33 @@ class OnnxRuntime:
         options.intra_op_num_threads = threads or 0
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        profile = None
+        if max_batch is not None or max_tokens is not None:
+            context = int(config.get("max_position_embeddings") or 2048)
+            profile = tensorrt_profile(self.shape, max_batch=max_batch or 1, max_tokens=min(max_tokens or context,
+                                                                                            context))
         chosen = select_providers(providers, ort.get_available_providers(),
-                                  engine_cache=Path(engine_cache) if engine_cache else None, fp16=fp16)
+                                  engine_cache=Path(engine_cache) if engine_cache else None, fp16=fp16,
+                                  trt_profile=profile)
+        if profile is None and any(c == "TensorrtExecutionProvider" for c, _ in chosen):
+            log.warning("TensorRT runs %s without explicit shape ranges: it rebuilds its engine whenever a batch "
+                        "or a sequence outgrows the shapes seen so far (minutes on a Jetson); pass max_batch and "
+                        "max_tokens", self.path.name)
         started = time.perf_counter()
         try:
-            self.session: Any = ort.InferenceSession(str(self.path), options, providers=[c for c, _ in chosen],
-                                                provider_options=[o for _, o in chosen])
+            try:
+                self.session: Any = ort.InferenceSession(str(self.path), options, providers=[c for c, _ in chosen],
+                                                         provider_options=[o for _, o in chosen])
+            except Exception as exc:
+                # TensorRT wants ranges for every dynamic input of every subgraph it runs; when it
+                # splits the graph (an operator it lacks), the inner inputs have none: go on without.
+                if profile is None or "profiles" not in str(exc):
+                    raise
+                log.warning("TensorRT refused the explicit shape ranges (%s); loading without them", exc)
+                chosen = select_providers(providers, ort.get_available_providers(),
+                                          engine_cache=Path(engine_cache) if engine_cache else None, fp16=fp16)
+                self.session = ort.InferenceSession(str(self.path), options, providers=[c for c, _ in chosen],
+                                                    provider_options=[o for _, o in chosen])
         except Exception as exc:  # onnxruntime raises its own untyped errors (Fail, InvalidGraph...)
             raise ModelError(f"onnxruntime cannot load {self.path}: {exc}") from exc
         #: The provider that actually runs the graph (the first one the session accepted).
