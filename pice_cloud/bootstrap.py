@@ -97,6 +97,8 @@ def build_backend(config: LLMConfig, *, model: str | None = None) -> LLMBackend:
                    "timeout_s": config.timeout_s, "max_parallel": config.max_parallel,
                    "continue_final_message": config.continue_final_message, "context_tokens": config.context_tokens,
                    "structured_outputs": config.structured_outputs}
+    elif config.kind == "tensorrt_llm":
+        options = {"structured_outputs": config.structured_outputs, "context_tokens": config.context_tokens}
     else:
         options = {}
     backend = create_backend(config.kind, model=model or config.model, **options)

@@ -112,9 +112,10 @@ class LLMConfig(BaseModel):
                     "bounds it)")
     structured_outputs: Literal["none", "vllm", "llamacpp"] = Field(
         default="none",
-        description="kind openai: how the engine is asked to decode a sketch under its outline format: vllm "
-                    "(guided_regex; also SGLang and TensorRT-LLM's trtllm-serve with a regex backend), llamacpp "
-                    "(a GBNF grammar), none (the guards alone)")
+        description="kind openai or tensorrt_llm: how the engine is asked to decode a sketch under its outline "
+                    "format: vllm (guided_regex, or TensorRT-LLM's regex guide; also SGLang and trtllm-serve with a "
+                    "regex backend), llamacpp (a GBNF grammar; TensorRT-LLM: its EBNF grammar guide), none (the "
+                    "guards alone)")
     continue_final_message: bool = Field(
         default=False,
         description="send pre-fills as a final assistant turn to continue (vLLM, SGLang); otherwise an "

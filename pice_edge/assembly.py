@@ -113,8 +113,11 @@ def runtime_options(settings: EdgeSettings) -> dict[str, Any]:
                        fp16=settings.precision == "fp16", engine_cache=str(cache) if cache else None)
         return options
     if settings.runtime == "tensorrt_edgellm":
+        # Its repetition control is checked at start: an engine without it refuses the profile.
         options.update(max_batch=settings.max_batch,
-                       engine_dir=str(cache / Path(settings.model).name) if cache else None)
+                       engine_dir=str(cache / Path(settings.model).name) if cache else None,
+                       repetition_penalty=settings.repetition_penalty,
+                       no_repeat_ngram_size=settings.no_repeat_ngram_size)
         return options
     if profile is None:
         return options

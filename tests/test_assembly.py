@@ -133,3 +133,13 @@ async def test_the_clouds_local_edges_take_a_profiles_kv_budget(board: DevicePro
 def _with_profile(config: CloudConfig, profile: str) -> CloudConfig:
     config.edges = config.edges.model_copy(update={"profile": profile})
     return config
+
+
+def test_edgellm_gets_the_profiles_repetition_control_to_check_at_start() -> None:
+    from pice_edge.assembly import runtime_options
+
+    thor = load_profile("jetson-agx-thor")
+    options = runtime_options(resolve_settings(thor))
+    assert (options["repetition_penalty"], options["no_repeat_ngram_size"]) == (1.0, thor.no_repeat_ngram_size)
+    asking = thor.model_copy(update={"repetition_penalty": 1.1})
+    assert runtime_options(resolve_settings(asking))["repetition_penalty"] == 1.1  # the runtime then refuses it
