@@ -17,15 +17,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pice_cloud.fleet import Fleet, FleetEntry
+from pice_cloud.rollout_states import RolloutStates
 from pice_edge.discovery import DEFAULT_FLEET, Discovery, check_fleet, parse_interfaces
 from pice_edge.errors import ConfigError, ProtocolError
 from pice_edge.protocol import (
@@ -37,7 +41,6 @@ from pice_edge.protocol import (
     decode,
     encode,
     runs,
-    topic_level,
 )
 from pice_edge.transport import BrokerSettings, Message, MqttTransport
 
@@ -64,6 +67,16 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     fleet.add_argument("--models-dir", default=None, help="the cloud's model store (default: PICE_MODELS_DIR "
                                                           "or ~/.cache/pice/models), for --rollout")
     fleet.add_argument("--clear-rollout", action="store_true", help="withdraw the fleet's rollout message")
+    # --watch: the cloud's fleet page in the terminal (pice_cloud.fleet_watch).
+    fleet.add_argument("--watch", action="store_true",
+                       help="redraw the fleet every --interval seconds until Ctrl-C: with --cloud URL the cloud's "
+                            "whole view (requests, cloud work, refusals), else the edges and rollout from the broker")
+    fleet.add_argument("--cloud", metavar="URL", default=None,
+                       help="the cloud's HTTP API (pice-cloud serve), for --watch: reads its /fleet/state")
+    fleet.add_argument("--api-key", default=os.environ.get("PICE_API_KEY"),
+                       help="the cloud's API key for --cloud (default: $PICE_API_KEY)")
+    fleet.add_argument("--interval", type=float, default=2.0, help="seconds between redraws (default %(default)s)")
+    fleet.add_argument("--watch-count", type=int, default=None, help=argparse.SUPPRESS)  # redraws, for scripts
 
 
 @dataclass
@@ -84,7 +97,12 @@ class _RolloutListener:
 
     def __init__(self) -> None:
         self.rollout: FleetRollout | None = None
-        self.states: dict[str, EdgeRolloutState] = {}
+        self._states = RolloutStates()
+        self.on_state = self._states.handle
+
+    @property
+    def states(self) -> dict[str, EdgeRolloutState]:
+        return self._states.states
 
     def on_rollout(self, message: Message) -> None:
         try:
@@ -92,32 +110,14 @@ class _RolloutListener:
         except ProtocolError:
             self.rollout = None
 
-    def on_state(self, message: Message) -> None:
-        device = topic_level(message.topic, -2)
-        if not message.payload:
-            self.states.pop(device, None)
-            return
-        try:
-            state = decode(EdgeRolloutState, message.payload)
-        except ProtocolError:
-            return
-        if state.device_id == device:
-            self.states[device] = state
 
-
-async def collect(broker_url: str | None, *, credentials: dict[str, Any] | None = None,
-                  fleet_name: str = DEFAULT_FLEET, interfaces: Any = "all",
-                  zeroconf: bool = True, wait_s: float = 3.0) -> tuple[str, list[FleetEntry]]:
-    """(broker URL used, fleet snapshot) after listening for ``wait_s`` seconds (`collect_view`)."""
-    view = await collect_view(broker_url, credentials=credentials, fleet_name=fleet_name, interfaces=interfaces,
-                              zeroconf=zeroconf, wait_s=wait_s)
-    return view.broker_url, view.rows
-
-
-async def collect_view(broker_url: str | None, *, credentials: dict[str, Any] | None = None,
-                       fleet_name: str = DEFAULT_FLEET, interfaces: Any = "all",
-                       zeroconf: bool = True, wait_s: float = 3.0) -> FleetView:
-    """The fleet, its rollout and the edges' rollout states after listening for ``wait_s`` seconds.
+@contextlib.asynccontextmanager
+async def listening(broker_url: str | None, *, credentials: dict[str, Any] | None = None,
+                    fleet_name: str = DEFAULT_FLEET, interfaces: Any = "all", zeroconf: bool = True,
+                    timeout: float = 3.0) -> AsyncIterator[tuple[str, Fleet, _RolloutListener, MqttTransport]]:
+    """A read-only connection to the fleet's broker (given, or the fleet's cloud's on zeroconf):
+    (broker URL, the fleet's edges, the rollout and the edges' rollout states, the connection),
+    kept up for the block.
 
     Raises:
         ConfigError: no broker given and zeroconf disabled.
@@ -135,7 +135,7 @@ async def collect_view(broker_url: str | None, *, credentials: dict[str, Any] | 
             await discovery.start()
             fleet.watch_zeroconf(discovery, fleet_name)
             if broker_url is None:
-                broker_url = (await discovery.find_cloud(fleet_name, timeout=max(wait_s, 1.0))).broker_url()
+                broker_url = (await discovery.find_cloud(fleet_name, timeout=max(timeout, 1.0))).broker_url()
         assert broker_url is not None
         transport = MqttTransport(BrokerSettings(url=broker_url, **(credentials or {})),
                                   client_id=f"pice-fleet-{uuid.uuid4().hex[:8]}",
@@ -143,16 +143,35 @@ async def collect_view(broker_url: str | None, *, credentials: dict[str, Any] | 
         transport.add_subscription(EDGE_STATUS_FILTER, fleet.handle_status)
         transport.add_subscription(FLEET_ROLLOUT_TOPIC, listener.on_rollout)
         transport.add_subscription(EDGE_ROLLOUT_FILTER, listener.on_state)
-        # connect() returns once the SUBACK is in, so retained statuses are on their way; the
-        # wait lets live heartbeats and zeroconf adverts arrive too.
-        await transport.connect(timeout=max(wait_s, 3.0))
-        await asyncio.sleep(wait_s)
-        return FleetView(broker_url, fleet.snapshot(), listener.rollout, dict(listener.states))
+        # connect() returns once the SUBACK is in, so retained statuses are on their way.
+        await transport.connect(timeout=max(timeout, 3.0))
+        yield broker_url, fleet, listener, transport
     finally:
         if transport is not None:
             await transport.close()
         if discovery is not None:
             await discovery.close()
+
+
+async def collect(broker_url: str | None, *, credentials: dict[str, Any] | None = None,
+                  fleet_name: str = DEFAULT_FLEET, interfaces: Any = "all",
+                  zeroconf: bool = True, wait_s: float = 3.0) -> tuple[str, list[FleetEntry]]:
+    """(broker URL used, fleet snapshot) after listening for ``wait_s`` seconds (`collect_view`)."""
+    view = await collect_view(broker_url, credentials=credentials, fleet_name=fleet_name, interfaces=interfaces,
+                              zeroconf=zeroconf, wait_s=wait_s)
+    return view.broker_url, view.rows
+
+
+async def collect_view(broker_url: str | None, *, credentials: dict[str, Any] | None = None,
+                       fleet_name: str = DEFAULT_FLEET, interfaces: Any = "all",
+                       zeroconf: bool = True, wait_s: float = 3.0) -> FleetView:
+    """The fleet, its rollout and the edges' rollout states after listening for ``wait_s`` seconds
+    (raises as `listening`)."""
+    async with listening(broker_url, credentials=credentials, fleet_name=fleet_name, interfaces=interfaces,
+                         zeroconf=zeroconf, timeout=wait_s) as (url, fleet, listener, _):
+        # Lets live heartbeats and zeroconf adverts arrive after the retained statuses.
+        await asyncio.sleep(wait_s)
+        return FleetView(url, fleet.snapshot(), listener.rollout, dict(listener.states))
 
 
 def _fmt(value: float | int | None, spec: str = "") -> str:
@@ -258,6 +277,10 @@ async def run(args: argparse.Namespace) -> int:
     from pice_edge.credentials import CLOUD_USERNAME, credential_fields
 
     credentials = credential_fields(args, default_username=CLOUD_USERNAME)
+    if args.watch:
+        from pice_cloud.fleet_watch import run_watch
+
+        return await run_watch(args, credentials)
     if args.rollout or args.clear_rollout:
         if args.broker is None:
             raise ConfigError("--rollout and --clear-rollout need --broker mqtt://HOST:PORT")

@@ -161,6 +161,9 @@ def create_app(service: PiceService, llm: LLMBackend, config: CloudConfig) -> Fa
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
+    from pice_cloud.server.fleet_page import install_fleet_page
+
+    install_fleet_page(app)  # GET /fleet (the operator's page), /fleet/state; fleet gauges on /metrics
     return app
 
 
