@@ -383,7 +383,7 @@ def real_router(minilm: Path) -> EmbeddingRouter:
 @pytest.mark.slow
 def test_real_router_on_clear_examples(real_router: EmbeddingRouter) -> None:
     cloud = [CODING, "Implement a program in C++ that counts the words of a text file.",
-             "Write a short story about a robot who learns to love."]
+             'Translate "good morning" into French.']
     progressive = [GENERIC, "What are the most effective ways to deal with stress?",
                    "What are the benefits of regular exercise?"]
     routes = real_router.predict_many(cloud + progressive)
@@ -398,7 +398,9 @@ def test_real_router_on_clear_examples(real_router: EmbeddingRouter) -> None:
 def test_real_router_reproduces_the_recorded_vicuna_accuracy(real_router: EmbeddingRouter) -> None:
     rows = read_labels(DATA / "vicuna.csv")
     routes = real_router.predict_many([q for q, _ in rows])
-    accuracy = sum((r.mode == "progressive") == bool(y) for r, (_, y) in zip(routes, rows, strict=True)) / len(rows)
+    # At the threshold the accuracy was recorded at (train_router's 0.5, before the threshold was
+    # calibrated on answers); the code/math gate's P = 0 agrees with it on these labels.
+    accuracy = sum((r.probability >= 0.5) == bool(y) for r, (_, y) in zip(routes, rows, strict=True)) / len(rows)
     recorded = real_router.weights.meta["held_out"]["vicuna"]["accuracy"]
     # Batching and padding shift float noise only: at most one of 80 questions may flip.
     assert abs(accuracy - recorded) <= 1 / len(rows) + 1e-9
