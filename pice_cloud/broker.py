@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import socket
 import subprocess
@@ -111,6 +112,16 @@ def mosquitto_executable() -> str | None:
 #: An anonymous broker on one loopback listener, in memory. `MosquittoProcess` fills in
 #: ``{port}`` (and ``{data}``, a folder for persistence, where a configuration wants one).
 ANONYMOUS_CONFIG: Final = "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+#: The same broker with persistence, as a deployment runs it: retained messages, persistent
+#: sessions (their subscriptions) and the QoS 1 messages queued for them are written to ``{data}``
+#: every second and at shutdown, and read back when it starts again on the same port (a
+#: crash, SIGKILL, loses at most the last second).
+PERSISTENT_CONFIG: Final = (ANONYMOUS_CONFIG.replace("persistence false", "persistence true")
+                            + "persistence_location {data}/\nautosave_interval 1\n")
+
+
+def _running_as_root() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0
 
 
 class MosquittoProcess:
@@ -145,7 +156,13 @@ class MosquittoProcess:
         data = workdir / "data"
         data.mkdir(parents=True, exist_ok=True)
         self.config = workdir / "mosquitto.conf"
-        self.config.write_text(config.format(port=self.port, data=data, **(values or {})))
+        text = config.format(port=self.port, data=data, **(values or {}))
+        if _running_as_root() and not any(line.split()[:1] == ["user"] for line in text.splitlines()):
+            # Started by root, Mosquitto drops to the `mosquitto` user, which can neither reach a
+            # private folder (a test's tmp_path is 0700) nor write ``{data}``: persistence would fail,
+            # with nothing but a line in its log. A child broker runs as its parent does.
+            text += "user root\n"
+        self.config.write_text(text)
         #: Mosquitto's output (a file, not a pipe: a chatty broker must never block on a full pipe).
         self.log_path = workdir / "mosquitto.log"
         self.proc: subprocess.Popen[bytes] | None = None

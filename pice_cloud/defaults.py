@@ -63,10 +63,12 @@ DEADLINE_FLOOR_S: Final = 5.0
 DEADLINE_FACTOR: Final = 5.0
 DEADLINE_CAP_S: Final = 60.0
 
-#: After the cloud reconnects to the broker mid-request, how long outstanding points still wait
-#: for their edges (seconds): candidates queued in our persistent session, or re-sent by the
-#: edges, arrive within it; ones the broker lost (a crash without persistence) never will.
-RECONNECT_GRACE_S: Final = 2.0
+#: After the cloud reconnects to the broker, how many of its heartbeats an edge it knew gets to
+#: re-announce itself before it expires, on top of the longest pause between two reconnection
+#: tries (`pice_cloud.fleet.Fleet.reconnected`). While the cloud is disconnected no edge expires,
+#: and the time does not count against a point's deadline (up to ``service.deadline_cap_s``):
+#: the candidates the edges write meanwhile are queued (QoS 1, persistent sessions) and arrive.
+RECONNECT_EDGE_GRACE_HEARTBEATS: Final = 2.0
 #: Times one point may be placed on another edge after its edge stopped answering or refused
 #: it. Refusals come back at once, so a few tries cost little; then the cloud expands it.
 MAX_REPLACEMENTS: Final = 3

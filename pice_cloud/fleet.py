@@ -22,6 +22,23 @@ scheduler reads through `Fleet.views`. Their one caller is the request that owns
 An edge leaves the fleet on its last will (``online=False``) or a missed heartbeat; both also
 forget its zeroconf sighting, which comes back only with a new announcement (restart or TXT
 update). A zeroconf goodbye (clean shutdown) or record expiry forgets the sighting.
+
+Liveness is judged from the cloud's own connection (`Fleet.disconnected`, `Fleet.reconnected`,
+called by the service's connection hooks): a missing heartbeat says nothing while the cloud
+itself cannot hear the broker, so
+
+* **while the cloud is disconnected** no edge expires (the points they hold keep waiting) and
+  none is scheduled (a task could not reach it now);
+* **after it reconnects**, every edge it knew gets a grace to re-announce itself before it
+  expires: ``defaults.RECONNECT_EDGE_GRACE_HEARTBEATS`` of its heartbeats plus the longest pause
+  between two of its reconnection tries (an edge that lost the broker when we did retries on the
+  same back-off, so it may come back one try after us). An edge is scheduled again once a status
+  sent after the outage began has arrived; one that really died meanwhile expires after the grace;
+* **a task lost in the outage** is noticed without waiting for its deadline: an edge whose status,
+  sent after our reconnection, reports an empty queue holds none of the tasks sent to it before
+  the outage, so those it did not answer were lost (the task in the broker's crash, or its
+  candidate published while the broker had no session of ours: a restart without persistence);
+  `Fleet.task_lost` says so and the request moves the point on.
 """
 
 from __future__ import annotations
@@ -46,6 +63,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: An empty queue proves tasks lost only in a status sent this long after our reconnection: the
+#: tasks our client re-sends on reconnecting reach a connected edge well within it.
+_RESENT_MARGIN_S = 0.5
+
 
 @dataclass
 class EdgeInfo:
@@ -62,6 +83,12 @@ class EdgeInfo:
     #: The edge refused a task since its last status (it is full: another replica's tasks
     #: fill it); the scheduler sees it full until the next status says otherwise.
     saturated: bool = False
+    #: Live at least until then (fleet clock), whatever its last status: the grace it gets to
+    #: re-announce itself after the cloud reconnected to the broker.
+    grace_until: float = 0.0
+    #: Tasks sent to it before this time (fleet clock: the start of an outage of ours) that it
+    #: has not answered are lost: its queue was empty after the outage (`Fleet.task_lost`).
+    lost_before: float | None = None
 
     @property
     def device_id(self) -> str:
@@ -111,8 +138,15 @@ class Fleet:
         self._sightings: dict[str, _Sighting] = {}
         self._names: dict[str, str] = {}
         self._changed = asyncio.Event()
-        #: (request, point, device) -> time.monotonic() of dispatch, for link-delay estimates.
+        #: (request, point, device) -> dispatch time (fleet clock), for link-delay estimates and
+        #: to tell the tasks an outage may have lost.
         self._sent_at: dict[tuple[str, int, str], float] = {}
+        #: Fleet-clock time the cloud lost the broker; None while it is connected.
+        self._offline_since: float | None = None
+        #: The latest outage of ours that ended: its start (fleet clock) and the wall-clock time
+        #: (``time.time()``, as statuses' ``sent_at``) at which we were back.
+        self._outage_start: float | None = None
+        self._reconnected_at: float | None = None
 
     def handle_status(self, message: Message) -> None:
         """Transport handler for ``pice/v1/edge/+/status``."""
@@ -145,18 +179,81 @@ class Fleet:
             return
         if previous is None:
             log.info("edge %s joined (%s, %s)", status.device_id, status.runtime, status.model_id)
-            self._edges[status.device_id] = EdgeInfo(status=status, last_seen=seen)
+            info = EdgeInfo(status=status, last_seen=seen)
+            self._note_empty_queue(info, status)
+            self._edges[status.device_id] = info
             self._changed.set()
         else:
             previous.status = status
             previous.last_seen = max(previous.last_seen, seen)
             previous.saturated = False
+            self._note_empty_queue(previous, status)
+
+    def _note_empty_queue(self, info: EdgeInfo | None, status: EdgeStatus) -> None:
+        # An empty queue reported after our reconnection (with a margin for the tasks our client
+        # re-sent on reconnecting, still on their way to the edge): what it held before the
+        # outage is done or was never received; a candidate we have not seen is lost.
+        if (info is None or self._outage_start is None or self._reconnected_at is None
+                or status.queue_depth > 0 or status.sent_at < self._reconnected_at + _RESENT_MARGIN_S):
+            return
+        start = self._outage_start
+        if info.lost_before != start:
+            info.lost_before = start
+            if any(device == info.device_id and sent < start for (_, _, device), sent in self._sent_at.items()):
+                log.warning("edge %s reports an empty queue after the outage: tasks it had not answered are lost "
+                            "(the broker lost them or their candidates); their points move on", info.device_id)
 
     def _alive(self, info: EdgeInfo, now: float) -> bool:
-        return now <= self._expiry(info)
+        # Not judged while we are the ones who cannot hear it.
+        return self._offline_since is not None or now <= self._expiry(info)
 
     def _expiry(self, info: EdgeInfo) -> float:
-        return info.last_seen + self.expiry_heartbeats * info.status.heartbeat_s
+        return max(info.last_seen + self.expiry_heartbeats * info.status.heartbeat_s, info.grace_until)
+
+    # --- the cloud's own connection ------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        """Whether the cloud hears the broker now (as far as `disconnected`/`reconnected` said)."""
+        return self._offline_since is None
+
+    def disconnected(self) -> None:
+        """The cloud lost the broker: until `reconnected`, no edge expires (it cannot be heard,
+        which says nothing about it) and none is scheduled (a task could not reach it)."""
+        if self._offline_since is None:
+            self._offline_since = self._clock()
+            if self._edges:
+                log.warning("lost the broker: the %d edge(s) we know are not expired while we cannot hear them",
+                            len(self._edges))
+
+    def reconnected(self, *, retry_min_s: float = 0.0, retry_max_s: float = 0.0) -> float:
+        """The cloud is back on the broker; returns how long it was away (0 if it was not).
+
+        Every edge it knew stays live for ``defaults.RECONNECT_EDGE_GRACE_HEARTBEATS`` of its
+        heartbeats more, plus the longest pause between two reconnection tries of a client that
+        lost the broker when we did: paho doubles its delay from ``retry_min_s`` up to
+        ``retry_max_s``, so after an outage of ``d`` seconds that pause is at most
+        ``min(d + retry_min_s, retry_max_s)`` (such an edge may come back one try after us)."""
+        if self._offline_since is None:
+            return 0.0
+        now = self._clock()
+        outage = max(0.0, now - self._offline_since)
+        self._outage_start, self._offline_since = self._offline_since, None
+        self._reconnected_at = time.time()
+        retry = max(0.0, min(outage + retry_min_s, retry_max_s))
+        for info in self._edges.values():
+            grace = defaults.RECONNECT_EDGE_GRACE_HEARTBEATS * info.status.heartbeat_s + retry
+            info.grace_until = max(info.grace_until, now + grace)
+        if self._edges:
+            log.info("back on the broker after %.1fs: %d edge(s) have %.1fs (+ %g heartbeats) to re-announce "
+                     "themselves before any expires", outage, len(self._edges), retry,
+                     defaults.RECONNECT_EDGE_GRACE_HEARTBEATS)
+        self._changed.set()
+        return outage
+
+    def _heard_since_outage(self, info: EdgeInfo) -> bool:
+        """A status sent after our latest outage began has arrived: the edge is connected again."""
+        return self._outage_start is None or info.last_seen >= self._outage_start
 
     def now(self) -> float:
         """The time on this fleet's clock (what `is_live` and `expires_at` are measured on)."""
@@ -164,23 +261,47 @@ class Fleet:
 
     def is_live(self, device_id: str) -> bool:
         """Known, online, and heard from within ``expiry_heartbeats`` heartbeats (a frozen or
-        partitioned edge stops being live after that, before any last will arrives)."""
+        partitioned edge stops being live after that, before any last will arrives) or within
+        its grace after an outage of ours; and always while we are disconnected."""
         info = self._edges.get(device_id)
         return info is not None and self._alive(info, self._clock())
 
     def expires_at(self, device_id: str) -> float | None:
-        """When (on this fleet's clock) ``device_id`` stops being live without another status."""
+        """When (on this fleet's clock) ``device_id`` stops being live without another status;
+        while the cloud is disconnected, a heartbeat from now (look again then)."""
         info = self._edges.get(device_id)
-        return None if info is None else self._expiry(info)
+        if info is None:
+            return None
+        if self._offline_since is not None:
+            return self._clock() + info.status.heartbeat_s
+        return self._expiry(info)
+
+    def task_lost(self, request_id: str, point: int, device_id: str) -> bool:
+        """The task was sent before an outage of ours after which the edge reported an empty
+        queue: it will never be answered (see the module's notes)."""
+        info = self._edges.get(device_id)
+        sent = self._sent_at.get((request_id, point, device_id))
+        return info is not None and info.lost_before is not None and sent is not None and sent < info.lost_before
+
+    def lost_before(self, device_id: str) -> float | None:
+        """`EdgeInfo.lost_before` of ``device_id`` (None if unknown or nothing was lost)."""
+        info = self._edges.get(device_id)
+        return None if info is None else info.lost_before
 
     def live(self) -> list[EdgeInfo]:
-        """Live edges, expired ones dropped; ordered by device id for determinism."""
+        """Live edges, expired ones dropped; ordered by device id for determinism. After an outage
+        of ours, only those heard from since it began (connected again, schedulable): one still in
+        its grace `is_live` (its points wait for it) but is not listed until it re-announces."""
         now = self._clock()
         for device_id in [d for d, info in self._edges.items() if not self._alive(info, now)]:
-            log.info("edge %s expired (no heartbeat)", device_id)
+            info = self._edges[device_id]
+            log.warning("edge %s expired (no status for %.1fs, %g heartbeats%s)", device_id, now - info.last_seen,
+                     self.expiry_heartbeats, "; it did not re-announce itself after our reconnection"
+                     if info.grace_until and now >= info.grace_until else "")
             del self._edges[device_id]
             self._sightings.pop(device_id, None)
-        return [self._edges[d] for d in sorted(self._edges)]
+        offline = self._offline_since is not None
+        return [self._edges[d] for d in sorted(self._edges) if offline or self._heard_since_outage(self._edges[d])]
 
     # --- zeroconf ----------------------------------------------------------------------------
 
@@ -238,7 +359,11 @@ class Fleet:
         return self._edges.get(device_id)
 
     def views(self, accept: Callable[[EdgeStatus], bool] | None = None) -> list[EdgeView]:
-        """The scheduler's snapshot of every live edge (whose status ``accept`` accepts)."""
+        """The scheduler's snapshot of every live edge (whose status ``accept`` accepts) that can
+        take a task now: none while the cloud is disconnected, and after an outage only those
+        heard from since it began."""
+        if self._offline_since is not None:
+            return []
         return [
             EdgeView(device_id=e.device_id, max_batch=e.status.max_batch,
                      queue_depth=max(e.status.queue_depth, e.status.max_batch) if e.saturated else e.status.queue_depth,
@@ -254,7 +379,7 @@ class Fleet:
         info = self._edges.get(device_id)
         if info is not None:
             info.outstanding += 1
-        self._sent_at[(request_id, point, device_id)] = time.monotonic()
+        self._sent_at[(request_id, point, device_id)] = self._clock()
 
     def candidate_received(self, candidate: Candidate) -> None:
         """An accepted candidate: the task no longer counts, and its round trip minus the edge's
@@ -266,7 +391,7 @@ class Fleet:
         if info.outstanding > 0:
             info.outstanding -= 1
         if sent is not None:
-            delay = max(0.0, time.monotonic() - sent - candidate.latency_s)
+            delay = max(0.0, self._clock() - sent - candidate.latency_s)
             w = defaults.LINK_DELAY_SAMPLE_WEIGHT
             info.link_delay_s = delay if info.link_delay_s == 0 else (1 - w) * info.link_delay_s + w * delay
 

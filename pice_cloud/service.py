@@ -152,6 +152,7 @@ class PiceService:
         self.rollout: FleetRollout | None = None
         transport.add_subscription(FLEET_ROLLOUT_TOPIC, self._on_rollout)
         transport.on_connect(self._on_reconnect)
+        transport.on_disconnect(self._on_disconnect)
 
     # --- public ----------------------------------------------------------------------------
 
@@ -473,10 +474,14 @@ class PiceService:
     def _on_status(self, message: Message) -> None:
         device_id = topic_level(message.topic, -2)
         known = self.fleet.get(device_id) is not None
+        lost_before = self.fleet.lost_before(device_id)
         self.fleet.handle_status(message)
         if known and self.fleet.get(device_id) is None:
             # An edge left (its last will, or a clean shutdown): its points move on now.
             self.inbox.edge_gone(device_id)
+        elif self.fleet.lost_before(device_id) != lost_before:
+            # Its queue was empty after an outage of ours: the tasks it had not answered are lost.
+            self.inbox.tasks_lost(device_id)
 
     def _eligible(self, points: int = 0) -> list[EdgeView]:
         """The edges a point may go to now (`pice_cloud.progressive.eligible`)."""
@@ -492,7 +497,22 @@ class PiceService:
         except ProtocolError as exc:
             self.transport.rejections.record("rollout", exc.kind, str(exc))
 
+    def _on_disconnect(self) -> None:
+        # We cannot hear the broker: that says nothing about the edges. None expires and none is
+        # scheduled until we are back, and the requests in flight stop their deadline clocks.
+        self.fleet.disconnected()
+        self.inbox.disconnected()
+
     def _on_reconnect(self) -> None:
-        # Candidates may have been lost while we were away (a broker crash): requests in flight
-        # stop waiting for their edges after a short grace instead of their full deadlines.
+        # Back (or connected for the first time). The edges we knew get a grace to re-announce
+        # themselves; candidates they wrote meanwhile arrive now if the broker kept our session
+        # (persistence), and a task or candidate it lost shows as an edge with an empty queue.
+        settings = self.transport.settings
+        away = self.fleet.reconnected(retry_min_s=max(1.0, round(settings.reconnect_min_s)),
+                                      retry_max_s=max(1.0, round(settings.reconnect_max_s)))
+        if self.transport.connect_count > 1:
+            log.warning("back on the broker after %.1fs; it %s", away,
+                        "kept our session: what was sent to us meanwhile arrives now" if self.transport.session_present
+                        else "had lost our session (a restart without persistence?): candidates sent to us before we "
+                             "re-subscribed are lost, and their points move on when their edges report an empty queue")
         self.inbox.reconnected()

@@ -13,7 +13,16 @@ with a `TransportError` that says so.
 
 Reconnection is paho's own (``reconnect_delay_set`` gives the back-off); on every (re)connect
 we re-make the subscriptions and run the registered on-connect hooks, which is how an edge
-re-announces itself after a broker restart.
+re-announces itself after a broker restart. On-disconnect hooks run when a live connection is
+lost (not on `MqttTransport.close`): the cloud stops judging its edges' liveness while it is the
+one that cannot hear them.
+
+Sessions: a client with a stable identity (an explicit ``client_id`` and a last will: an edge, a
+cloud replica) gets a persistent session by default (``clean_session`` False), so that the
+broker keeps its subscriptions and queues its QoS 1 messages while it reconnects; tools, probes
+and spies get a clean one (nothing is left on the broker when they exit). `session_present`
+says whether the broker still had our session at the last connection: False after a broker
+restart without persistence, when whatever was queued for us is gone.
 
 Subscriptions are acknowledged: `MqttTransport.connect` returns once the broker has sent the
 SUBACK for every registered subscription, and `MqttTransport.subscribe` on a live connection
@@ -131,12 +140,24 @@ class MqttTransport:
         client_id: str | None = None,
         will: tuple[str, bytes] | None = None,
         rejections: Rejections | None = None,
-        clean_session: bool = True,
+        clean_session: bool | None = None,
     ) -> None:
         """``clean_session`` False keeps our subscriptions and QoS 1 messages on the broker while
-        we are disconnected (with a stable ``client_id``): the cloud uses it so that candidates
-        published during a reconnect reach it afterwards instead of being dropped."""
+        we are disconnected (with a stable ``client_id``): candidates an edge publishes while the
+        cloud reconnects reach the cloud afterwards, and tasks the cloud sends while an edge
+        reconnects reach the edge, instead of being dropped. ``None`` (the default): persistent
+        for a client with an explicit ``client_id`` and a ``will`` (a device or a replica, whose
+        identity outlives one connection), clean for any other (a tool or a probe must not leave
+        a session on the broker that queues messages for it forever)."""
         self.settings = settings
+        if clean_session is None:
+            clean_session = client_id is None or will is None
+        #: Whether the broker is asked to drop our session when we disconnect.
+        self.clean_session = clean_session
+        #: Whether the broker still had our session at the last (re)connection (its CONNACK's
+        #: "session present"): False with a clean session, and after a broker restart without
+        #: persistence (what it had queued for us is lost). None before the first connection.
+        self.session_present: bool | None = None
         self.client_id = client_id or f"pice-{uuid.uuid4().hex[:12]}"
         self.rejections = rejections or Rejections()
         self._subscriptions: dict[str, Handler] = {}
@@ -147,6 +168,7 @@ class MqttTransport:
         # Set when the SUBACK of the subscriptions re-made on the latest (re)connect arrived.
         self._resubscribed = threading.Event()
         self._connect_hooks: list[Callable[[], None]] = []
+        self._disconnect_hooks: list[Callable[[], None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connected = threading.Event()
         # Set when connect() can stop waiting: connected, or refused for a reason retrying won't fix.
@@ -200,6 +222,12 @@ class MqttTransport:
         """Run ``hook`` on the asyncio loop after every successful (re)connection, once the
         broker has acknowledged the subscriptions."""
         self._connect_hooks.append(hook)
+
+    def on_disconnect(self, hook: Callable[[], None]) -> None:
+        """Run ``hook`` on the asyncio loop when a live connection is lost (the broker went away,
+        or the network between us); not when we close it ourselves. paho reconnects by itself,
+        and the on-connect hooks run when it has."""
+        self._disconnect_hooks.append(hook)
 
     def add_subscription(self, topic_filter: str, handler: Handler) -> None:
         """Deliver messages matching ``topic_filter`` to ``handler``; the subscription is made
@@ -335,6 +363,7 @@ class MqttTransport:
                     self._settled.set()
                 return
             self.connect_count += 1
+            self.session_present = bool(getattr(flags, "session_present", False))
             self._resubscribed.clear()
             filters = [(topic_filter, QOS) for topic_filter in self._subscriptions]
             if filters:
@@ -346,7 +375,9 @@ class MqttTransport:
                 self._subscribed()
             self._connected.set()
             self._settled.set()
-            log.info("connected to MQTT broker %s as %s", self.settings.url, self.client_id)
+            log.info("connected to MQTT broker %s as %s%s", self.settings.url, self.client_id,
+                     "" if self.clean_session else
+                     f" (persistent session: {'resumed' if self.session_present else 'new'})")
         except Exception:
             log.exception("error in MQTT on_connect")
 
@@ -377,10 +408,15 @@ class MqttTransport:
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         try:
+            was_connected = self._connected.is_set()
             self._connected.clear()
             if not self._closing and not self._refused:
                 self._last_error = f"disconnected: {reason_code}"
                 log.warning("lost MQTT broker %s (%s); reconnecting", self.settings.url, reason_code)
+                loop = self._loop
+                if was_connected and loop is not None and not loop.is_closed():
+                    for hook in self._disconnect_hooks:
+                        loop.call_soon_threadsafe(self._run_hook, hook)
         except Exception:
             log.exception("error in MQTT on_disconnect")
 
@@ -429,4 +465,4 @@ class MqttTransport:
         try:
             hook()
         except Exception:
-            log.exception("on-connect hook failed")
+            log.exception("connection hook failed")

@@ -262,18 +262,6 @@ def test_at_the_deadline_a_point_takes_what_arrived() -> None:
     assert [a.points for a in recorder.of(ExpandInCloud)] == [(1,)]  # type: ignore[attr-defined]
 
 
-def test_after_a_reconnect_outstanding_points_wait_only_a_short_grace() -> None:
-    clock = FakeClock()
-    request = make_request([("a",)], live_fleet(clock, "a", heartbeat_s=100), deadline_s=60)
-    recorder = Recorder()
-    recorder(request.start(clock()))
-    recorder(request.on_reconnect(clock()))
-    assert request.next_wakeup() == pytest.approx(clock.now + defaults.RECONNECT_GRACE_S)
-    clock.advance(defaults.RECONNECT_GRACE_S + 0.1)
-    recorder(request.tick(clock()))
-    assert [a.points for a in recorder.of(ExpandInCloud)] == [(0,)]  # type: ignore[attr-defined]
-
-
 def test_a_closed_request_releases_its_tasks_and_ignores_what_comes_later() -> None:
     clock = FakeClock()
     fleet = live_fleet(clock, "a", "b")

@@ -70,8 +70,19 @@ class Inbox:
         for request, deliver in list(self._open.values()):
             deliver(request.on_edge_gone(device_id, now))
 
+    def tasks_lost(self, device_id: str) -> None:
+        """The fleet learnt that ``device_id`` lost the tasks it held before an outage: every
+        request moves those points on now."""
+        self.edge_gone(device_id)
+
+    def disconnected(self) -> None:
+        """The replica lost the broker: the points in flight stop their deadline clocks."""
+        now = self._clock()
+        for request, deliver in list(self._open.values()):
+            deliver(request.on_disconnect(now))
+
     def reconnected(self) -> None:
-        """The replica reconnected to the broker: what was sent meanwhile may be lost."""
+        """The replica is back on the broker: the points in flight resume their deadlines."""
         now = self._clock()
         for request, deliver in list(self._open.values()):
             deliver(request.on_reconnect(now))

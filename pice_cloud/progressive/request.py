@@ -2,9 +2,10 @@
 
 `ProgressiveRequest` alone decides when each point of a sketch is settled and alone writes the
 fleet's dispatch accounting for its tasks. It never sleeps, publishes or calls a model: every
-input (`start`, `on_candidate`, `on_refusal`, `on_edge_gone`, `on_reconnect`, `tick`, and the
-results of the work it asked for: `on_cloud_texts`, `on_choice`, `on_self_served`; `close` when
-the request ends or its client went away) returns the actions the caller must carry out:
+input (`start`, `on_candidate`, `on_refusal`, `on_edge_gone`, `on_disconnect`, `on_reconnect`,
+`tick`, and the results of the work it asked for: `on_cloud_texts`, `on_choice`,
+`on_self_served`; `close` when the request ends or its client went away) returns the actions the
+caller must carry out:
 
 - `SendTask`: publish an expansion task to an edge (already counted against that edge);
 - `ExpandInCloud`: the cloud LLM expands these points (answer with `on_cloud_texts`);
@@ -18,10 +19,12 @@ usable did, a refused candidate whose fault was repeated sentences is used witho
 rest passes the guard, else the cloud expands it (and stops if an edge's candidate comes first).
 An edge that stops being live (last will, missed heartbeats) or refuses its task does not hold
 the point until the deadline: the point is placed again on another edge with a free slot (at
-most `defaults.MAX_REPLACEMENTS` times), else the cloud expands it. After a reconnection to the
-broker, outstanding points wait only `defaults.RECONNECT_GRACE_S` more (their candidates may
-have been lost). The cloud's own expansion passes the same guard as an edge's: a refused one is
-sampled once more.
+most `defaults.MAX_REPLACEMENTS` times), else the cloud expands it; so does a task the fleet
+knows was lost in an outage (`FleetLedger.task_lost`). While the cloud itself is disconnected
+from the broker (`on_disconnect` .. `on_reconnect`) the time does not count against a point's
+deadline, up to ``deadline_cap_s`` more: its edges keep working, and their candidates, queued
+meanwhile (QoS 1, persistent sessions), arrive when the cloud is back. The cloud's own expansion
+passes the same guard as an edge's: a refused one is sampled once more.
 
 `pice_cloud.progressive.driver.RequestDriver` carries the actions out on asyncio; the unit tests
 drive this class directly on a fake clock.
@@ -52,6 +55,8 @@ class FleetLedger(Protocol):
     def is_live(self, device_id: str) -> bool: ...
 
     def expires_at(self, device_id: str) -> float | None: ...
+
+    def task_lost(self, request_id: str, point: int, device_id: str) -> bool: ...
 
     def task_sent(self, request_id: str, point: int, device_id: str) -> None: ...
 
@@ -204,6 +209,8 @@ class ProgressiveRequest:
         self._choosing: dict[int, list[Candidate]] = {}
         self._started = False
         self.closed = False
+        #: When (request clock) the cloud lost the broker; None while it is connected.
+        self._deaf_since: float | None = None
 
     # --- queries -------------------------------------------------------------------------
 
@@ -224,7 +231,7 @@ class ProgressiveRequest:
         without another status); None when nothing is waited for."""
         times: list[float] = []
         for s in self._waiting():
-            times.append(s.due)
+            times.append(s.due if self._deaf_since is None else s.due + self._config.deadline_cap_s)
             times += [t for d in s.expected - s.received.keys() if (t := self._fleet.expires_at(d)) is not None]
         return min(times, default=None)
 
@@ -299,14 +306,26 @@ class ProgressiveRequest:
         """``device_id`` left the fleet (last will or clean shutdown): its points move on now."""
         return [] if self.closed else self.tick(now)
 
+    def on_disconnect(self, now: float) -> list[Action]:
+        """The cloud lost the broker: until `on_reconnect`, the time does not count against the
+        points' deadlines (up to ``deadline_cap_s``), since no candidate can reach it."""
+        if not self.closed and self._deaf_since is None:
+            self._deaf_since = now
+        return []
+
     def on_reconnect(self, now: float) -> list[Action]:
-        """The cloud reconnected to the broker: candidates may have been lost while it was
-        away, so outstanding points wait only a short grace instead of their full deadlines."""
+        """The cloud is back on the broker: the points' deadlines move by the time it was away
+        (at most ``deadline_cap_s``). Candidates the edges wrote meanwhile arrive now (queued
+        for our persistent session); the edges' liveness, and tasks the fleet knows were lost,
+        decide the rest (`tick`)."""
         if self.closed:
             return []
-        grace_end = now + defaults.RECONNECT_GRACE_S
-        for state in self._points:
-            state.due = min(state.due, grace_end)
+        if self._deaf_since is not None:
+            away = min(max(0.0, now - self._deaf_since), self._config.deadline_cap_s)
+            self._deaf_since = None
+            for state in self._points:
+                if not state.settled:
+                    state.due += away
         return self.tick(now)
 
     def on_cloud_texts(self, request: ExpandInCloud, texts: Mapping[int, tuple[str, int]],
@@ -368,13 +387,16 @@ class ProgressiveRequest:
         to_choose: list[PointState] = []
         for state in self._waiting():
             outstanding = state.outstanding()
-            waiting = any(self._fleet.is_live(d) for d in outstanding)
-            if waiting and now < state.due:
+            waiting = any(self._fleet.is_live(d) and not self._fleet.task_lost(self.request_id, state.index, d)
+                          for d in outstanding)
+            due = state.due if self._deaf_since is None else \
+                state.due + min(max(0.0, now - self._deaf_since), self._config.deadline_cap_s)
+            if waiting and now < due:
                 continue
             # Re-placed: a point whose edges went quiet, or that an assigned edge refused (not one
             # whose edges answered with refused candidates: that one is the cloud's).
             if ((outstanding or state.refused & state.expected) and not waiting and not state.usable()
-                    and state.replaced < defaults.MAX_REPLACEMENTS and now < state.due):
+                    and state.replaced < defaults.MAX_REPLACEMENTS and now < due):
                 state.replaced += 1
                 task = self._replacement(state)
                 if task is not None:
