@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from pice_cloud.llm.base import ChatRequest, Completion
+from pice_cloud.llm.base import ChatRequest
 from pice_cloud.llm.transformers import TransformersBackend
 from pice_edge.runtimes.base import ChatMessage, GenerationRequest
 from pice_edge.runtimes.transformers import TransformersRuntime
+from tests.contracts.streaming import stream_and_complete
 
 pytestmark = pytest.mark.cuda
 
@@ -37,18 +38,8 @@ async def test_cloud_backend_batches_on_cuda_as_it_decodes_alone(tiny_model: Pat
 
 async def test_cloud_stream_on_cuda_adds_up_to_the_completion(tiny_model: Path) -> None:
     llm = TransformersBackend(tiny_model, device="cuda")
-    try:
-        request = chat(QUESTIONS[0], 24, temperature=0.8, seed=7)
-        pieces: list[str] = []
-        final: Completion | None = None
-        async for item in llm.stream(request):
-            if isinstance(item, Completion):
-                final = item
-            else:
-                pieces.append(item)
-        (whole,) = await llm.complete([request])
-    finally:
-        await llm.close()
+    request = chat(QUESTIONS[0], 24, temperature=0.8, seed=7)
+    pieces, final, whole = await stream_and_complete(llm, request)
     assert final is not None
     assert "".join(pieces) == final.text == whole.text
 

@@ -12,12 +12,13 @@ import pytest
 
 from pice_cloud.errors import BackendError, InputTooLongError, UnavailableInModeError
 from pice_cloud.llm import create_backend
-from pice_cloud.llm.base import ChatRequest, Completion, LLMBackend, RawCompleter, StreamingBackend, TextRequest
+from pice_cloud.llm.base import ChatRequest, LLMBackend, RawCompleter, StreamingBackend, TextRequest
 from pice_cloud.llm.tensorrt_llm import TensorRTLLMBackend
 from pice_cloud.server.completion import api_error
 from pice_edge.runtimes.base import ChatMessage
 from pice_edge.text import OutlineFormat
 from tests.contracts.fake_tensorrt_llm import FakeLLM, GuidedDecodingParams, SamplingParams
+from tests.contracts.streaming import stream_and_complete
 
 QUESTION = [ChatMessage("system", "Be brief."), ChatMessage("user", "Why do leaves fall?")]
 
@@ -146,18 +147,8 @@ async def test_what_the_engine_refuses_is_a_400(fake_trtllm: type[FakeLLM]) -> N
 
 async def test_stream_pieces_add_up_to_the_completion(fake_trtllm: type[FakeLLM]) -> None:
     llm = backend()
-    try:
-        request = ChatRequest(QUESTION, max_tokens=10, temperature=0.7, seed=4, prefill="1.")
-        pieces: list[str] = []
-        final: Completion | None = None
-        async for item in llm.stream(request):
-            if isinstance(item, Completion):
-                final = item
-            else:
-                pieces.append(item)
-        (whole,) = await llm.complete([request])
-    finally:
-        await llm.close()
+    request = ChatRequest(QUESTION, max_tokens=10, temperature=0.7, seed=4, prefill="1.")
+    pieces, final, whole = await stream_and_complete(llm, request)
     assert final is not None
     assert len(pieces) == 10
     assert "".join(pieces) == final.text == whole.text
