@@ -99,12 +99,26 @@ def build_backend(config: LLMConfig, *, model: str | None = None) -> LLMBackend:
                    "structured_outputs": config.structured_outputs}
     elif config.kind == "tensorrt_llm":
         options = {"structured_outputs": config.structured_outputs, "context_tokens": config.context_tokens}
+    elif config.kind == "edge":
+        # Threads and the batch the configuration leaves unset come from the device profile.
+        given = config.model_fields_set
+        options = {"runtime": config.runtime, "profile": config.profile,
+                   "threads": config.threads if "threads" in given else None,
+                   "max_batch": config.max_batch if "max_batch" in given else None,
+                   "memory_budget_mb": config.memory_budget_mb}
     else:
         options = {}
     backend = create_backend(config.kind, model=model or config.model, **options)
     if config.context_tokens is not None:
         backend.context_tokens = config.context_tokens  # type: ignore[attr-defined]  # operator's override
     return backend
+
+
+def _cloud_max_batch(config: LLMConfig, backend: LLMBackend) -> int:
+    """Sequences the cloud LLM decodes together, for the scheduler: ``llm.max_batch``, or with
+    kind edge its engine's bound (taken from the device profile when the configuration leaves it unset)."""
+    engine_batch = getattr(getattr(backend, "engine", None), "max_batch", None)
+    return engine_batch if config.kind == "edge" and isinstance(engine_batch, int) else config.max_batch
 
 
 def build_router(kind: RouterKind) -> ModeRouter | None:
@@ -173,7 +187,7 @@ async def start_system(
         PiceError: a part could not be built or started (model, broker, edges); the message
             says which and what to do.
     """
-    cloud_id = config.cloud_id or default_cloud_id(api_url)
+    cloud_id = config.cloud_id or (f"site-{config.site.name}" if config.site else default_cloud_id(api_url))
     claim = ReplicaClaim(cloud_id, api_url=api_url)
     if config.broker is not None:
         # Before the model loads (seconds to minutes) and before we connect under the id, which
@@ -211,7 +225,7 @@ async def start_system(
         transport.add_subscription(claim.topic, claim.watch)
         embed = await asyncio.to_thread(build_sketch_embed) if config.service.sketch_guard else None
         service = PiceService(backend, transport, config=config.service, router=router, selector=selector,
-                              cloud_max_batch=config.llm.max_batch, embed=embed, cloud_id=cloud_id,
+                              cloud_max_batch=_cloud_max_batch(config.llm, backend), embed=embed, cloud_id=cloud_id,
                               sketcher=sketcher)
         def announce() -> None:
             # On every (re)connect: a restarted broker without persistence has lost our retained

@@ -26,12 +26,13 @@ from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSett
 from pice_cloud import defaults
 from pice_cloud.defaults import DEFAULT_MODEL
 from pice_edge.errors import ConfigError
+from pice_edge.profiles import RuntimeName, load_profile
 from pice_edge.protocol import FLEET_NAME_PATTERN, ID_PATTERN, MAX_QUESTION_CHARS
 from pice_edge.transport import BrokerSettings
 
 ENV_PREFIX = "PICE_"
 ENV_DELIMITER = "__"
-BackendKind = Literal["transformers", "openai", "tensorrt_llm"]
+BackendKind = Literal["transformers", "openai", "tensorrt_llm", "edge"]
 RouterKind = Literal["embedding", "heuristic", "off"]
 SelectorKind = Literal["learned", "confidence"]
 
@@ -82,9 +83,11 @@ class LLMConfig(BaseModel):
 
     kind: BackendKind = Field(default="transformers",
                               description="transformers (local), openai (OpenAI-compatible HTTP server), "
-                                          "tensorrt_llm (in-process, NVIDIA GPU)")
+                                          "tensorrt_llm (in-process, NVIDIA GPU), edge (an edge runtime in-process, "
+                                          "no torch: the site role's LLM; see runtime and profile)")
     model: str = Field(default=DEFAULT_MODEL, min_length=1,
-                       description="model name or folder (transformers, tensorrt_llm) or the remote model id")
+                       description="model name or folder (transformers, tensorrt_llm, edge: a Hugging Face folder or "
+                                   "its ONNX export) or the remote model id")
     sketch_model: str | None = Field(
         default=None, min_length=1,
         description="a second model that writes the sketches only, run the same way as 'model' (same kind, url, "
@@ -93,7 +96,18 @@ class LLMConfig(BaseModel):
                     "'model' (default: 'model' writes the sketches too)")
     device: str = Field(default="cpu", description="torch device for transformers: cpu, cuda, cuda:1")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    threads: int | None = Field(default=1, ge=1, le=1024, description="torch threads of the cloud model")
+    threads: int | None = Field(default=1, ge=1, le=1024,
+                                description="CPU threads of the cloud model (torch's; kind edge: the runtime's, "
+                                            "default the profile's)")
+    runtime: RuntimeName = Field(
+        default="onnxruntime",
+        description="kind edge: the edge runtime that runs the model (onnxruntime: no torch, TensorRT through its "
+                    "execution provider); the profile's own runtime is its edge role's and is not used")
+    profile: str | None = Field(
+        default=None, min_length=1,
+        description="kind edge: a device profile (a packaged name such as jetson-orin-nx-16gb, or a YAML path) whose "
+                    "execution providers, precision, threads and TensorRT engine cache the model runs with, and whose "
+                    "site section sizes max_batch and memory_budget_mb when they are not set here")
     url: str | None = Field(default=None, description="base URL of the OpenAI-compatible server, e.g. "
                                                       "http://127.0.0.1:8001/v1 (kind openai)")
     api_key: SecretStr | None = None
@@ -104,12 +118,14 @@ class LLMConfig(BaseModel):
         description="the model's context window in tokens; default: from the model's config (transformers), "
                     "unchecked here for a remote engine (it refuses itself)")
     max_batch: int = Field(default=defaults.CLOUD_MAX_BATCH, ge=1, le=4096,
-                           description="sequences decoded together (transformers: continuous batching; other kinds: "
-                                       "what the engine batches, for the scheduler's load estimate)")
+                           description="sequences decoded together (transformers, edge: continuous batching; other "
+                                       "kinds: what the engine batches, for the scheduler's load estimate); kind "
+                                       "edge, unset: the profile's site.max_batch")
     memory_budget_mb: int | None = Field(
         default=None, ge=1, le=10_000_000,
         description="transformers: most KV-cache megabytes of the sequences in the batch (none: max_batch alone "
-                    "bounds it)")
+                    "bounds it); edge: weights + KV cache, like a device profile's (the KV-cache budget is this less "
+                    "the weights; unset: the profile's site.memory_budget_mb, none without a profile)")
     structured_outputs: Literal["none", "vllm", "llamacpp"] = Field(
         default="none",
         description="kind openai or tensorrt_llm: how the engine is asked to decode a sketch under its outline "
@@ -128,6 +144,15 @@ class LLMConfig(BaseModel):
             raise ValueError("llm.kind 'openai' needs llm.url, the server's base URL such as http://host:8000/v1")
         if self.url is not None and not self.url.startswith(("http://", "https://")):
             raise ValueError(f"llm.url {self.url!r} must start with http:// or https://")
+        for name in ("runtime", "profile"):
+            if self.kind != "edge" and name in self.model_fields_set and getattr(self, name) is not None:
+                raise ValueError(f"llm.{name} is for llm.kind 'edge' (the edge runtime's LLM); llm.kind is "
+                                 f"{self.kind!r}")
+        if self.profile is not None:
+            try:
+                load_profile(self.profile)
+            except ConfigError as exc:
+                raise ValueError(f"llm.profile: {exc}") from None
         return self
 
 
@@ -164,6 +189,40 @@ class DiscoveryConfig(BaseModel):
         "or comma-separated IP addresses")
     fleet: str = Field(default="default", pattern=FLEET_NAME_PATTERN,
                        description="fleet name edges join with --fleet")
+
+
+class SiteConfig(BaseModel):
+    """The site role (``pice-cloud site``): one OpenAI-compatible endpoint on a site that forwards
+    to the cloud while the cloud answers, and answers on the site (its own LLM, its peer edges on
+    the site broker) while it does not. See `pice_cloud.site`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(default="site", pattern=ID_PATTERN,
+                      description="the site's name; its local service runs as cloud_id site-NAME by default")
+    cloud_url: str | None = Field(
+        default=None, max_length=500,
+        description="the cloud's API, e.g. https://cloud.example:8000/v1; unset: learned from the cloud's status "
+                    "on the site broker (bridged) or its zeroconf record")
+    cloud_id: str | None = Field(
+        default=None, pattern=ID_PATTERN,
+        description="the cloud replica to follow: its MQTT status (heartbeat) over the bridged site broker counts "
+                    "as a sign of life, and its going offline or silent as the uplink's loss")
+    cloud_api_key: SecretStr | None = Field(default=None, description="API key the cloud requires (Bearer)")
+    probe_interval_s: float = Field(default=1.0, gt=0, le=300, description="how often the cloud's /health is probed")
+    probe_timeout_s: float = Field(default=2.0, gt=0, le=300,
+                                   description="a probe unanswered for this long has failed (a hung cloud)")
+    fail_after: int = Field(default=2, ge=1, le=100,
+                            description="consecutive failed probes before new requests are answered on the site")
+    recover_after: int = Field(default=2, ge=1, le=100,
+                               description="consecutive answered probes before new requests go to the cloud again")
+    connect_timeout_s: float = Field(default=2.0, gt=0, le=300,
+                                     description="a forwarded request whose connection takes longer is answered here")
+    idle_timeout_s: float = Field(
+        default=60.0, gt=0, le=3600,
+        description="a forwarded stream silent for this long is finished on the site")
+    request_timeout_s: float = Field(default=600.0, gt=0, le=86_400,
+                                     description="a forwarded request unanswered for this long is answered here")
 
 
 class ServiceConfig(BaseModel):

@@ -151,20 +151,29 @@ def load_runtime(settings: EdgeSettings) -> Runtime:
                           "remove it from the profile or choose another runtime") from exc
 
 
-def kv_budget_mb(settings: EdgeSettings, runtime: Runtime) -> float | None:
-    """A batch's KV-cache budget (MiB): the one given outright, else the profile's memory budget
-    less the weights the runtime loaded (at least `MIN_KV_BUDGET_MB`); None without either
-    (``max_batch`` alone bounds a batch)."""
-    if settings.memory_budget_mb is not None or settings.profile is None:
-        return settings.memory_budget_mb
-    weights_mb = 0.0
+def weights_mb(runtime: Runtime) -> float:
+    """MiB of the weight files the runtime loaded (0 when it does not say where they are)."""
     where = getattr(runtime, "path", None)
-    if where is not None:
-        path = Path(where)
-        # An ONNX export is one file with its external data beside it; a Hugging Face model a folder.
-        files = [path, *path.parent.glob(path.name + ".data")] if path.is_file() else list(path.glob("*"))
-        weights_mb = sum(f.stat().st_size for f in files if f.is_file() and f.suffix in _WEIGHT_SUFFIXES) / 2**20
-    return max(MIN_KV_BUDGET_MB, settings.profile.memory_budget_mb - weights_mb)
+    if where is None:
+        return 0.0
+    path = Path(where)
+    # An ONNX export is one file with its external data beside it; a Hugging Face model a folder.
+    files = [path, *path.parent.glob(path.name + ".data")] if path.is_file() else list(path.glob("*"))
+    return sum(f.stat().st_size for f in files if f.is_file() and f.suffix in _WEIGHT_SUFFIXES) / 2**20
+
+
+def kv_budget_mb(settings: EdgeSettings, runtime: Runtime, *, total_mb: float | None = None) -> float | None:
+    """A batch's KV-cache budget (MiB): the one given outright, else a memory budget (``total_mb``,
+    or the profile's) less the weights the runtime loaded (at least `MIN_KV_BUDGET_MB`); None
+    without either (``max_batch`` alone bounds a batch). ``total_mb`` is for a model sized apart
+    from the edge role, such as the site role's LLM (`pice_edge.profiles.SiteRole`)."""
+    if settings.memory_budget_mb is not None:
+        return settings.memory_budget_mb
+    if total_mb is None:
+        if settings.profile is None:
+            return None
+        total_mb = settings.profile.memory_budget_mb
+    return max(MIN_KV_BUDGET_MB, total_mb - weights_mb(runtime))
 
 
 def model_identity(model: str) -> tuple[str | None, str | None]:

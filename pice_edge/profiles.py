@@ -3,7 +3,9 @@
 A profile says how an edge device should run its model: which runtime and execution providers,
 at which precision, how large a batch and how much memory, how many CPU threads, and which
 Jetson power mode it was sized for. ``pice-edge run --profile NAME`` loads one; command-line
-flags override single values.
+flags override single values. A profile's optional ``site`` section (`SiteRole`) sizes the site
+role on the same device: the LLM that answers locally when the cloud is unreachable, and how many
+HTTP requests it takes at once (``pice_cloud.llm.edge_runtime.site_llm_overrides``).
 
 Where profiles are found (first match wins):
 
@@ -45,6 +47,24 @@ def _cpu_only() -> list[ExecutionProvider]:
     return ["CPUExecutionProvider"]
 
 
+class SiteRole(BaseModel):
+    """How the device runs the site role: an OpenAI-compatible endpoint whose own LLM (the cloud's
+    backend kind ``edge``, on a `pice_edge.runtimes` runtime) answers when the cloud is unreachable.
+
+    Sized apart from the edge role (the top-level fields): a device may run both, and the site's
+    LLM writes whole answers, not short expansions.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    max_batch: int = Field(ge=1, le=256, description="sequences the site LLM decodes together")
+    memory_budget_mb: int = Field(
+        ge=64, le=1_048_576,
+        description="memory the site LLM may use (weights + KV cache); its KV-cache budget is this less the weights",
+    )
+    max_concurrent: int = Field(ge=1, le=4096, description="HTTP requests the site answers at the same time")
+
+
 class DeviceProfile(BaseModel):
     """One device class's settings. Unknown fields are errors (a typo must not pass silently)."""
 
@@ -81,6 +101,11 @@ class DeviceProfile(BaseModel):
         default=EXPANSION_NO_REPEAT_NGRAM_SIZE, ge=0, le=32,
         description="never repeat a token n-gram of this size within an expansion and its prompt (0 = off); "
         "unset: the model folder's generation_config.json decides",
+    )
+    site: SiteRole | None = Field(
+        default=None,
+        description="how the device runs the site role (its own LLM and endpoint); unset: the profile was not "
+                    "sized for the site role",
     )
 
     @field_validator("execution_providers")
@@ -197,6 +222,7 @@ def parse_profile(data: Any, *, source: Path) -> DeviceProfile:
 __all__ = [
     "PROFILES_ENV",
     "DeviceProfile",
+    "SiteRole",
     "find_profile",
     "list_profiles",
     "load_profile",

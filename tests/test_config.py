@@ -144,4 +144,4 @@ def test_cli_config_error_is_one_message_and_exit_2(tmp_path: Path) -> None:
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("pice-cloud: error: invalid configuration: ")
     assert f"config file {path}: llm.kind" in lines[0]
-    assert "'transformers', 'openai' or 'tensorrt_llm'" in lines[0]
+    assert "'transformers', 'openai', 'tensorrt_llm' or 'edge'" in lines[0]

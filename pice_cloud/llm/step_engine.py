@@ -20,21 +20,22 @@ import asyncio
 from concurrent.futures import Executor
 
 from pice_edge._engine import BatchEngine, EngineStats, Job, TokenCallback, WaitingLine
-from pice_edge.runtimes.base import GenerationRequest, GenerationResult, StreamingRuntime
+from pice_edge.runtimes.base import GenerationRequest, GenerationResult, Runtime
 
 
 class StepEngine:
     """Continuous batching over one streaming runtime (see the module docstring).
 
     Args:
-        source: the runtime (it must decode step by step and stream: `StreamingRuntime`).
+        source: the runtime: a `pice_edge.runtimes.base.StreamingRuntime` decodes step by step and
+            streams; any other `Runtime` generates whole batches (its tokens come all at once).
         executor: the model's one worker thread (shared with scoring).
         max_batch: most sequences decoded together.
         memory_budget_bytes: most KV-cache bytes of the sequences in the batch (None: no limit);
             a single request over the budget still runs, alone.
     """
 
-    def __init__(self, source: StreamingRuntime, executor: Executor, max_batch: int = 8,
+    def __init__(self, source: Runtime, executor: Executor, max_batch: int = 8,
                  memory_budget_bytes: int | None = None) -> None:
         self._line: WaitingLine[None] = WaitingLine()
         self._engine: BatchEngine[None] = BatchEngine(source, self._line, executor, max_batch=max_batch,

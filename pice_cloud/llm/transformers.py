@@ -1,8 +1,10 @@
 """Cloud LLM backend on a local Hugging Face model (default: the bundled SmolLM2).
 
-Generations are continuously batched (`pice_cloud.llm.step_engine.StepEngine`, a driver of the
-batching engine the edges run too): concurrent sketches, answers and expansions share decode steps, and streamed and
-non-streamed answers come out of the same loop, so they are the same text for the same seed.
+Generations are continuously batched (`pice_cloud.llm.embedded.EmbeddedBackend`, shared with the
+torch-free `pice_cloud.llm.edge_runtime` backend, over `pice_cloud.llm.step_engine.StepEngine`, a driver
+of the batching engine the edges run too): concurrent sketches, answers and expansions share decode
+steps, and streamed and non-streamed answers come out of the same loop, so they are the same text
+for the same seed.
 Requests for per-token log-probabilities with alternatives run alone on the model thread (the
 step engine keeps only the chosen token's log-probability).
 """
@@ -10,16 +12,14 @@ step engine keeps only the chosen token's log-probability).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncGenerator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pice_cloud.llm.base import ChatRequest, Completion, TextRequest, TokenLogprob
-from pice_cloud.llm.step_engine import StepEngine
+from pice_cloud.llm.base import ChatRequest, Completion, TokenLogprob
+from pice_cloud.llm.embedded import EmbeddedBackend
 from pice_edge.model_store import DEFAULT_MODEL
-from pice_edge.runtimes.base import ChatMessage, GenerationRequest
+from pice_edge.runtimes.base import ChatMessage
 from pice_edge.runtimes.transformers import TransformersRuntime
 
 
@@ -60,7 +60,7 @@ def _generate_with_logprobs(runtime: TransformersRuntime, request: ChatRequest) 
     return Completion(text=text, tokens=len(ids), mean_logprob=mean, token_logprobs=tuple(entries))
 
 
-class TransformersBackend:
+class TransformersBackend(EmbeddedBackend[TransformersRuntime]):
     """Runs the model on one worker thread, so the event loop never blocks and two
     generations never fight for the same cores; generations share decode steps (continuous
     batching, up to ``max_batch`` sequences whose KV caches fit ``memory_budget_mb``)."""
@@ -70,14 +70,11 @@ class TransformersBackend:
     def __init__(self, model: str | Path = DEFAULT_MODEL, *, device: str = "cpu",
                  dtype: str = "float32", threads: int | None = None, max_batch: int = 8,
                  memory_budget_mb: int | None = None) -> None:
-        self.runtime = TransformersRuntime(model, device=device, dtype=dtype, threads=threads)
-        self.model_id = self.runtime.model_id
-        #: The model's context window (prompt + completion), from its config.
-        self.context_tokens: int | None = getattr(self.runtime.model.config, "max_position_embeddings", None)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pice-cloud-llm")
+        runtime = TransformersRuntime(model, device=device, dtype=dtype, threads=threads)
+        # The model's context window (prompt + completion), from its config.
+        super().__init__(runtime, max_batch=max_batch, memory_budget_mb=memory_budget_mb,
+                         context_tokens=getattr(runtime.model.config, "max_position_embeddings", None))
         self._counter: Any = None
-        self.engine = StepEngine(self.runtime, self._executor, max_batch=max_batch,
-                                 memory_budget_bytes=None if memory_budget_mb is None else memory_budget_mb << 20)
 
     def _tokenizer(self) -> Any:
         # A tokenizer of our own for counting on the event loop: a fast tokenizer used by two
@@ -97,63 +94,15 @@ class TransformersBackend:
         )
         return self.count_tokens(str(rendered))
 
+    def _decode(self, ids: list[int]) -> str:
+        return str(self._tokenizer().decode(ids, skip_special_tokens=True))
+
     async def complete(self, requests: Sequence[ChatRequest]) -> list[Completion]:
-        if not requests:
-            return []
         if any(r.logprobs is not None for r in requests):
             loop = asyncio.get_running_loop()
             return [await loop.run_in_executor(self._executor, _generate_with_logprobs, self.runtime, r)
                     for r in requests]
-        results = await asyncio.gather(*(self.engine.generate(self._request(r)) for r in requests))
-        return [Completion(text=x.text, tokens=x.token_count, mean_logprob=x.mean_logprob, compute_s=x.compute_s)
-                for x in results]
-
-    def _request(self, r: ChatRequest) -> GenerationRequest:
-        return GenerationRequest(prompt=self.runtime.format_chat(r.messages, r.prefill), max_new_tokens=r.max_tokens,
-                                 temperature=r.temperature, top_p=r.top_p, seed=r.seed, outline=r.outline)
-
-    async def stream(self, request: ChatRequest) -> AsyncGenerator[str | Completion, None]:
-        """Stream one continuation token by token (`StreamingBackend`).
-
-        The generation joins the shared batch like `complete` (same seed, same tokens), and the
-        text grows after every decode step, so the pieces concatenate to what `complete` returns.
-        Closing the iterator early frees the sequence's slot at the next step.
-        """
-        queue: asyncio.Queue[list[int] | None] = asyncio.Queue()
-        job = asyncio.ensure_future(self.engine.generate(self._request(request), queue.put_nowait))
-        # The engine reports tokens before it resolves the job, so the end mark comes last.
-        job.add_done_callback(lambda _: queue.put_nowait(None))
-        sent = ""
-        try:
-            while (ids := await queue.get()) is not None:
-                # Our own tokenizer: the runtime's is in use on the model thread.
-                text = self._tokenizer().decode(ids, skip_special_tokens=True)
-                # Hold back a trailing replacement character: a multi-byte character whose
-                # remaining bytes come with the next token.
-                safe = text[:-1] if text.endswith("\ufffd") else text
-                if len(safe) > len(sent) and safe.startswith(sent):
-                    yield safe[len(sent):]
-                    sent = safe
-            result = job.result()
-            if len(result.text) > len(sent) and result.text.startswith(sent):
-                yield result.text[len(sent):]
-            yield Completion(text=result.text, tokens=result.token_count, mean_logprob=result.mean_logprob,
-                             compute_s=result.compute_s)
-        finally:
-            if not job.done():
-                job.cancel()  # the consumer stopped reading: free the slot
-                with contextlib.suppress(asyncio.CancelledError):
-                    await job
-
-    async def complete_raw(self, requests: Sequence[TextRequest]) -> list[Completion]:
-        """Continue raw prompts (no chat template) on the model's worker thread."""
-        if not requests:
-            return []
-        results = await asyncio.gather(*(self.engine.generate(GenerationRequest(
-            prompt=r.prompt, max_new_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p, seed=r.seed))
-            for r in requests))
-        return [Completion(text=x.text, tokens=x.token_count, mean_logprob=x.mean_logprob, compute_s=x.compute_s)
-                for x in results]
+        return await super().complete(requests)
 
     async def score(self, requests: Sequence[ChatRequest], continuations: Sequence[str]) -> list[float]:
         """Mean token log-likelihood of each continuation as the reply to its request (one
@@ -163,7 +112,3 @@ class TransformersBackend:
         prompts = [self.runtime.format_chat(r.messages, r.prefill) for r in requests]
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self.runtime.score, prompts, list(continuations))
-
-    async def close(self) -> None:
-        await self.engine.close()
-        self._executor.shutdown(wait=True, cancel_futures=True)
