@@ -4,6 +4,7 @@ OpenAI-compatible API.
     pice-cloud ask "QUESTION" [--edges N] [--broker mqtt://HOST:PORT] [--mode auto|progressive|cloud|sot]
     pice-cloud fleet [--broker mqtt://HOST:PORT] [--json]
     pice-cloud serve [--config FILE] [--host H] [--port P] [--broker URL] [--edges N] [--print-config]
+    pice-cloud site [--config FILE] [--cloud URL] [--broker URL] [--profile NAME] [--name SITE] [--print-config]
     pice-cloud finetune --role expander|sketcher --data FILE.jsonl [--config FILE] [--name NAME] [--resume]
 """
 
@@ -71,6 +72,11 @@ def _parser() -> argparse.ArgumentParser:
     from pice_cloud.cli_serve import add_serve_arguments
 
     add_serve_arguments(serve)
+    site = sub.add_parser("site", parents=common,
+                          help="serve a site: forward to the cloud while it answers, answer on the site when not")
+    from pice_cloud.cli_serve import add_site_arguments
+
+    add_site_arguments(site)
     return parser
 
 
@@ -148,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             from pice_cloud.finetune import cli as finetune_cli
 
             return finetune_cli.run(args)
-        if args.command == "serve":
+        if args.command in ("serve", "site"):
             from pice_cloud.cli_serve import run_serve
 
             return run_serve(args)

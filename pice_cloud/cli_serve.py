@@ -1,4 +1,5 @@
-"""``pice-cloud serve``: flags, configuration and the server's life (kept apart from cli.py).
+"""``pice-cloud serve`` and ``pice-cloud site``: flags, configuration and the server's life (kept
+apart from cli.py). A site is a server with a ``site`` section (`pice_cloud.site`).
 
 Flags override ``PICE_*`` environment variables, which override the ``--config`` file.
 """
@@ -37,6 +38,38 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-concurrent", type=int, default=None, help="server.max_concurrent")
     parser.add_argument("--max-queue", type=int, default=None, help="server.max_queue")
     add_credential_options(parser, default_username=CLOUD_USERNAME)
+
+
+def add_site_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``site`` sub-command's flags: those of ``serve`` and the site's own."""
+    add_serve_arguments(parser)
+    parser.add_argument("--name", default=None, help="the site's name (site.name; its service is cloud_id site-NAME)")
+    parser.add_argument("--cloud", default=None, metavar="URL",
+                        help="the cloud's API, e.g. https://cloud.example:8000/v1 (site.cloud_url); default: learned "
+                             "from the cloud's status on the bridged site broker, or zeroconf")
+    parser.add_argument("--cloud-id", default=None,
+                        help="the cloud replica whose MQTT status the site follows (site.cloud_id)")
+    parser.add_argument("--profile", default=None, metavar="NAME",
+                        help="device profile: the site's LLM (llm.kind edge, on llm.runtime) takes its execution "
+                             "providers, precision and threads, and the budget of its `site:` section")
+
+
+def site_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``site`` flags that were given, nested like the configuration file (always with a
+    ``site`` section: that is what makes the server a site)."""
+    out = overrides(args)
+    if args.profile is not None:
+        from pice_cloud.llm.edge_runtime import site_llm_overrides
+
+        for section, values in site_llm_overrides(args.profile).items():
+            out[section] = {**values, **out.get(section, {})}
+    site: dict[str, Any] = {}
+    for flag, key in (("name", "name"), ("cloud", "cloud_url"), ("cloud_id", "cloud_id")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            site[key] = value
+    out["site"] = site
+    return out
 
 
 def overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -82,7 +115,8 @@ def run_serve(args: argparse.Namespace) -> int:
     `PiceError` (the caller prints them and exits 2)."""
     from pice_cloud.config import dump_config
 
-    config = load_with_credentials(args.config, overrides(args), args)
+    site = args.command == "site"
+    config = load_with_credentials(args.config, site_overrides(args) if site else overrides(args), args)
     if args.print_config:
         sys.stdout.write(dump_config(config))
         return 0
@@ -91,7 +125,8 @@ def run_serve(args: argparse.Namespace) -> int:
     install_sigterm_as_exit()
 
     def ready(url: str) -> None:
-        print(f"[pice] serving on {url}/v1 (OpenAI-compatible; GET {url}/health)", file=sys.stderr, flush=True)
+        role = f"site {config.site.name} " if config.site is not None else ""
+        print(f"[pice] {role}serving on {url}/v1 (OpenAI-compatible; GET {url}/health)", file=sys.stderr, flush=True)
 
     asyncio.run(serve(config, on_ready=ready, log_level=args.log_level))
     return 0

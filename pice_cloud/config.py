@@ -309,6 +309,8 @@ class CloudConfig(BaseSettings):
     edges: EdgesConfig = Field(default_factory=EdgesConfig)
     service: ServiceConfig = Field(default_factory=ServiceConfig)
     discovery: DiscoveryConfig = Field(default_factory=DiscoveryConfig)
+    site: SiteConfig | None = Field(default=None, description="the site role (pice-cloud site): forward to "
+                                   "the cloud while it answers, answer on the site while it does not")
 
     @classmethod
     def settings_customise_sources(
@@ -324,9 +326,12 @@ class CloudConfig(BaseSettings):
 
     @property
     def local_edges(self) -> int:
-        """In-process edges to start: explicit, else 2 on the embedded broker and 0 on an external one."""
+        """In-process edges to start: explicit, else 2 on the embedded broker and 0 on an external one
+        (and 0 on a site, whose peers are edge processes on the site broker)."""
         if self.edges.local is not None:
             return self.edges.local
+        if self.site is not None:
+            return 0
         return defaults.LOCAL_EDGES if self.broker is None else 0
 
     @property

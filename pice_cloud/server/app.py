@@ -155,6 +155,8 @@ def create_app(service: PiceService, llm: LLMBackend, config: CloudConfig) -> Fa
         describe = getattr(service.selector, "describe", None)
         if callable(describe):
             body["selector"] = describe()
+        for name, section in state.health_sections.items():
+            body[name] = section()
         return JSONResponse(body, status_code=503 if admission.draining else 200)
 
     @app.get("/metrics")

@@ -189,7 +189,7 @@ class Job(abc.ABC, Generic[RequestT]):
         completion_tokens = stats.cloud_tokens if exact else count_tokens(llm, final.text)
         use = usage(self._prompt_tokens(), completion_tokens, stats.cloud_tokens, stats.edge_tokens)
         self.record(stats, "ok")
-        return finish, use, _pice_info(stats)
+        return finish, use, _pice_info(stats, self.state.served_by(stats))
 
     def record(self, stats: AnswerStats | None, outcome: str) -> None:
         m = self.state.metrics
@@ -277,9 +277,9 @@ class Job(abc.ABC, Generic[RequestT]):
             self.release()
 
 
-def _pice_info(stats: AnswerStats) -> dict[str, Any]:
-    return {"mode": stats.mode, "points_edge": stats.points_edge, "points_cloud": stats.points_cloud,
-            "devices": stats.devices, "sketch_s": round(stats.sketch_s, 4),
+def _pice_info(stats: AnswerStats, served_by: str) -> dict[str, Any]:
+    return {"served_by": served_by, "mode": stats.mode, "points_edge": stats.points_edge,
+            "points_cloud": stats.points_cloud, "devices": stats.devices, "sketch_s": round(stats.sketch_s, 4),
             "schedule_s": round(stats.schedule_s, 6),
             "first_content_s": round(stats.first_token_s, 4), "first_point_s": round(stats.first_text_s, 4),
             "total_s": round(stats.total_s, 4),

@@ -149,8 +149,13 @@ async def serve(config: CloudConfig, *, on_ready: Callable[[str], None] | None =
     sock = bind(config.server.host, config.server.port)
     url = url_of(sock)
     try:
-        async with start_system(config, api_url=url + "/v1") as system:
+        async with start_system(config, api_url=url + "/v1") as system, contextlib.AsyncExitStack() as roles:
             app = create_app(system.service, system.llm, config)
+            if config.site is not None:
+                # A site's front door: forward to the cloud while it answers (`pice_cloud.site`).
+                from pice_cloud.site import site_role
+
+                await roles.enter_async_context(site_role(app, system))
             server = ApiServer(app, handle_signals=handle_signals, log_level=log_level)
             task = asyncio.create_task(server.run_on(sock))
             listening = asyncio.ensure_future(server.listening.wait())

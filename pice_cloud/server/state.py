@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from pice_cloud.config import CloudConfig
+from pice_cloud.events import AnswerStats
 from pice_cloud.llm.base import LLMBackend
 from pice_cloud.metrics import Metrics
 from pice_cloud.server.admission import Admission
@@ -27,6 +30,15 @@ class ApiState:
     created: int = field(default_factory=lambda: int(time.time()))
     #: Clean-up tasks of cancelled requests (strong references until they finish).
     background: set[asyncio.Future[None]] = field(default_factory=set)
+    #: Further sections of ``GET /health`` (the site's uplink), computed per request.
+    health_sections: dict[str, Callable[[], Any]] = field(default_factory=dict)
+
+    def served_by(self, stats: AnswerStats) -> Literal["cloud", "site", "device"]:
+        """Where an answer of this server was computed (``pice.served_by``): the cloud; or, on a
+        site (``pice-cloud site``), across the site's peer edges, or by the site device alone."""
+        if self.config.site is None:
+            return "cloud"
+        return "site" if stats.points_edge else "device"
 
     def answer_tokens(self, asked: int | None) -> int:
         """Most tokens a request's answer may take: what it asked for (``max_tokens``), within
