@@ -17,16 +17,21 @@ UNITS = Path(__file__).resolve().parents[1] / "tools" / "systemd"
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 #: Most exposure `systemd-analyze security` may rate a unit, in its tenths (2.5 of 10).
 MAX_EXPOSURE = 25
+ALL_UNITS = ["pice-cloud.service", "pice-edge.service", "pice-site.service"]
 
 
-def _service(name: str) -> configparser.SectionProxy:
+def _unit(name: str) -> configparser.ConfigParser:
     parser = configparser.ConfigParser(strict=False, interpolation=None)
     parser.optionxform = str  # type: ignore[assignment,method-assign]
     parser.read(UNITS / name)
-    return parser["Service"]
+    return parser
 
 
-@pytest.mark.parametrize("name", ["pice-cloud.service", "pice-edge.service"])
+def _service(name: str) -> configparser.SectionProxy:
+    return _unit(name)["Service"]
+
+
+@pytest.mark.parametrize("name", ALL_UNITS)
 def test_restart_semantics_match_exit_statuses(name: str) -> None:
     service = _service(name)
     assert service["RestartPreventExitStatus"].split() == [str(EXIT_CONFIG)]
@@ -35,12 +40,23 @@ def test_restart_semantics_match_exit_statuses(name: str) -> None:
     assert "StartLimitIntervalSec=0" in (UNITS / name).read_text(), "systemd must never stop retrying"
 
 
-def test_edge_unit_can_reach_jetson_gpus() -> None:
-    assert "video" in _service("pice-edge.service")["SupplementaryGroups"].split()
+@pytest.mark.parametrize("name", ["pice-edge.service", "pice-site.service"])
+def test_jetson_units_can_reach_jetson_gpus(name: str) -> None:
+    assert "video" in _service(name)["SupplementaryGroups"].split()
+
+
+def test_site_unit_runs_for_months_after_its_broker() -> None:
+    service = _service("pice-site.service")
+    # A site is unattended like an edge: back even after a clean exit, except on a config error.
+    assert service["Restart"] == "always"
+    assert service["ExecStart"].split()[:4] == ["/opt/pice/venv/bin/pice-cloud", "site", "--config",
+                                                "/etc/pice/site.yaml"]
+    assert service["EnvironmentFile"] == "-/etc/pice/site.env"
+    assert "mosquitto.service" in _unit("pice-site.service")["Unit"]["After"].split()
 
 
 @pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze is not installed")
-@pytest.mark.parametrize("name", ["pice-cloud.service", "pice-edge.service"])
+@pytest.mark.parametrize("name", ALL_UNITS)
 def test_units_verify_and_are_hardened(name: str, tmp_path: Path) -> None:
     assert SYSTEMD_ANALYZE is not None
     # The unit as installed, with ExecStart pointing at this environment's commands.
@@ -62,4 +78,24 @@ def test_example_cloud_config_validates() -> None:
     config = load_config(UNITS / "cloud.yaml")
     assert config.broker is not None
     assert config.broker.username == "pice-cloud"
+    assert config.local_edges == 0
+
+
+def test_example_site_config_validates() -> None:
+    from pice_cloud.config import load_config
+    from pice_edge.profiles import load_profile
+
+    config = load_config(UNITS / "site.yaml")
+    assert config.site is not None
+    assert config.site.cloud_url is not None
+    assert config.site.cloud_url.startswith("https://")
+    assert config.broker is not None
+    assert config.broker.url.startswith(("mqtt://127.0.0.1:", "mqtts://127.0.0.1:"))  # the site's own broker
+    assert config.llm.kind == "edge"
+    assert config.llm.runtime == "onnxruntime"
+    assert config.llm.profile is not None
+    profile = load_profile(config.llm.profile)  # a packaged profile, sized for the site role
+    assert profile.site is not None
+    assert config.server.max_concurrent == profile.site.max_concurrent
+    assert config.service.router == "heuristic"  # the MiniLM router needs torch, which a site has not
     assert config.local_edges == 0
