@@ -58,11 +58,14 @@ CLOUD_ENV = {"PICE_SERVICE__SKETCH_GUARD": "false", "PICE_SERVICE__EXPANSION_GUA
 class Proc:
     """A child process logging to a file; stopped with SIGTERM, then SIGKILL."""
 
-    def __init__(self, cmd: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, cmd: list[str], log: Path, env: dict[str, str] | None = None,
+                 base_env: dict[str, str] | None = None) -> None:
+        """``base_env`` (default `CLOUD_ENV`, what random models need) and ``env`` over ours."""
         self.log_path = log
         with open(log, "ab") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-                                         env={**os.environ, **CLOUD_ENV, **(env or {})})
+                                         env={**os.environ, **(CLOUD_ENV if base_env is None else base_env),
+                                              **(env or {})})
 
     @property
     def pid(self) -> int:
