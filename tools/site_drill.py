@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -444,6 +445,11 @@ def main() -> int:
     return 0 if summary["lost"] == 0 and summary["duplicated"] == 0 else 1
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM stops the drill's processes like Ctrl-C does
+
+
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    signal.signal(signal.SIGTERM, _interrupt)
     sys.exit(main())

@@ -18,7 +18,10 @@ What happens when the cloud fails a forwarded request depends on what the client
 
 A forwarded request gives up on the cloud when the uplink goes down (`Uplink.down`, set by the
 probes or another request's failure), when the connection takes ``connect_timeout_s``, when a
-stream is silent for ``idle_timeout_s``, or after ``request_timeout_s``.
+stream is silent for ``idle_timeout_s``, or after ``request_timeout_s``. Only a failure that says
+the cloud is gone (refused, reset, a connection closed mid-answer, 502/503/504) takes the site off
+the cloud for every request at once; a slow or failed answer is that request's own (it is
+answered here) and the probes judge whether the cloud still answers.
 """
 
 from __future__ import annotations
@@ -207,7 +210,8 @@ class SiteForwarder:
         await asyncio.wait([task])  # let it unwind; its outcome no longer matters
         if finished:
             raise GiveUp(f"the uplink went down while waiting for {what}", unwell=False)
-        raise GiveUp(f"no {what} from the cloud within {timeout:g}s")
+        # Slow is not gone: the probes judge whether the cloud still answers.
+        raise GiveUp(f"no {what} from the cloud within {timeout:g}s", unwell=False)
 
     async def _forward(self, scope: Scope, body: bytes, request: dict[str, Any], stream: bool,
                        receive: Receive, send: Send) -> ServedBy:
@@ -247,9 +251,10 @@ class SiteForwarder:
         sent = _Stream()
         held: list[bytes] = []  # opening chunks, held until the first text: a failure before it is invisible
         buffer = bytearray()
-        chunks = response.aiter_raw()
+        chunks = response.aiter_bytes()
         gone = asyncio.ensure_future(_disconnected(receive))
         failure: str | None = None
+        unwell = False  # whether the failure says the cloud is gone (not just slow or failing one answer)
         try:
             while not sent.done:
                 if gone.done():
@@ -258,10 +263,10 @@ class SiteForwarder:
                 try:
                     piece = await self._race(anext(chunks), self.site.idle_timeout_s, "stream data")
                 except StopAsyncIteration:
-                    failure = "the cloud's stream ended before [DONE]"
+                    failure, unwell = "the cloud's stream ended before [DONE]", True
                     break
                 except httpx.HTTPError as exc:
-                    failure = f"the cloud's stream broke: {type(exc).__name__}: {exc}"
+                    failure, unwell = f"the cloud's stream broke: {type(exc).__name__}: {exc}", True
                     break
                 except GiveUp as exc:
                     failure = str(exc)
@@ -291,8 +296,9 @@ class SiteForwarder:
             return "cloud"
         assert failure is not None
         if not sent.started:
-            raise GiveUp(failure)
-        self.uplink.report_failure(failure)
+            raise GiveUp(failure, unwell=unwell)
+        if unwell:
+            self.uplink.report_failure(failure)
         log.warning("site: the cloud stopped half-way through a stream (%s); finishing it on the site", failure)
         await self._continue(scope["path"], request, sent, send)
         return "cloud+site"
@@ -334,13 +340,12 @@ class SiteForwarder:
         ident = {"request_id": sent.ident.get("id", "chatcmpl-site"), "model": sent.ident.get("model", "pice"),
                  "created": int(sent.ident.get("created", time.time()))}
         chat = path == "/v1/chat/completions"
-        finish: FinishReason = "stop"
-        added = ""
+        if sent.finished is not None:
+            # The answer's end reached the client; only the stream's end mark is missing.
+            await send({"type": "http.response.body", "body": _sse("[DONE]"), "more_body": False})
+            return
         try:
-            if sent.finished is None:
-                added, finish = await self._rest(chat, request, sent.text)
-            else:
-                finish = sent.finished
+            added, finish = await self._rest(chat, request, sent.text)
             info = {"served_by": "cloud+site", "mode": "cloud", "continued_at_chars": len(sent.text)}
             if chat:
                 events: list[dict[str, Any]] = []
