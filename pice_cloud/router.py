@@ -380,11 +380,12 @@ def simulate_auto(samples: Sequence[CalibrationSample], threshold: float) -> Thr
     )
 
 
-def calibrate_threshold(samples: Sequence[CalibrationSample]) -> tuple[ThresholdPoint, list[ThresholdPoint]]:
+def calibrate_threshold(samples: Sequence[CalibrationSample], tolerance: float = 0.0,
+                        ) -> tuple[ThresholdPoint, list[ThresholdPoint]]:
     """The threshold that serves the most questions progressively while every mean quality
-    metric of ``auto`` stays >= cloud-only's (ties: the better first metric, then the higher
-    threshold), and the whole curve. With no such threshold the answer routes nothing
-    progressive (the highest threshold the weights file accepts).
+    metric of ``auto`` stays >= cloud-only's less ``tolerance`` (ties: the better first metric,
+    then the higher threshold), and the whole curve. With no such threshold the answer routes
+    nothing progressive (the highest threshold the weights file accepts).
 
     Raises:
         ValueError: no samples, or samples with different numbers of metrics.
@@ -397,7 +398,7 @@ def calibrate_threshold(samples: Sequence[CalibrationSample]) -> tuple[Threshold
     # The routing only changes at the samples' own probabilities.
     thresholds = sorted({min(max(s.probability, 1e-4), 1 - 1e-4) for s in samples} | {1 - 1e-4})
     curve = [simulate_auto(samples, t) for t in thresholds]
-    feasible = [c for c in curve if all(a >= b for a, b in zip(c.quality, cloud.quality, strict=True))]
+    feasible = [c for c in curve if all(a >= b - tolerance for a, b in zip(c.quality, cloud.quality, strict=True))]
     if not feasible:
         return curve[-1], curve
     return max(feasible, key=lambda c: (c.served_progressive, c.quality[0], c.threshold)), curve

@@ -440,6 +440,14 @@ def test_calibrated_threshold_keeps_auto_as_good_as_cloud_only() -> None:
     assert 0.0 < best.threshold < 1.0
 
 
+def test_a_tolerance_admits_thresholds_within_it_and_no_further() -> None:
+    samples = [_sample(0.9, 0.70, 0.80), _sample(0.8, 0.70, 0.75), _sample(0.6, 0.70, 0.66),
+               _sample(0.4, 0.70, 0.50), _sample(0.2, 0.70, 0.30)]
+    # At 0.4 auto's mean is 0.70 + (0.10 + 0.05 - 0.04 - 0.20) / 5 = 0.682: 0.018 below cloud-only.
+    assert calibrate_threshold(samples, tolerance=0.02)[0].threshold == pytest.approx(0.4)
+    assert calibrate_threshold(samples, tolerance=0.01)[0].threshold == pytest.approx(0.6)
+
+
 def test_calibration_counts_guard_fallbacks_as_cloud_only() -> None:
     # Routed progressive but the guards refused the sketch: the answer was cloud-only, so it
     # adds no progressive share (and the tie-break then prefers the better quality).

@@ -8,8 +8,9 @@ router, never the Vicuna questions the benchmark reports). For every candidate t
 ``auto`` is simulated question by question: the router's P(suits a sketch) >= t takes the
 progressive answer (which is itself cloud-only when the sketch guards refused both sketches, as
 in service), otherwise the cloud-only one. The chosen t maximises the share of questions served
-progressively subject to mean MiniLM cosine and mean ROUGE-L of auto >= cloud-only's; ties go to
-the higher cosine. The curve (share progressive vs quality, per threshold) and the choice are
+progressively subject to mean MiniLM cosine and mean ROUGE-L of auto >= cloud-only's less
+``--tolerance`` (default 0.005: the quality bar `auto` is held to, issue 23); ties go to the higher
+cosine. The curve (share progressive vs quality, per threshold) and the choice are
 written to ``tools/results/router_calibration.{json,png}`` (``--out``); ``--write`` also stores
 the threshold and how it was chosen in ``pice_cloud/data/router.json``.
 
@@ -92,6 +93,8 @@ def main() -> int:
     parser.add_argument("--rows", type=Path, required=True, help="eval_modes.py answers (modes cloud, progressive)")
     parser.add_argument("--weights", type=Path, default=WEIGHTS)
     parser.add_argument("--write", action="store_true", help="store the chosen threshold in --weights")
+    parser.add_argument("--tolerance", type=float, default=0.005,
+                        help="how far below cloud-only auto's mean cosine and ROUGE-L may be (default 0.005)")
     parser.add_argument("--out", type=Path, default=RESULTS / "router_calibration.json",
                         help="the curve and the choice (JSON; the plot goes beside it as .png)")
     args = parser.parse_args()
@@ -105,7 +108,7 @@ def main() -> int:
         raise SystemExit("the embedding model is not available (pice-edge models fetch all-minilm-l6-v2): "
                          "a threshold calibrated on the keyword fallback would be meaningless")
     samples = [sample(q, router.predict(q["question"]).probability) for q in pairs]
-    best, points = calibrate_threshold(samples)
+    best, points = calibrate_threshold(samples, args.tolerance)
     chosen, curve = as_dict(best), [as_dict(p) for p in points]
     cloud, always = as_dict(simulate_auto(samples, math.inf)), as_dict(simulate_auto(samples, 0.0))
     print(f"{len(pairs)} questions; cloud-only cosine {cloud['cosine']} ROUGE-L {cloud['rouge_l']}; "
@@ -119,7 +122,8 @@ def main() -> int:
     previous = weights.threshold
     result = {"questions": len(pairs), "rows": str(args.rows.relative_to(ROOT)) if args.rows.is_absolute()
               and args.rows.is_relative_to(ROOT) else str(args.rows),
-              "rule": "max share served progressively s.t. auto's mean cosine and ROUGE-L >= cloud-only's",
+              "rule": f"max share served progressively s.t. auto's mean cosine and ROUGE-L >= cloud-only's "
+                      f"- {args.tolerance:g}",
               "previous_threshold": previous, "chosen": chosen, "cloud_only": cloud, "all_progressive": always,
               "curve": curve, "command": "python tools/calibrate_router.py " + " ".join(sys.argv[1:]),
               "created": time.strftime("%Y-%m-%d")}
