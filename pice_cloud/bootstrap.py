@@ -317,7 +317,8 @@ async def _advertise(config: CloudConfig, service: PiceService, broker_url: str,
     try:
         await discovery.start()
         await discovery.advertise_cloud(CloudAdvert(cloud_id=service.cloud_id, broker_url=broker_url,
-                                                    fleet=disc.fleet, api_url=api_url))
+                                                    fleet=disc.fleet, api_url=api_url,
+                                                    role="site" if config.site is not None else ""))
         service.fleet.watch_zeroconf(discovery, disc.fleet)
     except Exception as exc:
         # Discovery is a convenience: edges can always be given --broker.

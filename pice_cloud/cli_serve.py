@@ -59,10 +59,9 @@ def site_overrides(args: argparse.Namespace) -> dict[str, Any]:
     ``site`` section: that is what makes the server a site)."""
     out = overrides(args)
     if args.profile is not None:
-        from pice_cloud.llm.edge_runtime import site_llm_overrides
-
-        for section, values in site_llm_overrides(args.profile).items():
-            out[section] = {**values, **out.get(section, {})}
+        # Only what --profile names is a flag; the sizes the profile's site section suggests
+        # stay below the file and PICE_* variables (`apply_site_profile`).
+        out["llm"] = {"kind": "edge", "profile": args.profile, **out.get("llm", {})}
     site: dict[str, Any] = {}
     for flag, key in (("name", "name"), ("cloud", "cloud_url"), ("cloud_id", "cloud_id")):
         value = getattr(args, flag, None)
@@ -70,6 +69,21 @@ def site_overrides(args: argparse.Namespace) -> dict[str, Any]:
             site[key] = value
     out["site"] = site
     return out
+
+
+def apply_site_profile(config: CloudConfig) -> CloudConfig:
+    """``server.max_concurrent`` from the device profile's ``site:`` section when nothing set it
+    (the LLM's own sizes come from the profile in the backend, `pice_cloud.llm.edge_runtime`)."""
+    if config.llm.kind != "edge" or not config.llm.profile or "max_concurrent" in config.server.model_fields_set:
+        return config
+    from pice_cloud.llm.edge_runtime import site_llm_overrides
+
+    try:
+        concurrent = site_llm_overrides(config.llm.profile)["server"]["max_concurrent"]
+    except ConfigError:
+        return config  # a profile without a site section: the backend sizes from its edge settings
+    server = config.server.model_copy(update={"max_concurrent": concurrent})
+    return config.model_copy(update={"server": server})
 
 
 def overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -117,6 +131,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
     site = args.command == "site"
     config = load_with_credentials(args.config, site_overrides(args) if site else overrides(args), args)
+    if site:
+        config = apply_site_profile(config)
     if args.print_config:
         sys.stdout.write(dump_config(config))
         return 0

@@ -18,6 +18,7 @@ Extensions (ignored by clients that do not know them):
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from typing import Any, Literal, TypeVar
@@ -389,6 +390,12 @@ def usage_chunk(request_id: str, model: str, created: int, usage_: dict[str, int
     """The final chunk sent when ``stream_options.include_usage`` is set: no choices, the usage."""
     return {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
             "choices": [], "usage": usage_}
+
+
+def sse(data: dict[str, Any] | str) -> bytes:
+    """One server-sent event carrying ``data`` (an object as compact JSON, or a mark like ``[DONE]``)."""
+    text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return f"data: {text}\n\n".encode()
 
 
 def models_list(ids: list[str], created: int) -> dict[str, Any]:

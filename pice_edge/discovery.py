@@ -21,6 +21,7 @@ slots    edge  free batch slots (updated when they change, at most every 2 s)
 batch    edge  max batch
 broker   cloud MQTT broker URL (mqtt://host:port)
 api      cloud HTTP API URL (may be empty)
+role     cloud ``site`` for a site's own service (``pice-cloud site``); absent for a cloud
 ======== ===== ================================================================
 
 Each ``key=value`` string must fit DNS-SD's 255-byte limit: descriptive values (profile,
@@ -157,11 +158,13 @@ class CloudAdvert:
     broker_url: str
     fleet: str = DEFAULT_FLEET
     api_url: str = ""
+    #: "site" for a site's own service: a site never takes another site for its cloud.
+    role: str = ""
 
     def properties(self) -> dict[str, str]:
         return txt_properties({
             "pv": str(PROTOCOL_VERSION), "id": self.cloud_id, "fleet": self.fleet, "broker": self.broker_url,
-            "api": self.api_url,
+            "api": self.api_url, **({"role": self.role} if self.role else {}),
         })
 
 

@@ -332,3 +332,20 @@ def test_site_configuration_names_the_field_and_the_cli_prints_it(tmp_path: Path
     assert "name: dock-4" in out
     config = load_config(None, {"site": {"name": "dock-4"}, "broker": {"url": "mqtt://127.0.0.1:1"}})
     assert config.local_edges == 0, "a site's peers are edge processes; it starts none of its own"
+
+
+
+def test_a_site_profile_sizes_what_nothing_else_set(monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from pice_cloud.cli import main
+
+    flags = ["site", "--print-config", "--profile", "jetson-orin-nx-16gb", "--broker", "mqtt://127.0.0.1:1"]
+    assert main(flags) == 0
+    out = capsys.readouterr().out
+    assert "kind: edge" in out
+    assert "max_concurrent: 8" in out  # the profile's site section
+    monkeypatch.setenv("PICE_SERVER__MAX_CONCURRENT", "3")  # the operator's own setting wins
+    assert main(flags) == 0
+    assert "max_concurrent: 3" in capsys.readouterr().out
+    assert main(["site", "--print-config", "--profile", "jetson-orin-nano-8gb", "--broker", "mqtt://127.0.0.1:1"]) \
+        == 0, "a profile without a site section still runs (sized from its edge settings)"

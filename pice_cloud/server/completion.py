@@ -14,7 +14,6 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
-import json
 import logging
 import time
 import uuid
@@ -38,6 +37,7 @@ from pice_cloud.openai_schema import (
     conversation,
     error_body,
     logprobs_content,
+    sse,
     text_chunk,
     text_completion,
     usage,
@@ -64,11 +64,6 @@ class ClientGone(Exception):
 
 class _Aborted(Exception):
     """The shutdown grace period ended before the request did."""
-
-
-def _sse(data: dict[str, Any] | str) -> bytes:
-    text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
-    return f"data: {text}\n\n".encode()
 
 
 #: The request a job answers: a chat completion, or a legacy text completion.
@@ -228,7 +223,7 @@ class Job(abc.ABC, Generic[RequestT]):
         """Server-sent events: the role, one delta per point (or the cloud answer), the finish."""
         try:
             for opening in self._opening_chunks():
-                yield _sse(opening)
+                yield sse(opening)
             sent = 0
             final: AnswerEvent | None = None
             # aclosing: if our consumer stops (Starlette cancels the response when the client goes),
@@ -253,14 +248,14 @@ class Job(abc.ABC, Generic[RequestT]):
                     if text:
                         self._content_started()
                         sent += 1
-                        yield _sse(self._delta(text))
+                        yield sse(self._delta(text))
             if final is None:
                 raise CloudError("the service ended without an answer")
             finish, use, info = self.finish(final)
-            yield _sse(self._closing_chunk(finish, info))
+            yield sse(self._closing_chunk(finish, info))
             if self.request.stream_options is not None and self.request.stream_options.include_usage:
-                yield _sse(self._usage_chunk(use))
-            yield _sse("[DONE]")
+                yield sse(self._usage_chunk(use))
+            yield sse("[DONE]")
         except ClientGone:
             log.info("%s: client disconnected; request cancelled", self.id)
             self.record(None, "cancelled")
@@ -271,8 +266,8 @@ class Job(abc.ABC, Generic[RequestT]):
         except Exception as exc:
             error = api_error(exc)
             self.record(None, "error")
-            yield _sse(error_body(error))
-            yield _sse("[DONE]")
+            yield sse(error_body(error))
+            yield sse("[DONE]")
         finally:
             self.release()
 

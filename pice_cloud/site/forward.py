@@ -27,6 +27,8 @@ answered here) and the probes judge whether the cloud still answers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hmac
 import json
 import logging
 import time
@@ -38,6 +40,7 @@ import httpx
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pice_cloud.config import CloudConfig
+from pice_cloud.errors import CloudError
 from pice_cloud.llm.base import ChatRequest, LLMBackend, TextRequest, count_tokens
 from pice_cloud.openai_schema import (
     ChatCompletionRequest,
@@ -45,6 +48,8 @@ from pice_cloud.openai_schema import (
     FinishReason,
     chunk,
     conversation,
+    sse,
+    stop_strings,
     text_chunk,
     usage,
     usage_chunk,
@@ -55,18 +60,25 @@ log = logging.getLogger(__name__)
 
 #: The routes forwarded to the cloud while it answers.
 FORWARDED = frozenset({"/v1/chat/completions", "/v1/completions"})
-#: Cloud answers that send this request to the site instead (the cloud is busy or failing).
-ANSWER_HERE = frozenset({429, 500, 502, 503, 504})
-#: Of those, the ones that also mean the cloud itself is unwell (not just busy).
-UNWELL = frozenset({502, 503, 504})
+#: Cloud answers that send this request to the site instead: the cloud is busy or failing (429,
+#: 5xx), or refuses the site itself (401, 403: a wrong ``site.cloud_api_key``; 404: a wrong
+#: ``site.cloud_url``), which the site's own client could not have caused or fixed.
+ANSWER_HERE = frozenset({401, 403, 404, 429, 500, 502, 503, 504})
+#: Of those, the ones that mean the cloud itself is gone (a 503 only when it is shutting down:
+#: a busy cloud's queue timeout is a 503 too).
+UNWELL = frozenset({502, 504})
+#: A request that has passed through a site carries this header: a site never forwards it again
+#: (two sites that took each other for the cloud would pass a request back and forth).
+SITE_HEADER = "x-pice-site"
 #: Where an answer came from (``pice.served_by``; the site app's own say "site" or "device").
 ServedBy = Literal["cloud", "cloud+site"]
 
 T = TypeVar("T")
 
 
-class GiveUp(Exception):
-    """The cloud will not answer this request; the message says why."""
+class _GiveUp(Exception):
+    """The cloud will not answer this request; the message says why (control flow only: the
+    request is then answered on the site)."""
 
     def __init__(self, reason: str, *, unwell: bool = True) -> None:
         super().__init__(reason)
@@ -132,7 +144,7 @@ class SiteForwarder:
             await self.app(scope, receive, send)
             return
         if (self.uplink.route != "cloud" or self.uplink.cloud_url is None or self._draining()
-                or not self._authorized(scope)):
+                or not self._authorized(scope) or any(k == SITE_HEADER.encode() for k, _ in scope["headers"])):
             self._count("site")
             await self.app(scope, receive, send)
             return
@@ -152,7 +164,7 @@ class SiteForwarder:
             return
         try:
             served = await self._forward(scope, body, request, stream, receive, send)
-        except GiveUp as exc:
+        except _GiveUp as exc:
             if exc.unwell:
                 self.uplink.report_failure(str(exc))
             log.warning("site: %s %s answered on the site: %s", scope["method"], scope["path"], exc)
@@ -167,7 +179,7 @@ class SiteForwarder:
         if self._api_key is None:
             return True
         given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
-        return bool(given.decode("latin-1") == f"Bearer {self._api_key}")
+        return hmac.compare_digest(given, f"Bearer {self._api_key}".encode("latin-1"))
 
     async def _read_body(self, receive: Receive) -> tuple[bytes, bool]:
         """The request body and whether it is whole: reading stops past ``server.max_body_bytes``
@@ -181,27 +193,31 @@ class SiteForwarder:
                 return b"".join(chunks), False
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
-            if not message.get("more_body", False):
-                return b"".join(chunks), True
             if size > limit:
                 return b"".join(chunks), False
+            if not message.get("more_body", False):
+                return b"".join(chunks), True
 
     def _headers(self, scope: Scope) -> dict[str, str]:
         headers = {"content-type": "application/json", "accept": "application/json, text/event-stream"}
-        if self._cloud_auth:
+        if self._cloud_auth and self.uplink.url_configured:
+            # The key goes only to the configured cloud, never to one found on zeroconf.
             headers["authorization"] = self._cloud_auth
         for name, value in scope["headers"]:
             if name in (b"x-request-id", b"user-agent"):
                 headers[name.decode("latin-1")] = value.decode("latin-1")
-        headers["x-pice-site"] = self.site.name
+        headers[SITE_HEADER] = self.site.name
         return headers
 
     async def _race(self, work: Awaitable[T], timeout: float, what: str) -> T:
-        """``work``, unless the uplink goes down or ``timeout`` passes first (`GiveUp`)."""
+        """``work``, unless the uplink goes down or ``timeout`` passes first (`_GiveUp`)."""
         task: asyncio.Future[T] = asyncio.ensure_future(work)
         down: asyncio.Future[Any] = asyncio.ensure_future(self.uplink.down.wait())
         try:
             finished, _ = await asyncio.wait([task, down], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # this request was cancelled (client gone, shutdown): so is its work
+            task.cancel()
+            raise
         finally:
             down.cancel()
         if task in finished:
@@ -209,44 +225,68 @@ class SiteForwarder:
         task.cancel()
         await asyncio.wait([task])  # let it unwind; its outcome no longer matters
         if finished:
-            raise GiveUp(f"the uplink went down while waiting for {what}", unwell=False)
+            raise _GiveUp(f"the uplink went down while waiting for {what}", unwell=False)
         # Slow is not gone: the probes judge whether the cloud still answers.
-        raise GiveUp(f"no {what} from the cloud within {timeout:g}s", unwell=False)
+        raise _GiveUp(f"no {what} from the cloud within {timeout:g}s", unwell=False)
 
     async def _forward(self, scope: Scope, body: bytes, request: dict[str, Any], stream: bool,
                        receive: Receive, send: Send) -> ServedBy:
         url = f"{self.uplink.cloud_url}{scope['path']}"
         timeout = httpx.Timeout(self.site.request_timeout_s, connect=self.site.connect_timeout_s)
-        upstream = self.uplink.client.build_request("POST", url, content=body, headers=self._headers(scope),
-                                                    timeout=timeout)
         started = time.monotonic()
         try:
+            upstream = self.uplink.client.build_request("POST", url, content=body, headers=self._headers(scope),
+                                                        timeout=timeout)
             response = await self._race(self.uplink.client.send(upstream, stream=True),
                                         self.site.request_timeout_s, "response")
-        except httpx.HTTPError as exc:
-            raise GiveUp(f"{url}: {type(exc).__name__}: {exc}") from exc
+        except _GiveUp:
+            raise
+        except Exception as exc:  # refused, reset, a bad URL: nothing reached the client
+            raise _GiveUp(f"{url}: {type(exc).__name__}: {exc}", unwell=_gone(exc)) from exc
         try:
             if response.status_code in ANSWER_HERE:
-                raise GiveUp(f"the cloud answered {response.status_code}", unwell=response.status_code in UNWELL)
+                await self._refused(response)
             if response.status_code != 200 or not stream:
                 left = self.site.request_timeout_s - (time.monotonic() - started)
                 try:
                     content = await self._race(response.aread(), max(left, 0.001), "answer")
-                except httpx.HTTPError as exc:
-                    raise GiveUp(f"the cloud's answer broke off: {type(exc).__name__}: {exc}") from exc
+                except _GiveUp:
+                    raise
+                except Exception as exc:
+                    raise _GiveUp(f"the cloud's answer broke off: {type(exc).__name__}: {exc}",
+                                  unwell=_gone(exc)) from exc
                 await _send_whole(send, response.status_code, _tagged(content, response.status_code),
                                   response.headers.get("content-type", "application/json"))
                 return "cloud"
             return await self._relay(response, scope, request, receive, send)
         finally:
-            await response.aclose()
+            with contextlib.suppress(Exception):
+                await response.aclose()
+
+    async def _refused(self, response: httpx.Response) -> None:
+        """A 401/403/404/429/5xx from the cloud: this request is answered on the site.
+
+        Raises:
+            _GiveUp: always; ``unwell`` when the answer says the cloud is going (502, 504, a 503
+                ``shutting_down``).
+        """
+        status = response.status_code
+        code = ""
+        with contextlib.suppress(Exception):
+            body = json.loads(await response.aread())
+            code = str(body.get("error", {}).get("code") or "") if isinstance(body, dict) else ""
+        if status in (401, 403, 404):
+            log.error("site: the cloud answered %d (%s) to a forwarded request: check site.cloud_url and "
+                      "site.cloud_api_key; answering on the site", status, code or "no code")
+        raise _GiveUp(f"the cloud answered {status}{f' ({code})' if code else ''}",
+                      unwell=status in UNWELL or (status == 503 and code == "shutting_down"))
 
     async def _relay(self, response: httpx.Response, scope: Scope, request: dict[str, Any], receive: Receive,
                      send: Send) -> ServedBy:
         """Relay a streamed answer event by event; finish it here if the cloud stops half-way.
 
         Raises:
-            GiveUp: the cloud failed before any text reached the client (the site answers all of it).
+            _GiveUp: the cloud failed before any text reached the client (the site answers all of it).
         """
         sent = _Stream()
         held: list[bytes] = []  # opening chunks, held until the first text: a failure before it is invisible
@@ -265,11 +305,11 @@ class SiteForwarder:
                 except StopAsyncIteration:
                     failure, unwell = "the cloud's stream ended before [DONE]", True
                     break
-                except httpx.HTTPError as exc:
-                    failure, unwell = f"the cloud's stream broke: {type(exc).__name__}: {exc}", True
-                    break
-                except GiveUp as exc:
+                except _GiveUp as exc:
                     failure = str(exc)
+                    break
+                except Exception as exc:  # a broken connection, or anything else: the answer must not be lost
+                    failure, unwell = f"the cloud's stream broke: {type(exc).__name__}: {exc}", _gone(exc)
                     break
                 buffer.extend(piece)
                 for event in _events(buffer):
@@ -292,11 +332,17 @@ class SiteForwarder:
         finally:
             gone.cancel()
         if sent.done:
+            if not sent.started:  # an answer without text: what was held goes out now
+                await _start_stream(send)
+                for e in held:
+                    await send({"type": "http.response.body", "body": e, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return "cloud"
+        if gone.done() and not gone.cancelled():
+            return "cloud"  # the client left: nothing to finish
         assert failure is not None
         if not sent.started:
-            raise GiveUp(failure, unwell=unwell)
+            raise _GiveUp(failure, unwell=unwell)
         if unwell:
             self.uplink.report_failure(failure)
         log.warning("site: the cloud stopped half-way through a stream (%s); finishing it on the site", failure)
@@ -342,7 +388,7 @@ class SiteForwarder:
         chat = path == "/v1/chat/completions"
         if sent.finished is not None:
             # The answer's end reached the client; only the stream's end mark is missing.
-            await send({"type": "http.response.body", "body": _sse("[DONE]"), "more_body": False})
+            await send({"type": "http.response.body", "body": sse("[DONE]"), "more_body": False})
             return
         try:
             added, finish = await self._rest(chat, request, sent.text)
@@ -360,16 +406,21 @@ class SiteForwarder:
                 events.append(usage_chunk(ident["request_id"], ident["model"], ident["created"],
                                           usage(0, completion_tokens, count_tokens(self.llm, added), 0)))
             for payload in events:
-                await send({"type": "http.response.body", "body": _sse(payload), "more_body": True})
+                await send({"type": "http.response.body", "body": sse(payload), "more_body": True})
         except Exception as exc:
             log.exception("site: could not finish a broken stream")
             error = {"error": {"message": f"the cloud stopped half-way and the site could not finish the answer: "
                                           f"{exc}", "type": "server_error", "code": "site_continuation_failed"}}
-            await send({"type": "http.response.body", "body": _sse(error), "more_body": True})
-        await send({"type": "http.response.body", "body": _sse("[DONE]"), "more_body": False})
+            await send({"type": "http.response.body", "body": sse(error), "more_body": True})
+        await send({"type": "http.response.body", "body": sse("[DONE]"), "more_body": False})
 
     async def _rest(self, chat: bool, request: dict[str, Any], text: str) -> tuple[str, FinishReason]:
-        """The site LLM's continuation of ``text`` (the answer so far) and its finish reason."""
+        """The site LLM's continuation of ``text`` (the answer so far) and its finish reason, with
+        the request's own sampling settings and stop strings.
+
+        Raises:
+            CloudError: the site's LLM cannot continue this kind of request.
+        """
         cap = self.config.service.max_answer_tokens
         if chat:
             req = ChatCompletionRequest.model_validate(request)
@@ -382,23 +433,47 @@ class SiteForwarder:
                                                          temperature=req.temperature or 0.0,
                                                          top_p=req.top_p if req.top_p is not None else 1.0,
                                                          seed=req.seed)]))[0]
+            stops = req.stop_strings
         else:
             raw = CompletionRequest.model_validate(request)
             complete_raw = getattr(self.llm, "complete_raw", None)
             if complete_raw is None:
-                raise RuntimeError(f"the site's LLM ({self.llm.name}) cannot continue raw text")
-            prompt = raw.prompt if isinstance(raw.prompt, str) else str(raw.prompt)
+                raise CloudError(f"the site's LLM ({self.llm.name}) cannot continue raw text")
+            prompts = [raw.prompt] if isinstance(raw.prompt, str) else raw.prompt
+            if len(prompts) != 1:
+                raise CloudError("a stream of several prompts cannot be continued on the site")
             asked = min(raw.token_limit or cap, cap)
             left = asked - count_tokens(self.llm, text)
             if left <= 0:
                 return "", "length"
-            done = (await complete_raw([TextRequest(prompt=prompt + text, max_tokens=left)]))[0]
-        return done.text, ("length" if done.tokens >= left else "stop")
+            done = (await complete_raw([TextRequest(prompt=prompts[0] + text, max_tokens=left,
+                                                    temperature=raw.temperature or 0.0,
+                                                    top_p=raw.top_p if raw.top_p is not None else 1.0,
+                                                    seed=raw.seed)]))[0]
+            stops = stop_strings(raw.stop)
+        added, stopped = _cut_at_stop(text, done.text, stops)
+        return added, ("stop" if stopped or done.tokens < left else "length")
 
 
-def _sse(data: dict[str, Any] | str) -> bytes:
-    text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
-    return f"data: {text}\n\n".encode()
+def _cut_at_stop(before: str, added: str, stops: tuple[str, ...]) -> tuple[str, bool]:
+    """``added`` cut before the first stop string in ``before + added`` that ends inside it (a
+    stop string may begin in what was already sent); whether one was found."""
+    if not stops or not added:
+        return added, False
+    reach = max(len(stop) for stop in stops) - 1
+    tail = before[-reach:] if reach > 0 else ""
+    window = tail + added
+    hits = [i for stop in stops if stop and (i := window.find(stop)) >= 0 and i + len(stop) > len(tail)]
+    if not hits:
+        return added, False
+    return added[: max(0, min(hits) - len(tail))], True
+
+
+def _gone(exc: BaseException) -> bool:
+    """Whether a failed forward says the cloud is gone (refused, reset, closed mid-answer) rather
+    than slow (a timeout: the probes judge) or wrongly addressed (a bad URL)."""
+    return isinstance(exc, httpx.TransportError) and not isinstance(
+        exc, (httpx.TimeoutException, httpx.UnsupportedProtocol))
 
 
 def _tagged(content: bytes, status: int) -> bytes:

@@ -44,16 +44,21 @@ async def site_role(app: FastAPI, system: System) -> AsyncIterator[Uplink]:
         for name in ("cloud", "site"):
             route.labels(name).set(1 if name == switch.to else 0)
 
-    client = httpx.AsyncClient(follow_redirects=False, trust_env=False)
-    uplink = Uplink(config.site, own_id=system.service.cloud_id, client=client, transport=system.service.transport,
-                    on_switch=on_switch)
+    # Forwarded requests are not admitted here (the cloud admits them): the pool must not be
+    # what limits them, and a full pool must not look like a cloud that is gone.
+    client = httpx.AsyncClient(follow_redirects=False, trust_env=False,
+                               limits=httpx.Limits(max_connections=None, max_keepalive_connections=32))
+    own_url = system.claim.api_url if system.claim is not None else None
+    uplink = Uplink(config.site, own_id=system.service.cloud_id, own_url=own_url, client=client,
+                    transport=system.service.transport, on_switch=on_switch)
     route.labels("site").set(1)
     route.labels("cloud").set(0)
     if system.discovery is not None:
         fleet = config.discovery.fleet
 
         def on_peer(name: str, peer: Peer | None) -> None:
-            if peer is not None and peer.kind == "cloud" and peer.fleet == fleet and peer.compatible:
+            if (peer is not None and peer.kind == "cloud" and peer.fleet == fleet and peer.compatible
+                    and peer.properties.get("role") != "site"):
                 uplink.learn(peer.id, peer.properties.get("api", ""))
 
         system.discovery.watch(on_peer, edges=False, clouds=True)

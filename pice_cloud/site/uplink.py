@@ -5,8 +5,10 @@ Three signs are watched, and any one of them failing takes the site off the clou
 - **Probes**: ``GET {cloud}/health`` every ``probe_interval_s``; a probe refused, unanswered for
   ``probe_timeout_s`` (a hung cloud accepts and never answers), or answered with an error counts
   as failed. ``fail_after`` failures in a row switch to the site.
-- **Forwarded requests**: a request the cloud refuses, drops or lets time out (`report_failure`)
-  switches at once: the next request must not wait for the probes to notice.
+- **Forwarded requests**: a request that finds the cloud gone (connection refused or reset, closed
+  mid-answer, a 502/504 or a 503 ``shutting_down``: `report_failure`) switches at once: the next
+  request must not wait for the probes to notice. A slow or busy cloud (a timeout, a 429, a 503
+  queue timeout) does not: that request is answered on the site and the probes judge.
 - **The cloud's MQTT status** over the bridged site broker (``site.cloud_id``, or the one other
   cloud whose status crosses the bridge): ``online=False`` (its last will) switches at once, and
   so does silence for `SILENT_HEARTBEATS` of its heartbeats (the bridge is cut; MQTT keeps the
@@ -17,7 +19,8 @@ a fresh heartbeat) switch new requests to the cloud again; answers already runni
 finish there. Each switch is logged, counted and timed (`Uplink.switches`).
 
 The cloud's URL is ``site.cloud_url``, else the ``api_url`` in its MQTT status, else its zeroconf
-record's ``api`` property.
+record's ``api`` property (never a site's own record, an unspecified address or the site's own
+URL; the site's ``cloud_api_key`` goes only to a configured URL).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Literal
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -69,15 +73,18 @@ class Uplink:
     Args:
         config: the ``site`` section.
         own_id: the site's own cloud_id (its own status is not the cloud's).
+        own_url: the site's own API URL (never taken for the cloud's).
         transport: the site's MQTT connection (to follow the cloud's status); None: probes only.
         client: the HTTP client for probes (and forwarding); the caller owns it.
         on_switch: called with each `Switch` (metrics).
     """
 
-    def __init__(self, config: SiteConfig, *, own_id: str, client: httpx.AsyncClient,
+    def __init__(self, config: SiteConfig, *, own_id: str, client: httpx.AsyncClient, own_url: str | None = None,
                  transport: MqttTransport | None = None, on_switch: Callable[[Switch], None] | None = None) -> None:
         self.config = config
         self.own_id = own_id
+        self._own_url = api_base(own_url) if own_url else None
+        self._closed = False
         self.client = client
         self.transport = transport
         self._on_switch = on_switch
@@ -105,18 +112,32 @@ class Uplink:
         """The cloud's base URL (no ``/v1``), or None while it is unknown."""
         return self._url_configured or self._url_learned
 
+    @property
+    def url_configured(self) -> bool:
+        """Whether the cloud's URL is the configured one (``site.cloud_url``), not a learned one."""
+        return self._url_configured is not None
+
     def learn(self, cloud_id: str, api_url: str) -> None:
         """A cloud found by zeroconf or MQTT status: followed when none is configured."""
-        if cloud_id == self.own_id or not api_url:
+        if self._closed or cloud_id == self.own_id or not api_url:
             return
         if self.config.cloud_id is not None and cloud_id != self.config.cloud_id:
+            return
+        url = api_base(api_url)
+        host = urlsplit(url).hostname or ""
+        if host in ("", "0.0.0.0", "::") or url == self._own_url:
+            log.debug("site: ignoring cloud %s's address %s (unspecified, or our own)", cloud_id, url)
             return
         if self.cloud_id is None:
             self.cloud_id = cloud_id
             log.info("site: following cloud %s", cloud_id)
-        if cloud_id == self.cloud_id and self._url_learned != api_base(api_url):
-            self._url_learned = api_base(api_url)
-            log.info("site: cloud %s at %s", cloud_id, self._url_learned)
+        if cloud_id == self.cloud_id and self._url_learned != url:
+            moved = self._url_learned is not None
+            self._url_learned = url
+            log.info("site: cloud %s at %s", cloud_id, url)
+            if moved and self._url_configured is None:
+                # Trust the new address only once it has answered the probes.
+                self._switch("site", f"cloud {cloud_id} moved to {url}")
 
     def _on_status(self, message: Message) -> None:
         try:
@@ -130,7 +151,11 @@ class Uplink:
             self.learn(status.cloud_id, status.api_url)
         if status.cloud_id != self.cloud_id:
             return
-        self._status, self._status_at = status, time.monotonic()
+        self._status = status
+        if not message.retain:
+            # A retained status is the broker's memory, not a sign of life: only a live
+            # publication (a heartbeat) counts as one.
+            self._status_at = time.monotonic()
         if not status.online and self.route == "cloud":
             self._switch("site", f"cloud {status.cloud_id} went offline (its MQTT status)")
 
@@ -197,7 +222,8 @@ class Uplink:
         if response.status_code != 200:
             return f"{url}/health answered {response.status_code}"
         with contextlib.suppress(ValueError):
-            if response.json().get("status") == "shutting_down":
+            body = response.json()
+            if isinstance(body, dict) and body.get("status") == "shutting_down":
                 return "the cloud is shutting down"
         return self._status_problem()
 
@@ -232,6 +258,9 @@ class Uplink:
         self._task = asyncio.create_task(self._run(), name="pice-site-uplink")
 
     async def close(self) -> None:
+        self._closed = True
+        if self.transport is not None:
+            self.transport.unsubscribe(CLOUD_STATUS_FILTER)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
