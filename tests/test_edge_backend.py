@@ -304,6 +304,7 @@ TORCH_FREE = textwrap.dedent("""
     sys.modules["torch"] = None  # any import of them fails
     sys.modules["transformers"] = None
     import pice_cloud.bootstrap, pice_cloud.server, pice_cloud.service, pice_cloud.llm.edge_runtime
+    import pice_cloud.cli, pice_cloud.cli_serve, pice_cloud.site
     from pice_cloud.bootstrap import start_system
     from pice_cloud.config import load_config
     from pice_cloud.llm.base import ChatMessage, ChatRequest, Completion
@@ -312,9 +313,13 @@ TORCH_FREE = textwrap.dedent("""
     async def main():
         overrides = site_llm_overrides("x86-cpu-dev")
         overrides["llm"].update(model=sys.argv[1], threads=1)
-        overrides.update(edges={"local": 0}, discovery={"enabled": False})
+        # The site role (`pice-cloud site`), its cloud unreachable: nothing listens on port 9.
+        overrides.update(discovery={"enabled": False}, site={"cloud_url": "http://127.0.0.1:9/v1"})
+        config = load_config(overrides=overrides)
         # The whole system as serving builds it: backend from the configuration, broker, service.
-        async with start_system(load_config(overrides=overrides)) as system:
+        async with start_system(config) as system, \
+                pice_cloud.site.site_role(pice_cloud.server.create_app(system.service, system.llm, config),
+                                          system) as uplink:
             llm = system.llm
             request = ChatRequest([ChatMessage("user", "Why is the sky blue?")], max_tokens=12)
             [whole] = await llm.complete([request])
@@ -323,7 +328,8 @@ TORCH_FREE = textwrap.dedent("""
             return {"backend": type(llm).__name__, "complete": whole.text, "tokens": whole.tokens,
                     "stream": "".join(i for i in items if isinstance(i, str)), "pieces": len(items) - 1,
                     "final": items[-1].text if isinstance(items[-1], Completion) else None,
-                    "counted": llm.count_prompt_tokens(request.messages), "answer": events[-1].text}
+                    "counted": llm.count_prompt_tokens(request.messages), "answer": events[-1].text,
+                    "route": uplink.route}
 
     result = asyncio.run(main())
     result["torch_loaded"] = sys.modules.get("torch") is not None or sys.modules.get("transformers") is not None
@@ -349,3 +355,4 @@ def test_serving_path_needs_no_torch(tiny_onnx: Path) -> None:
     assert result["counted"] > 0
     assert result["answer"] == result["complete"].strip()  # the service's cloud-only answer, stripped
     assert not result["torch_loaded"]
+    assert result["route"] == "site"

@@ -637,3 +637,23 @@ def test_eval_quality_measures_answers_sketches_and_points(tiny_model: Path, wor
         assert 0.0 <= m["rouge_l"] <= 1.0
     assert points["cosine_gain"] == 0.0  # the same model on both sides
     assert md.read_text().startswith("# Answer quality")
+
+
+def test_site_drill_cuts_the_uplink_twice_and_loses_nothing(exported: tuple[Path, str], world: World,
+                                                           tmp_path: Path) -> None:
+    """The site on onnxruntime (the tiny model's export), the cloud and three edges on the tiny model."""
+    model, _ = exported
+    out = tmp_path / "site_drill.json"
+    run_tool(world, "site_drill.py", "--model", model, "--requests", 6, "--concurrency", 2, "--outage", 3,
+             "--alone", 2, "--questions", 2, "--no-guards", "--probe-interval", 0.3, "--max-tokens", 24,
+             "--json", out, env=SERVE_ENV, timeout=600)
+    result = json.loads(out.read_text())
+    assert result["requests"] == 6
+    assert result["lost"] == 0
+    assert result["duplicated"] == 0
+    assert [c["kind"] for c in result["cuts"]] == ["link", "cloud-process"]
+    assert all(c["detect_s"] is not None and c["return_s"] is not None for c in result["cuts"])
+    assert sum(result["site_counts"].values()) == 7  # the warm-up and the six, each routed once
+    assert set(result["alone"]["served_by"]["alone"]) == {"device"}
+    assert result["alone"]["latency_ratio_alone_over_peers"] > 0
+    assert all(cosine_like(r["cosine"]) for r in result["rows"] if "cosine" in r)
