@@ -25,8 +25,9 @@ pinned to ``--cloud-cores``, the edges to ``--edge-cores``, as tools/bench.py pi
     python tools/site_drill.py --json tools/results/site_drill.json
     python tools/site_drill.py --model /path/to/tiny --requests 6 --outage 3   # a smoke run
 
-The site's LLM is the edge runtime ``--site-runtime`` (default onnxruntime on an ONNX export of
-``--model``, made with tools/export_onnx.py when missing; ``transformers`` to skip the export).
+The site's LLM and its edges run ``--site-runtime`` and ``--edge-runtime`` (default onnxruntime, as
+on a Jetson, on an ONNX export of ``--model`` made once when missing; ``transformers`` to skip it).
+The cloud runs the embedded (transformers) backend, as `pice-cloud serve` does by default.
 """
 
 from __future__ import annotations
@@ -116,10 +117,13 @@ async def health(url: str) -> dict[str, Any]:
         return dict((await http.get(url + "/health")).json())
 
 
-async def ask(url: str, question: str, stream: bool, max_tokens: int | None, timeout: float = 600) -> dict[str, Any]:
-    """One request through the site; what the client saw."""
+async def ask(url: str, question: str, stream: bool, max_tokens: int | None, timeout: float = 600,
+              mode: str | None = None) -> dict[str, Any]:
+    """One request through the site (``mode``: the ``pice.mode`` asked, default auto); what the
+    client saw."""
     body: dict[str, Any] = {"model": "pice", "messages": [{"role": "user", "content": question}], "stream": stream,
-                            **({"max_tokens": max_tokens} if max_tokens else {})}
+                            **({"max_tokens": max_tokens} if max_tokens else {}),
+                            **({"pice": {"mode": mode}} if mode else {})}
     started = time.time()
     row: dict[str, Any] = {"stream": stream, "sent_at": started}
     try:
@@ -186,7 +190,7 @@ async def drill(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     py = sys.executable
     model = str(args.model)
-    if args.site_runtime == "onnxruntime":
+    if "onnxruntime" in (args.site_runtime, args.edge_runtime):
         ensure_onnx_export(model)
     central = MosquittoProcess(work / "central")
     central.start()
@@ -214,7 +218,8 @@ async def drill(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     references = {q["question"]: q["reference"] for q in vicuna_questions(args.questions)} if args.questions else {}
     cloud = Proc(cloud_cmd, work / "cloud.log", {**env, "PICE_CLOUD_ID": CLOUD_ID}, base_env={})
     edges = [Proc(pinned([py, "-m", "pice_edge.cli", "run", "--broker", site_broker.url, "--no-zeroconf",
-                          "--device-id", e, "--model", model, "--threads", "1", "--log-level", "info"],
+                          "--device-id", e, "--model", model, "--runtime", args.edge_runtime, "--threads", "1",
+                          "--log-level", "info"],
                          args.edge_cores), work / f"{e}.log", QUIET, base_env={}) for e in EDGES]
     site = Proc(site_cmd, work / "site.log", site_env, base_env={})
     timeline, stop_polling = Timeline(), asyncio.Event()
@@ -334,7 +339,9 @@ async def alone(args: argparse.Namespace, site_url: str, qs: list[str], edges: l
                 edge.stop()
             await wait_for(lambda: _no_peers(site_url), "the site still sees peers", 60)
         for i in range(args.alone):
-            row = await ask(site_url, qs[i % len(qs)], stream=False, max_tokens=args.max_tokens)
+            # Across the peers: progressive asked outright (auto might answer on the device alone).
+            row = await ask(site_url, qs[i % len(qs)], stream=False, max_tokens=args.max_tokens,
+                            mode="progressive" if setting == "peers" else None)
             row["setting"], row["question"] = setting, qs[i % len(qs)]
             rows.append(row)
             print(f"[drill] {setting}: {row.get('served_by', 'LOST')} {row.get('latency_s', '-')}s",
@@ -422,6 +429,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct", help="every model (name or folder)")
     parser.add_argument("--site-runtime", default="onnxruntime", choices=["onnxruntime", "transformers"])
+    parser.add_argument("--edge-runtime", default="onnxruntime", choices=["onnxruntime", "transformers"],
+                        help="the site's edges' runtime (a Jetson's is onnxruntime)")
     parser.add_argument("--requests", type=int, default=50)
     parser.add_argument("--concurrency", type=int, default=3)
     parser.add_argument("--outage", type=float, default=20.0, help="seconds each cut lasts")
