@@ -71,8 +71,8 @@ class ModeRouter(Protocol):
 
 # --- the code/math gate ---------------------------------------------------------------------
 
-#: Questions no sketch serves, whatever a router scores: writing, reading or fixing code, and
-#: exact math (an expression, an equation, a proof, coordinates). Narrower than the heuristic's
+#: Questions no sketch serves, whatever a router scores: writing, reading or fixing code, exact
+#: math (an expression, an equation, a proof, coordinates), and translating a text. Narrower than the heuristic's
 #: "code" and "math" rules (which also catch "the Enigma code" or "how many"), because it
 #: overrides the learned router: it names programming languages with what is asked of them,
 #: code-shaped text, and math notation, not topics.
@@ -99,12 +99,17 @@ _GATES: dict[str, re.Pattern[str]] = {
         | \b(equations?|integral|derivative|theorem|prove\ that|proof\ that|probability\ (of|that))\b
         | \(\s*-?\d+(\.\d+)?\s*,\s*-?\d+(\.\d+)?\s*\)     # coordinates""",
         re.IGNORECASE | re.VERBOSE),
+    # A translation is one text rendered in another language: an outline of points cannot serve it.
+    "translation": re.compile(
+        r"""\btranslate\b [^?!\n]{0,120}? \b(into|to)\s+[a-z]+
+        | \bhow\ (do|would|can)\ (you|i|we)\ say\b [^?!\n]{0,80} \bin\s+[a-z]+""",
+        re.IGNORECASE | re.VERBOSE),
 }
 
 
 def cloud_only_reason(question: str) -> str | None:
-    """``"code"`` or ``"math"`` when ``question`` asks for code or exact math (always answered
-    cloud-only under ``auto``), else None."""
+    """``"code"``, ``"math"`` or ``"translation"`` when ``question`` asks for code, exact math or a
+    translation (always answered cloud-only under ``auto``), else None."""
     text = question[:MAX_QUESTION_CHARS]
     for name, pattern in _GATES.items():
         if pattern.search(text):

@@ -175,6 +175,11 @@ def test_heuristic_sends_list_style_questions_to_the_edges(question: str) -> Non
         ("Write a haiku with 5-7-5 syllables about autumn.", None),
         ("I paid $500 for a bike and $300 for a helmet; was that a good deal?", None),
         ("What happened in Europe in 1939-1945?", None),
+        # A translation is one text, not points; the topic of translation is not a task.
+        ('Translate "good morning" into French.', "translation"),
+        ("How do you say 'thank you' in Japanese?", "translation"),
+        ("Why is machine translation of poetry so hard?", None),
+        ("What should I consider when I hire someone to translate my website?", None),
     ],
 )
 def test_code_and_math_gate(question: str, reason: str | None) -> None:
