@@ -168,6 +168,7 @@ async def test_broker_killed_and_restarted_mid_request(mosquitto: Mosquitto, tin
         mosquitto.kill()
         await eventually(lambda: not service.transport.connected, what="the cloud to notice the broker is gone")
         mosquitto.start()
+        restarted_at = time.monotonic()  # the fleet's clock
         # In flight: it completes with the edges' candidates (queued in the cloud's persistent
         # session, or re-sent by the edges), or, for what the crash lost, the cloud's own expansion
         # after a short grace once the cloud is back: no point waits for its 30 s deadline.
@@ -179,7 +180,9 @@ async def test_broker_killed_and_restarted_mid_request(mosquitto: Mosquitto, tin
 
         # Everyone reconnects and resubscribes by themselves; then requests succeed at the edges.
         await eventually(lambda: system.service.transport.connected, timeout=20)
-        await eventually(lambda: {e.device_id for e in service.fleet.live()} == {"e1", "e2"}, timeout=30)
+        # Both edges heard from since the restart (not only not yet expired): they are subscribed again.
+        await eventually(lambda: {e.device_id for e in service.fleet.live() if e.last_seen >= restarted_at}
+                         == {"e1", "e2"}, timeout=30)
         after, _ = await answer(system)
         assert after.stats.points_edge >= 1
         assert after.stats.points_cloud == 0, "candidates did not come back: a subscription was not re-made"
