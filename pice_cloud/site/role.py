@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
@@ -18,8 +17,6 @@ if TYPE_CHECKING:
 
     from pice_cloud.bootstrap import System
     from pice_edge.discovery import Peer
-
-log = logging.getLogger(__name__)
 
 
 @contextlib.asynccontextmanager
