@@ -216,7 +216,7 @@ _META_PATTERNS = (
                r"answer|question|response|explanation|details?|body|notes?|references?|sources?|"
                r"examples?|points?|key\s+points?|main\s+points?|key\s+takeaways?|takeaways?|"
                r"(?:final|closing|concluding)\s+(?:thoughts?|remarks?|words?)|other|others|miscellaneous|"
-               r"heading|title|(?:short\s+)?point\s+title|more|etc)$"),
+               r"heading|header|(?:short\s+)?(?:essay\s+|point\s+)?title|more|etc)$"),
 )
 
 
@@ -250,7 +250,8 @@ def is_cut_heading(heading: str) -> bool:
     if _ELLIPSIS.search(stripped):
         return True
     # A closed parenthetical is a complete aside: judge the words before it.
-    words = _heading_text(_TRAILING_ASIDE.sub("", stripped)).split()
+    # Words, also where a comma has no space after it ("Logical,and" ends with "and").
+    words = re.findall(r"[\w'’.+#-]+", _heading_text(_TRAILING_ASIDE.sub("", stripped)))
     if not words:
         return False
     if words[0] in _CONTINUATIONS or " ".join(words[:2]) == "such as":

@@ -66,6 +66,16 @@ _LETTER_START = re.compile(
 )
 
 
+#: A reply's preamble at its very start: "Sure!", "Certainly,", and a line introducing what
+#: follows ("Here's a revised version of the letter:", "Below is an expanded point:"). It says
+#: nothing about the point; what it introduces is the expansion, if anything is.
+_PREAMBLE = re.compile(
+    r"""\A\s*(?:(?:sure|certainly|of\ course|absolutely|okay|ok)[!,.]\s*)?
+    (?:(?:here(?:'s|’s|\ is|\ are)|below\ (?:is|are)|the\ following\ (?:is|are))\b[^\n:]{0,160}:[ \t]*(?:\n|\Z))?""",
+    re.IGNORECASE | re.VERBOSE,
+)
+
+
 def settled_sentences(partial: str) -> str:
     """The whole sentences of a text that is still being generated: up to the last sentence end
     that more text already follows ("3." may yet become "3.5"); "" when there is none."""
@@ -81,10 +91,17 @@ def clean_expansion(text: str, *, truncated: bool, point: str = "") -> str:
     generation was cut by the token budget.
 
     With ``point``, a leading echo of the point ("2. Plan the day") is removed, and an
-    expansion that is nothing but that echo counts as empty (worthless to the answer).
+    expansion that is nothing but that echo counts as empty (worthless to the answer). So is a
+    reply's preamble ("Sure!", "Here's a revised version of the letter:"): what it introduces is
+    kept, and an expansion that is only a preamble is empty.
     """
     # An echo of the point's number ("2. ..."); a bullet may be the expansion's own.
     text = strip_marker(text, numbered_only=True)
+    # A preamble ("Here's a revised version of the letter:") would be kept as the whole
+    # expansion by the first-paragraph rule below: drop it, judge what it introduces.
+    unprefaced = _PREAMBLE.sub("", text, count=1)
+    if unprefaced != text:
+        text = unprefaced[:1].upper() + unprefaced[1:]
     if point:
         head = point.strip().rstrip(".:").lower()
         first, _, rest = text.strip().partition("\n")

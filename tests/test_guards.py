@@ -144,7 +144,8 @@ def test_reasons_are_stable_label_values() -> None:
     [
         ("The first point to consider is", True), ("The third point", True), ("Point 3", True), ("Step two", True),
         ("Tip #1", True), ("Final thoughts", True), ("In summary", True), ("Key takeaways", True),
-        ("Here are some tips", True), ("**Conclusion**", True), ("Overview", True),
+        ("Here are some tips", True), ("**Conclusion**", True), ("Overview", True), ("Header", True),
+        ("Essay title", True), ("Title IX compliance", False),
         ("First impressions matter", False), ("Set clear goals", False), ("Pointillism in art", False),
         ("Summary judgments in court", False), ("Step-by-step planning", False), ("Last-minute changes", False),
     ],
@@ -161,6 +162,8 @@ def test_meta_heading_predicate(heading: str, meta: bool) -> None:
         ("Plan ahead", False), ("Follow through", False), ("Give up bad habits", False),
         ("How I Built This", False), ("Empty and clean the can", False), ("Second factor (something you are)", False),
         ("Stay calm and composed", False), ("Maui", False),
+        # A comma without a space still separates words: the heading ends with "and".
+        ("Logical,and", True), ("C++ vs. Java", False), ("Node.js and Deno", False),
     ],
 )
 def test_cut_heading_predicate(heading: str, cut: bool) -> None:

@@ -103,6 +103,15 @@ def test_without_prefill() -> None:
         ("Locals know the area.\nBest regards,\n[Your Name]", False, "Locals know the area."),
         ("Dear [Supervisor's Name],\n\nI hope this email finds you well.", False, ""),
         ("Locals hold dear memories of the area.", False, "Locals hold dear memories of the area."),
+        # A reply's preamble says nothing about the point: what it introduces is the expansion.
+        ("Here's a revised version of the resignation letter:\n\nDear [Employer's Name],\nI am leaving.",
+         False, ""),
+        ("Sure! Here is an expanded version of point 2:\nLocals know the area. They eat well.", False,
+         "Locals know the area. They eat well."),
+        ("Certainly, locals know the area.", False, "Locals know the area."),
+        ("Sure enough, locals know the area.", False, "Sure enough, locals know the area."),
+        ("Here is why: locals know the area.", False, "Here is why: locals know the area."),
+        ("Here are the locals' favourite places to eat.", False, "Here are the locals' favourite places to eat."),
     ],
 )
 def test_clean_expansion(raw: str, truncated: bool, expected: str) -> None:
