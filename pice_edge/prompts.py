@@ -93,7 +93,8 @@ def clean_expansion(text: str, *, truncated: bool, point: str = "") -> str:
     With ``point``, a leading echo of the point ("2. Plan the day") is removed, and an
     expansion that is nothing but that echo counts as empty (worthless to the answer). So is a
     reply's preamble ("Sure!", "Here's a revised version of the letter:"): what it introduces is
-    kept, and an expansion that is only a preamble is empty.
+    kept, and an expansion that is only a preamble is empty; a last sentence that introduces
+    what was cut ("... include the following:") is dropped.
     """
     # An echo of the point's number ("2. ..."); a bullet may be the expansion's own.
     text = strip_marker(text, numbered_only=True)
@@ -119,6 +120,10 @@ def clean_expansion(text: str, *, truncated: bool, point: str = "") -> str:
     if letter:
         text = text[: letter.start()]
     text = text.strip()
+    # A last sentence ending in a colon ("... can be structured as follows:") introduces what the
+    # rules above cut (a list, a letter): without it, it says nothing.
+    if text.endswith(":"):
+        text = "".join(split_sentences(text, keep_separators=True)[:-1]).strip()
     # Small models sometimes parrot the prompt back; such an expansion is worthless.
     if any(text.startswith(echo) for echo in _ECHOES):
         return ""

@@ -112,6 +112,9 @@ def test_without_prefill() -> None:
         ("Sure enough, locals know the area.", False, "Sure enough, locals know the area."),
         ("Here is why: locals know the area.", False, "Here is why: locals know the area."),
         ("Here are the locals' favourite places to eat.", False, "Here are the locals' favourite places to eat."),
+        # An introduction to what was cut (the list that follows it) says nothing by itself.
+        ("Locals know the area. Their tips include:\n- Eat late\n- Walk", False, "Locals know the area."),
+        ("A formal email should include the following details:\n- Subject", False, ""),
     ],
 )
 def test_clean_expansion(raw: str, truncated: bool, expected: str) -> None:
