@@ -86,7 +86,7 @@ _GATES: dict[str, re.Pattern[str]] = {
           \b(program|function|method|class|code|query|regex|algorithm|snippet|script\ in|unit\ tests?)\b
         | \b(in|using|with)\s+(""" + _LANGUAGES + r"""|html|css)(?![\w-])     # ... in Python
         | (\b|(?=c[+\#]))(""" + _LANGUAGES + r"""|shell|powershell)\s+
-          (script|program|function|code|query|snippet|class|method)\b     # a C++ program
+          (script|program|function|code|query|snippet|class|method|command|one-liner|statement)\b  # a bash command
         | \b(regex|regular\ expression|time\ complexity|big-o|stack\ trace|compiler?\ error|syntax\ error
              |linked\ list|binary\ search)\b""",
         re.IGNORECASE | re.MULTILINE | re.VERBOSE),
@@ -351,12 +351,15 @@ class CalibrationSample:
         progressive: the same for its progressive answer.
         served_progressive: whether that answer was really progressive (the sketch guards may
             have sent it cloud-only, as they would under ``auto``).
+        weight: how many questions of the traffic it stands for, relative to the others (see
+            `stratum_weights`: questions near the threshold are sampled more densely than the rest).
     """
 
     probability: float
     cloud: tuple[tuple[float, ...], float]
     progressive: tuple[tuple[float, ...], float]
     served_progressive: bool
+    weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -371,18 +374,64 @@ class ThresholdPoint:
 
 
 def simulate_auto(samples: Sequence[CalibrationSample], threshold: float) -> ThresholdPoint:
-    """``auto`` at ``threshold``: a question with P >= threshold takes its progressive answer."""
+    """``auto`` at ``threshold``: a question with P >= threshold takes its progressive answer.
+    Shares and means are weighted by each sample's ``weight``."""
     routed = [s.probability >= threshold for s in samples]
     picks = [s.progressive if r else s.cloud for s, r in zip(samples, routed, strict=True)]
-    n = len(samples)
+    weights = [s.weight for s in samples]
+    total = math.fsum(weights)
+
+    def mean(values: Sequence[float]) -> float:
+        return math.fsum(w * v for w, v in zip(weights, values, strict=True)) / total
+
     width = len(samples[0].cloud[0])
     return ThresholdPoint(
         threshold=threshold,
-        routed_progressive=sum(routed) / n,
-        served_progressive=sum(r and s.served_progressive for s, r in zip(samples, routed, strict=True)) / n,
-        quality=tuple(math.fsum(p[0][i] for p in picks) / n for i in range(width)),
-        cloud_tokens=math.fsum(p[1] for p in picks) / n,
+        routed_progressive=mean([float(r) for r in routed]),
+        served_progressive=mean([float(r and s.served_progressive) for s, r in zip(samples, routed, strict=True)]),
+        quality=tuple(mean([p[0][i] for p in picks]) for i in range(width)),
+        cloud_tokens=mean([p[1] for p in picks]),
     )
+
+
+def stratum_weights(sampled: Sequence[float], population: Sequence[float], strata: int = 6) -> list[float]:
+    """Post-stratification weights for answered questions drawn unevenly from a population.
+
+    The population's router probabilities are cut into ``strata`` groups of equal size (by
+    rank); each answered question (``sampled``: its probability) stands for its group's members
+    divided by the answered ones in the group. A group nobody answered joins its neighbour
+    above (the top group, its neighbour below). Weights are scaled to average 1, so an even
+    sample gets 1 each and an uneven one (e.g. every question near the threshold plus a random
+    sample of the rest) gets the population's mean back.
+
+    Raises:
+        ValueError: an empty population or sample, or ``strata`` < 1.
+    """
+    if not population or not sampled or strata < 1:
+        raise ValueError("stratum_weights needs a population, a sample and at least one stratum")
+    ranked = sorted(population)
+    size = len(ranked)
+    # Upper edges of the groups by rank; a probability belongs to the first group whose edge is >= it.
+    edges = [ranked[min(size - 1, (k + 1) * size // strata - 1)] for k in range(strata)]
+    edges[-1] = math.inf
+    members = [0] * strata
+    for p in ranked:
+        members[next(k for k, e in enumerate(edges) if p <= e)] += 1
+    group = [next(k for k, e in enumerate(edges) if p <= e) for p in sampled]
+    answered = [group.count(k) for k in range(strata)]
+    # Merge unanswered groups into a neighbour: each group maps to the one that carries it.
+    carrier = list(range(strata))
+    for k in range(strata):
+        if answered[k] == 0:
+            above = next((j for j in range(k + 1, strata) if answered[j]), None)
+            below = next(j for j in range(k - 1, -1, -1) if answered[j]) if above is None else None
+            carrier[k] = above if above is not None else below  # type: ignore[assignment]
+    carried = [0] * strata
+    for k in range(strata):
+        carried[carrier[k]] += members[k]
+    raw = [carried[g] / answered[g] for g in group]
+    scale = len(raw) / math.fsum(raw)
+    return [w * scale for w in raw]
 
 
 def calibrate_threshold(samples: Sequence[CalibrationSample], tolerance: float = 0.0,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,8 @@ from pice_cloud.router import (
     heuristic_reason,
     is_held_out,
     read_labels,
+    simulate_auto,
+    stratum_weights,
 )
 from pice_cloud.scheduler import choose_mode
 from pice_edge.errors import ConfigError
@@ -159,6 +162,8 @@ def test_heuristic_sends_list_style_questions_to_the_edges(question: str) -> Non
     [
         ("Write a Python function that reverses a linked list.", "code"),
         ("Develop a C++ program that counts the words of a file.", "code"),
+        ("Convert the given description to a bash command: read the file and count its lines.", "code"),
+        ("Write an SQL statement that lists the customers from Paris.", "code"),
         ("Why does this fail?\n```\nx = [1, 2\n```", "code"),
         ("How do I read a large file using python?", "code"),
         ("What is the time complexity of binary search?", "code"),
@@ -468,3 +473,37 @@ def test_calibration_routes_nothing_when_every_threshold_loses_quality() -> None
     assert 0.0 < best.threshold < 1.0
     with pytest.raises(ValueError, match="no calibration samples"):
         calibrate_threshold([])
+
+
+def test_stratum_weights_give_an_uneven_sample_the_population_back() -> None:
+    # 12 questions: six low-probability ones all answered, six high ones of which two answered.
+    population = [0.05, 0.06, 0.07, 0.08, 0.09, 0.10, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9]
+    sampled = [0.05, 0.06, 0.07, 0.08, 0.09, 0.10, 0.7, 0.9]
+    weights = stratum_weights(sampled, population, strata=2)
+    # Each low answer stands for one question, each high one for three; scaled to average 1.
+    assert weights[0] == pytest.approx(weights[5])
+    assert weights[6] == pytest.approx(3 * weights[0])
+    assert sum(weights) == pytest.approx(len(sampled))
+    # An even sample weighs every answer alike.
+    assert stratum_weights(population, population, strata=4) == pytest.approx([1.0] * 12)
+    # A stratum nobody answered is carried by its neighbour: here the top one by the middle one.
+    carried = stratum_weights([0.05, 0.06, 0.6, 0.7], population, strata=3)
+    assert carried[2] == pytest.approx(2 * carried[0])
+    with pytest.raises(ValueError, match="needs a population"):
+        stratum_weights([], population)
+
+
+def test_weighted_samples_move_the_calibrated_threshold() -> None:
+    # A low-probability question that loses quality: alone it costs auto 0.04 per question, but
+    # if it stands for few of the questions (weight 0.2) the loss is within the tolerance.
+    losing = _sample(0.1, 0.70, 0.50)
+    others = [_sample(0.8, 0.70, 0.71), _sample(0.6, 0.70, 0.71), _sample(0.5, 0.70, 0.70),
+              _sample(0.4, 0.70, 0.70)]
+    assert calibrate_threshold([losing, *others], tolerance=0.01)[0].threshold == pytest.approx(0.4)
+    light = replace(losing, weight=0.2)
+    heavy = [replace(s, weight=1.2) for s in others]
+    best, _ = calibrate_threshold([light, *heavy], tolerance=0.01)
+    assert best.threshold == pytest.approx(0.1)
+    assert best.routed_progressive == pytest.approx(1.0)
+    point = simulate_auto([light, *heavy], 0.1)
+    assert point.quality[0] == pytest.approx((0.2 * 0.50 + 1.2 * (0.71 + 0.71 + 0.70 + 0.70)) / 5.0)
