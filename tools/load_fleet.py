@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import inspect
 import json
 import os
 import platform
@@ -325,14 +326,21 @@ def main() -> int:
     parser.add_argument("--light", type=int, default=10, help="requests one at a time (overhead)")
     parser.add_argument("--concurrency", type=int, default=200, help="requests in flight (throughput)")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of the throughput phase")
-    parser.add_argument("--points", type=int, default=5, help="headings per sketch")
-    parser.add_argument("--tokens", type=int, default=48, help="tokens per point")
-    parser.add_argument("--ensemble-width", type=int, default=1)
+    # Budgets and edge sizes are the service's and pice-edge run's own defaults: the figures are
+    # those of the configuration users get.
+    from pice_cloud import ServiceConfig
+    from pice_edge.node import EdgeNode
+
+    service, node = ServiceConfig(), inspect.signature(EdgeNode).parameters
+    parser.add_argument("--points", type=int, default=service.max_points, help="headings per sketch (the service's)")
+    parser.add_argument("--tokens", type=int, default=service.tokens_per_point, help="tokens per point (the service's)")
+    parser.add_argument("--ensemble-width", type=int, default=service.ensemble_width, help="(the service's)")
     parser.add_argument("--edge-rate", type=float, default=25.0, help="simulated edge tokens/s per sequence")
-    parser.add_argument("--edge-batch", type=int, default=4, help="edge max_batch")
+    parser.add_argument("--edge-batch", type=int, default=node["max_batch"].default,
+                        help="edge max_batch (its default)")
     parser.add_argument("--edge-batch-cost", type=float, default=0.1)
-    parser.add_argument("--edge-queue", type=int, default=4,
-                        help="edge max_queue: an edge holds at most edge-batch + edge-queue tasks")
+    parser.add_argument("--edge-queue", type=int, default=node["max_queue"].default,
+                        help="edge max_queue (its default): an edge holds at most edge-batch + edge-queue tasks")
     parser.add_argument("--replicas", default="1", help="cloud replicas sharing the broker and the fleet, "
                                                         "comma-separated (one run each)")
     parser.add_argument("--cloud-rate", type=float, default=40.0, help="simulated cloud tokens/s per sequence")
