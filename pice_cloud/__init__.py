@@ -28,6 +28,7 @@ from pice_cloud.guards import (
 )
 from pice_cloud.llm.base import ChatRequest, Completion, LLMBackend
 from pice_cloud.router import (
+    LONG_ANSWER_WORDS,
     MAX_QUESTION_CHARS,
     WEIGHTS_FORMAT,
     CalibrationSample,
@@ -42,12 +43,14 @@ from pice_cloud.router import (
     is_held_out,
     read_labels,
     simulate_auto,
+    stratum_weights,
 )
 from pice_cloud.scheduler import Budget, CloudView, EdgeView, Placement, choose_mode, place
 from pice_cloud.service import PiceService
 from pice_cloud.sketch import SKETCH_PREFILL, parse_sketch, sketch_messages
 
 __all__ = [
+    "LONG_ANSWER_WORDS",
     "MAX_HEADING_WORDS",
     "MAX_QUESTION_CHARS",
     "SKETCH_PREFILL",
@@ -110,5 +113,6 @@ __all__ = [
     "sketch_messages",
     "sketch_rejection_reason",
     "start_system",
+    "stratum_weights",
     "wait_port",
 ]

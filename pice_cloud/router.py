@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 #: anyway, and a huge request must not cost the router more than that.
 MAX_QUESTION_CHARS = 4000
 WEIGHTS_FORMAT = 1
+#: A question whose best answer is shorter than this is served worse by an outline of points (at
+#: least three points of about two sentences: some 150 words); see `RouterWeights.long_answer`.
+LONG_ANSWER_WORDS = 150
 
 
 class Route(NamedTuple):
@@ -188,15 +191,26 @@ class RouterWeightsError(ConfigError):
     """The router's weights file is missing, malformed or made for another embedding."""
 
 
+def _sigmoid(z: float) -> float:
+    if z >= 0:  # numerically safe both ways
+        return 1.0 / (1.0 + math.exp(-z))
+    ez = math.exp(z)
+    return ez / (1.0 + ez)
+
+
 @dataclass(frozen=True)
 class RouterWeights:
-    """A logistic regression over sentence embeddings: P(suits) = sigmoid(w . x + b)."""
+    """Logistic regressions over sentence embeddings: P(suits a sketch) = sigmoid(w . x + b),
+    fitted on Skeleton-of-Thought's labels, times P(long answer) = sigmoid(w' . x + b') where
+    ``long_answer`` = (w', b') is given, fitted on reference-answer lengths (`LONG_ANSWER_WORDS`;
+    ``tools/train_length.py``). The product is the router's score, compared with ``threshold``."""
 
     weights: tuple[float, ...]
     bias: float
     threshold: float = 0.5
     embedding_model: str = "all-minilm-l6-v2"
     meta: dict[str, Any] = field(default_factory=dict)
+    long_answer: tuple[tuple[float, ...], float] | None = None
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> RouterWeights:
@@ -228,20 +242,35 @@ class RouterWeights:
             raise RouterWeightsError(f"{where}: weights must be a non-empty list of finite numbers")
         if not 0.0 < threshold < 1.0:
             raise RouterWeightsError(f"{where}: threshold {threshold} is not in (0, 1)")
-        meta = {k: v for k, v in data.items() if k not in {"weights", "bias", "threshold", "embedding_model"}}
-        return cls(weights=weights, bias=bias, threshold=threshold, embedding_model=model, meta=meta)
+        long_answer = None
+        if data.get("long_answer") is not None:
+            section = data["long_answer"]
+            try:
+                long_answer = (tuple(float(x) for x in section["weights"]), float(section["bias"]))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise RouterWeightsError(f"{where}: long_answer.{exc} is missing or not a number; re-create it "
+                                         "with `python tools/train_length.py`") from exc
+            if len(long_answer[0]) != len(weights) or not all(map(math.isfinite, (*long_answer[0], long_answer[1]))):
+                raise RouterWeightsError(f"{where}: long_answer needs {len(weights)} finite weights and a bias")
+        meta = {k: v for k, v in data.items()
+                if k not in {"weights", "bias", "threshold", "embedding_model", "long_answer"}}
+        if long_answer is not None:  # how it was fitted, without its weights
+            meta["long_answer"] = {k: v for k, v in data["long_answer"].items() if k not in {"weights", "bias"}}
+        return cls(weights=weights, bias=bias, threshold=threshold, embedding_model=model, meta=meta,
+                   long_answer=long_answer)
 
     def probability(self, vector: Sequence[float]) -> float:
-        """P(suits a sketch) for one embedding."""
+        """The router's score for one embedding: P(suits a sketch), times P(long answer) when
+        the weights have a ``long_answer`` model."""
         if len(vector) != len(self.weights):
             raise CloudError(f"router weights expect {len(self.weights)}-d embeddings, got {len(vector)}-d; "
                              f"they were trained on {self.embedding_model}")
-        z = self.bias + math.fsum(w * float(x) for w, x in zip(self.weights, vector, strict=True))
-        # Numerically safe sigmoid.
-        if z >= 0:
-            return 1.0 / (1.0 + math.exp(-z))
-        ez = math.exp(z)
-        return ez / (1.0 + ez)
+        xs = [float(x) for x in vector]
+        p = _sigmoid(self.bias + math.fsum(w * x for w, x in zip(self.weights, xs, strict=True)))
+        if self.long_answer is not None:
+            weights, bias = self.long_answer
+            p *= _sigmoid(bias + math.fsum(w * x for w, x in zip(weights, xs, strict=True)))
+        return p
 
     def route(self, vector: Sequence[float]) -> Route:
         p = self.probability(vector)

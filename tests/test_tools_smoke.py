@@ -21,6 +21,7 @@ Tools tested elsewhere: ``load_test.py`` (tests/test_load.py), ``simulate.py``'s
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import math
@@ -37,7 +38,7 @@ from typing import Any
 import pytest
 
 from pice_cloud.broker import mosquitto_executable
-from pice_cloud.router import cloud_only_reason
+from pice_cloud.router import cloud_only_reason, is_held_out
 from pice_edge.model_store import EMBEDDING_MODEL, MANIFEST, build_random_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -321,6 +322,34 @@ def test_train_router_fits_and_writes_loadable_weights(world: World, tmp_path: P
     assert (tmp_path / "emb.pt").is_file()
 
 
+def test_train_length_adds_a_loadable_long_answer_model(world: World, tmp_path: Path) -> None:
+    from pice_cloud import RouterWeights
+
+    weights, report = tmp_path / "router.json", tmp_path / "length.json"
+    shutil.copy(ROOT / "pice_cloud" / "data" / "router.json", weights)
+    shipped = (ROOT / "pice_cloud" / "data" / "router.json").read_bytes()
+    # The stand-in answers: lists of headings run to ~40 words and more, the others to ~15.
+    run_tool(world, "train_length.py", "--model", world.embedder, "--weights", weights, "--json", report,
+             "--words", 30)
+    section = json.loads(weights.read_text())["long_answer"]
+    fit = [q for q, _ in ALPACA if not is_held_out(q)]
+    assert section["n_train"] == len(fit)
+    assert section["positives_train"] == sum(1 for q, h in ALPACA if h and not is_held_out(q))
+    assert 0.0 <= section["held_out"]["accuracy"] <= 1.0
+    loaded = RouterWeights.load(weights)
+    assert loaded.long_answer is not None
+    assert len(loaded.long_answer[0]) == len(loaded.weights)
+    # The router's score is now P(suits a sketch) x P(long answer).
+    vector = [0.01 * (i % 7 - 3) for i in range(len(loaded.weights))]
+    long_w, long_b = loaded.long_answer
+    p_long = 1.0 / (1.0 + math.exp(-(long_b + sum(w * x for w, x in zip(long_w, vector, strict=True)))))
+    suits_only = dataclasses.replace(loaded, long_answer=None)
+    assert loaded.probability(vector) == pytest.approx(suits_only.probability(vector) * p_long)
+    assert 0.0 < p_long < 1.0
+    assert json.loads(report.read_text())["words"] == 30
+    assert (ROOT / "pice_cloud" / "data" / "router.json").read_bytes() == shipped
+
+
 def test_calibrate_router_routes_what_the_gate_passes_progressive_when_it_never_loses(
         world: World, tmp_path: Path) -> None:
     rng = random.Random(0)
@@ -339,7 +368,9 @@ def test_calibrate_router_routes_what_the_gate_passes_progressive_when_it_never_
     shutil.copy(ROOT / "pice_cloud" / "data" / "router.json", weights)
     shipped = (ROOT / "pice_cloud" / "data" / "router.json").read_bytes()
     out_json = tmp_path / "calibration.json"
-    run_tool(world, "calibrate_router.py", "--rows", rows_path, "--weights", weights, "--write", "--out", out_json)
+    # These questions are not alpaca_eval's: every answer weighs alike (no strata).
+    run_tool(world, "calibrate_router.py", "--rows", rows_path, "--weights", weights, "--write", "--out", out_json,
+             "--strata", 1)
     result = json.loads(out_json.read_text())
     assert result["questions"] == len(questions)
     assert out_json.with_suffix(".png").stat().st_size > 0

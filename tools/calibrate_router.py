@@ -14,8 +14,15 @@ cosine. The curve (share progressive vs quality, per threshold) and the choice a
 written to ``tools/results/router_calibration.{json,png}`` (``--out``); ``--write`` also stores
 the threshold and how it was chosen in ``pice_cloud/data/router.json``.
 
-    python tools/eval_modes.py --source alpaca --modes cloud,progressive \\
-        --rows tools/results/quality_modes_alpaca.jsonl
+A random sample holds few of the questions the router scores lowest, yet they decide how low the
+threshold may go: answer every one of them too (``eval_modes.py --below``), and the means are
+post-stratified (``--strata``): each answer weighs as many held-out questions of its probability
+stratum as it stands for, so the dense low end does not outvote the rest.
+
+    python tools/eval_modes.py --source alpaca --modes cloud,progressive --questions 30 \\
+        --rows tools/results/quality_modes_alpaca.jsonl             # a random sample
+    python tools/eval_modes.py --source alpaca --modes cloud,progressive --below 0.17 \\
+        --rows tools/results/quality_modes_alpaca.jsonl             # the low end, all of it
     python tools/calibrate_router.py --rows tools/results/quality_modes_alpaca.jsonl --write
 """
 
@@ -39,6 +46,7 @@ from pice_cloud import (  # noqa: E402  (the repo root must be on sys.path first
     ThresholdPoint,
     calibrate_threshold,
     simulate_auto,
+    stratum_weights,
 )
 
 RESULTS = ROOT / "tools" / "results"
@@ -53,12 +61,23 @@ def paired(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [q for q in by_q.values() if "cloud" in q and "progressive" in q]
 
 
-def sample(q: dict[str, Any], probability: float) -> CalibrationSample:
+def sample(q: dict[str, Any], probability: float, weight: float = 1.0) -> CalibrationSample:
     def side(r: dict[str, Any]) -> tuple[tuple[float, ...], float]:
         return (r["cosine"], r["rouge_l"]), float(r["cloud_tokens"] or 0)
 
     return CalibrationSample(probability, side(q["cloud"]), side(q["progressive"]),
-                             q["progressive"]["mode_served"] == "progressive")
+                             q["progressive"]["mode_served"] == "progressive", weight)
+
+
+def population() -> list[str]:
+    """alpaca_eval's held-out fifth: the questions the answered ones stand for."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from vicuna import read_alpaca
+
+    try:
+        return [q["question"] for q in read_alpaca("calibration")]
+    except OSError as exc:
+        raise SystemExit(f"cannot read alpaca_eval ({exc}); set PICE_DATA_DIR, or pass --strata 1") from exc
 
 
 def as_dict(point: ThresholdPoint) -> dict[str, Any]:
@@ -95,6 +114,9 @@ def main() -> int:
     parser.add_argument("--write", action="store_true", help="store the chosen threshold in --weights")
     parser.add_argument("--tolerance", type=float, default=0.005,
                         help="how far below cloud-only auto's mean cosine and ROUGE-L may be (default 0.005)")
+    parser.add_argument("--strata", type=int, default=6,
+                        help="weigh the answers by the router-probability stratum of alpaca_eval's held-out "
+                             "fifth each stands for (1: every answer alike)")
     parser.add_argument("--out", type=Path, default=RESULTS / "router_calibration.json",
                         help="the curve and the choice (JSON; the plot goes beside it as .png)")
     args = parser.parse_args()
@@ -107,7 +129,19 @@ def main() -> int:
     if router.name != "embedding":
         raise SystemExit("the embedding model is not available (pice-edge models fetch all-minilm-l6-v2): "
                          "a threshold calibrated on the keyword fallback would be meaningless")
-    samples = [sample(q, router.predict(q["question"]).probability) for q in pairs]
+    # Gated questions (code, math, translation) get P = 0: cloud-only at every threshold.
+    probabilities = [r.probability for r in router.predict_many([q["question"] for q in pairs])]
+    weights_by_q = [1.0] * len(pairs)
+    if args.strata > 1:
+        everyone = population()
+        known = set(everyone)
+        missing = [q["question"][:60] for q in pairs if q["question"] not in known]
+        if missing:
+            raise SystemExit(f"{len(missing)} answered questions are not in alpaca_eval's held-out fifth "
+                             f"(e.g. {missing[0]!r}): pass --strata 1 to weigh every answer alike")
+        weights_by_q = stratum_weights(probabilities,
+                                       [r.probability for r in router.predict_many(everyone)], args.strata)
+    samples = [sample(q, p, w) for q, p, w in zip(pairs, probabilities, weights_by_q, strict=True)]
     best, points = calibrate_threshold(samples, args.tolerance)
     chosen, curve = as_dict(best), [as_dict(p) for p in points]
     cloud, always = as_dict(simulate_auto(samples, math.inf)), as_dict(simulate_auto(samples, 0.0))
@@ -120,7 +154,9 @@ def main() -> int:
         print(f"{c['threshold']:>10}{c['routed_progressive']:>8}{c['served_progressive']:>8}{c['cosine']:>8}"
               f"{c['rouge_l']:>9}{c['cloud_tokens']:>10}{mark}")
     previous = weights.threshold
-    result = {"questions": len(pairs), "rows": str(args.rows.relative_to(ROOT)) if args.rows.is_absolute()
+    result = {"questions": len(pairs), "strata": args.strata,
+              "weights": {"min": round(min(weights_by_q), 3), "max": round(max(weights_by_q), 3)},
+              "rows": str(args.rows.relative_to(ROOT)) if args.rows.is_absolute()
               and args.rows.is_relative_to(ROOT) else str(args.rows),
               "rule": f"max share served progressively s.t. auto's mean cosine and ROUGE-L >= cloud-only's "
                       f"- {args.tolerance:g}",

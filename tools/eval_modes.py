@@ -46,12 +46,29 @@ EXCLUDED = {"coding", "math"}
 MODES = ("cloud", "progressive", "auto")
 
 
-def load(source: str, limit: int) -> list[dict[str, Any]]:
+def load(source: str, limit: int, below: float | None = None) -> list[dict[str, Any]]:
     if source == "vicuna":
         rows = [q for q in read_vicuna() if q["category"] not in EXCLUDED and q["reference"]]
     else:
         rows = read_alpaca("calibration")
+    if below is not None:
+        rows = boundary(rows, below)
     return rows[:limit] if limit else rows
+
+
+def boundary(rows: list[dict[str, Any]], below: float) -> list[dict[str, Any]]:
+    """The questions the mode router scores under ``below`` (lowest first), without the gated
+    ones (code, math, translation: cloud-only whatever the threshold). A random sample holds few
+    of them, yet they decide how low the threshold may go; ``calibrate_router.py`` weighs every
+    answered question by how many of the whole set its probability stratum stands for."""
+    from pice_cloud import EmbeddingRouter, cloud_only_reason
+
+    router = EmbeddingRouter.load()
+    if router.embedder is None:
+        raise SystemExit("--below needs the embedding model: pice-edge models fetch all-minilm-l6-v2")
+    free = [q for q in rows if not cloud_only_reason(q["question"])]
+    scored = zip(router.predict_many([q["question"] for q in free]), free, strict=True)
+    return [q for route, q in sorted(scored, key=lambda rq: rq[0].probability) if route.probability < below]
 
 
 def ask(client: Any, question: str, mode: str) -> tuple[str, dict[str, Any], dict[str, Any], float]:
@@ -172,6 +189,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", choices=("vicuna", "alpaca"), default="vicuna")
     parser.add_argument("--questions", type=int, default=0, help="first N questions (0: all)")
+    parser.add_argument("--below", type=float, default=None,
+                        help="only questions the mode router scores under this probability, lowest first "
+                             "(the calibration's decision boundary)")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--serve-arg", action="append", default=[], help="extra argument for pice-cloud serve")
     parser.add_argument("--rows", type=Path, required=True, help="JSONL of answers (appended; a rerun resumes)")
@@ -185,7 +205,7 @@ def main() -> int:
     unknown = set(modes) - set(MODES)
     if unknown:
         parser.error(f"unknown modes {sorted(unknown)}; choose from {MODES}")
-    qs = load(args.source, args.questions)
+    qs = load(args.source, args.questions, args.below)
     done: set[tuple[Any, str]] = set()
     if args.rows.exists():
         done = {(r["question_id"], r["mode"]) for r in map(json.loads, args.rows.read_text().splitlines()) if r}

@@ -190,6 +190,12 @@ def main(argv: list[str] | None = None) -> int:
         args.weights_out.parent.mkdir(parents=True, exist_ok=True)
         payload = {"format": WEIGHTS_FORMAT, "embedding_model": "all-minilm-l6-v2", "dim": len(weights),
                    "bias": bias, "threshold": threshold, **meta, "weights": weights}
+        # The answer-length model (tools/train_length.py) is fitted on other data: keep it. The
+        # calibrated threshold is not kept: it belonged to the old weights (re-run calibrate_router).
+        if args.weights_out.is_file():
+            previous = json.loads(args.weights_out.read_text())
+            if previous.get("long_answer") is not None:
+                payload["long_answer"] = previous["long_answer"]
         args.weights_out.write_text(json.dumps(payload, indent=1) + "\n")
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
