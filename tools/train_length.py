@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -33,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from train_router import C_GRID, SEED, embed, metrics  # noqa: E402  (this folder is on sys.path)
+from train_router import embed, grid_search, metrics, quiet_offline  # noqa: E402  (this folder is on sys.path)
 from vicuna import read_alpaca  # noqa: E402
 
 from pice_cloud.router import LONG_ANSWER_WORDS  # noqa: E402  (the repo root must be on sys.path first)
@@ -50,13 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=ROOT / "tools" / "results" / "answer_length.json")
     parser.add_argument("--no-write", action="store_true", help="evaluate only; write no files")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    quiet_offline()
     try:
         import numpy as np
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.model_selection import GridSearchCV, StratifiedKFold
+        import sklearn  # noqa: F401  (grid_search needs it)
     except ImportError as exc:
         print(f"training needs scikit-learn: pip install 'pice[bench]' ({exc})", file=sys.stderr)
         return 2
@@ -77,9 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"the fit part has {smaller} answers on one side of {args.words} words: nothing to learn",
               file=sys.stderr)
         return 2
-    folds = StratifiedKFold(n_splits=min(5, smaller), shuffle=True, random_state=SEED)
-    search = GridSearchCV(LogisticRegression(max_iter=5000), {"C": C_GRID}, cv=folds, scoring="accuracy")
-    search.fit(x_fit, y_fit)
+    search = grid_search(x_fit, y_fit, n_splits=min(5, smaller))
     model = search.best_estimator_
     weights = [round(float(w), 7) for w in model.coef_[0]]
     bias = round(float(model.intercept_[0]), 7)

@@ -84,6 +84,29 @@ def embed(texts: list[str], model: str, cache: Path | None) -> Any:
     return vectors
 
 
+def quiet_offline() -> None:
+    """Log with times; never reach a model hub (the models come from PyPI packages)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def grid_search(x: Any, y: Any, n_splits: int = 5) -> Any:
+    """A logistic regression whose C (`C_GRID`) is chosen by stratified ``n_splits``-fold
+    cross-validated accuracy; the fitted ``GridSearchCV`` (its ``cv`` holds the folds).
+
+    Raises:
+        ImportError: scikit-learn is not installed (the ``bench`` extra).
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+
+    folds = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=SEED)
+    search = GridSearchCV(LogisticRegression(max_iter=5000), {"C": C_GRID}, cv=folds, scoring="accuracy")
+    search.fit(x, y)
+    return search
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with lima/vicuna/wizardlm.csv")
@@ -96,14 +119,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="pick the threshold by out-of-fold accuracy on the training part")
     parser.add_argument("--no-write", action="store_true", help="evaluate only; write no files")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
+    quiet_offline()
     try:
         import numpy as np
         from sklearn.linear_model import LogisticRegression
-        from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_val_predict
+        from sklearn.model_selection import cross_val_predict
     except ImportError as exc:
         print(f"training needs scikit-learn: pip install 'pice[bench]' ({exc})", file=sys.stderr)
         return 2
@@ -124,9 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         x_sets[name] = vectors[offset: offset + len(rows)]
         offset += len(rows)
 
-    folds = StratifiedKFold(n_splits=5, shuffle=True, random_state=SEED)
-    search = GridSearchCV(LogisticRegression(max_iter=5000), {"C": C_GRID}, cv=folds, scoring="accuracy")
-    search.fit(x_train, y_train)
+    search = grid_search(x_train, y_train)
+    folds = search.cv
     best_c = float(search.best_params_["C"])
     cv_table = {str(c): round(float(s), 4) for c, s in zip(C_GRID, search.cv_results_["mean_test_score"], strict=True)}
     threshold = 0.5
