@@ -2,10 +2,12 @@
 
 Skeleton-of-Thought found that sketch-then-expand helps questions whose answer is a set of
 independent points (advice, comparisons, explanations) and hurts code, math, step-by-step
-reasoning and short answers. `EmbeddingRouter` learns that from SoT's labels: a logistic
-regression on the all-MiniLM-L6-v2 embedding of the question, fitted by ``tools/train_router.py``
-and shipped as ``pice_cloud/data/router.json`` (weights, bias, threshold, how it was trained and
-its held-out accuracy). At run time it is one embedding and a dot product: no scikit-learn.
+reasoning and short answers. `EmbeddingRouter` learns that with two logistic regressions on the
+all-MiniLM-L6-v2 embedding of the question: P(suits a sketch) from SoT's labels
+(``tools/train_router.py``) times P(long answer) from reference answers' lengths
+(``tools/train_length.py``), shipped as ``pice_cloud/data/router.json`` (weights, biases, the
+calibrated threshold, how each was trained and its held-out accuracy). At run time it is one
+embedding and two dot products: no scikit-learn.
 
 When the embedding model is not available (not fetched, no torch), `EmbeddingRouter.load`
 falls back to `HeuristicRouter`: regular expressions send code, math, step-by-step, role-play
@@ -50,7 +52,8 @@ LONG_ANSWER_WORDS = 150
 
 
 class Route(NamedTuple):
-    """A router's advice: the mode, and the probability that the question suits a sketch."""
+    """A router's advice: the mode, and the router's score (P(suits a sketch), times P(long answer)
+    with the answer-length model) that decided it."""
 
     mode: Mode
     probability: float
@@ -453,8 +456,7 @@ def stratum_weights(sampled: Sequence[float], population: Sequence[float], strat
     for k in range(strata):
         if answered[k] == 0:
             above = next((j for j in range(k + 1, strata) if answered[j]), None)
-            below = next(j for j in range(k - 1, -1, -1) if answered[j]) if above is None else None
-            carrier[k] = above if above is not None else below  # type: ignore[assignment]
+            carrier[k] = above if above is not None else next(j for j in range(k - 1, -1, -1) if answered[j])
     carried = [0] * strata
     for k in range(strata):
         carried[carrier[k]] += members[k]
