@@ -564,6 +564,10 @@ def test_load_fleet_then_simulate_validates_its_run(world: World, tmp_path: Path
     assert throughput["requests_per_s"] > 0
     assert 0.0 <= throughput["cloud_point_share"] <= 1.0
     assert throughput["messages_per_request"]["tasks"] > 0
+    # Both sides did work the OS saw: the cloud's process and the edges' host process.
+    busy = throughput["cores_busy"]
+    assert busy["cloud"] > 0
+    assert busy["edge_hosts"] > 0
     assert row["edge_host"] == {**row["edge_host"], "hosts": 1, "reported": 1}
     assert row["registry_bytes_per_edge"] > 0
 

@@ -192,6 +192,15 @@ def stop_edge_hosts(hosts: list[subprocess.Popen[str]]) -> dict[str, Any]:
             "peak_outstanding": max((r["peak_outstanding"] for r in reports), default=None)}
 
 
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a live process (Linux ``/proc``; 0.0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 async def measure(count: int, args: argparse.Namespace, broker: MosquittoProcess,
                   hosts: list[subprocess.Popen[str]]) -> dict[str, Any]:
     from pice_cloud.bootstrap import start_system
@@ -269,8 +278,10 @@ async def measure(count: int, args: argparse.Namespace, broker: MosquittoProcess
 
         began = time.perf_counter()
         cpu_before = resource.getrusage(resource.RUSAGE_SELF)
+        hosts_before = sum(process_cpu_s(h.pid) for h in hosts)
         await asyncio.gather(*(client(k) for k in range(args.concurrency)))
         cpu_after = resource.getrusage(resource.RUSAGE_SELF)
+        hosts_after = sum(process_cpu_s(h.pid) for h in hosts)
         elapsed = time.perf_counter() - began
         # This process: the cloud (service, scheduler, MQTT client, simulated LLM) plus the load
         # generator and the message counter, so an upper bound of the cloud's own CPU time.
@@ -291,6 +302,10 @@ async def measure(count: int, args: argparse.Namespace, broker: MosquittoProcess
             "statuses_per_s": round(sent["statuses"] / elapsed, 1),
             "cloud_cpu_ms_per_request": round(1000 * cpu_s / len(done), 2) if done else None,
             "requests_per_cloud_core_s": round(len(done) / cpu_s, 1) if cpu_s else None,
+            # Cores busy on average: this process (cloud and load generator) and the edges' hosts.
+            # Near the host's core count, the measurement is bound by this machine, not the design.
+            "cores_busy": {"cloud": round(cpu_s / elapsed, 2),
+                           "edge_hosts": round((hosts_after - hosts_before) / elapsed, 2), "of": os.cpu_count()},
             "unknown_or_unassigned": sum(n for svc in services for (_, kind), n in
                                          svc.transport.rejections.snapshot().items()
                                          if kind in {"unknown_request", "unassigned", "identity"}),
