@@ -640,6 +640,20 @@ def test_eval_modes_answers_every_question_in_every_mode(world: World, serve_env
     assert len(jsonl(rows_path)) == len(rows)
 
 
+def test_eval_modes_below_picks_the_router_s_low_end(world: World, tmp_path: Path) -> None:
+    rows_path, summary_path = tmp_path / "rows.jsonl", tmp_path / "summary.json"
+    rows_path.write_text("")
+    held = [q for q, _ in ALPACA if is_held_out(q)]
+    # Every question scores below 1: the held-out ones the gate passes, and nothing is answered.
+    run_tool(world, "eval_modes.py", "--source", "alpaca", "--below", 1.0, "--modes", "cloud", "--summarise-only",
+             "--rows", rows_path, "--json", summary_path)
+    assert json.loads(summary_path.read_text())["questions"] == len([q for q in held if not cloud_only_reason(q)])
+    # Nothing scores below 0.
+    run_tool(world, "eval_modes.py", "--source", "alpaca", "--below", 0.0, "--modes", "cloud", "--summarise-only",
+             "--rows", rows_path, "--json", summary_path)
+    assert json.loads(summary_path.read_text())["questions"] == 0
+
+
 def test_eval_quality_measures_answers_sketches_and_points(tiny_model: Path, world: World,
                                                            serve_env: dict[str, str], tmp_path: Path) -> None:
     # The expander's training report names its data and held-out split (pice-cloud finetune writes it).
