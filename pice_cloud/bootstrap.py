@@ -31,13 +31,14 @@ from pice_cloud.guards import Embed
 from pice_cloud.llm import create_backend
 from pice_cloud.llm.base import LLMBackend
 from pice_cloud.replica import ReplicaClaim
-from pice_cloud.router import EmbeddingRouter, HeuristicRouter, ModeRouter
+from pice_cloud.router import EmbeddingRouter, HeuristicRouter, ModeRouter, RouterWeights
 from pice_cloud.service import PiceService
 from pice_edge.errors import PiceError
 from pice_edge.protocol import encode
 from pice_edge.transport import BrokerSettings, MqttTransport
 
 if TYPE_CHECKING:
+    from pice_cloud.embeddings import Embedder
     from pice_edge.discovery import Discovery
     from pice_edge.node import EdgeNode
 
@@ -121,18 +122,44 @@ def _cloud_max_batch(config: LLMConfig, backend: LLMBackend) -> int:
     return engine_batch if config.kind == "edge" and isinstance(engine_batch, int) else config.max_batch
 
 
-def build_router(kind: RouterKind) -> ModeRouter | None:
-    """The mode router for ``auto`` requests: the learned one (MiniLM + logistic regression,
+class SharedEmbedder:
+    """One all-MiniLM-L6-v2 for the mode router, the sketch guard and the ensemble selector of a
+    system: loaded on first need, at most once (three copies cost the cloud ~180 MB more and
+    three loads). Its ``encode`` is serialised by the embedder's own lock. When the model cannot
+    load, every part runs without it and one warning says what each loses."""
+
+    def __init__(self) -> None:
+        self._tried = False
+        self._embedder: Embedder | None = None
+
+    def get(self) -> Embedder | None:
+        """The embedder, or None when it is not available (not fetched, no torch)."""
+        if not self._tried:
+            self._tried = True
+            try:
+                from pice_cloud.embeddings import Embedder
+
+                self._embedder = Embedder()
+            except PiceError as exc:
+                log.warning("no sentence embeddings (%s): the mode router falls back to keyword rules, the sketch "
+                            "guard compares shared words only, the ensemble selector has no similarity features",
+                            exc)
+        return self._embedder
+
+
+def build_router(kind: RouterKind, shared: SharedEmbedder | None = None) -> ModeRouter | None:
+    """The mode router for ``auto`` requests: the learned one (MiniLM + logistic regressions,
     falling back to the heuristic when MiniLM is not fetched), the keyword heuristic, or none
     (progressive whenever edges are live)."""
     if kind == "off":
         return None
     if kind == "heuristic":
         return HeuristicRouter()
-    return EmbeddingRouter.load()
+    return EmbeddingRouter(RouterWeights.load(), (shared or SharedEmbedder()).get())
 
 
-def build_selector(kind: SelectorKind, llm: LLMBackend, ensemble_width: int) -> Selector:
+def build_selector(kind: SelectorKind, llm: LLMBackend, ensemble_width: int,
+                   shared: SharedEmbedder | None = None) -> Selector:
     """The ensemble selector. ``learned`` uses the fitted weights with the cloud LLM as scorer
     (when the backend can score) and MiniLM for the similarity features (when fetched); a
     feature whose part is missing contributes nothing, so selection still works.
@@ -141,26 +168,14 @@ def build_selector(kind: SelectorKind, llm: LLMBackend, ensemble_width: int) -> 
     if kind == "confidence" or ensemble_width <= 1:
         return ConfidenceSelector()
     scorer: LikelihoodScorer | None = llm if callable(getattr(llm, "score", None)) else None  # type: ignore[assignment]
-    embedder = None
-    try:
-        from pice_cloud.embeddings import Embedder
-
-        embedder = Embedder()
-    except PiceError as exc:
-        log.warning("ensemble selection without similarity features: %s", exc)
-    return LearnedSelector(EnsembleWeights.load(), scorer=scorer, embedder=embedder)
+    return LearnedSelector(EnsembleWeights.load(), scorer=scorer, embedder=(shared or SharedEmbedder()).get())
 
 
-def build_sketch_embed() -> Embed | None:
+def build_sketch_embed(shared: SharedEmbedder | None = None) -> Embed | None:
     """MiniLM sentence embeddings for the sketch guard's near-duplicate check, or None when the
     model is not fetched (the guard then compares shared words only)."""
-    try:
-        from pice_cloud.embeddings import Embedder
-
-        return Embedder().encode
-    except PiceError as exc:
-        log.info("sketch guard without sentence embeddings (shared words only): %s", exc)
-        return None
+    embedder = (shared or SharedEmbedder()).get()
+    return embedder.encode if embedder is not None else None
 
 
 @contextlib.asynccontextmanager
@@ -204,11 +219,12 @@ async def start_system(
     try:
         if config.llm.sketch_model:
             sketcher = await asyncio.to_thread(build_backend, config.llm, model=config.llm.sketch_model)
+        shared = SharedEmbedder()
         if isinstance(router, _FromConfig):
-            router = await asyncio.to_thread(build_router, config.service.router)
+            router = await asyncio.to_thread(build_router, config.service.router, shared)
         if isinstance(selector, _FromConfig):
             selector = await asyncio.to_thread(build_selector, config.service.selector, backend,
-                                               config.service.ensemble_width)
+                                               config.service.ensemble_width, shared)
         if config.broker is None:
             broker = EmbeddedBroker()
             broker_settings = BrokerSettings(url=await broker.start())
@@ -223,7 +239,7 @@ async def start_system(
         # Every (re)connect re-subscribes, and the broker sends the retained status: another
         # process's claim when it took our session in between (`ReplicaClaim.watch`).
         transport.add_subscription(claim.topic, claim.watch)
-        embed = await asyncio.to_thread(build_sketch_embed) if config.service.sketch_guard else None
+        embed = await asyncio.to_thread(build_sketch_embed, shared) if config.service.sketch_guard else None
         service = PiceService(backend, transport, config=config.service, router=router, selector=selector,
                               cloud_max_batch=_cloud_max_batch(config.llm, backend), embed=embed, cloud_id=cloud_id,
                               sketcher=sketcher)

@@ -326,3 +326,49 @@ def test_a_feature_the_cloud_computes_is_left_out_where_it_does_not_pay(tmp_path
     assert "fitted without cloud_loglik" in {row["selector"] for row in written["fit"]["report"]}
     # With zero weight the selector runs no scoring pass on the cloud.
     assert LearnedSelector(EnsembleWeights.load(out), scorer=object()).scorer is None  # type: ignore[arg-type]
+
+
+def test_one_embedding_model_serves_the_router_the_guard_and_the_selector(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from pice_cloud import bootstrap
+    from pice_edge.errors import ModelNotFoundError
+
+    loads: list[BagOfWords] = []
+
+    class Counted(BagOfWords):
+        dim = 384  # the shipped router weights' width
+        model_id = "stand-in"
+
+        def __init__(self) -> None:
+            loads.append(self)
+
+    monkeypatch.setattr(embeddings, "Embedder", Counted)
+    shared = bootstrap.SharedEmbedder()
+    router = bootstrap.build_router("embedding", shared)
+    selector = bootstrap.build_selector("learned", object(), 3, shared)  # type: ignore[arg-type]
+    embed = bootstrap.build_sketch_embed(shared)
+    assert len(loads) == 1
+    [only] = loads
+    assert router is not None
+    assert router.embedder is only  # type: ignore[attr-defined]
+    assert isinstance(selector, LearnedSelector)
+    assert selector.embedder is only
+    assert embed is not None
+    assert embed.__self__ is only  # type: ignore[attr-defined]
+
+    # Not fetched: each part runs without it, one warning names what each loses, one load tried.
+    def missing() -> None:
+        loads.append(BagOfWords())
+        raise ModelNotFoundError("all-minilm-l6-v2 is not fetched: run `pice-edge models fetch all-minilm-l6-v2`")
+
+    monkeypatch.setattr(embeddings, "Embedder", missing)
+    loads.clear()
+    shared = bootstrap.SharedEmbedder()
+    with caplog.at_level("WARNING", logger="pice_cloud.bootstrap"):
+        assert bootstrap.build_router("embedding", shared).name == "heuristic"  # type: ignore[union-attr]
+        assert bootstrap.build_sketch_embed(shared) is None
+        assert bootstrap.build_selector("learned", object(), 3, shared).embedder is None  # type: ignore[arg-type,attr-defined]
+    assert len(loads) == 1
+    [warning] = [r for r in caplog.records if r.name == "pice_cloud.bootstrap"]
+    assert "keyword rules" in warning.getMessage()
+    assert "similarity features" in warning.getMessage()
