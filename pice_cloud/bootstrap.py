@@ -124,8 +124,8 @@ def _cloud_max_batch(config: LLMConfig, backend: LLMBackend) -> int:
 
 class SharedEmbedder:
     """One all-MiniLM-L6-v2 for the mode router, the sketch guard and the ensemble selector of a
-    system: loaded on first need, at most once (three copies cost the cloud ~180 MB more and
-    three loads). Its ``encode`` is serialised by the embedder's own lock. When the model cannot
+    system: loaded on first need, at most once (a copy each cost the cloud ~180 MB and two loads
+    more). Its ``encode`` is serialised by the embedder's own lock. When the model cannot
     load, every part runs without it and one warning says what each loses."""
 
     def __init__(self) -> None:
