@@ -21,6 +21,7 @@ The router only advises: ``choose_mode`` in the scheduler applies it when the re
 
 from __future__ import annotations
 
+import bisect
 import csv
 import hashlib
 import json
@@ -448,8 +449,8 @@ def stratum_weights(sampled: Sequence[float], population: Sequence[float], strat
     edges[-1] = math.inf
     members = [0] * strata
     for p in ranked:
-        members[next(k for k, e in enumerate(edges) if p <= e)] += 1
-    group = [next(k for k, e in enumerate(edges) if p <= e) for p in sampled]
+        members[bisect.bisect_left(edges, p)] += 1
+    group = [bisect.bisect_left(edges, p) for p in sampled]
     answered = [group.count(k) for k in range(strata)]
     # Merge unanswered groups into a neighbour: each group maps to the one that carries it.
     carrier = list(range(strata))

@@ -39,6 +39,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from vicuna import read_alpaca  # noqa: E402  (this folder is on sys.path when run as a script)
+
 from pice_cloud import (  # noqa: E402  (the repo root must be on sys.path first)
     CalibrationSample,
     EmbeddingRouter,
@@ -71,9 +73,6 @@ def sample(q: dict[str, Any], probability: float, weight: float = 1.0) -> Calibr
 
 def population() -> list[str]:
     """alpaca_eval's held-out fifth: the questions the answered ones stand for."""
-    sys.path.insert(0, str(ROOT / "tools"))
-    from vicuna import read_alpaca
-
     try:
         return [q["question"] for q in read_alpaca("calibration")]
     except OSError as exc:

@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from train_router import embed, grid_search, metrics, quiet_offline  # noqa: E402  (this folder is on sys.path)
+from train_router import embed, grid_search, metrics, quiet_offline, sklearn_missing  # noqa: E402  (this folder is on sys.path)
 from vicuna import read_alpaca  # noqa: E402
 
 from pice_cloud.router import LONG_ANSWER_WORDS  # noqa: E402  (the repo root must be on sys.path first)
@@ -49,12 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="evaluate only; write no files")
     args = parser.parse_args(argv)
     quiet_offline()
-    try:
-        import numpy as np
-        import sklearn  # noqa: F401  (grid_search needs it)
-    except ImportError as exc:
-        print(f"training needs scikit-learn: pip install 'pice[bench]' ({exc})", file=sys.stderr)
+    if sklearn_missing():
         return 2
+    import numpy as np
     try:
         fit, held = read_alpaca("fit"), read_alpaca("calibration")
     except OSError as exc:

@@ -91,6 +91,16 @@ def quiet_offline() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+def sklearn_missing() -> bool:
+    """Whether scikit-learn (the ``bench`` extra) is absent; if so, says how to install it."""
+    try:
+        import sklearn  # noqa: F401
+    except ImportError as exc:
+        print(f"training needs scikit-learn: pip install 'pice[bench]' ({exc})", file=sys.stderr)
+        return True
+    return False
+
+
 def grid_search(x: Any, y: Any, n_splits: int = 5) -> Any:
     """A logistic regression whose C (`C_GRID`) is chosen by stratified ``n_splits``-fold
     cross-validated accuracy; the fitted ``GridSearchCV`` (its ``cv`` holds the folds).
@@ -120,13 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="evaluate only; write no files")
     args = parser.parse_args(argv)
     quiet_offline()
-    try:
-        import numpy as np
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.model_selection import cross_val_predict
-    except ImportError as exc:
-        print(f"training needs scikit-learn: pip install 'pice[bench]' ({exc})", file=sys.stderr)
+    if sklearn_missing():
         return 2
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_predict
 
     lima = read_labels(args.data / "lima.csv")
     sets = {
