@@ -244,7 +244,8 @@ def is_cut_heading(heading: str) -> bool:
     complement ("The island of Maui is famous", "Python is known") — or its first word continues
     a sentence ("and pork", "including chorizo", "such as rice"). Verb particles that end
     phrasal verbs ("Plan ahead", "Give up", "Follow through") are complete, and so is a heading
-    that ends in a closed parenthetical if the words before it are.
+    that ends in a closed parenthetical if the words before it are. A heading that ends in one
+    word three times over is a decoding loop cut by the line's end.
     """
     stripped = _MARKUP.sub("", heading).strip()
     if _ELLIPSIS.search(stripped):
@@ -255,6 +256,9 @@ def is_cut_heading(heading: str) -> bool:
     if not words:
         return False
     if words[0] in _CONTINUATIONS or " ".join(words[:2]) == "such as":
+        return True
+    # A decoding loop, not an ending ("a fermented flour that can't,t,t,t,t,t").
+    if len(words) >= 3 and len({w.lower() for w in words[-3:]}) == 1:
         return True
     last = words[-1].strip("\"'()[]")
     return last in _FUNCTION_WORDS or last in _DANGLING

@@ -5,11 +5,9 @@ it can be unit-tested on fixed fleet states and replayed by a simulator.
 
 Placement rule: a point goes to the edge whose predicted finish time is earliest, counting
 the work already queued there (its reported queue plus what this cloud has sent and not yet
-heard back) and the points placed earlier in the same plan. An edge generates up to
-``max_batch`` tasks together; a decode step of a batch of ``b`` costs ``b ** BATCH_EXPONENT``
-times a step at batch 1 (measured for SmolLM2-135M on one CPU thread: 21 tok/s at batch 1,
-51 at 4 and 93 at 8, i.e. exponents 0.35 and 0.28), so piling points onto one edge is
-cheaper per token but slower per point than spreading them.
+heard back) and the points placed earlier in the same plan. The prediction is
+`pice_edge.timing.finish_s`, the function the edge's own admission check uses, so the edges
+take what the cloud placed unless their state moved since the cloud saw it.
 """
 
 from __future__ import annotations
@@ -21,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from pice_cloud import defaults
+from pice_edge.timing import BATCH_EXPONENT, finish_s
 
 if TYPE_CHECKING:
     from pice_cloud.config import ServiceConfig
@@ -34,7 +33,6 @@ RequestedMode = Literal["auto", "cloud", "progressive", "sot"]
 #: one free CPU core measures ~20 at batch 1; half that covers a shared or slower core, so a
 #: fresh edge is not timed out before its first measurement.
 DEFAULT_EDGE_TOKENS_PER_S = 10.0
-BATCH_EXPONENT = 0.35
 
 
 @dataclass(frozen=True)
@@ -159,12 +157,7 @@ def choose_mode(requested: RequestedMode, live_edges: int, suits_sketch: bool | 
 def predicted_seconds(edge: EdgeView, extra_load: int, tokens: int) -> float:
     """Predicted time for ``edge`` to finish one more point of ``tokens`` tokens."""
     rate = edge.tokens_per_s if edge.tokens_per_s > 0 else DEFAULT_EDGE_TOKENS_PER_S
-    size = max(1, edge.max_batch)
-    ahead = edge.load + extra_load  # tasks queued before this one
-    full_batches, in_last = divmod(ahead, size)
-    step = tokens / rate  # seconds for one sequence decoded alone
-    compute = full_batches * step * size**BATCH_EXPONENT + step * (in_last + 1) ** BATCH_EXPONENT
-    return float(compute + edge.link_delay_s)
+    return finish_s(edge.load + extra_load, edge.max_batch, tokens, rate) + edge.link_delay_s
 
 
 def predicted_cloud_seconds(cloud: CloudView, extra_points: int, tokens: int) -> float:
@@ -193,8 +186,9 @@ def place(
     means the cloud expands the point itself: that happens when there are no edges, or when
     even the best edge has no free slot left and an idle ``cloud`` would finish the point
     ``cloud_takeover_factor`` times sooner (a busy fleet and an idle cloud: the cloud does
-    more itself). A cloud with requests queued never takes points: its capacity is what
-    PICE saves.
+    more itself). A cloud with requests queued takes only the points no edge would accept:
+    those whose best edge has to queue them and would finish after ``deadline_cap_s`` (the edge
+    refuses those, so sending them would only delay the cloud's fallback by a round trip).
 
     The deadline of a point is ``deadline_factor`` times the slowest predicted finish among its
     edges, clamped to [deadline_floor_s, deadline_cap_s]: generous enough for a noisy device,
@@ -216,7 +210,17 @@ def place(
         chosen = [heapq.heappop(ranked) for _ in range(width)]
         best, _, i = chosen[0]
         fleet_full = edges[i].load + extra[i] >= edges[i].max_batch
-        if (cloud is not None and cloud.queue_depth == 0 and fleet_full
+        # An edge that must queue the point and would finish it after the longest deadline we
+        # give refuses it (same `finish_s`): sending it would only cost a round trip first.
+        hopeless = [entry for entry in chosen if entry[0] > deadline_cap_s
+                    and edges[entry[2]].load + extra[entry[2]] >= edges[entry[2]].max_batch]
+        all_hopeless = len(hopeless) == len(chosen)
+        if hopeless and not all_hopeless:
+            for entry in hopeless:
+                heapq.heappush(ranked, entry)
+            chosen = [entry for entry in chosen if entry not in hopeless]
+        if all_hopeless or (
+                cloud is not None and cloud.queue_depth == 0 and fleet_full
                 and best > cloud_takeover_factor * predicted_cloud_seconds(cloud, in_cloud, tokens_per_point)):
             for entry in chosen:
                 heapq.heappush(ranked, entry)

@@ -26,7 +26,7 @@ from pice_edge.model_store import DEFAULT_MODEL, build_id, build_random_model
 from pice_edge.model_store import install as install_model
 from pice_edge.model_store import resolve as resolve_model
 from pice_edge.model_transfer import fetch_from
-from pice_edge.node import EdgeNode, NodeStats, queued_finish_s
+from pice_edge.node import EdgeNode, NodeStats
 from pice_edge.profiles import DeviceProfile, load_profile
 from pice_edge.prompts import (
     EXPANSION_NO_REPEAT_NGRAM_SIZE,
@@ -49,6 +49,7 @@ from pice_edge.rollout import RolloutPolicy
 from pice_edge.runtimes import available_runtimes, create_runtime
 from pice_edge.runtimes.base import ChatMessage, GenerationRequest, GenerationResult, Runtime
 from pice_edge.text import RenderedPoint, list_item, paragraphs, parse_point, parse_points
+from pice_edge.timing import finish_s, per_sequence_rate
 from pice_edge.transport import BrokerSettings, Message, MqttTransport
 
 __version__ = "0.1.0"
@@ -103,12 +104,13 @@ __all__ = [
     "encode",
     "expansion_messages",
     "fetch_from",
+    "finish_s",
     "install_model",
     "list_item",
     "load_profile",
     "paragraphs",
     "parse_point",
     "parse_points",
-    "queued_finish_s",
+    "per_sequence_rate",
     "resolve_model",
 ]

@@ -42,6 +42,7 @@ from pice_edge.runtimes.base import (
     SteppingRuntime,
     StreamingDecodeBatch,
 )
+from pice_edge.timing import per_sequence_rate
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +173,9 @@ class EngineStats:
     #: Jobs that ran to the end (a result), and the tokens they generated.
     finished: int = 0
     tokens_generated: int = 0
-    #: Moving average of the tokens the whole batch generates per second.
+    #: Moving average of the decode rate per sequence, normalised to batch 1
+    #: (`pice_edge.timing.per_sequence_rate`): what the cloud's placement and the node's
+    #: refusals both read.
     tokens_per_s: float = 0.0
 
 
@@ -400,8 +403,8 @@ class BatchEngine(Generic[C]):
         stats.tokens_generated += tokens
         # A decode step adds one token to every sequence; a whole-batch step all of their tokens.
         produced = rows if self._stepping is not None else tokens
-        if elapsed > 0 and produced:
-            rate = produced / elapsed
+        rate = per_sequence_rate(rows, produced, elapsed)
+        if rate > 0:
             w = RATE_SAMPLE_WEIGHT
             stats.tokens_per_s = rate if stats.tokens_per_s == 0 else (1 - w) * stats.tokens_per_s + w * rate
 

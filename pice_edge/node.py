@@ -56,6 +56,7 @@ from pice_edge.protocol import (
 from pice_edge.rejects import Rejections
 from pice_edge.rollout import RolloutPolicy, local_build, remember
 from pice_edge.runtimes.base import GenerationRequest, GenerationResult, Runtime
+from pice_edge.timing import finish_s
 from pice_edge.transport import BrokerSettings, Message, MqttTransport
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,8 @@ class NodeStats:
     #: Sequences generated together at each of the last steps (batches, for a plain runtime).
     batch_sizes = _Engines[list[int]]("engine", "batch_sizes")
     tokens_generated = _Engines[int]("engine", "tokens_generated")
-    #: Measured decode rate of the whole batch (what status reports and refusals use).
+    #: Measured decode rate per sequence at batch 1 (`pice_edge.timing`; what status reports and
+    #: refusals use).
     tokens_per_s = _Engines[float]("engine", "tokens_per_s")
     #: Steps run: decode steps, or batches for a plain runtime.
     steps = _Engines[int]("engine", "steps")
@@ -639,8 +641,8 @@ class EdgeNode:
         ahead = self._outstanding()
         if ahead < self.max_batch or self.stats.tokens_per_s <= 0:
             return False
-        return time.time() + queued_finish_s(ahead, self.max_batch, task.max_new_tokens,
-                                             self.stats.tokens_per_s) > task.deadline
+        return time.time() + finish_s(ahead, self.max_batch, task.max_new_tokens,
+                                      self.stats.tokens_per_s) > task.deadline
 
     def _refuse(self, task: ExpandTask, reason: RefusalReason, detail: str) -> None:
         self.stats.tasks_refused += 1
@@ -678,7 +680,7 @@ class EdgeNode:
     def _publish(self, queued: _Queued, req: GenerationRequest, result: GenerationResult) -> None:
         task = queued.task
         text = clean_expansion(result.text, truncated=result.token_count >= req.max_new_tokens,
-                               point=task.sketch[task.point_index])
+                               point=task.sketch[task.point_index], question=task.question)
         candidate = Candidate(
             request_id=queued.task.request_id,
             point_index=queued.task.point_index,
@@ -721,12 +723,3 @@ def _close_runtime(runtime: Runtime, cuda: bool) -> None:
     runtime.close()
     del runtime
     free_memory(cuda=cuda)
-
-
-def queued_finish_s(ahead: int, max_batch: int, tokens: int, tokens_per_s: float) -> float:
-    """Seconds until a task of ``tokens`` tokens that arrives behind ``ahead`` others would
-    finish on a node that runs ``max_batch`` at a time at ``tokens_per_s`` (its measured
-    throughput at full batch): the rounds of full batches before it, then its own."""
-    rounds = 1 + max(0, -(-(ahead + 1 - max_batch) // max_batch))
-    return rounds * tokens * max_batch / tokens_per_s
-

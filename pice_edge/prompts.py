@@ -66,6 +66,39 @@ _LETTER_START = re.compile(
 )
 
 
+#: A question that asks for a letter or a message ("Write a resignation letter", "Draft an e-mail
+#: to ..."): its points are parts of one letter, so an expansion written as a letter is on task.
+_ASKS_FOR_LETTER = re.compile(
+    r"\b(?:write|draft|compose|prepare|craft|create|generate|produce|pen|send|structure|format|reply|respond)\b.{0,160}?"
+    r"\b(?:letters?|e-?mails?|memos?|thank[- ]you\s+notes?|messages?|invitations?)\b",
+    re.IGNORECASE | re.DOTALL,
+)
+#: The frame of a letter, a line of its own: salutation, header fields, sign-off, a placeholder
+#: alone ("[Your Name]", "[Date]"). Its body is what an expansion of a letter's point keeps.
+_LETTER_FRAME_LINE = re.compile(
+    r"^[ \t]*(?:(?:dear|hi|hello|hey|greetings|good\s+(?:morning|afternoon|evening))\b[^\n.!?]{0,60}[,:!]?"
+    r"|(?:subject|re|fwd?|to|from|cc|bcc|date)\s*:[^\n]*"
+    r"|to\s+whom\s+it\s+may\s+concern[,:]?"
+    r"|(?:sincerely|best\s+regards|kind\s+regards|warm\s+regards|regards|best\s+wishes|thank\s+you|thanks"
+    r"|yours\s+(?:truly|faithfully|sincerely)|best|cheers|respectfully)[,!.]?"
+    r"|\[[^\]\n]{1,60}\])[ \t]*$\n?",
+    re.IGNORECASE | re.MULTILINE,
+)
+#: A salutation that opens the body's first line ("Dear Ms. Lee, I am writing to ...").
+_INLINE_SALUTATION = re.compile(r"\A\s*(?:dear|hi|hello)\s[^\n,]{1,60},[ \t]+(?=\S)", re.IGNORECASE)
+
+
+def asks_for_letter(question: str) -> bool:
+    """Whether ``question`` asks for a letter, an e-mail or a similar message."""
+    return bool(_ASKS_FOR_LETTER.search(question))
+
+
+def _letter_body(text: str) -> str:
+    """``text`` without its letter frame (salutation, header fields, sign-off, placeholders)."""
+    body = _INLINE_SALUTATION.sub("", _LETTER_FRAME_LINE.sub("", text))
+    return re.sub(r"\n{3,}", "\n\n", body).strip()
+
+
 #: A reply's preamble at its very start: "Sure!", "Certainly,", and a line introducing what
 #: follows ("Here's a revised version of the letter:", "Below is an expanded point:"). It says
 #: nothing about the point; what it introduces is the expansion, if anything is.
@@ -85,10 +118,15 @@ def settled_sentences(partial: str) -> str:
     return "".join(finished).strip()
 
 
-def clean_expansion(text: str, *, truncated: bool, point: str = "") -> str:
+def clean_expansion(text: str, *, truncated: bool, point: str = "", question: str = "") -> str:
     """Keep the expansion of one point: stop where the model starts the next point or another
     document ("Dear ...", "Subject:", a sign-off), and drop a trailing half sentence when
     generation was cut by the token budget.
+
+    With a ``question`` that asks for a letter or an e-mail (`asks_for_letter`), an expansion
+    written as the letter is the answer's own text: its frame (salutation, subject line,
+    sign-off, "[Your Name]") is dropped and its body kept, where otherwise the whole letter
+    would be cut as a drift into another document.
 
     With ``point``, a leading echo of the point ("2. Plan the day") is removed, and an
     expansion that is nothing but that echo counts as empty (worthless to the answer). So is a
@@ -110,6 +148,8 @@ def clean_expansion(text: str, *, truncated: bool, point: str = "") -> str:
             text = rest
         elif text.lower().startswith(head) and text[len(head):len(head) + 1] in (":", "."):
             text = text[len(head) + 1:]
+    if question and asks_for_letter(question):
+        text = _letter_body(text)
     following = next((item for item in list_items(text) if item.line > 0), None)
     if following is not None:
         text = text[: following.start]

@@ -415,3 +415,20 @@ async def test_each_sequence_gets_its_prefill_and_a_share_of_every_step(
     assert long.compute_s == pytest.approx(1 + 0.5 + 0.5 + 1 + 1)
     # Nothing double-counted: the sequences' seconds add up to the engine's (2 joins + 4 steps).
     assert long.compute_s + short.compute_s == pytest.approx(6)
+
+
+def test_reported_rate_is_per_sequence_whatever_the_batch() -> None:
+    """A step whose cost follows the timing model (b ** BATCH_EXPONENT times a lone step) gives
+    the same per-sequence rate at every batch size, so the cloud's placement and the node's
+    refusals read one number whether the edge was idle or full when it measured it."""
+    from pice_edge.timing import BATCH_EXPONENT, finish_s, per_sequence_rate
+
+    lone_step = 0.05  # 20 tokens/s alone
+    for rows in (1, 2, 4, 8):
+        elapsed = lone_step * rows**BATCH_EXPONENT
+        assert per_sequence_rate(rows, rows, elapsed) == pytest.approx(20.0)  # a decode step
+        assert per_sequence_rate(rows, 10 * rows, 10 * elapsed) == pytest.approx(20.0)  # a whole batch
+    assert per_sequence_rate(0, 0, 1.0) == 0.0
+    # Alone: tokens / rate; behind a full batch of 4: that batch's round first.
+    assert finish_s(0, 4, 80, 20.0) == pytest.approx(4.0)
+    assert finish_s(4, 4, 80, 20.0) == pytest.approx(4.0 * 4**BATCH_EXPONENT + 4.0)

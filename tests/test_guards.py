@@ -73,6 +73,7 @@ def test_good_outlines_pass(question: str, points: list[str]) -> None:
         (["Set clear goals", "Prioritise tasks and", "Take breaks"], "cut_heading", 1),
         (["Set clear goals", "Plan your...", "Take breaks"], "cut_heading", 1),
         (["Set clear goals", "A calendar is known", "Take breaks"], "cut_heading", 1),
+        (["Set clear goals", "Use a planner that can't,t,t,t,t", "Take breaks"], "cut_heading", 1),
         (["Improve your time management skills", "Prioritise tasks", "Take breaks"], "restates_question", 0),
         (["Set clear goals", "Time management", "Take breaks"], "restates_question", 1),
         (["Set clear goals", "Write every single task you have into one long daily list", "Take breaks"],
@@ -164,6 +165,8 @@ def test_meta_heading_predicate(heading: str, meta: bool) -> None:
         ("Stay calm and composed", False), ("Maui", False),
         # A comma without a space still separates words: the heading ends with "and".
         ("Logical,and", True), ("C++ vs. Java", False), ("Node.js and Deno", False),
+        # One word over and over is a decoding loop; a word twice ("Bye bye") is not.
+        ("It's a fermented flour that can't,t,t,t,t,t", True), ("Very very very", True), ("Bye bye", False),
     ],
 )
 def test_cut_heading_predicate(heading: str, cut: bool) -> None:

@@ -54,10 +54,51 @@ def test_deadline_clamped_and_grows_with_queue() -> None:
     d_loaded = place(1, [loaded], tokens_per_point=80, deadline_floor_s=1, deadline_factor=3, deadline_cap_s=1000)
     assert d_idle.deadlines_s[0] == pytest.approx(3 * 80 / 20)
     assert d_loaded.deadlines_s[0] > d_idle.deadlines_s[0]
-    capped = place(1, [loaded], tokens_per_point=80, deadline_cap_s=7)
-    assert capped.deadlines_s[0] == 7
+    # Two ahead on a one-slot edge: 12 s predicted, so a cap of 13 s clamps the deadline (5 x 12).
+    queued = EdgeView("a", max_batch=1, queue_depth=2, tokens_per_s=20)
+    capped = place(1, [queued], tokens_per_point=80, deadline_cap_s=13)
+    assert capped.deadlines_s[0] == 13
     floored = place(1, [EdgeView("a", tokens_per_s=1e6)], tokens_per_point=1, deadline_floor_s=5)
     assert floored.deadlines_s[0] == 5
+
+
+def test_a_point_no_edge_would_accept_goes_to_the_cloud_at_once() -> None:
+    # 21 tasks ahead of a one-slot edge at 4 s each: past any deadline of 60 s, so the edge would
+    # refuse the task (the same `finish_s`); the cloud writes it without the round trip.
+    loaded = EdgeView("a", max_batch=1, queue_depth=20, tokens_per_s=20)
+    assert place(2, [loaded], tokens_per_point=80, deadline_cap_s=60).devices == ((), ())
+    # An ensemble keeps the edges that would accept and drops the hopeless one.
+    free = EdgeView("b", max_batch=1, tokens_per_s=20)
+    plan = place(1, [loaded, free], tokens_per_point=80, width=2, deadline_cap_s=60)
+    assert plan.devices == (("b",),)
+    # An edge with a free slot always takes the point, however slow (it never refuses those).
+    slow = EdgeView("c", max_batch=2, queue_depth=1, tokens_per_s=0.5)
+    assert place(1, [slow], tokens_per_point=80, deadline_cap_s=60).devices == (("c",),)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_edges_accept_what_the_cloud_placed(seed: int) -> None:
+    """The edge's admission check (`pice_edge.node.EdgeNode._would_miss_deadline`: a task that
+    must queue and by `finish_s` would end after its deadline is refused) accepts every task
+    `place` assigned, when the edge is in the state the cloud saw."""
+    import random
+
+    from pice_edge.timing import finish_s
+
+    rng = random.Random(seed)
+    edges = [EdgeView(f"e{i}", max_batch=rng.choice([1, 2, 4, 8]), queue_depth=rng.randint(0, 30),
+                      tokens_per_s=rng.uniform(2, 60), link_delay_s=rng.uniform(0, 0.5))
+             for i in range(rng.randint(1, 12))]
+    tokens = rng.choice([40, 80, 160])
+    plan = place(rng.randint(1, 10), edges, tokens_per_point=tokens, width=rng.randint(1, 3))
+    by_id = {e.device_id: e for e in edges}
+    ahead = {e.device_id: e.load for e in edges}
+    for devices, deadline in zip(plan.devices, plan.deadlines_s, strict=True):
+        for device_id in devices:
+            edge = by_id[device_id]
+            if ahead[device_id] >= edge.max_batch:
+                assert finish_s(ahead[device_id], edge.max_batch, tokens, edge.tokens_per_s) <= deadline
+            ahead[device_id] += 1
 
 
 def test_batching_is_cheaper_than_serial() -> None:

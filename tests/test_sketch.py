@@ -119,3 +119,50 @@ def test_without_prefill() -> None:
 )
 def test_clean_expansion(raw: str, truncated: bool, expected: str) -> None:
     assert clean_expansion(raw, truncated=truncated, point="Local vs. Tourist") == expected
+
+
+LETTER_QUESTION = "Can you help me write a resignation letter to my employer, thanking them for the opportunities?"
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected", "otherwise"),
+    [
+        # The question asks for a letter: its body is the expansion, its frame is not. Asked for
+        # something else ("otherwise"), a letter is a drift into another document: cut.
+        ("Dear [Manager's Name],\n\nI am writing to resign from my role. I am grateful for the years here.",
+         "I am writing to resign from my role. I am grateful for the years here.", ""),
+        ("Dear Ms. Lee, I am writing to resign from my role.\n\nSincerely,\n[Your Name]",
+         "I am writing to resign from my role.", ""),
+        ("Subject: Resignation\n\nThank you for the opportunity to grow here. I learned a lot.",
+         "Thank you for the opportunity to grow here. I learned a lot.", ""),
+        # A second letter after the body is a drift either way.
+        ("I learned a lot here. Dear [Supervisor's Name],\nI am writing", "I learned a lot here.",
+         "I learned a lot here."),
+        # The heading echoed, then the letter.
+        ("Express gratitude\n\nDear John,\nYour support meant a great deal to me.",
+         "Your support meant a great deal to me.", ""),
+    ],
+)
+def test_clean_expansion_of_a_letter_keeps_its_body(raw: str, expected: str, otherwise: str) -> None:
+    assert clean_expansion(raw, truncated=False, point="Express gratitude", question=LETTER_QUESTION) == expected
+    assert clean_expansion(raw, truncated=False, point="Express gratitude",
+                           question="How do I keep a sourdough starter healthy?") == otherwise
+
+
+@pytest.mark.parametrize(
+    ("question", "asks"),
+    [
+        ("Can you help me write a resignation letter to my current employer?", True),
+        ("Draft a professional email seeking your supervisor's feedback on the report.", True),
+        ("Write a thank-you note to my neighbour for watering the plants.", True),
+        ("Compose a short message inviting friends to a barbecue.", True),
+        ("Use an appropriate format to structure a formal letter of recommendation for a student.", True),
+        ("What is the history of the letter A?", False),
+        ("How do e-mail spam filters work?", False),
+        ("Write a poem about the sea.", False),
+    ],
+)
+def test_asks_for_letter(question: str, asks: bool) -> None:
+    from pice_edge.prompts import asks_for_letter
+
+    assert asks_for_letter(question) is asks

@@ -332,7 +332,7 @@ def expand_points(model: str, examples: list[Any], max_new_tokens: int, threads:
                                       no_repeat_ngram_size=EXPANSION_NO_REPEAT_NGRAM_SIZE) for e in batch]
         for e, result in zip(batch, runtime.generate(requests), strict=True):
             out.append(clean_expansion(result.text, truncated=result.token_count >= max_new_tokens,
-                                       point=e.sketch[e.point_index]))
+                                       point=e.sketch[e.point_index], question=e.question))
         print(f"[points {model}] {len(out)}/{len(examples)}", file=sys.stderr, flush=True)
     runtime.close()
     return out

@@ -131,8 +131,8 @@ async def generate(args: argparse.Namespace) -> None:
             results = []
             for start in range(0, len(requests), 8):
                 results.extend(edge.generate(requests[start:start + 8]))
-            texts = [clean_expansion(r.text, truncated=r.token_count >= args.tokens, point=points[j // args.k])
-                     for j, r in enumerate(results)]
+            texts = [clean_expansion(r.text, truncated=r.token_count >= args.tokens, point=points[j // args.k],
+                                     question=q["question"]) for j, r in enumerate(results)]
             scores = await llm.score([ChatRequest(expansion_messages(q["question"], points, j // args.k), max_tokens=0)
                                       for j in range(len(texts))], texts)
             outline = format_sketch(points)

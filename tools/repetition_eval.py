@@ -68,7 +68,8 @@ def main() -> None:
             GenerationRequest(prompt, args.tokens, temperature=args.temperature, seed=args.seed,
                               repetition_penalty=penalty, no_repeat_ngram_size=ngram) for _, _, prompt in jobs])
         elapsed = time.perf_counter() - started
-        texts = [clean_expansion(r.text, truncated=r.token_count >= args.tokens, point=o["headings"][i])
+        texts = [clean_expansion(r.text, truncated=r.token_count >= args.tokens, point=o["headings"][i],
+                                 question=o["question"])
                  for (o, i, _), r in zip(jobs, results, strict=True)]
         cosines = (embedder.encode([t or "-" for t in texts]) * references).sum(dim=1).tolist()
         answers: dict[int, list[str]] = {}

@@ -75,7 +75,7 @@ sys.path.insert(0, str(ROOT))
 from pice_cloud import CloudView, EdgeView, GenerationOptions, ServiceConfig  # noqa: E402
 from pice_cloud.cloud_ledger import EMBEDDING_PURPOSES, PURPOSES  # noqa: E402
 from pice_cloud.progressive import PointSampling, plan_request  # noqa: E402
-from pice_edge import queued_finish_s  # noqa: E402
+from pice_edge import finish_s, per_sequence_rate  # noqa: E402
 from pice_edge.node import EdgeNode  # noqa: E402
 from pice_edge.profiles import load_profile  # noqa: E402
 
@@ -442,7 +442,7 @@ class Edge:
         self.queue: list[Task] = []
         self.running = 0
         self.collecting = False
-        #: As the node measures it (tokens / batch seconds, smoothed); the load tools warm the
+        #: As the node measures it (`per_sequence_rate`, smoothed); the load tools warm the
         #: edges up one request at a time first, so it starts at the rate of a lone sequence.
         self.tokens_per_s = rate
         self.outstanding = 0  # the cloud's view: sent, not answered
@@ -451,7 +451,7 @@ class Edge:
         ahead = len(self.queue) + self.running
         if ahead < self.max_batch or self.tokens_per_s <= 0:
             return False
-        return self.sim.now + queued_finish_s(ahead, self.max_batch, task.tokens, self.tokens_per_s) > task.deadline
+        return self.sim.now + finish_s(ahead, self.max_batch, task.tokens, self.tokens_per_s) > task.deadline
 
     def receive(self, task: Task) -> bool:
         """False: refused (a full queue, or the node's would-miss-deadline rule)."""
@@ -473,7 +473,7 @@ class Edge:
         seconds = longest * (1 + self.batch_cost * (len(batch) - 1)) / self.rate
 
         def end() -> None:
-            rate = sum(t.tokens for t in batch) / seconds
+            rate = per_sequence_rate(len(batch), sum(t.tokens for t in batch), seconds)
             self.tokens_per_s = rate if self.tokens_per_s == 0 else 0.7 * self.tokens_per_s + 0.3 * rate
             self.running = 0
             for task in batch:
@@ -841,7 +841,9 @@ def validate(path: Path) -> dict[str, Any]:
                         ensemble_width=int(s.get("ensemble_width", 1)), link_delay_s=0.002,
                         mix=validation_mix(s, row, path))
         measured = row["throughput"]
-        simulated = closed_loop(config, "progressive", s["concurrency"], measured["seconds"])
+        # The measured run's clients stopped asking at its ``duration``; its ``seconds`` also hold
+        # the drain of the requests then in flight, as the simulated run's elapsed time does.
+        simulated = closed_loop(config, "progressive", s["concurrency"], float(s["duration"]))
         check: dict[str, Any] = {
             "edges": row["edges"], "concurrency": s["concurrency"],
             "measured": {k: measured[k] for k in ("requests_per_s", "latency_p50_s", "cloud_point_share")},

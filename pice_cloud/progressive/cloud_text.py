@@ -42,7 +42,8 @@ class CloudExpander:
                 async for piece in stream:
                     if isinstance(piece, Completion):
                         res = piece
-        text = clean_expansion(res.text, truncated=res.tokens >= tokens_per_point, point=points[index])
+        text = clean_expansion(res.text, truncated=res.tokens >= tokens_per_point, point=points[index],
+                               question=question)
         return text or points[index], res.tokens
 
     async def stream(self, question: str, points: Sequence[str], index: int, tokens_per_point: int,
@@ -63,11 +64,11 @@ class CloudExpander:
                     tokens = piece.tokens
                     continue
                 raw += piece
-                cleaned = settled_sentences(clean_expansion(raw, truncated=False, point=heading))
+                cleaned = settled_sentences(clean_expansion(raw, truncated=False, point=heading, question=question))
                 if len(cleaned) > len(sent) and cleaned.startswith(sent):
                     yield (opening if not sent else "") + cleaned[len(sent):], None, 0
                     sent = cleaned
-        final = clean_expansion(raw, truncated=tokens >= tokens_per_point, point=heading) or heading
+        final = clean_expansion(raw, truncated=tokens >= tokens_per_point, point=heading, question=question) or heading
         if not sent:
             yield opening + final, final, tokens
         elif final.startswith(sent):
