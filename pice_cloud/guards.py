@@ -30,6 +30,7 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 
+from pice_edge.prompts import asks_for_letter
 from pice_edge.text import split_sentences, strip_marker
 
 SketchReason = Literal["too_few_points", "duplicate_points", "meta_heading", "cut_heading", "restates_question",
@@ -468,7 +469,9 @@ def check_expansion(text: str, *, point: str, question: str, other_texts: Sequen
     prompt_grams = {g for p in prompt for g in _ngrams(_unnumbered(p))}
     if _share_found(_ngrams(_unnumbered(stripped)), prompt_grams) >= ECHO_SHARE:
         return "echoes_prompt"
-    if _LETTER_OPENING.match(stripped) or _LETTER_PARTS.search(text):
+    # Asked for a letter, its placeholders ("I, [Your Name], ...") are the answer's; its frame was
+    # cleaned off (`pice_edge.prompts.clean_expansion`), so an opening left is another letter.
+    if _LETTER_OPENING.match(stripped) or (_LETTER_PARTS.search(text) and not asks_for_letter(question)):
         return "other_document"
     own = set(sentences(stripped))
     for other in other_texts:

@@ -81,7 +81,9 @@ _LETTER_FRAME_LINE = re.compile(
     r"|to\s+whom\s+it\s+may\s+concern[,:]?"
     r"|(?:sincerely|best\s+regards|kind\s+regards|warm\s+regards|regards|best\s+wishes|thank\s+you|thanks"
     r"|yours\s+(?:truly|faithfully|sincerely)|best|cheers|respectfully)[,!.]?"
-    r"|\[[^\]\n]{1,60}\])[ \t]*$\n?",
+    r"|\[[^\]\n]{1,60}\]"
+    # A header field whose value is a placeholder ("Your Position: [Your Position]").
+    r"|[^\n:\[\]]{1,40}:[ \t]*\[[^\]\n]{1,60}\])[ \t]*$\n?",
     re.IGNORECASE | re.MULTILINE,
 )
 #: A salutation that opens the body's first line ("Dear Ms. Lee, I am writing to ...").

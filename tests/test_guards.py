@@ -281,6 +281,11 @@ def test_a_letter_is_rejected_even_when_the_question_asks_for_one() -> None:
     # ...while a placeholder inside a good expansion is not a letter.
     assert check_expansion("Thank them for the time they spend on the [Report Name] review, and say when you need "
                            "an answer.", point="Polite opening", question=question) is None
+    # Asked for a letter, its name placeholder is the answer's (`clean_expansion` took the frame
+    # off); asked for anything else, it marks a stray letter.
+    signed = "I, [Your Name], thank you for the feedback you gave on every report this year."
+    assert check_expansion(signed, point="Polite opening", question=question) is None
+    assert check_expansion(signed, point="Set clear goals", question=QUESTION) == "other_document"
 
 
 def test_short_common_sentences_do_not_count_as_repeats() -> None:

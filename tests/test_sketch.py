@@ -135,6 +135,9 @@ LETTER_QUESTION = "Can you help me write a resignation letter to my employer, th
          "I am writing to resign from my role.", ""),
         ("Subject: Resignation\n\nThank you for the opportunity to grow here. I learned a lot.",
          "Thank you for the opportunity to grow here. I learned a lot.", ""),
+        ("Your Position: [Your Position]\nI have valued every year on this team.",
+         "I have valued every year on this team.",
+         "Your Position: [Your Position]\nI have valued every year on this team."),
         # A second letter after the body is a drift either way.
         ("I learned a lot here. Dear [Supervisor's Name],\nI am writing", "I learned a lot here.",
          "I learned a lot here."),
