@@ -214,7 +214,7 @@ def test_the_ledger_is_read_from_a_bench_json(tmp_path: Path) -> None:
 
 
 def test_validation_compares_the_modelled_cloud_work_with_the_measured_ledger(tmp_path: Path) -> None:
-    settings = {"concurrency": 2, "points": 3, "tokens": 8, "ensemble_width": 1, "edge_rate": 100.0,
+    settings = {"concurrency": 2, "duration": 4.0, "points": 3, "tokens": 8, "ensemble_width": 1, "edge_rate": 100.0,
                 "edge_batch": 4, "edge_batch_cost": 0.0, "edge_queue": 4, "cloud_rate": 200.0,
                 "cloud_batch_cost": 0.0}
     ledger = {"sketch": {"calls": 1, "sequences": 1, "prefill_tokens": 120.0, "decode_tokens": 18.0, "seconds": 0.1},

@@ -826,6 +826,9 @@ def validate(path: Path) -> dict[str, Any]:
     work per request by purpose (when the run recorded its ledger)."""
     report = json.loads(path.read_text())
     s = report["settings"]
+    if "duration" not in s:
+        raise SystemExit(f"{path}: settings.duration is missing (how long its clients asked); "
+                         "re-run tools/load_fleet.py to record it")
     out = []
     for row in report["rows"]:
         if row.get("replicas", 1) != 1:
