@@ -220,7 +220,9 @@ class EdgeStatus(_Message):
     max_batch: int = Field(default=1, ge=1, le=1024)
     free_slots: int = Field(default=0, ge=0, le=100_000)
     queue_depth: int = Field(default=0, ge=0, le=1_000_000)
-    #: Decode throughput measured on this device's recent batches (0 when not yet measured).
+    #: Decode rate of one sequence at batch 1, estimated from this device's recent batches
+    #: (`pice_edge.timing.per_sequence_rate`; 0 when not yet measured). The cloud's placement and
+    #: the node's refusals both predict a task's finish from it with `pice_edge.timing.finish_s`.
     tokens_per_s: float = Field(default=0.0, ge=0.0, le=1e7)
     #: Interval between heartbeats; the cloud expires an edge after a few missed ones.
     heartbeat_s: float = Field(default=2.0, gt=0.0, le=3600.0)

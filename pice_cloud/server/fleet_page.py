@@ -367,7 +367,8 @@ class _FleetCollector(Collector):
                                  labels=labels)
         queue = GaugeMetricFamily("pice_edge_queue_depth", "Tasks waiting on a live edge (from its status)",
                                   labels=labels)
-        rate = GaugeMetricFamily("pice_edge_decode_tokens_per_second", "A live edge's measured decode rate",
+        rate = GaugeMetricFamily("pice_edge_decode_tokens_per_second",
+                                 "A live edge's measured decode rate of one sequence (batch-1 equivalent)",
                                  labels=labels)
         age = GaugeMetricFamily("pice_edge_heartbeat_age_seconds", "Seconds since a live edge's last status",
                                 labels=labels)
