@@ -30,7 +30,7 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 
-from pice_edge.prompts import asks_for_letter
+from pice_edge.prompts import SALUTATION, SIGN_OFF, asks_for_letter
 from pice_edge.text import split_sentences, strip_marker
 
 SketchReason = Literal["too_few_points", "duplicate_points", "meta_heading", "cut_heading", "restates_question",
@@ -416,7 +416,7 @@ def _share_found(grams: Sequence[tuple[str, ...]], pool: set[tuple[str, ...]]) -
 # --- expansions -----------------------------------------------------------------------------
 
 _LETTER_OPENING = re.compile(
-    r"^(?:(?:dear|hi|hello|hey|greetings|good\s+(?:morning|afternoon|evening))\b[^\n.!?]{0,60}[,:!\n—–-]"
+    rf"^(?:{SALUTATION}\b[^\n.!?]{{0,60}}[,:!\n—–-]"
     r"|(?:dear)\s"
     r"|(?:subject|re|fwd?|from|to|cc|bcc|date|memo|title)\s*:"
     r"|to\s+whom\s+it\s+may\s+concern)",
@@ -426,8 +426,7 @@ _LETTER_OPENING = re.compile(
 #: fine: a good answer to "Write a job posting" has them.
 _LETTER_PARTS = re.compile(
     r"\[your\s+(?:full\s+)?name\]"
-    r"|(?:^|\n)\s*(?:sincerely|best\s+regards|kind\s+regards|warm\s+regards|regards|yours\s+(?:truly|faithfully|"
-    r"sincerely)|best\s+wishes),?\s*(?:\n|$)",
+    rf"|(?:^|\n)\s*{SIGN_OFF},?\s*(?:\n|$)",
     re.IGNORECASE,
 )
 _PROMPT_LABELS = re.compile(r"^\s*(?:question|outline|skeleton|expand\s+point|point\s+\d+\s*:)", re.IGNORECASE)

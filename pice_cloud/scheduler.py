@@ -206,14 +206,18 @@ def place(
     # costs O(E + P log E), not a sort per point (1,000 edges: ~0.3 ms a request instead of 12).
     ranked = [(predicted_seconds(e, 0, tokens_per_point), e.device_id, i) for i, e in enumerate(edges)]
     heapq.heapify(ranked)
+
+    def must_queue(i: int) -> bool:
+        """Edge ``i`` has no free slot for one more point (its own plus this plan's)."""
+        return edges[i].load + extra[i] >= edges[i].max_batch
+
     for _ in range(n_points):
         chosen = [heapq.heappop(ranked) for _ in range(width)]
         best, _, i = chosen[0]
-        fleet_full = edges[i].load + extra[i] >= edges[i].max_batch
+        fleet_full = must_queue(i)
         # An edge that must queue the point and would finish it after the longest deadline we
         # give refuses it (same `finish_s`): sending it would only cost a round trip first.
-        hopeless = [entry for entry in chosen if entry[0] > deadline_cap_s
-                    and edges[entry[2]].load + extra[entry[2]] >= edges[entry[2]].max_batch]
+        hopeless = [entry for entry in chosen if entry[0] > deadline_cap_s and must_queue(entry[2])]
         all_hopeless = len(hopeless) == len(chosen)
         if hopeless and not all_hopeless:
             for entry in hopeless:

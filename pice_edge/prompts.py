@@ -13,6 +13,7 @@ turn and the outline in the user turn every point was expanded.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 
@@ -73,14 +74,18 @@ _ASKS_FOR_LETTER = re.compile(
     r"\b(?:letters?|e-?mails?|memos?|thank[- ]you\s+notes?|messages?|invitations?)\b",
     re.IGNORECASE | re.DOTALL,
 )
+#: A letter's salutation and sign-off words (regex, case-insensitive): what the expansion clean-up
+#: here and the expansion guard (`pice_cloud.guards`) both recognise a letter by.
+SALUTATION = r"(?:dear|hi|hello|hey|greetings|good\s+(?:morning|afternoon|evening))"
+SIGN_OFF = (r"(?:sincerely|best\s+regards|kind\s+regards|warm\s+regards|regards|yours\s+(?:truly|faithfully|sincerely)"
+            r"|best\s+wishes)")
 #: The frame of a letter, a line of its own: salutation, header fields, sign-off, a placeholder
 #: alone ("[Your Name]", "[Date]"). Its body is what an expansion of a letter's point keeps.
 _LETTER_FRAME_LINE = re.compile(
-    r"^[ \t]*(?:(?:dear|hi|hello|hey|greetings|good\s+(?:morning|afternoon|evening))\b[^\n.!?]{0,60}[,:!]?"
+    rf"^[ \t]*(?:{SALUTATION}\b[^\n.!?]{{0,60}}[,:!]?"
     r"|(?:subject|re|fwd?|to|from|cc|bcc|date)\s*:[^\n]*"
     r"|to\s+whom\s+it\s+may\s+concern[,:]?"
-    r"|(?:sincerely|best\s+regards|kind\s+regards|warm\s+regards|regards|best\s+wishes|thank\s+you|thanks"
-    r"|yours\s+(?:truly|faithfully|sincerely)|best|cheers|respectfully)[,!.]?"
+    rf"|(?:{SIGN_OFF}|thank\s+you|thanks|best|cheers|respectfully)[,!.]?"
     r"|\[[^\]\n]{1,60}\]"
     # A header field whose value is a placeholder ("Your Position: [Your Position]").
     r"|[^\n:\[\]]{1,40}:[ \t]*\[[^\]\n]{1,60}\])[ \t]*$\n?",
@@ -90,8 +95,10 @@ _LETTER_FRAME_LINE = re.compile(
 _INLINE_SALUTATION = re.compile(r"\A\s*(?:dear|hi|hello)\s[^\n,]{1,60},[ \t]+(?=\S)", re.IGNORECASE)
 
 
+@functools.lru_cache(maxsize=1024)
 def asks_for_letter(question: str) -> bool:
-    """Whether ``question`` asks for a letter, an e-mail or a similar message."""
+    """Whether ``question`` asks for a letter, an e-mail or a similar message (cached: the
+    clean-up and the guard ask it of every candidate and every streamed piece of a request)."""
     return bool(_ASKS_FOR_LETTER.search(question))
 
 
