@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -29,9 +30,10 @@ if TYPE_CHECKING:
 Mode = Literal["cloud", "progressive", "sot"]
 RequestedMode = Literal["auto", "cloud", "progressive", "sot"]
 
-#: Decode speed assumed for an edge that has not reported one yet (tokens/s). SmolLM2-135M on
-#: one free CPU core measures ~20 at batch 1; half that covers a shared or slower core, so a
-#: fresh edge is not timed out before its first measurement.
+#: Decode speed assumed for an edge that has not reported one yet (tokens/s), and no live edge
+#: running its model has either. SmolLM2-135M on one free CPU core measures ~20 at batch 1; half
+#: that covers a shared or slower core, so a fresh edge is not timed out before its first
+#: measurement (its deadlines are always timed at this rate or slower: `place`).
 DEFAULT_EDGE_TOKENS_PER_S = 10.0
 
 
@@ -154,10 +156,32 @@ def choose_mode(requested: RequestedMode, live_edges: int, suits_sketch: bool | 
     return "progressive"
 
 
-def predicted_seconds(edge: EdgeView, extra_load: int, tokens: int) -> float:
-    """Predicted time for ``edge`` to finish one more point of ``tokens`` tokens."""
-    rate = edge.tokens_per_s if edge.tokens_per_s > 0 else DEFAULT_EDGE_TOKENS_PER_S
+def predicted_seconds(edge: EdgeView, extra_load: int, tokens: int,
+                      unmeasured_rate: float = DEFAULT_EDGE_TOKENS_PER_S) -> float:
+    """Predicted time for ``edge`` to finish one more point of ``tokens`` tokens
+    (at ``unmeasured_rate`` while the edge has not measured its own)."""
+    rate = edge.tokens_per_s if edge.tokens_per_s > 0 else unmeasured_rate
     return finish_s(edge.load + extra_load, edge.max_batch, tokens, rate) + edge.link_delay_s
+
+
+def _model_name(model_id: str) -> str:
+    return model_id.split("@", 1)[0]
+
+
+def peer_rates(edges: Sequence[EdgeView]) -> dict[str, float]:
+    """Per model (its name, any build): the median measured rate of the live edges running it.
+
+    What to expect of an edge that has not measured its own rate yet: one that just joined, or
+    that has not run a batch since the cloud started. Assuming the pessimistic default for it
+    instead made the cloud pile a burst of work on the few edges it had already measured: with
+    100 edges of which 18 had run a request, a burst of 200 requests left those 18 with queues
+    of 29 tasks and the rest with 12, and a tenth of the answers waited seven batch rounds.
+    """
+    by_model: dict[str, list[float]] = {}
+    for e in edges:
+        if e.tokens_per_s > 0:
+            by_model.setdefault(_model_name(e.model_id), []).append(e.tokens_per_s)
+    return {model: statistics.median(rates) for model, rates in by_model.items()}
 
 
 def predicted_cloud_seconds(cloud: CloudView, extra_points: int, tokens: int) -> float:
@@ -182,7 +206,8 @@ def place(
     """Assign each point to ``width`` distinct edges (fewer when the fleet is smaller).
 
     Points are placed one by one on the edges predicted to finish them soonest, so the
-    slowest point of the request finishes as early as the fleet allows. An empty assignment
+    slowest point of the request finishes as early as the fleet allows. An edge that has not
+    measured its decode rate yet is expected to run at its peers' (`peer_rates`). An empty assignment
     means the cloud expands the point itself: that happens when there are no edges, or when
     even the best edge has no free slot left and an idle ``cloud`` would finish the point
     ``cloud_takeover_factor`` times sooner (a busy fleet and an idle cloud: the cloud does
@@ -204,8 +229,17 @@ def place(
     # Edges ranked by (predicted finish of one more point, id), kept in a heap: a point takes the
     # `width` best and pushes them back with one more task each, so placing P points on E edges
     # costs O(E + P log E), not a sort per point (1,000 edges: ~0.3 ms a request instead of 12).
-    ranked = [(predicted_seconds(e, 0, tokens_per_point), e.device_id, i) for i, e in enumerate(edges)]
+    peers = peer_rates(edges)
+    unmeasured = [peers.get(_model_name(e.model_id), DEFAULT_EDGE_TOKENS_PER_S) for e in edges]
+    ranked = [(predicted_seconds(e, 0, tokens_per_point, unmeasured[i]), e.device_id, i) for i, e in enumerate(edges)]
     heapq.heapify(ranked)
+
+    def deadline_seconds(i: int) -> float:
+        """Edge ``i``'s predicted finish of the point just placed on it, for the deadline: an
+        unmeasured edge is timed at the slower of its peers' rate and the default, so a newcomer
+        slower than its peers is not timed out."""
+        slow = min(unmeasured[i], DEFAULT_EDGE_TOKENS_PER_S)
+        return predicted_seconds(edges[i], extra[i] - 1, tokens_per_point, slow)
 
     def must_queue(i: int) -> bool:
         """Edge ``i`` has no free slot for one more point (its own plus this plan's)."""
@@ -232,10 +266,11 @@ def place(
             devices.append(())
             deadlines.append(0.0)
             continue
-        slowest = max(seconds for seconds, _, _ in chosen)
         for _, device_id, i in chosen:
             extra[i] += 1
-            heapq.heappush(ranked, (predicted_seconds(edges[i], extra[i], tokens_per_point), device_id, i))
+            heapq.heappush(ranked, (predicted_seconds(edges[i], extra[i], tokens_per_point, unmeasured[i]),
+                                    device_id, i))
+        slowest = max(deadline_seconds(i) for _, _, i in chosen)
         devices.append(tuple(device_id for _, device_id, _ in chosen))
         deadlines.append(min(deadline_cap_s, max(deadline_floor_s, deadline_factor * slowest)))
     return Placement(devices=tuple(devices), deadlines_s=tuple(deadlines))

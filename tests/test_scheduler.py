@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import random
+import statistics
+from collections import Counter
 
 import pytest
 
 from pice_cloud import defaults
-from pice_cloud.scheduler import EdgeView, choose_mode, place, predicted_seconds
+from pice_cloud.scheduler import EdgeView, choose_mode, peer_rates, place, predicted_seconds
 
 
 def test_mode_follows_request_and_fleet() -> None:
@@ -173,18 +175,42 @@ def test_one_slow_edge_and_link_delay() -> None:
     assert predicted_seconds(far, 0, 80) - predicted_seconds(near, 0, 80) == pytest.approx(4.99)
 
 
+def test_an_unmeasured_edge_is_expected_at_its_peers_rate() -> None:
+    # A burst on a fleet the cloud has measured only in part: the unmeasured edges (rate 0) of
+    # the same model take their share, instead of being ranked at the pessimistic default.
+    warm = [EdgeView(f"w{i}", max_batch=4, tokens_per_s=27.0, model_id="smol@b1") for i in range(2)]
+    cold = [EdgeView(f"c{i}", max_batch=4, model_id="smol@b2") for i in range(8)]
+    plan = place(40, [*warm, *cold], tokens_per_point=80)
+    counts = Counter(d for (d,) in plan.devices)
+    assert max(counts.values()) - min(counts.values()) <= 1, counts
+    # ... but a cold edge's deadline is still timed at the default (it may be slower than its peers).
+    cold_deadline = next(t for (d,), t in zip(plan.devices, plan.deadlines_s, strict=True) if d.startswith("c"))
+    warm_deadline = next(t for (d,), t in zip(plan.devices, plan.deadlines_s, strict=True) if d.startswith("w"))
+    assert cold_deadline > warm_deadline
+    # Peers running another model say nothing about this one: the default rate then.
+    other = [EdgeView(f"o{i}", max_batch=4, tokens_per_s=200.0, model_id="big") for i in range(2)]
+    assert peer_rates([*other, *cold]) == {"big": 200.0}
+    plan = place(8, [*other, *cold], tokens_per_point=80)
+    assert all(d.startswith("o") for (d,) in plan.devices)
+
+
 def _place_by_sorting(n_points: int, edges: list[EdgeView], *, tokens_per_point: int, width: int,
                       cloud: CloudView | None) -> tuple[tuple[tuple[str, ...], ...], tuple[float, ...]]:
-    """The placement rule written the obvious way (a sort per point): `place` must agree."""
-    from pice_cloud.scheduler import predicted_cloud_seconds, predicted_seconds
+    """The placement rule written the obvious way (a sort per point): `place` must agree.
+    Every edge runs the same model here: an unmeasured one is expected at the others' median."""
+    from pice_cloud.scheduler import DEFAULT_EDGE_TOKENS_PER_S, predicted_cloud_seconds, predicted_seconds
 
+    measured = [e.tokens_per_s for e in edges if e.tokens_per_s > 0]
+    peer = statistics.median(measured) if measured else DEFAULT_EDGE_TOKENS_PER_S
+    slow = min(peer, DEFAULT_EDGE_TOKENS_PER_S)
     width = max(1, min(width, len(edges)))
     extra = {e.device_id: 0 for e in edges}
     in_cloud, devices, deadlines = 0, [], []
     for _ in range(n_points):
-        ranked = sorted(edges, key=lambda e: (predicted_seconds(e, extra[e.device_id], tokens_per_point), e.device_id))
+        ranked = sorted(edges, key=lambda e: (predicted_seconds(e, extra[e.device_id], tokens_per_point, peer),
+                                              e.device_id))
         first = ranked[0]
-        best = predicted_seconds(first, extra[first.device_id], tokens_per_point)
+        best = predicted_seconds(first, extra[first.device_id], tokens_per_point, peer)
         if (cloud is not None and cloud.queue_depth == 0 and first.load + extra[first.device_id] >= first.max_batch
                 and best > 2.0 * predicted_cloud_seconds(cloud, in_cloud, tokens_per_point)):
             in_cloud += 1
@@ -192,7 +218,7 @@ def _place_by_sorting(n_points: int, edges: list[EdgeView], *, tokens_per_point:
             deadlines.append(0.0)
             continue
         chosen = ranked[:width]
-        slowest = max(predicted_seconds(e, extra[e.device_id], tokens_per_point) for e in chosen)
+        slowest = max(predicted_seconds(e, extra[e.device_id], tokens_per_point, slow) for e in chosen)
         for e in chosen:
             extra[e.device_id] += 1
         devices.append(tuple(e.device_id for e in chosen))

@@ -294,6 +294,9 @@ async def measure(count: int, args: argparse.Namespace, broker: MosquittoProcess
             "errors": errors, "requests_per_s": round(len(done) / elapsed, 2),
             "latency_p50_s": round(percentile([s.total_s for s in done], 0.5), 3),
             "latency_p95_s": round(percentile([s.total_s for s in done], 0.95), 3),
+            # Where the time goes: waiting for the sketch (the cloud), then for the points.
+            "sketch_p50_s": round(percentile([s.sketch_s for s in done], 0.5), 3),
+            "sketch_p95_s": round(percentile([s.sketch_s for s in done], 0.95), 3),
             "cloud_point_share": round(sum(s.points_cloud for s in done) / points, 4) if points else None,
             "schedule_p50_ms": round(1000 * percentile([s.schedule_s for s in done], 0.5), 3),
             "messages_per_request": {kind: round(sent[kind] / len(done), 2) for kind in ("tasks", "candidates",

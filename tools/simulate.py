@@ -536,6 +536,8 @@ class Request:
     started: float
     sample: Sample
     finished: float | None = None
+    #: When the sketch was done (progressive answers).
+    sketched_at: float | None = None
     served: str = "progressive"
     n_points: int = 0
     points_cloud: int = 0
@@ -588,6 +590,7 @@ class Request:
 
     def sketched(self) -> None:
         sys_, cfg, s = self.system, self.system.config, self.sample
+        self.sketched_at = sys_.sim.now
         self.n_points = n = max(1, min(s.points or cfg.points, cfg.points))
         first = s.get("first_point")
         views = [e.view(cfg.link_delay_s) for e in sys_.edges]
@@ -756,9 +759,14 @@ def summarise(system: System, mode: str, warmup: float, duration: float,
     end = warmup + duration if started_before is None else started_before
     done = [r for r in system.completed if r.started >= warmup and r.finished is not None and r.started < end]
     lat = sorted(r.finished - r.started for r in done if r.finished is not None)
+    sketches = [r.sketched_at - r.started for r in done if r.sketched_at is not None]
+
+    def pct_of(values: list[float], q: float) -> float:
+        ordered = sorted(values)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else math.nan
 
     def pct(q: float) -> float:
-        return lat[min(len(lat) - 1, int(q * len(lat)))] if lat else math.nan
+        return pct_of(lat, q)
 
     def mean(values: list[float]) -> float:
         return statistics.fmean(values) if values else math.nan
@@ -778,6 +786,8 @@ def summarise(system: System, mode: str, warmup: float, duration: float,
     return {
         "mode": mode, "completed": len(done), "requests_per_s": round(finished / duration, 3),
         "latency_p50_s": round(pct(0.5), 3), "latency_p95_s": round(pct(0.95), 3),
+        # Where the time goes: waiting for the sketch, then for the points.
+        "sketch_p50_s": round(pct_of(sketches, 0.5), 3), "sketch_p95_s": round(pct_of(sketches, 0.95), 3),
         # The engine's busy time shared among the sequences of each step, at this load.
         "gpu_s_per_request": round(mean([sum(r.gpu.values()) for r in done]) * gpus, 4) if done else None,
         "gpu_s_by_purpose": {p: round(mean([r.gpu.get(p, 0.0) for r in done]) * gpus, 4) for p in purposes},
