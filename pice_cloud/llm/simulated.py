@@ -15,6 +15,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from pice_cloud.llm.base import ChatRequest, Completion
 from pice_cloud.sketch import SKETCH_PREFILL
 
+#: Tokens decoded between two looks at the sequences in flight (fewer: closer to a step-by-step
+#: engine, more event-loop wake-ups under load).
+STEP_CHUNK = 8
+
 _VERBS = ("Plan", "Check", "Measure", "Compare", "Review", "Track", "Test", "Share", "Limit", "Prepare")
 _NOUNS = ("budget", "schedule", "sources", "risks", "costs", "habits", "goals", "tools", "results", "options")
 
@@ -73,12 +77,21 @@ class SimulatedBackend:
                 text = " ".join(["Simulated text of the cloud model."] * max(1, count // 6))
             counts.append(count)
             results.append(Completion(text=text, tokens=count, mean_logprob=-1.0))
+        # Decode in stretches of `STEP_CHUNK` tokens, each timed at the sequences in flight then
+        # (others' calls join and leave meanwhile); a sequence leaves when its tokens are out.
         self.in_flight += len(requests)
+        left, decoded = len(requests), 0
         try:
-            step = (1.0 + self.batch_cost * (self.in_flight - 1)) / self.tokens_per_s
-            await self._sleep(max(counts, default=0) * step)
+            for end in sorted(set(counts)):
+                while decoded < end:
+                    stretch = min(STEP_CHUNK, end - decoded)
+                    await self._sleep(stretch * (1.0 + self.batch_cost * (self.in_flight - 1)) / self.tokens_per_s)
+                    decoded += stretch
+                ended = counts.count(end)
+                self.in_flight -= ended
+                left -= ended
         finally:
-            self.in_flight -= len(requests)
+            self.in_flight -= left
         self.tokens += sum(counts)
         self.calls += 1
         return results
