@@ -147,6 +147,11 @@ class Fleet:
         #: (``time.time()``, as statuses' ``sent_at``) at which we were back.
         self._outage_start: float | None = None
         self._reconnected_at: float | None = None
+        #: Candidates whose round trip was measured, and the sum of what the edges' own time
+        #: (queue + generation) leaves of those round trips: the messaging overhead (network,
+        #: broker, both ends' event loops), in seconds. ``pice_edge_round_trip_overhead_seconds``.
+        self.round_trips = 0
+        self.round_trip_overhead_s = 0.0
 
     def handle_status(self, message: Message) -> None:
         """Transport handler for ``pice/v1/edge/+/status``."""
@@ -392,6 +397,8 @@ class Fleet:
             info.outstanding -= 1
         if sent is not None:
             delay = max(0.0, self._clock() - sent - candidate.latency_s)
+            self.round_trips += 1
+            self.round_trip_overhead_s += delay
             w = defaults.LINK_DELAY_SAMPLE_WEIGHT
             info.link_delay_s = delay if info.link_delay_s == 0 else (1 - w) * info.link_delay_s + w * delay
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, Metric, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
 from pice_cloud.cloud_ledger import PURPOSES, CloudLedger, Work
@@ -78,6 +78,20 @@ class _CloudWorkCollector(Collector):
         yield from (tokens, seconds, calls)
 
 
+class _RoundTripCollector(Collector):
+    """What a task's round trip to an edge takes beyond the edge's own time (queue and
+    generation): network, broker and both ends' event loops (`Fleet.round_trip_overhead_s`)."""
+
+    def __init__(self, read: Callable[[], tuple[int, float]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        count, total = self._read()
+        yield SummaryMetricFamily("pice_edge_round_trip_overhead_seconds",
+                                  "Round trip of an edge task (sent to candidate in) less the edge's own time",
+                                  count_value=count, sum_value=total)
+
+
 class Metrics:
     """The service's counters, histograms and gauges."""
 
@@ -86,7 +100,8 @@ class Metrics:
                  candidate_rejections: Rejections | None = None, sketch_repairs: Rejections | None = None,
                  cloud_expansion_rejections: Rejections | None = None, engine: EngineStats | None = None,
                  engine_load: Callable[[], float] | None = None,
-                 cloud_work: Callable[[], Sequence[CloudLedger]] | None = None) -> None:
+                 cloud_work: Callable[[], Sequence[CloudLedger]] | None = None,
+                 round_trips: Callable[[], tuple[int, float]] | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("pice_requests", "Chat completion requests, by mode and outcome "
@@ -115,6 +130,8 @@ class Metrics:
         r.register(_RejectionsCollector(rejections))
         if cloud_work is not None:
             r.register(_CloudWorkCollector(cloud_work))
+        if round_trips is not None:
+            r.register(_RoundTripCollector(round_trips))
         r.register(_QualityCollector("pice_sketch_rejected", "Sketches refused by the guards, by reason",
                                      sketch_rejections or Rejections()))
         r.register(_QualityCollector("pice_candidate_rejected", "Edge expansions refused by the guards, by reason",

@@ -171,6 +171,13 @@ async def test_models_health_and_metrics(api: Api) -> None:
     edge_points = re.search(r'pice_points_total\{source="edge"\} (\d+)', metrics)
     assert edge_points is not None
     assert int(edge_points.group(1)) >= 1
+    # Each candidate that came back timed its round trip's overhead (beyond the edge's own time).
+    trips = re.search(r"^pice_edge_round_trip_overhead_seconds_count (\S+)$", metrics, re.MULTILINE)
+    overhead = re.search(r"^pice_edge_round_trip_overhead_seconds_sum (\S+)$", metrics, re.MULTILINE)
+    assert trips is not None
+    assert overhead is not None
+    assert float(trips.group(1)) >= int(edge_points.group(1))
+    assert 0.0 <= float(overhead.group(1)) / float(trips.group(1)) < 5.0
     assert "pice_live_edges 2.0" in metrics
     assert "pice_admission_queue_depth 0.0" in metrics
     assert 'pice_time_to_first_token_seconds_count{mode="progressive"} 1.0' in metrics

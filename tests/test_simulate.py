@@ -229,3 +229,10 @@ def test_validation_compares_the_modelled_cloud_work_with_the_measured_ledger(tm
                                              "simulated": {"prefill_tokens": 120.0, "decode_tokens": 18.0}}
     assert check["cloud_decode_error"] == 0.0
     assert check["cloud_prefill_error"] == 0.0
+    # The run's measured round-trip overhead is the re-run's link delay (loopback's without one).
+    assert check["link_delay_s"] == simulate.VALIDATION_LINK_DELAY_S
+    row["throughput"]["round_trip_overhead_s"] = 0.5
+    path.write_text(json.dumps({"settings": settings, "rows": [row]}))
+    [slow] = simulate.validate(path)["rows"]
+    assert slow["link_delay_s"] == 0.5
+    assert slow["simulated"]["latency_p50_s"] >= check["simulated"]["latency_p50_s"] + 0.5

@@ -276,6 +276,7 @@ async def measure(count: int, args: argparse.Namespace, broker: MosquittoProcess
                     errors += 1
                 i += 1
 
+        trips_before = [(svc.fleet.round_trips, svc.fleet.round_trip_overhead_s) for svc in services]
         began = time.perf_counter()
         cpu_before = resource.getrusage(resource.RUSAGE_SELF)
         hosts_before = sum(process_cpu_s(h.pid) for h in hosts)
@@ -287,6 +288,8 @@ async def measure(count: int, args: argparse.Namespace, broker: MosquittoProcess
         # generator and the message counter, so an upper bound of the cloud's own CPU time.
         cpu_s = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
         after = counters.read()
+        trips = sum(svc.fleet.round_trips - n for svc, (n, _) in zip(services, trips_before, strict=True))
+        overhead = sum(svc.fleet.round_trip_overhead_s - t for svc, (_, t) in zip(services, trips_before, strict=True))
         sent = {kind: after[kind] - before[kind] for kind in after}
         points = sum(s.points_edge + s.points_cloud for s in done)
         result["throughput"] = {
@@ -303,6 +306,9 @@ async def measure(count: int, args: argparse.Namespace, broker: MosquittoProcess
                                                                                          "refusals")}
             if done else None,
             "statuses_per_s": round(sent["statuses"] / elapsed, 1),
+            # A task's round trip less the edge's own time, on average: broker, MQTT and both
+            # ends' event loops under this load (the simulator's link delay when it re-runs it).
+            "round_trip_overhead_s": round(overhead / trips, 4) if trips else None,
             "cloud_cpu_ms_per_request": round(1000 * cpu_s / len(done), 2) if done else None,
             "requests_per_cloud_core_s": round(len(done) / cpu_s, 1) if cpu_s else None,
             # Cores busy on average: this process (cloud and load generator) and the edges' hosts.

@@ -95,6 +95,9 @@ LLM_PURPOSES = tuple(p for p in PURPOSES if p not in EMBEDDING_PURPOSES)
 #: Only without a ledger: `pice_cloud.llm.simulated.SimulatedBackend`'s sketch, 6 tokens a
 #: heading, no prompt (what tools/load_fleet.py's simulated cloud does; a lower bound otherwise).
 SIMULATED_SKETCH_TOKENS_PER_HEADING = 6
+#: Link delay of a re-run whose measurement did not record its round trips' overhead (seconds):
+#: loopback MQTT through an idle Mosquitto.
+VALIDATION_LINK_DELAY_S = 0.002
 #: `SimulatedBackend` has no batch cap: every call sleeps its own time, side by side.
 SIMULATED_BACKEND_MAX_BATCH = 1_000_000
 
@@ -851,14 +854,15 @@ def validate(path: Path) -> dict[str, Any]:
                         edge_queue=int(s.get("edge_queue", EDGE_QUEUE)),
                         edges=[(float(s["edge_rate"]), float(s["edge_batch_cost"]), int(s["edge_batch"]))]
                         * row["edges"], points=s["points"], tokens_per_point=s["tokens"],
-                        ensemble_width=int(s.get("ensemble_width", 1)), link_delay_s=0.002,
+                        ensemble_width=int(s.get("ensemble_width", 1)),
+                        link_delay_s=row["throughput"].get("round_trip_overhead_s") or VALIDATION_LINK_DELAY_S,
                         mix=validation_mix(s, row, path))
         measured = row["throughput"]
         # The measured run's clients stopped asking at its ``duration``; its ``seconds`` also hold
         # the drain of the requests then in flight, as the simulated run's elapsed time does.
         simulated = closed_loop(config, "progressive", s["concurrency"], float(s["duration"]))
         check: dict[str, Any] = {
-            "edges": row["edges"], "concurrency": s["concurrency"],
+            "edges": row["edges"], "concurrency": s["concurrency"], "link_delay_s": config.link_delay_s,
             "measured": {k: measured[k] for k in ("requests_per_s", "latency_p50_s", "cloud_point_share")},
             "simulated": {k: simulated[k] for k in ("requests_per_s", "latency_p50_s", "cloud_point_share")},
             "throughput_error": round(simulated["requests_per_s"] / measured["requests_per_s"] - 1, 4),

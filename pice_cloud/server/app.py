@@ -59,7 +59,9 @@ def create_app(service: PiceService, llm: LLMBackend, config: CloudConfig) -> Fa
                       sketch_rejections=service.sketch_rejections, candidate_rejections=service.inbox.quality,
                       sketch_repairs=service.sketch_repairs,
                       cloud_expansion_rejections=service.cloud_expansion_rejections,
-                      cloud_work=service.cloud_ledgers, **_engine_gauges(llm))
+                      cloud_work=service.cloud_ledgers,
+                      round_trips=lambda: (service.fleet.round_trips, service.fleet.round_trip_overhead_s),
+                      **_engine_gauges(llm))
     state = ApiState(service=service, llm=llm, config=config, admission=admission, metrics=metrics)
     app = FastAPI(title="PICE", description="Progressive inference across cloud and edge; OpenAI-compatible API",
                   docs_url=None, redoc_url=None, openapi_url=None)
