@@ -34,7 +34,7 @@ from pice_cloud.replica import ReplicaClaim
 from pice_cloud.router import EmbeddingRouter, HeuristicRouter, ModeRouter, RouterWeights
 from pice_cloud.service import PiceService
 from pice_edge.errors import PiceError
-from pice_edge.protocol import encode
+from pice_edge.protocol import CLOUD_STATUS_FILTER, encode
 from pice_edge.transport import BrokerSettings, MqttTransport
 
 if TYPE_CHECKING:
@@ -237,8 +237,10 @@ async def start_system(
             broker_settings, client_id=cloud_id, clean_session=False, will=(claim.topic, encode(claim.status(False))),
         )
         # Every (re)connect re-subscribes, and the broker sends the retained status: another
-        # process's claim when it took our session in between (`ReplicaClaim.watch`).
-        transport.add_subscription(claim.topic, claim.watch)
+        # process's claim when it took our session in between (`ReplicaClaim.watch`). One
+        # subscription to every replica's status serves the claim and the service's count of
+        # live replicas (`LiveReplicas`): overlapping subscriptions would deliver ours twice.
+        transport.add_subscription(CLOUD_STATUS_FILTER, claim.watch)
         embed = await asyncio.to_thread(build_sketch_embed, shared) if config.service.sketch_guard else None
         service = PiceService(backend, transport, config=config.service, router=router, selector=selector,
                               cloud_max_batch=_cloud_max_batch(config.llm, backend), embed=embed, cloud_id=cloud_id,

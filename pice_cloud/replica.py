@@ -28,6 +28,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from typing import Final
 
 from pice_cloud.errors import CloudError
@@ -101,7 +102,10 @@ class ReplicaClaim:
         return (self.started_at, self.instance) > (other.started_at, other.instance or "")
 
     def watch(self, message: Message) -> None:
-        """Handler of the replica's own status topic (run on the event loop; never raises)."""
+        """Handler of the replicas' status topics (run on the event loop; never raises): only
+        this replica's own topic counts here."""
+        if message.topic != self.topic:
+            return
         try:
             status = decode(CloudStatus, message.payload)
         except ProtocolError as exc:
@@ -190,3 +194,51 @@ class ReplicaClaim:
             self._stale = (retained.instance, retained.sent_at)
         finally:
             await prober.close()
+
+
+class LiveReplicas:
+    """The cloud replicas that share this broker (and so the fleet), this one included, from
+    their retained statuses on ``pice/v1/cloud/+/status``.
+
+    A replica counts while it says it is online and re-publishes its status within
+    `LIVE_WITHIN_HEARTBEATS` of its heartbeats: one that stopped says "offline" (itself, or its
+    last will), and one that died while the broker was down just stops re-publishing. The
+    scheduler shares the edges' free slots among the replicas (`pice_cloud.scheduler.ensemble_width`):
+    each places from the edges' last heartbeats, so without a share every replica would widen its
+    ensembles into slots another has just filled.
+    """
+
+    def __init__(self, cloud_id: str, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.cloud_id = cloud_id
+        self._clock = clock
+        #: Other replicas: cloud_id -> (when last heard, on ``clock``; their heartbeat, seconds).
+        self._others: dict[str, tuple[float, float]] = {}
+        self._last_count = 1
+
+    def watch(self, message: Message) -> None:
+        """Handler of ``pice/v1/cloud/+/status`` (run on the event loop; never raises)."""
+        try:
+            status = decode(CloudStatus, message.payload)
+        except ProtocolError as exc:
+            log.debug("ignoring an invalid status on %s: %s", message.topic, exc)
+            return
+        if status.cloud_id == self.cloud_id or message.topic != cloud_status_topic(status.cloud_id):
+            return  # our own, or a status published under another replica's name
+        if status.online:
+            self._others[status.cloud_id] = (self._clock(), status.heartbeat_s or HEARTBEAT_S)
+        else:
+            self._others.pop(status.cloud_id, None)
+        self.count()
+
+    def count(self) -> int:
+        """Live replicas, this one included (at least 1)."""
+        now = self._clock()
+        for cloud_id, (heard, heartbeat_s) in list(self._others.items()):
+            if now - heard > LIVE_WITHIN_HEARTBEATS * heartbeat_s:
+                del self._others[cloud_id]
+        count = 1 + len(self._others)
+        if count != self._last_count:
+            log.info("%d cloud replicas share this broker's edges (%s)", count,
+                     ", ".join(sorted([self.cloud_id, *self._others])))
+            self._last_count = count
+        return count

@@ -12,6 +12,8 @@ take what the cloud placed unless their state moved since the cloud saw it.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import heapq
 import math
 import statistics
@@ -29,6 +31,11 @@ if TYPE_CHECKING:
 #: cloud LLM in one batch): the baseline that shows what the edges add.
 Mode = Literal["cloud", "progressive", "sot"]
 RequestedMode = Literal["auto", "cloud", "progressive", "sot"]
+
+#: How much slower than predicted (at most, as a share) a cloud replica among several may rank an
+#: edge (`place`'s ``spread``): predictions closer than this are about equal for a fleet whose
+#: load the replicas see only through heartbeats, so each replica prefers its own edges among them.
+SPREAD_JITTER = 0.1
 
 #: Decode speed assumed for an edge that has not reported one yet (tokens/s), and no live edge
 #: running its model has either. SmolLM2-135M on one free CPU core measures ~20 at batch 1; half
@@ -126,15 +133,20 @@ def plan_budget(base: Budget, cloud: CloudView, edges: Sequence[EdgeView]) -> Bu
                   tokens_per_point=tokens)
 
 
-def ensemble_width(n_points: int, edges: Sequence[EdgeView], max_width: int) -> int:
+def ensemble_width(n_points: int, edges: Sequence[EdgeView], max_width: int, *, replicas: int = 1) -> int:
     """Replicate each point to as many edges as free capacity allows (1 .. ``max_width``).
 
     Replicas only use slots that are free now: an ensemble never delays a request by
-    queueing behind other requests' work.
+    queueing behind other requests' work. With several cloud ``replicas`` placing on one fleet,
+    an edge's load is taken as at least ``replicas`` times this replica's tasks on it: until the
+    edge's next heartbeat the others' tasks since its last one are unknown, and a load balancer
+    gives each replica about the same share of the requests (without this, each replica widened
+    its ensembles into the slots the others had just filled).
     """
     if n_points <= 0 or not edges:
         return 1
-    free = sum(e.free_slots for e in edges)
+    share = max(1, replicas)
+    free = sum(max(0, e.max_batch - max(e.queue_depth, share * e.outstanding)) for e in edges)
     return max(1, min(max_width, len(edges), free // n_points))
 
 
@@ -162,6 +174,13 @@ def predicted_seconds(edge: EdgeView, extra_load: int, tokens: int,
     (at ``unmeasured_rate`` while the edge has not measured its own)."""
     rate = edge.tokens_per_s if edge.tokens_per_s > 0 else unmeasured_rate
     return finish_s(edge.load + extra_load, edge.max_batch, tokens, rate) + edge.link_delay_s
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _spread_weight(spread: str, device_id: str) -> float:
+    # A hash, not a checksum: replicas named alike ("cloud-2", "cloud-3") must not share orders.
+    digest = hashlib.blake2b(f"{spread}/{device_id}".encode(), digest_size=8).digest()
+    return 1.0 + SPREAD_JITTER * int.from_bytes(digest, "big") / 2**64
 
 
 def _model_name(model_id: str) -> str:
@@ -202,6 +221,7 @@ def place(
     deadline_cap_s: float = defaults.DEADLINE_CAP_S,
     cloud: CloudView | None = None,
     cloud_takeover_factor: float = 2.0,
+    spread: str | None = None,
 ) -> Placement:
     """Assign each point to ``width`` distinct edges (fewer when the fleet is smaller).
 
@@ -218,6 +238,11 @@ def place(
     The deadline of a point is ``deadline_factor`` times the slowest predicted finish among its
     edges, clamped to [deadline_floor_s, deadline_cap_s]: generous enough for a noisy device,
     short enough that a dead one costs the user little.
+
+    Edges predicted to finish equally soon are taken in the order of their ids. With ``spread``
+    (a cloud replica's id, when several share the fleet) each edge's prediction is ranked up to
+    `SPREAD_JITTER` slower, by an amount of that replica's own: replicas placing from the same
+    heartbeats would otherwise all pick the same few fastest idle edges, and queue there.
     """
     if not edges:
         return Placement(devices=tuple(() for _ in range(n_points)), deadlines_s=tuple(0.0 for _ in range(n_points)))
@@ -231,7 +256,10 @@ def place(
     # costs O(E + P log E), not a sort per point (1,000 edges: ~0.3 ms a request instead of 12).
     peers = peer_rates(edges)
     unmeasured = [peers.get(_model_name(e.model_id), DEFAULT_EDGE_TOKENS_PER_S) for e in edges]
-    ranked = [(predicted_seconds(e, 0, tokens_per_point, unmeasured[i]), e.device_id, i) for i, e in enumerate(edges)]
+    # An entry's rank is its predicted seconds times the edge's weight (1 without ``spread``).
+    weight = [1.0] * len(edges) if spread is None else [_spread_weight(spread, e.device_id) for e in edges]
+    ranked = [(weight[i] * predicted_seconds(e, 0, tokens_per_point, unmeasured[i]), e.device_id, i)
+              for i, e in enumerate(edges)]
     heapq.heapify(ranked)
 
     def deadline_seconds(i: int) -> float:
@@ -247,11 +275,12 @@ def place(
 
     for _ in range(n_points):
         chosen = [heapq.heappop(ranked) for _ in range(width)]
-        best, _, i = chosen[0]
+        rank, _, i = chosen[0]
+        best = rank / weight[i]
         fleet_full = must_queue(i)
         # An edge that must queue the point and would finish it after the longest deadline we
         # give refuses it (same `finish_s`): sending it would only cost a round trip first.
-        hopeless = [entry for entry in chosen if entry[0] > deadline_cap_s and must_queue(entry[2])]
+        hopeless = [entry for entry in chosen if entry[0] / weight[entry[2]] > deadline_cap_s and must_queue(entry[2])]
         all_hopeless = len(hopeless) == len(chosen)
         if hopeless and not all_hopeless:
             for entry in hopeless:
@@ -268,7 +297,7 @@ def place(
             continue
         for _, device_id, i in chosen:
             extra[i] += 1
-            heapq.heappush(ranked, (predicted_seconds(edges[i], extra[i], tokens_per_point, unmeasured[i]),
+            heapq.heappush(ranked, (weight[i] * predicted_seconds(edges[i], extra[i], tokens_per_point, unmeasured[i]),
                                     device_id, i))
         slowest = max(deadline_seconds(i) for _, _, i in chosen)
         devices.append(tuple(device_id for _, device_id, _ in chosen))

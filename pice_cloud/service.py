@@ -69,11 +69,13 @@ from pice_cloud.progressive import (
     first_point_in_cloud,
     plan_request,
 )
+from pice_cloud.replica import LiveReplicas
 from pice_cloud.router import EmbeddingRouter, ModeRouter, Route
 from pice_cloud.scheduler import Budget, EdgeView, RequestedMode, choose_mode, plan_budget
 from pice_cloud.sketch import SKETCH_PREFILL, parse_sketch, sketch_messages
 from pice_edge.errors import ProtocolError
 from pice_edge.protocol import (
+    CLOUD_STATUS_FILTER,
     EDGE_STATUS_FILTER,
     FLEET_ROLLOUT_TOPIC,
     ExpandTask,
@@ -148,6 +150,10 @@ class PiceService:
         transport.add_subscription(EDGE_STATUS_FILTER, self._on_status)
         transport.add_subscription(cloud_candidates_filter(self.cloud_id), self.inbox.handle_candidate)
         transport.add_subscription(cloud_refusals_filter(self.cloud_id), self.inbox.handle_refusal)
+        #: The cloud replicas sharing the broker's edges, this one included (they share the
+        #: edges' free slots for ensembles).
+        self.replicas = LiveReplicas(self.cloud_id)
+        transport.add_subscription(CLOUD_STATUS_FILTER, self.replicas.watch)
         #: The fleet's model rollout in progress (retained on the broker), if any.
         self.rollout: FleetRollout | None = None
         transport.add_subscription(FLEET_ROLLOUT_TOPIC, self._on_rollout)
@@ -390,7 +396,7 @@ class PiceService:
         sampling = PointSampling.of(self.config, options)
         tokens = budget.tokens_per_point
         plan = plan_request(len(points), edges, config=self.config, sampling=sampling, tokens_per_point=tokens,
-                            cloud=self.cloud.view(),
+                            cloud=self.cloud.view(), replicas=self.replicas.count(), replica_id=self.cloud_id,
                             first_in_cloud=first_point_in_cloud(self.config, n_points=len(points),
                                                                 cloud_streams=self.cloud.streams,
                                                                 has_stop=bool(options.stop)))

@@ -32,6 +32,7 @@ waits for its own. A caller never has to guess (or sleep) until a subscription "
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 import sys
@@ -160,7 +161,8 @@ class MqttTransport:
         self.session_present: bool | None = None
         self.client_id = client_id or f"pice-{uuid.uuid4().hex[:12]}"
         self.rejections = rejections or Rejections()
-        self._subscriptions: dict[str, Handler] = {}
+        #: Topic filter -> its handlers, in the order added (one MQTT subscription per filter).
+        self._subscriptions: dict[str, list[Handler]] = {}
         # SUBACK bookkeeping: message id -> waiter. The lock makes "send SUBSCRIBE, then record
         # its id" atomic with respect to paho's thread, which may receive the SUBACK in between.
         self._suback_lock = threading.Lock()
@@ -232,10 +234,17 @@ class MqttTransport:
     def add_subscription(self, topic_filter: str, handler: Handler) -> None:
         """Deliver messages matching ``topic_filter`` to ``handler``; the subscription is made
         on every (re)connect, and `connect` waits for the broker to acknowledge it. On a live
-        connection the SUBSCRIBE goes out now without waiting (use `subscribe` to wait)."""
-        self._subscriptions[topic_filter] = handler
-        if self.connected:
+        connection the SUBSCRIBE goes out now without waiting (use `subscribe` to wait).
+        Handlers added for one filter all get its messages, over one subscription."""
+        if self._add_handler(topic_filter, handler) and self.connected:
             self._client.subscribe(topic_filter, qos=QOS)
+
+    def _add_handler(self, topic_filter: str, handler: Handler) -> bool:
+        """Register ``handler``; True when ``topic_filter`` had none (the broker must be told)."""
+        handlers = self._subscriptions.setdefault(topic_filter, [])
+        if handler not in handlers:
+            handlers.append(handler)
+        return len(handlers) == 1
 
     async def subscribe(self, topic_filter: str, handler: Handler, *, timeout: float = SUBACK_TIMEOUT_S) -> None:
         """Like `add_subscription`, and on a live connection wait for the broker's SUBACK.
@@ -244,9 +253,8 @@ class MqttTransport:
             TransportError: the broker refused the subscription (an ACL, say) or did not
                 acknowledge it within ``timeout`` seconds.
         """
-        self._subscriptions[topic_filter] = handler
-        if not self.connected:
-            return  # made, and waited for, by the next connect
+        if not self._add_handler(topic_filter, handler) or not self.connected:
+            return  # already subscribed, or made (and waited for) by the next connect
         loop = asyncio.get_running_loop()
         acked: asyncio.Future[str | None] = loop.create_future()
 
@@ -274,9 +282,19 @@ class MqttTransport:
             raise TransportError(f"broker {self.settings.url} refused the subscription to {topic_filter} "
                                  f"({failure}); check the broker's ACL for this client")
 
-    def unsubscribe(self, topic_filter: str) -> None:
-        if self._subscriptions.pop(topic_filter, None) is not None and self.connected:
-            self._client.unsubscribe(topic_filter)
+    def unsubscribe(self, topic_filter: str, handler: Handler | None = None) -> None:
+        """Stop delivering ``topic_filter``'s messages to ``handler`` (None: to any); the broker
+        subscription ends with the filter's last handler."""
+        handlers = self._subscriptions.get(topic_filter)
+        if handlers is None:
+            return
+        if handler is not None:
+            with contextlib.suppress(ValueError):
+                handlers.remove(handler)
+        if handler is None or not handlers:
+            del self._subscriptions[topic_filter]
+            if self.connected:
+                self._client.unsubscribe(topic_filter)
 
     async def connect(self, timeout: float = 10.0) -> None:
         """Connect and wait for the broker's CONNACK and the SUBACK of every registered subscription.
@@ -453,8 +471,10 @@ class MqttTransport:
     # --- asyncio loop side --------------------------------------------------------------
 
     def _dispatch(self, message: Message) -> None:
-        for topic_filter, handler in list(self._subscriptions.items()):
-            if mqtt.topic_matches_sub(topic_filter, message.topic):
+        for topic_filter, handlers in list(self._subscriptions.items()):
+            if not mqtt.topic_matches_sub(topic_filter, message.topic):
+                continue
+            for handler in list(handlers):
                 try:
                     handler(message)
                 except Exception as exc:

@@ -20,7 +20,8 @@ import pytest
 from pice_cloud.bootstrap import default_cloud_id, start_system
 from pice_cloud.llm.transformers import TransformersBackend
 from pice_cloud.progressive import Inbox, SendTask, Settle
-from pice_cloud.replica import ReplicaClaim
+from pice_cloud.replica import LIVE_WITHIN_HEARTBEATS, LiveReplicas, ReplicaClaim
+from pice_cloud.scheduler import EdgeView, ensemble_width
 from pice_edge.errors import EXIT_CONFIG
 from pice_edge.node import EdgeNode
 from pice_edge.protocol import (
@@ -82,6 +83,9 @@ async def test_two_replicas_share_a_fleet_without_losing_or_overbooking(mosquitt
                              llm=llms[1]) as b:  # type: ignore[arg-type]
             assert await a.service.fleet.wait_for(2, 10)
             assert await b.service.fleet.wait_for(2, 10)
+            # Each knows of the other from its retained status: they share the free slots.
+            await eventually(lambda: a.service.replicas.count() == b.service.replicas.count() == 2, timeout=10,
+                             what="the replicas to see each other")
             # Four requests on each replica at once: 24 points for two edges that hold 3 tasks each.
             answers = await asyncio.wait_for(asyncio.gather(*[
                 system.service.ask(f"{QUESTION} ({i})", mode="progressive") for i in range(4) for system in (a, b)
@@ -101,6 +105,39 @@ async def test_two_replicas_share_a_fleet_without_losing_or_overbooking(mosquitt
     assert refused > 0, "the edges were never full: the test did not contend"
     # Each replica saw only its own candidates: none arrived for a request it does not know.
     assert not [key for key in rejected if key[1] in {"unknown_request", "unassigned", "identity"}], rejected
+
+
+def test_live_replicas_count_those_online_and_heard_from_lately() -> None:
+    clock = FakeClock()
+    replicas = LiveReplicas("cloud-a", clock=clock)
+
+    def status(cloud_id: str, online: bool = True, *, topic: str | None = None) -> Message:
+        body = CloudStatus(cloud_id=cloud_id, online=online, instance="x", started_at=1.0, heartbeat_s=2.0)
+        return Message(topic or cloud_status_topic(cloud_id), encode(body), retain=False)
+
+    assert replicas.count() == 1
+    replicas.watch(status("cloud-a"))  # our own
+    replicas.watch(status("cloud-b"))
+    replicas.watch(status("cloud-c"))
+    replicas.watch(status("cloud-d", topic=cloud_status_topic("cloud-b")))  # under another's name
+    replicas.watch(Message(cloud_status_topic("cloud-e"), b"{not json", retain=False))
+    assert replicas.count() == 3
+    replicas.watch(status("cloud-c", online=False))  # stopped (or its last will)
+    assert replicas.count() == 2
+    clock.advance(LIVE_WITHIN_HEARTBEATS * 2.0 + 0.1)  # b stopped re-publishing: gone
+    assert replicas.count() == 1
+
+
+def test_replicas_share_the_free_slots_for_ensembles() -> None:
+    # Six edges of 4 slots; this replica has 1 task on each since their last heartbeats (which
+    # said idle): 18 slots free as far as it knows, but the others have placed about as much.
+    edges = [EdgeView(f"e{i}", max_batch=4, outstanding=1) for i in range(6)]
+    assert ensemble_width(6, edges, 3) == 3
+    assert ensemble_width(6, edges, 3, replicas=2) == 2  # 12 free
+    assert ensemble_width(6, edges, 3, replicas=4) == 1  # none free: one edge a point
+    # An idle fleet is idle for every replica.
+    idle = [EdgeView(f"e{i}", max_batch=4) for i in range(6)]
+    assert ensemble_width(6, idle, 3, replicas=4) == 3
 
 
 def _refusal(request_id: str, point: int, device: str) -> Message:

@@ -238,3 +238,17 @@ def test_place_agrees_with_the_sort_per_point_rule(seed: int) -> None:
     placement = place(n, edges, tokens_per_point=48, width=width, cloud=cloud)
     assert (placement.devices, placement.deadlines_s) == _place_by_sorting(n, edges, tokens_per_point=48,
                                                                            width=width, cloud=cloud)
+
+
+def test_replicas_placing_from_one_view_prefer_different_edges() -> None:
+    # Twenty idle edges whose measured rates differ by a hair: without `spread` every replica
+    # would take the same fastest ones, each thinking them free.
+    edges = [EdgeView(f"e{i:02d}", max_batch=1, tokens_per_s=25.0 + 0.01 * i) for i in range(20)]
+    alone = place(6, edges, tokens_per_point=80)
+    assert {d for (d,) in alone.devices} == {f"e{i:02d}" for i in range(14, 20)}  # the fastest six
+    picks = [{d for (d,) in place(6, edges, tokens_per_point=80, spread=f"cloud-{k}").devices} for k in range(4)]
+    assert all(len(p) == 6 for p in picks)
+    assert len(set.union(*picks)) >= 15, picks  # four replicas' points spread over most of the fleet
+    # The ranking moves; the predictions do not: deadlines are the unweighted ones.
+    spread = place(6, edges, tokens_per_point=80, spread="cloud-0")
+    assert max(spread.deadlines_s) <= max(alone.deadlines_s) * 1.01

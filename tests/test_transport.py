@@ -83,3 +83,38 @@ async def test_oversized_and_faulty_handlers_are_counted_not_fatal(mosquitto: Mo
     finally:
         await small.close()
         await big.close()
+
+
+async def test_handlers_of_one_filter_share_its_subscription(mosquitto: Mosquitto) -> None:
+    first: list[bytes] = []
+    second: list[bytes] = []
+    sub = MqttTransport(BrokerSettings(url=mosquitto.url), client_id="shared")
+    pub = MqttTransport(BrokerSettings(url=mosquitto.url), client_id="pub")
+
+    def one(message: Message) -> None:
+        first.append(message.payload)
+
+    def two(message: Message) -> None:
+        second.append(message.payload)
+
+    sub.add_subscription("pice/s/#", one)
+    sub.add_subscription("pice/s/#", one)  # the same handler again: still once
+    await sub.connect()
+    await sub.subscribe("pice/s/#", two)  # already subscribed: no wait, both get every message
+    await pub.connect()
+    try:
+        assert await pub.publish_and_wait("pice/s/a", b"1")
+        await eventually(lambda: first == [b"1"] and second == [b"1"])
+        sub.unsubscribe("pice/s/#", one)  # the other still gets them
+        assert await pub.publish_and_wait("pice/s/a", b"2")
+        await eventually(lambda: second == [b"1", b"2"])
+        sub.unsubscribe("pice/s/#", two)  # the last one: the broker subscription ends
+        await sub.subscribe("pice/t", one)  # acknowledged after the UNSUBSCRIBE
+        assert await pub.publish_and_wait("pice/s/a", b"3")
+        assert await pub.publish_and_wait("pice/t", b"t")
+        await eventually(lambda: first[-1:] == [b"t"])
+        assert first == [b"1", b"t"]
+        assert second == [b"1", b"2"]
+    finally:
+        await sub.close()
+        await pub.close()

@@ -108,14 +108,17 @@ def first_point_in_cloud(config: ServiceConfig, *, n_points: int, cloud_streams:
 
 
 def plan_request(n_points: int, edges: Sequence[EdgeView], *, config: ServiceConfig, sampling: PointSampling,
-                 tokens_per_point: int, cloud: CloudView | None = None, first_in_cloud: bool = False) -> Plan:
-    """Place the ``n_points`` points of one sketch on ``edges`` (already `eligible`)."""
+                 tokens_per_point: int, cloud: CloudView | None = None, first_in_cloud: bool = False,
+                 replicas: int = 1, replica_id: str = "") -> Plan:
+    """Place the ``n_points`` points of one sketch on ``edges`` (already `eligible`). With
+    several live cloud ``replicas`` (this one, ``replica_id``, included) their free slots are
+    shared for ensembles, and near-equal edges are taken in this replica's own order."""
     first = 1 if first_in_cloud and n_points > 1 else 0
-    width = ensemble_width(n_points - first, edges, config.ensemble_width)
+    width = ensemble_width(n_points - first, edges, config.ensemble_width, replicas=replicas)
     placement = place(
         n_points - first, edges, tokens_per_point=tokens_per_point, width=width,
         deadline_floor_s=config.deadline_floor_s, deadline_factor=config.deadline_factor,
-        deadline_cap_s=config.deadline_cap_s, cloud=cloud,
+        deadline_cap_s=config.deadline_cap_s, cloud=cloud, spread=replica_id if replicas > 1 else None,
     )
     devices = ((),) * first + placement.devices
     deadlines = (0.0,) * first + placement.deadlines_s

@@ -153,7 +153,9 @@ def create_app(service: PiceService, llm: LLMBackend, config: CloudConfig) -> Fa
             status = "degraded"  # cloud-only answers still work
         body = {"status": status, "broker_connected": connected,
                 "llm": {"backend": llm.name, "model": llm.model_id}, "live_edges": len(live), "edges": live,
-                "in_flight": admission.active, "queued": admission.queued}
+                "in_flight": admission.active, "queued": admission.queued,
+                # Cloud replicas sharing the broker's edges (this one included).
+                "replicas": service.replicas.count()}
         describe = getattr(service.selector, "describe", None)
         if callable(describe):
             body["selector"] = describe()
