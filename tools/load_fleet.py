@@ -280,9 +280,11 @@ async def measure(count: int, args: argparse.Namespace, broker: MosquittoProcess
         began = time.perf_counter()
         cpu_before = resource.getrusage(resource.RUSAGE_SELF)
         hosts_before = sum(process_cpu_s(h.pid) for h in hosts)
+        broker_before = process_cpu_s(broker.proc.pid) if broker.proc is not None else 0.0
         await asyncio.gather(*(client(k) for k in range(args.concurrency)))
         cpu_after = resource.getrusage(resource.RUSAGE_SELF)
         hosts_after = sum(process_cpu_s(h.pid) for h in hosts)
+        broker_after = process_cpu_s(broker.proc.pid) if broker.proc is not None else 0.0
         elapsed = time.perf_counter() - began
         # This process: the cloud (service, scheduler, MQTT client, simulated LLM) plus the load
         # generator and the message counter, so an upper bound of the cloud's own CPU time.
@@ -314,7 +316,8 @@ async def measure(count: int, args: argparse.Namespace, broker: MosquittoProcess
             # Cores busy on average: this process (cloud and load generator) and the edges' hosts.
             # Near the host's core count, the measurement is bound by this machine, not the design.
             "cores_busy": {"cloud": round(cpu_s / elapsed, 2),
-                           "edge_hosts": round((hosts_after - hosts_before) / elapsed, 2), "of": os.cpu_count()},
+                           "edge_hosts": round((hosts_after - hosts_before) / elapsed, 2),
+                           "broker": round((broker_after - broker_before) / elapsed, 2), "of": os.cpu_count()},
             "unknown_or_unassigned": sum(n for svc in services for (_, kind), n in
                                          svc.transport.rejections.snapshot().items()
                                          if kind in {"unknown_request", "unassigned", "identity"}),

@@ -863,6 +863,9 @@ def validate(path: Path) -> dict[str, Any]:
         simulated = closed_loop(config, "progressive", s["concurrency"], float(s["duration"]))
         check: dict[str, Any] = {
             "edges": row["edges"], "concurrency": s["concurrency"], "link_delay_s": config.link_delay_s,
+            # How busy the measuring host was (cores, of its count): near the count, the measured
+            # run was bound by the host (its event loops and broker), which the simulator is not.
+            "host_cores_busy": round(sum(v for k, v in (measured.get("cores_busy") or {}).items() if k != "of"), 2),
             "measured": {k: measured[k] for k in ("requests_per_s", "latency_p50_s", "cloud_point_share")},
             "simulated": {k: simulated[k] for k in ("requests_per_s", "latency_p50_s", "cloud_point_share")},
             "throughput_error": round(simulated["requests_per_s"] / measured["requests_per_s"] - 1, 4),

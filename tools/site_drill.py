@@ -50,6 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
+from bench import pinned  # noqa: E402
 from partition_drill import Proc, stopping  # noqa: E402
 from tcp_link import TcpLink  # noqa: E402
 
@@ -76,12 +77,6 @@ topic pice/v1/candidates/# out 1
 """
 QUIET = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error",
          "PICE_DISCOVERY__ENABLED": "false"}
-
-
-def pinned(cmd: list[str], cores: str | None) -> list[str]:
-    import shutil
-
-    return ["taskset", "-c", cores, *cmd] if cores and shutil.which("taskset") else cmd
 
 
 @dataclass
