@@ -790,7 +790,8 @@ def summarise(system: System, mode: str, warmup: float, duration: float,
         "mode": mode, "completed": len(done), "requests_per_s": round(finished / duration, 3),
         "latency_p50_s": round(pct(0.5), 3), "latency_p95_s": round(pct(0.95), 3),
         # Where the time goes: waiting for the sketch, then for the points.
-        "sketch_p50_s": round(pct_of(sketches, 0.5), 3), "sketch_p95_s": round(pct_of(sketches, 0.95), 3),
+        "sketch_p50_s": round(pct_of(sketches, 0.5), 3) if sketches else None,
+        "sketch_p95_s": round(pct_of(sketches, 0.95), 3) if sketches else None,
         # The engine's busy time shared among the sequences of each step, at this load.
         "gpu_s_per_request": round(mean([sum(r.gpu.values()) for r in done]) * gpus, 4) if done else None,
         "gpu_s_by_purpose": {p: round(mean([r.gpu.get(p, 0.0) for r in done]) * gpus, 4) for p in purposes},
