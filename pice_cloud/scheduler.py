@@ -226,9 +226,9 @@ def place(
     """Assign each point to ``width`` distinct edges (fewer when the fleet is smaller).
 
     Points are placed one by one on the edges predicted to finish them soonest, so the
-    slowest point of the request finishes as early as the fleet allows. An edge that has not
-    measured its decode rate yet is expected to run at its peers' (`peer_rates`). An empty assignment
-    means the cloud expands the point itself: that happens when there are no edges, or when
+    slowest point of the request finishes as early as the fleet allows; an edge that has not
+    measured its decode rate yet is expected to run at its peers' (`peer_rates`). An empty
+    assignment means the cloud expands the point itself: that happens when there are no edges, or when
     even the best edge has no free slot left and an idle ``cloud`` would finish the point
     ``cloud_takeover_factor`` times sooner (a busy fleet and an idle cloud: the cloud does
     more itself). A cloud with requests queued takes only the points no edge would accept:
@@ -251,12 +251,12 @@ def place(
     in_cloud = 0
     devices: list[tuple[str, ...]] = []
     deadlines: list[float] = []
-    # Edges ranked by (predicted finish of one more point, id), kept in a heap: a point takes the
-    # `width` best and pushes them back with one more task each, so placing P points on E edges
-    # costs O(E + P log E), not a sort per point (1,000 edges: ~0.3 ms a request instead of 12).
+    # Edges ranked by (predicted finish of one more point times the edge's ``spread`` weight, 1
+    # without; id), kept in a heap: a point takes the `width` best and pushes them back with one
+    # more task each, so placing P points on E edges costs O(E + P log E), not a sort per point
+    # (1,000 edges: ~0.3 ms a request instead of 12).
     peers = peer_rates(edges)
     unmeasured = [peers.get(_model_name(e.model_id), DEFAULT_EDGE_TOKENS_PER_S) for e in edges]
-    # An entry's rank is its predicted seconds times the edge's weight (1 without ``spread``).
     weight = [1.0] * len(edges) if spread is None else [_spread_weight(spread, e.device_id) for e in edges]
     ranked = [(weight[i] * predicted_seconds(e, 0, tokens_per_point, unmeasured[i]), e.device_id, i)
               for i, e in enumerate(edges)]
