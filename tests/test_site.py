@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -244,6 +245,13 @@ async def test_a_site_forwards_answers_on_the_site_when_the_cloud_is_gone_and_co
         assert 'pice_site_switches_total{to="cloud"} 2.0' in metrics  # at start, and back
 
 
+def _answer_calls(metrics: str) -> float:
+    """The site LLM's calls for cloud-only answers so far, from its /metrics."""
+    found = re.search(r'^pice_cloud_work_calls_total\{purpose="cloud_answer"\} (\S+)$', metrics, re.MULTILINE)
+    assert found is not None
+    return float(found.group(1))
+
+
 async def test_a_hung_cloud_is_given_up_and_a_half_streamed_answer_is_finished_on_the_site(
         tmp_path: Path, tiny_model: Path) -> None:
     """The uplink hangs (accepts, never answers) while a stream is half-way and a non-streamed
@@ -258,6 +266,7 @@ async def test_a_hung_cloud_is_given_up_and_a_half_streamed_answer_is_finished_o
                 cut.set()
                 await dep.cut("hang")
 
+        calls_before = _answer_calls(await dep.metrics())
         pending = asyncio.ensure_future(ask(client, mode="cloud", max_tokens=40))
         await asyncio.sleep(0.3)  # the whole answer is on its way to the cloud
         started = time.monotonic()
@@ -271,6 +280,9 @@ async def test_a_hung_cloud_is_given_up_and_a_half_streamed_answer_is_finished_o
         assert pending_pice["served_by"] in ("site", "device"), pending_pice
         assert whole
         assert time.monotonic() - started < 30
+        # Two cloud-only answers on the site's ledger: the pending one (the site wrote it) and the
+        # continuation, which is the site LLM's work like any other (and took an admission slot).
+        assert _answer_calls(await dep.metrics()) - calls_before == 2
         assert dep.uplink.route == "site"
         _, pice = await ask(client)
         assert pice["served_by"] == "site"

@@ -39,6 +39,7 @@ from typing import Any, Literal, TypeVar
 import httpx
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from pice_cloud.cloud_meter import CloudMeter
 from pice_cloud.config import CloudConfig
 from pice_cloud.errors import CloudError
 from pice_cloud.llm.base import ChatRequest, LLMBackend, TextRequest, count_tokens
@@ -54,6 +55,7 @@ from pice_cloud.openai_schema import (
     usage,
     usage_chunk,
 )
+from pice_cloud.server.admission import Admission
 from pice_cloud.site.uplink import Uplink
 
 log = logging.getLogger(__name__)
@@ -128,9 +130,14 @@ class SiteForwarder:
     """
 
     def __init__(self, app: ASGIApp, *, uplink: Uplink, llm: LLMBackend, config: CloudConfig,
-                 count: Callable[[str], None] | None = None, draining: Callable[[], bool] | None = None) -> None:
+                 count: Callable[[str], None] | None = None, draining: Callable[[], bool] | None = None,
+                 admission: Admission | None = None, meter: CloudMeter | None = None) -> None:
         assert config.site is not None
         self.app, self.uplink, self.llm, self.config = app, uplink, llm, config
+        #: The site app's admission: a continuation is the site LLM's work like any other answer.
+        self._admission = admission
+        #: The site LLM's meter (its ledger on /metrics); None: the LLM unmetered.
+        self._meter = meter
         self.site = config.site
         self._count = count or (lambda _: None)
         self._draining = draining or (lambda: False)
@@ -390,7 +397,12 @@ class SiteForwarder:
             # The answer's end reached the client; only the stream's end mark is missing.
             await send({"type": "http.response.body", "body": sse("[DONE]"), "more_body": False})
             return
+        admitted = False
         try:
+            if self._admission is not None:
+                # Refused (the site is full or shutting down): the error event below says so.
+                await self._admission.acquire()
+                admitted = True
             added, finish = await self._rest(chat, request, sent.text)
             info = {"served_by": "cloud+site", "mode": "cloud", "continued_at_chars": len(sent.text)}
             if chat:
@@ -412,6 +424,9 @@ class SiteForwarder:
             error = {"error": {"message": f"the cloud stopped half-way and the site could not finish the answer: "
                                           f"{exc}", "type": "server_error", "code": "site_continuation_failed"}}
             await send({"type": "http.response.body", "body": sse(error), "more_body": True})
+        finally:
+            if admitted and self._admission is not None:
+                self._admission.release()
         await send({"type": "http.response.body", "body": sse("[DONE]"), "more_body": False})
 
     async def _rest(self, chat: bool, request: dict[str, Any], text: str) -> tuple[str, FinishReason]:
@@ -429,10 +444,12 @@ class SiteForwarder:
             if left <= 0:
                 return "", "length"
             _, messages = conversation(req)
-            done = (await self.llm.complete([ChatRequest(messages=messages, max_tokens=left, prefill=text,
-                                                         temperature=req.temperature or 0.0,
-                                                         top_p=req.top_p if req.top_p is not None else 1.0,
-                                                         seed=req.seed)]))[0]
+            chat_request = ChatRequest(messages=messages, max_tokens=left, prefill=text,
+                                       temperature=req.temperature or 0.0,
+                                       top_p=req.top_p if req.top_p is not None else 1.0, seed=req.seed)
+            # The rest of a cloud-only answer: on the site's ledger as one.
+            done = (await (self._meter.complete([chat_request], purpose="cloud_answer") if self._meter is not None
+                           else self.llm.complete([chat_request])))[0]
             stops = req.stop_strings
         else:
             raw = CompletionRequest.model_validate(request)
@@ -446,10 +463,10 @@ class SiteForwarder:
             left = asked - count_tokens(self.llm, text)
             if left <= 0:
                 return "", "length"
-            done = (await complete_raw([TextRequest(prompt=prompts[0] + text, max_tokens=left,
-                                                    temperature=raw.temperature or 0.0,
-                                                    top_p=raw.top_p if raw.top_p is not None else 1.0,
-                                                    seed=raw.seed)]))[0]
+            text_request = TextRequest(prompt=prompts[0] + text, max_tokens=left, temperature=raw.temperature or 0.0,
+                                       top_p=raw.top_p if raw.top_p is not None else 1.0, seed=raw.seed)
+            done = (await (self._meter.complete_raw([text_request], purpose="completion") if self._meter is not None
+                           else complete_raw([text_request])))[0]
             stops = stop_strings(raw.stop)
         added, stopped = _cut_at_stop(text, done.text, stops)
         return added, ("stop" if stopped or done.tokens < left else "length")

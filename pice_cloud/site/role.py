@@ -66,7 +66,8 @@ async def site_role(app: FastAPI, system: System) -> AsyncIterator[Uplink]:
     state.health_sections["site"] = describe
     app.add_middleware(SiteForwarder, uplink=uplink, llm=system.llm, config=config,  # type: ignore[arg-type]
                        count=lambda where: requests.labels(where).inc(),
-                       draining=lambda: state.admission.draining)
+                       draining=lambda: state.admission.draining, admission=state.admission,
+                       meter=system.service.cloud)
     await uplink.start()
     try:
         yield uplink
