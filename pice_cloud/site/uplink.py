@@ -260,7 +260,7 @@ class Uplink:
     async def close(self) -> None:
         self._closed = True
         if self.transport is not None:
-            self.transport.unsubscribe(CLOUD_STATUS_FILTER)
+            self.transport.unsubscribe(CLOUD_STATUS_FILTER, self._on_status)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
