@@ -60,11 +60,17 @@ class EdgeView:
 
     @property
     def load(self) -> int:
-        return max(self.queue_depth, self.outstanding)
+        return self.load_among(1)
 
     @property
     def free_slots(self) -> int:
         return max(0, self.max_batch - self.load)
+
+    def load_among(self, replicas: int) -> int:
+        """The edge's load as one of ``replicas`` cloud replicas sees it: its last reported
+        queue, or this replica's outstanding tasks times ``replicas`` (the others' since that
+        report are unknown; a load balancer gives each replica about the same share)."""
+        return max(self.queue_depth, max(1, replicas) * self.outstanding)
 
 
 @dataclass(frozen=True)
@@ -145,8 +151,7 @@ def ensemble_width(n_points: int, edges: Sequence[EdgeView], max_width: int, *, 
     """
     if n_points <= 0 or not edges:
         return 1
-    share = max(1, replicas)
-    free = sum(max(0, e.max_batch - max(e.queue_depth, share * e.outstanding)) for e in edges)
+    free = sum(max(0, e.max_batch - e.load_among(replicas)) for e in edges)
     return max(1, min(max_width, len(edges), free // n_points))
 
 

@@ -72,6 +72,8 @@ from typing import Any, Protocol
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from load_fleet import percentile  # noqa: E402
+
 from pice_cloud import CloudView, EdgeView, GenerationOptions, ServiceConfig  # noqa: E402
 from pice_cloud.cloud_ledger import EMBEDDING_PURPOSES, PURPOSES  # noqa: E402
 from pice_cloud.progressive import PointSampling, plan_request  # noqa: E402
@@ -764,12 +766,8 @@ def summarise(system: System, mode: str, warmup: float, duration: float,
     lat = sorted(r.finished - r.started for r in done if r.finished is not None)
     sketches = [r.sketched_at - r.started for r in done if r.sketched_at is not None]
 
-    def pct_of(values: list[float], q: float) -> float:
-        ordered = sorted(values)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else math.nan
-
     def pct(q: float) -> float:
-        return pct_of(lat, q)
+        return percentile(lat, q)
 
     def mean(values: list[float]) -> float:
         return statistics.fmean(values) if values else math.nan
@@ -790,8 +788,8 @@ def summarise(system: System, mode: str, warmup: float, duration: float,
         "mode": mode, "completed": len(done), "requests_per_s": round(finished / duration, 3),
         "latency_p50_s": round(pct(0.5), 3), "latency_p95_s": round(pct(0.95), 3),
         # Where the time goes: waiting for the sketch, then for the points.
-        "sketch_p50_s": round(pct_of(sketches, 0.5), 3) if sketches else None,
-        "sketch_p95_s": round(pct_of(sketches, 0.95), 3) if sketches else None,
+        "sketch_p50_s": round(percentile(sketches, 0.5), 3) if sketches else None,
+        "sketch_p95_s": round(percentile(sketches, 0.95), 3) if sketches else None,
         # The engine's busy time shared among the sequences of each step, at this load.
         "gpu_s_per_request": round(mean([sum(r.gpu.values()) for r in done]) * gpus, 4) if done else None,
         "gpu_s_by_purpose": {p: round(mean([r.gpu.get(p, 0.0) for r in done]) * gpus, 4) for p in purposes},
