@@ -171,10 +171,14 @@ async def test_service_replicates_points_and_chooses(mosquitto: Mosquitto, tiny_
                     final = event
             assert final is not None
             assert final.stats.points_edge == len(points)
-            # Two idle edges with 4 free slots each: every point went to both.
-            assert all(p.point.candidates == 2 for p in points)
+            # Two idle edges with 4 free slots each: every point went to both, and each answer
+            # is among the point's candidates unless the guard refused it (the sampled replica
+            # of the random tiny model writes noise, which it now and then refuses).
+            refused = system.service.inbox.quality.count()
+            assert sum(p.point.candidates for p in points) + refused == 2 * len(points)
+            assert all(p.point.candidates >= 1 for p in points)
             if not broken:
-                assert recorder.seen == [2] * len(points)
+                assert sorted(recorder.seen) == sorted(p.point.candidates for p in points if p.point.candidates > 1)
                 # The request is greedy, its replicas sample (ensemble_temperature): candidates differ.
                 assert any(len(texts) == 2 for texts in recorder.texts)
             assert sum(n.stats.candidates_published for n in system.edges) == 2 * len(points)
