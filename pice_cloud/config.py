@@ -237,6 +237,11 @@ class ServiceConfig(BaseModel):
     max_words: int = Field(default=defaults.MAX_WORDS, ge=2, le=30)
     sketch_tokens: int = Field(default=defaults.SKETCH_TOKENS, ge=8, le=4096)
     tokens_per_point: int = Field(default=defaults.TOKENS_PER_POINT, ge=1, le=4096)
+    point_stretch: float = Field(
+        default=defaults.POINT_STRETCH, ge=1.0, le=8.0,
+        description="a sketch with fewer than max_points points gives each point up to this many times "
+                    "tokens_per_point, so the answer's budget (max_points x tokens_per_point) does not shrink with "
+                    "the point count (1: every point gets tokens_per_point)")
     max_answer_tokens: int = Field(default=defaults.MAX_ANSWER_TOKENS, ge=1, le=1_000_000,
                                    description="longest cloud-only answer")
     ensemble_width: int = Field(

@@ -23,6 +23,10 @@ MAX_WORDS: Final = 6
 SKETCH_TOKENS: Final = 64
 #: Decode budget of one point's expansion (tokens).
 TOKENS_PER_POINT: Final = 80
+#: A sketch with fewer than ``max_points`` points shares the answer's budget (``max_points *
+#: tokens_per_point``) among them, each point up to this many times ``tokens_per_point``: the
+#: answer's length should not hang on how many headings the sketch happened to have.
+POINT_STRETCH: Final = 2.0
 #: Longest cloud-only answer (tokens).
 MAX_ANSWER_TOKENS: Final = 400
 

@@ -93,12 +93,30 @@ class Budget:
     max_words: int = defaults.MAX_WORDS
     sketch_tokens: int = defaults.SKETCH_TOKENS
     tokens_per_point: int = defaults.TOKENS_PER_POINT
+    #: How much longer than ``tokens_per_point`` a point of a short sketch may be (`point_tokens`).
+    point_stretch: float = defaults.POINT_STRETCH
 
     @classmethod
     def from_config(cls, config: ServiceConfig) -> Budget:
         """The configured budget of an idle system."""
         return cls(max_points=config.max_points, max_words=config.max_words, sketch_tokens=config.sketch_tokens,
-                   tokens_per_point=config.tokens_per_point)
+                   tokens_per_point=config.tokens_per_point, point_stretch=config.point_stretch)
+
+    def point_tokens(self, n_points: int, answer_tokens: int | None = None) -> int:
+        """Expansion budget of each point of a sketch with ``n_points`` points.
+
+        The answer's budget is ``max_points * tokens_per_point`` whatever the sketch's length: a
+        three-point sketch of a question that a six-point one would cover gets points up to
+        ``point_stretch`` times longer, instead of an answer half as long as the cloud's own (the
+        fleet's work per request stays what `plan_budget` allowed). ``answer_tokens`` (a client's
+        ``max_tokens``) caps the whole answer's expansions, at least one token a point.
+        """
+        n = max(1, n_points)
+        stretched = min(int(self.tokens_per_point * self.point_stretch), self.max_points * self.tokens_per_point // n)
+        tokens = max(self.tokens_per_point, stretched)
+        if answer_tokens is not None:
+            tokens = min(tokens, max(1, answer_tokens // n))
+        return tokens
 
 
 @dataclass(frozen=True)
@@ -136,7 +154,7 @@ def plan_budget(base: Budget, cloud: CloudView, edges: Sequence[EdgeView]) -> Bu
         # take about as long as one full-length batch would.
         tokens = max(base.tokens_per_point // 2, int(base.tokens_per_point * (0.5 + 0.5 * free / max_points)))
     return Budget(max_points=max_points, max_words=max_words, sketch_tokens=base.sketch_tokens,
-                  tokens_per_point=tokens)
+                  tokens_per_point=tokens, point_stretch=base.point_stretch)
 
 
 def ensemble_width(n_points: int, edges: Sequence[EdgeView], max_width: int, *, replicas: int = 1) -> int:

@@ -394,7 +394,7 @@ class PiceService:
         if edges:
             edges = self._eligible(len(points))  # fresher than before the sketch
         sampling = PointSampling.of(self.config, options)
-        tokens = budget.tokens_per_point
+        tokens = budget.point_tokens(len(points), max_tokens)
         plan = plan_request(len(points), edges, config=self.config, sampling=sampling, tokens_per_point=tokens,
                             cloud=self.cloud.view(), replicas=self.replicas.count(), replica_id=self.cloud_id,
                             first_in_cloud=first_point_in_cloud(self.config, n_points=len(points),

@@ -92,6 +92,26 @@ async def test_stop_ends_the_text_before_it(api: Api) -> None:
     assert info.value.param == "stop"
 
 
+async def test_max_tokens_caps_a_progressive_answers_expansions(api: Api) -> None:
+    client = api.client()
+
+    async def expansion_tokens(**params: Any) -> tuple[int, int]:
+        reply = await client.chat.completions.create(model="pice", messages=[{"role": "user", "content": QUESTION}],
+                                                     extra_body=PROGRESSIVE, **params)
+        assert reply.usage is not None and reply.usage.model_extra is not None and reply.model_extra is not None
+        info = reply.model_extra["pice"]
+        assert info["mode"] == "progressive"
+        fallback = info["cloud_work"].get("fallback_expansion", {}).get("decode_tokens", 0)
+        return reply.usage.model_extra["edge_tokens"] + fallback, info["points_edge"] + info["points_cloud"]
+
+    # The random tiny model writes each point's whole budget (12 tokens, more for a short sketch).
+    free, points = await expansion_tokens()
+    assert free >= 12 * points
+    capped, points = await expansion_tokens(max_tokens=6)
+    assert 0 < capped <= 6
+    assert points >= 1
+
+
 async def test_stop_applies_to_each_point_in_progressive_mode(api: Api) -> None:
     client = api.client()
     full, _ = await _text(client, PROGRESSIVE)

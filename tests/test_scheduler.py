@@ -252,3 +252,21 @@ def test_replicas_placing_from_one_view_prefer_different_edges() -> None:
     # The ranking moves; the predictions do not: deadlines are the unweighted ones.
     spread = place(6, edges, tokens_per_point=80, spread="cloud-0")
     assert max(spread.deadlines_s) <= max(alone.deadlines_s) * 1.01
+
+
+def test_a_short_sketch_shares_the_answers_budget_among_its_points() -> None:
+    # 6 x 80 tokens: three points get twice as long, five a little longer, six (or more) the budget.
+    assert [BASE.point_tokens(n) for n in (3, 4, 5, 6)] == [160, 120, 96, 80]
+    assert BASE.point_tokens(7) == 80  # never below tokens_per_point
+    # The stretch is capped: one point is not given the whole answer's budget.
+    assert BASE.point_tokens(1) == 160
+    assert Budget(max_points=6, tokens_per_point=80, point_stretch=1.0).point_tokens(3) == 80
+    # Under load `plan_budget` shrinks the budget first, and the stretch shares what is left.
+    busy = [EdgeView("a", max_batch=4, queue_depth=4), EdgeView("b", max_batch=4, queue_depth=3)]
+    loaded = plan_budget(BASE, CloudView(), busy)
+    assert loaded.point_tokens(3) == min(2 * loaded.tokens_per_point, 6 * loaded.tokens_per_point // 3)
+    assert loaded.point_tokens(3) < BASE.point_tokens(3)
+    # A client's max_tokens caps the whole answer's expansions (at least a token a point).
+    assert BASE.point_tokens(4, answer_tokens=100) == 25
+    assert BASE.point_tokens(3, answer_tokens=1000) == 160
+    assert BASE.point_tokens(5, answer_tokens=2) == 1

@@ -283,9 +283,13 @@ async def one_request(client: Any, model: str, mode: str, qid: int, question: st
     started = time.perf_counter()
     out = Outcome(mode=mode, question_id=qid, ok=False)
     parts: list[str] = []
+    # PICE's modes are asked as a client that sets no max_tokens: the service's own caps apply
+    # (max_answer_tokens for a cloud-only answer, the sketch's budget for a progressive one).
+    # llama.cpp's server has no cap of its own: it gets the cloud-only answer's.
+    limit = {"max_tokens": max_tokens} if mode == "llamacpp" else {}
     try:
         stream = await client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": question}], stream=True, max_tokens=max_tokens,
+            model=model, messages=[{"role": "user", "content": question}], stream=True, **limit,
             temperature=0, stream_options={"include_usage": True},
             extra_body=None if mode == "llamacpp" else {"pice": {"mode": MODES[mode]}},
         )

@@ -74,7 +74,7 @@ sys.path.insert(0, str(ROOT))
 
 from load_fleet import percentile  # noqa: E402
 
-from pice_cloud import CloudView, EdgeView, GenerationOptions, ServiceConfig  # noqa: E402
+from pice_cloud import Budget, CloudView, EdgeView, GenerationOptions, ServiceConfig  # noqa: E402
 from pice_cloud.cloud_ledger import EMBEDDING_PURPOSES, PURPOSES  # noqa: E402
 from pice_cloud.progressive import PointSampling, plan_request  # noqa: E402
 from pice_edge import finish_s, per_sequence_rate  # noqa: E402
@@ -599,7 +599,8 @@ class Request:
         self.n_points = n = max(1, min(s.points or cfg.points, cfg.points))
         first = s.get("first_point")
         views = [e.view(cfg.link_delay_s) for e in sys_.edges]
-        plan = plan_request(n, views, config=cfg.service, tokens_per_point=cfg.tokens_per_point,
+        tokens = Budget.from_config(cfg.service).point_tokens(n)  # as the service: a short sketch's points are longer
+        plan = plan_request(n, views, config=cfg.service, tokens_per_point=tokens,
                             sampling=PointSampling.of(cfg.service, GenerationOptions()), cloud=sys_.cloud.view(),
                             first_in_cloud=first is not None)
         # The measured request's fallback expansions: that many of its edge-placed points had
@@ -624,7 +625,7 @@ class Request:
             for device in devices:
                 edge = sys_.by_id[device]
                 edge.outstanding += 1
-                task = Task(self, point, cfg.tokens_per_point, deadline)
+                task = Task(self, point, tokens, deadline)
                 sys_.sim.at(cfg.link_delay_s / 2, functools.partial(self.deliver, edge, task))
             sys_.sim.at(wait, functools.partial(self.deadline, point))
 
