@@ -98,7 +98,9 @@ async def test_max_tokens_caps_a_progressive_answers_expansions(api: Api) -> Non
     async def expansion_tokens(**params: Any) -> tuple[int, int]:
         reply = await client.chat.completions.create(model="pice", messages=[{"role": "user", "content": QUESTION}],
                                                      extra_body=PROGRESSIVE, **params)
-        assert reply.usage is not None and reply.usage.model_extra is not None and reply.model_extra is not None
+        assert reply.usage is not None
+        assert reply.usage.model_extra is not None
+        assert reply.model_extra is not None
         info = reply.model_extra["pice"]
         assert info["mode"] == "progressive"
         fallback = info["cloud_work"].get("fallback_expansion", {}).get("decode_tokens", 0)

@@ -35,7 +35,8 @@ What a fleet of many edges would do for one cloud, without the fleet. Modelled:
 Budgets (points, tokens per point, cloud-only answer length, ensemble width, deadlines) are the
 service's own defaults (`pice_cloud.config.ServiceConfig`); the edges' batch and queue are
 `EdgeNode`'s and their device profile's. Not modelled: re-placing a refused point on another edge
-(the cloud takes it), `plan_budget`'s shorter sketches under load, the HTTP and MQTT hosts' CPU,
+(the cloud takes it), `plan_budget`'s shorter sketches and expansions under load (a short sketch's
+points are stretched as `Budget.point_tokens` does at an idle fleet), the HTTP and MQTT hosts' CPU,
 prefix caching (every prompt is prefilled in full, as the ledger counts it: an engine that reuses
 the KV cache of the sketch prompt's fixed instructions and examples, most of that prompt, would
 compute less).
