@@ -208,3 +208,31 @@ def test_learned_addresses_the_site_must_not_follow_and_retained_status_is_not_a
     uplink._on_status(Message(cloud_status_topic("cloud-a"), offline, retain=False))
     assert "offline" in (uplink._status_problem() or "")
 
+
+
+async def test_a_probe_answered_after_the_route_moved_does_not_move_it_back() -> None:
+    # The cloud's /health answers 200, but only after a forwarded request found the cloud going:
+    # that answer was sent before the reason to leave, so it must not bring the route back.
+    sent, release = asyncio.Event(), asyncio.Event()
+
+    async def health(request: httpx.Request) -> httpx.Response:
+        sent.set()
+        await release.wait()
+        return httpx.Response(200, json={"status": "ok"})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(health)) as client:
+        uplink = Uplink(SiteConfig(name="s", cloud_url="http://127.0.0.1:9/v1", recover_after=1), own_id="site-s",
+                        client=client)
+        release.set()
+        await uplink.check()  # the route starts on the site; one probe answered brings the cloud back
+        assert uplink.route == "cloud"
+        release.clear()
+        sent.clear()
+        probe = asyncio.create_task(uplink.check())
+        await sent.wait()
+        uplink.report_failure("the cloud answered 503 (shutting_down)")
+        release.set()
+        await probe
+        assert uplink.route == "site"
+        await uplink.check()  # a probe sent after the switch counts
+        assert uplink.route == "cloud"

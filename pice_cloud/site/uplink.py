@@ -229,8 +229,13 @@ class Uplink:
 
     async def check(self) -> None:
         """Probe once and move the route by the hysteresis rules."""
+        switches = len(self.switches)
         problem = await self.probe()
         self.last_probe["problem"] = problem
+        if len(self.switches) != switches:
+            # The route moved while this probe was out (a forwarded request found the cloud
+            # going, its status went offline): an answer sent before that proves nothing now.
+            return
         if problem is None:
             self._fails = 0
             self._oks += 1
