@@ -82,6 +82,9 @@ class AnswerStats:
     route_probability: float | None = None
     #: A stop string ended the text (cloud-only), or a point's text (progressive).
     stopped: bool = False
+    #: A point's expansion ran to the share of the client's ``max_tokens`` it was given
+    #: (progressive): the answer was cut by the limit (``finish_reason`` "length").
+    length_capped: bool = False
     #: Why the sketches were refused, when the guards sent the request cloud-only.
     sketch_rejected: list[str] = field(default_factory=list)
     #: Why headings were left out of the sketch that was used (see `pice_cloud.guards.repair_sketch`).

@@ -395,6 +395,7 @@ class PiceService:
             edges = self._eligible(len(points))  # fresher than before the sketch
         sampling = PointSampling.of(self.config, options)
         tokens = budget.point_tokens(len(points), max_tokens)
+        capped = tokens < budget.point_tokens(len(points))  # the client's max_tokens binds
         plan = plan_request(len(points), edges, config=self.config, sampling=sampling, tokens_per_point=tokens,
                             cloud=self.cloud.view(), replicas=self.replicas.count(), replica_id=self.cloud_id,
                             first_in_cloud=first_point_in_cloud(self.config, n_points=len(points),
@@ -454,11 +455,14 @@ class PiceService:
                         stats.devices.append(chosen.device_id)
                 else:
                     stats.points_cloud += 1
+                stopped = False
                 if options.stop:
                     text, stopped = apply_stop(chosen.text, options.stop)
                     if stopped:
                         stats.stopped = True
                         chosen = dataclasses.replace(chosen, text=text.rstrip())
+                if capped and not stopped and chosen.tokens >= tokens:
+                    stats.length_capped = True
                 parts.append(render_point(chosen.index, points[chosen.index], chosen.text))
                 if chosen.index == headed:
                     if chosen.text:

@@ -94,10 +94,12 @@ async def test_stop_ends_the_text_before_it(api: Api) -> None:
 
 async def test_max_tokens_caps_a_progressive_answers_expansions(api: Api) -> None:
     client = api.client()
+    finishes: list[str] = []
 
     async def expansion_tokens(**params: Any) -> tuple[int, int]:
         reply = await client.chat.completions.create(model="pice", messages=[{"role": "user", "content": QUESTION}],
                                                      extra_body=PROGRESSIVE, **params)
+        finishes.append(reply.choices[0].finish_reason)
         assert reply.usage is not None
         assert reply.usage.model_extra is not None
         assert reply.model_extra is not None
@@ -112,6 +114,8 @@ async def test_max_tokens_caps_a_progressive_answers_expansions(api: Api) -> Non
     capped, points = await expansion_tokens(max_tokens=6)
     assert 0 < capped <= 6
     assert points >= 1
+    # Cut by the limit, as a cloud-only answer would say; the free one ended by itself.
+    assert finishes == ["stop", "length"]
 
 
 async def test_stop_applies_to_each_point_in_progressive_mode(api: Api) -> None:

@@ -174,7 +174,8 @@ class Job(abc.ABC, Generic[RequestT]):
         """finish_reason, usage and the ``pice`` extension of a finished answer; records metrics."""
         stats = final.stats
         limit = self.state.answer_tokens(self.request.token_limit)
-        cut_by_limit = stats.mode == "cloud" and stats.cloud_tokens >= limit and not stats.stopped
+        cut_by_limit = (stats.mode == "cloud" and stats.cloud_tokens >= limit and not stats.stopped) \
+            or stats.length_capped
         finish: FinishReason = "length" if cut_by_limit else "stop"
         llm = self.state.llm
         # Cloud-only: the answer is exactly what the LLM generated, so its own count is exact. A
