@@ -125,19 +125,19 @@ class SiteForwarder:
         uplink: where requests go, and the HTTP client to the cloud.
         llm: the site's LLM (continues a cloud stream that broke half-way).
         config: the site's configuration (API key, body limit, the ``site`` section).
+        admission: the site app's admission: a continuation is the site LLM's work like any
+            other answer, and takes a slot.
+        meter: the site LLM's meter: a continuation is on its ledger (``/metrics``).
         count: called with where each completion was sent: cloud, site or cloud+site (metrics).
         draining: whether the server is shutting down (nothing new is forwarded then).
     """
 
-    def __init__(self, app: ASGIApp, *, uplink: Uplink, llm: LLMBackend, config: CloudConfig,
-                 count: Callable[[str], None] | None = None, draining: Callable[[], bool] | None = None,
-                 admission: Admission | None = None, meter: CloudMeter | None = None) -> None:
+    def __init__(self, app: ASGIApp, *, uplink: Uplink, llm: LLMBackend, config: CloudConfig, admission: Admission,
+                 meter: CloudMeter, count: Callable[[str], None] | None = None,
+                 draining: Callable[[], bool] | None = None) -> None:
         assert config.site is not None
         self.app, self.uplink, self.llm, self.config = app, uplink, llm, config
-        #: The site app's admission: a continuation is the site LLM's work like any other answer.
-        self._admission = admission
-        #: The site LLM's meter (its ledger on /metrics); None: the LLM unmetered.
-        self._meter = meter
+        self._admission, self._meter = admission, meter
         self.site = config.site
         self._count = count or (lambda _: None)
         self._draining = draining or (lambda: False)
@@ -399,10 +399,9 @@ class SiteForwarder:
             return
         admitted = False
         try:
-            if self._admission is not None:
-                # Refused (the site is full or shutting down): the error event below says so.
-                await self._admission.acquire()
-                admitted = True
+            # Refused (the site is full or shutting down): the error event below says so.
+            await self._admission.acquire()
+            admitted = True
             added, finish = await self._rest(chat, request, sent.text)
             info = {"served_by": "cloud+site", "mode": "cloud", "continued_at_chars": len(sent.text)}
             if chat:
@@ -425,7 +424,7 @@ class SiteForwarder:
                                           f"{exc}", "type": "server_error", "code": "site_continuation_failed"}}
             await send({"type": "http.response.body", "body": sse(error), "more_body": True})
         finally:
-            if admitted and self._admission is not None:
+            if admitted:
                 self._admission.release()
         await send({"type": "http.response.body", "body": sse("[DONE]"), "more_body": False})
 
@@ -448,13 +447,11 @@ class SiteForwarder:
                                        temperature=req.temperature or 0.0,
                                        top_p=req.top_p if req.top_p is not None else 1.0, seed=req.seed)
             # The rest of a cloud-only answer: on the site's ledger as one.
-            done = (await (self._meter.complete([chat_request], purpose="cloud_answer") if self._meter is not None
-                           else self.llm.complete([chat_request])))[0]
+            done = (await self._meter.complete([chat_request], purpose="cloud_answer"))[0]
             stops = req.stop_strings
         else:
             raw = CompletionRequest.model_validate(request)
-            complete_raw = getattr(self.llm, "complete_raw", None)
-            if complete_raw is None:
+            if getattr(self.llm, "complete_raw", None) is None:
                 raise CloudError(f"the site's LLM ({self.llm.name}) cannot continue raw text")
             prompts = [raw.prompt] if isinstance(raw.prompt, str) else raw.prompt
             if len(prompts) != 1:
@@ -465,8 +462,7 @@ class SiteForwarder:
                 return "", "length"
             text_request = TextRequest(prompt=prompts[0] + text, max_tokens=left, temperature=raw.temperature or 0.0,
                                        top_p=raw.top_p if raw.top_p is not None else 1.0, seed=raw.seed)
-            done = (await (self._meter.complete_raw([text_request], purpose="completion") if self._meter is not None
-                           else complete_raw([text_request])))[0]
+            done = (await self._meter.complete_raw([text_request], purpose="completion"))[0]
             stops = stop_strings(raw.stop)
         added, stopped = _cut_at_stop(text, done.text, stops)
         return added, ("stop" if stopped or done.tokens < left else "length")
