@@ -389,6 +389,49 @@ def drop_repeated_sentences(text: str, other_texts: Sequence[str] = ()) -> str:
     return "".join(kept).strip()
 
 
+#: Fewest words an opening clause must have to count as repeated from another point: shorter
+#: openers ("In short,", "For example,") are ordinary prose, not a copied frame.
+MIN_REPEATED_OPENING_WORDS = 4
+#: Where an opening clause ends: a comma, a colon or a dash set off by blanks.
+_CLAUSE_END = re.compile(r",\s+|:\s+|\s+[–—-]\s+")
+#: Words a sentence may start with once its opening clause is gone: a subject or a determiner.
+#: A remainder that starts otherwise ("including ...", "and ...", a name in apposition) would not
+#: read as a sentence of its own, so the opening stays.
+_SUBJECT_STARTS = _wordset("""
+    it it's its i i'm i've i'd you you're we we're they they're he she this these those there
+    there's that people one our your their many most some every each the a an
+""")
+
+
+def drop_repeated_opening(text: str, earlier_texts: Sequence[str]) -> str:
+    """``text`` without the opening clause of its first sentence when an earlier point of the
+    answer opened with the same words ("In addition to setting clear goals, it's also important
+    to delegate." after a point that began "In addition to setting clear goals, ..." becomes
+    "It's also important to delegate."); otherwise ``text`` unchanged.
+
+    Small expansion models, given the whole outline, often open every later point with a
+    clause about the first one; each point is written alone, so no guard sees the frame repeat
+    until the answer is put together. Only a clause of at least `MIN_REPEATED_OPENING_WORDS`
+    words, ending in a comma, colon or dash, is dropped, and only when what follows reads as a
+    sentence (it starts with a subject or a determiner and has as many words); its first letter
+    is capitalised.
+    """
+    end = _CLAUSE_END.search(text)
+    if end is None or any(stop in text[:end.start()] for stop in ".!?\n"):
+        return text  # the first sentence has no opening clause
+    opening = _words(text[:end.start()])
+    rest = text[end.end():]
+    first_sentence = split_sentences(rest)[:1]
+    if len(opening) < MIN_REPEATED_OPENING_WORDS or not first_sentence \
+            or len(_words(first_sentence[0])) < MIN_REPEATED_OPENING_WORDS:
+        return text
+    if _words(rest)[0] not in _SUBJECT_STARTS:
+        return text
+    if not any(_words(strip_marker(other))[:len(opening)] == opening for other in earlier_texts):
+        return text
+    return rest[:1].upper() + rest[1:]
+
+
 def repeated_sentence_rate(text: str) -> float:
     """Share of ``text``'s sentences that repeat an earlier sentence of the same text (after
     normalising case, markup and punctuation; see `sentences`); 0.0 for a text without
@@ -515,6 +558,7 @@ __all__ = [
     "MAX_HEADING_WORDS",
     "MIN_EXPANSION_WORDS",
     "MIN_POINTS",
+    "MIN_REPEATED_OPENING_WORDS",
     "MIN_SENTENCE_WORDS",
     "NGRAM",
     "OTHER_POINT_SHARE",
@@ -530,6 +574,7 @@ __all__ = [
     "check_expansion",
     "check_sketch",
     "content_words",
+    "drop_repeated_opening",
     "drop_repeated_sentences",
     "is_cut_heading",
     "is_meta_heading",

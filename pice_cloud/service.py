@@ -51,6 +51,7 @@ from pice_cloud.guards import (
     MIN_POINTS,
     Embed,
     check_sketch,
+    drop_repeated_opening,
     is_cut_heading,
     repair_sketch,
     sketch_rejection_reason,
@@ -442,8 +443,15 @@ class PiceService:
                 headed = 0
                 stats.first_token_s = time.perf_counter() - started
                 yield DeltaEvent(render_point(0, points[0], ""))
+            said: list[str] = []  # the points' texts so far, as the answer gives them
             for index in range(len(points)):
                 chosen = await driver.point(index)
+                if index not in plan.self_served and said:
+                    # Each point was written alone: a frame its writer copied from an earlier
+                    # point ("In addition to <point 1>, ...") shows only now, in the answer.
+                    opened = drop_repeated_opening(chosen.text, said)
+                    if opened != chosen.text:
+                        chosen = dataclasses.replace(chosen, text=opened)
                 if not parts and not streamed and headed < 0:
                     stats.first_token_s = time.perf_counter() - started
                 if index == 0 and stats.first_text_s == 0.0:
@@ -463,6 +471,7 @@ class PiceService:
                         chosen = dataclasses.replace(chosen, text=text.rstrip())
                 if capped and not stopped and chosen.tokens >= tokens:
                     stats.length_capped = True
+                said.append(chosen.text)
                 parts.append(render_point(chosen.index, points[chosen.index], chosen.text))
                 if chosen.index == headed:
                     if chosen.text:

@@ -24,6 +24,7 @@ from pice_cloud.progressive import (
     RequestDriver,
     expansion_check,
 )
+from pice_cloud.sketch import SKETCH_PREFILL
 from pice_edge.protocol import Candidate, Sampling, candidate_topic, encode
 from pice_edge.rejects import Rejections
 from pice_edge.transport import Message
@@ -261,3 +262,39 @@ async def test_a_sketch_model_writes_the_sketches_and_nothing_else(
     # The tiny random model cannot write these; SmolLM2 does, greedily.
     assert headings[0] == "Set clear goals and prioritize tasks", headings
     assert len(headings) >= 3
+
+
+class FramedExpansions:
+    """A cloud whose sketch is scripted and whose expansions all open with the same frame, as
+    small models often write them (each point alone, with the whole outline in view)."""
+
+    name = model_id = "framed"
+    streams = False
+
+    async def complete(self, requests: Sequence[ChatRequest]) -> list[Completion]:
+        out = []
+        for request in requests:
+            if request.prefill == SKETCH_PREFILL:
+                out.append(Completion(text=GOOD, tokens=12))
+                continue
+            heading = request.messages[-1].content.split('"')[1]
+            out.append(Completion(text=f"{FRAME}it's also important to {heading.lower()} every single day.",
+                                  tokens=20))
+        return out
+
+    async def close(self) -> None:
+        pass
+
+
+FRAME = "In addition to setting clear daily goals for yourself, "
+
+
+async def test_an_opening_frame_repeated_across_points_is_said_once(embedded_broker: str, tiny_model: Path) -> None:
+    config = cloud_config(embedded_broker, service={"tokens_per_point": 24})
+    async with start_system(config, llm=FramedExpansions()) as system:  # type: ignore[arg-type]
+        final = await system.service.ask(QUESTION, mode="progressive")
+    assert final.stats.mode == "progressive"
+    texts = [line.split("** ", 1)[1] for line in final.text.split("\n\n")]
+    assert texts == [f"{FRAME}it's also important to set clear daily goals every single day.",
+                     "It's also important to plan each morning every single day.",
+                     "It's also important to take short breaks every single day."]

@@ -318,6 +318,38 @@ def test_drop_repeated_sentences_keeps_the_rest_verbatim() -> None:
     assert guards.drop_repeated_sentences(other, [other]) == ""
 
 
+FRAME = "In addition to setting clear goals and prioritizing tasks, "
+
+
+@pytest.mark.parametrize(
+    ("text", "earlier", "expected"),
+    [
+        # The frame an earlier point opened with goes; the sentence starts at its subject.
+        (FRAME + "it’s also important to take short breaks. Walk a little.",
+         [FRAME + "it's also important to delegate tasks."],
+         "It’s also important to take short breaks. Walk a little."),
+        ("The answer lies within the realm of music itself – each song tells a story of its time.",
+         ["1. The answer lies within the realm of music itself – it is not only sound."],
+         "Each song tells a story of its time."),
+        # No earlier point opened so: kept.
+        (FRAME + "it's also important to take short breaks.", ["Write down three goals for the week."],
+         FRAME + "it's also important to take short breaks."),
+        # What follows would not read as a sentence: kept.
+        (FRAME + "including breaks and sleep, you will get more done.", [FRAME + "it's wise."],
+         FRAME + "including breaks and sleep, you will get more done."),
+        # A short opener is ordinary prose, not a copied frame.
+        ("In short, it is good to rest well and often.", ["In short, sleep well."],
+         "In short, it is good to rest well and often."),
+        # The clause must open the first sentence, and leave a sentence of some length.
+        ("Goals matter a great deal. " + FRAME + "it is key.", [FRAME + "it is key."],
+         "Goals matter a great deal. " + FRAME + "it is key."),
+        (FRAME + "it works.", [FRAME + "it's wise to plan."], FRAME + "it works."),
+    ],
+)
+def test_drop_repeated_opening(text: str, earlier: list[str], expected: str) -> None:
+    assert guards.drop_repeated_opening(text, earlier) == expected
+
+
 def test_repetition_signals_grade_what_the_guard_thresholds() -> None:
     clean = guards.repetition_signals(GOOD_EXPANSIONS[0][1], [OTHER])
     assert clean == guards.RepetitionSignals(own_sentences=0.0, own_4grams=0.0, other_points=0.0)
