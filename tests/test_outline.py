@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from pice_cloud import SKETCH_PREFILL, ServiceConfig
@@ -137,3 +138,24 @@ def test_a_heading_that_may_not_end_yet_runs_on_to_finish_its_phrase(tiny_model:
     finishing = headings(dataclasses.replace(plain, can_end=lambda heading: len(heading.split()) >= 2))
     assert all(len(h.split()) <= 2 for h in finishing)
     assert sum(len(h.split()) == 2 for h in finishing) >= len(finishing) / 2, finishing
+
+
+@pytest.mark.parametrize(("best", "allowed"), [
+    # The model wants a third word: the heading ends (a line break), it does not glue it on.
+    (" science", {"\n"}),
+    # It goes on with the word it is writing: that stays allowed, a new word does not.
+    ("s", {"\n", "s", "science", ",", "2."}),
+])
+def test_at_its_word_limit_a_heading_ends_rather_than_glue_on_a_word(best: str, allowed: set[str]) -> None:
+    from pice_edge.runtimes.outline import OutlineGuide, TokenTexts
+
+    texts = [" Quantum", " computer", " science", "science", "s", ",", "\n", "</s>", "2."]
+    vocab = TokenTexts.build(lambda ids: texts[ids[0]], len(texts))
+    guide = OutlineGuide(OutlineFormat(min_points=3, max_points=5, max_words=2), vocab,
+                         encode=lambda text: [texts.index(text)], eos_ids=[texts.index("</s>")], budget=64)
+    for token in (" Quantum", " computer"):
+        guide.advance(texts.index(token))
+    scores = np.zeros(len(texts))
+    scores[texts.index(best)] = 5.0
+    guide.mask(scores)
+    assert {texts[i] for i in np.flatnonzero(np.isfinite(scores))} == allowed

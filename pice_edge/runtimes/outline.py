@@ -10,7 +10,8 @@ items numbered in order, one per line, each of at most ``max_words`` words. Engi
 - ours (`pice_edge.runtimes._decode.StepBatch`, which the embedded cloud backend runs) through
   `OutlineGuide`, a per-sequence logits mask: a heading opens with a word (not the one another
   heading opened with) and gets at least one before it may end, no new word past ``max_words``
-  (``extra_words`` more while `OutlineFormat.can_end` says it would be cut), the end of the text
+  (``extra_words`` more while `OutlineFormat.can_end` says it would be cut; a heading whose model
+  wants a word past them ends there, rather than glue the word on), the end of the text
   only after ``min_points`` headings, and after each line break the next number is written for
   the model (after the last heading the line break ends the text, which may so end with one);
 - remote engines through structured output: `OutlineFormat.regex` (vLLM's ``guided_regex``,
@@ -122,7 +123,15 @@ class OutlineGuide:
             head[~self.vocab.line_end[:size]] = -np.inf
             scores[self._eos] = eos
         elif words >= self.form.max_words and not unfinished:
-            head[self.vocab.word_start[:size]] = -np.inf  # no new word past the limit
+            best = int(np.argmax(scores))
+            if best < size and self.vocab.word_start[best]:
+                # The model wants another word: the heading ends here. Banning only the word's
+                # leading space would have it glue the word on ("computerscience").
+                eos = scores[self._eos]
+                head[~self.vocab.line_end[:size]] = -np.inf
+                scores[self._eos] = eos
+            else:
+                head[self.vocab.word_start[:size]] = -np.inf  # no new word past the limit
         if not np.isfinite(scores).any():  # nothing left (a tiny vocabulary): end the text
             scores[self._eos] = 0.0
 
