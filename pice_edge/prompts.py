@@ -4,13 +4,19 @@ Both sides must build the same prompt so that a point expanded in the cloud read
 expanded at the edge, and so that the cloud can score an edge's candidate under its own
 model with the exact context the edge saw.
 
-A fixed system turn, then the question and the whole sketch, and the point last: every point
-of a request shares one long prefix, which prefix caching can reuse. This layout was chosen by
-trying variants on SmolLM2-135M over twelve points of three questions: with the outline in the
-system turn the model parroted the prompt back on some points; with a role-setting system
-turn and the outline in the user turn every point was expanded.
+A fixed system turn, then the question and the point, and not the rest of the outline. Given
+the whole outline (the layout until December 2026: question, numbered outline, "Expand point
+3, ...") SmolLM2-135M fixed on its first point: a later point opened like an earlier one (first
+sentences sharing half their content words) 41% and 38% of the time on two slices of 24
+held-out alpaca_eval questions, against 20% and 15% with the question and the point alone, whose
+answers were also closer to GPT-4-Turbo's (MiniLM cosine 0.658 / 0.620 against 0.623 / 0.577,
+ROUGE-L 0.166 / 0.159 against 0.153 / 0.147; `tools/prompt_eval.py`,
+tools/results/prompt_layouts.json). Telling the model to keep to its point, or to start with it,
+with the outline shown, did worse than either. The points of a request still share a prefix
+(system turn and question) that prefix caching can reuse, and their prompts are shorter. With
+the outline in the system turn the model parroted the prompt back on some points; with a
+role-setting system turn it expanded every point.
 """
-
 from __future__ import annotations
 
 import functools
@@ -22,7 +28,7 @@ from pice_edge.text import list_items, split_sentences, strip_marker
 
 #: Repetition penalty of an expansion (Hugging Face semantics, 1.0 = off): the device profiles'
 #: default, and what the cloud should use when it expands a point itself. Measured with
-#: tools/repetition_eval.py (SmolLM2-135M, greedy, two samples of 12 alpaca_eval outlines, 111
+#: tools/repetition_eval.py (with the outline layout; SmolLM2-135M, greedy, two samples of 12 alpaca_eval outlines, 111
 #: points; tools/results/repetition_control.jsonl): off, 13% and 10% of an answer's sentences
 #: repeated an earlier one and 20/55 and 20/56 expansions failed the expansion guard; at 1.1, 4%
 #: and 6%, 5/55 and 9/56, with text as close to GPT-4-Turbo's (MiniLM cosine 0.55 vs 0.52, 0.51
@@ -46,14 +52,23 @@ def format_sketch(points: Sequence[str]) -> str:
 
 
 def expansion_messages(question: str, sketch: Sequence[str], point_index: int) -> list[ChatMessage]:
-    """Chat messages asking for point ``point_index`` (0-based) of ``sketch`` and nothing else."""
-    point = sketch[point_index]
+    """Chat messages asking for point ``point_index`` (0-based) of ``sketch`` and nothing else:
+    the question and that point (the other points are left out; see the module's notes)."""
+    return [
+        ChatMessage("system", SYSTEM_PROMPT),
+        ChatMessage("user", f"Question: {question}\n\nExpand the point \"{sketch[point_index]}\" in two sentences."),
+    ]
+
+
+def outline_expansion_messages(question: str, sketch: Sequence[str], point_index: int) -> list[ChatMessage]:
+    """The earlier layout, with the whole outline shown (kept to measure against:
+    ``tools/prompt_eval.py``)."""
     return [
         ChatMessage("system", SYSTEM_PROMPT),
         ChatMessage(
             "user",
             f"Question: {question}\nOutline:\n{format_sketch(sketch)}\n\n"
-            f"Expand point {point_index + 1}, \"{point}\", in two sentences.",
+            f"Expand point {point_index + 1}, \"{sketch[point_index]}\", in two sentences.",
         ),
     ]
 

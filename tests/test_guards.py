@@ -22,7 +22,7 @@ from pice_cloud.guards import (
     repeated_sentence_rate,
     sketch_rejection_reason,
 )
-from pice_edge.prompts import expansion_messages
+from pice_edge.prompts import SYSTEM_PROMPT, format_sketch
 
 QUESTION = "How can I improve my time management skills?"
 GOOD_OUTLINES = [
@@ -218,7 +218,8 @@ def test_embedding_may_be_a_torch_tensor() -> None:
 # --- expansions --------------------------------------------------------------------------------
 
 SKETCH = ["Set clear goals", "Prioritise tasks", "Take regular breaks"]
-PROMPT = [m.content for m in expansion_messages(QUESTION, SKETCH, 0)]
+# What the service checks an expansion against (`pice_cloud.progressive.expansion_check`).
+PROMPT = [format_sketch(SKETCH), SYSTEM_PROMPT]
 GOOD_EXPANSIONS = [
     ("Set clear goals", "Write down what you want to finish this week and by when. Specific, measurable goals "
                         "make it obvious which tasks deserve your time."),

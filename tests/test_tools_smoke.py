@@ -711,3 +711,21 @@ def test_site_drill_cuts_the_uplink_twice_and_loses_nothing(exported: tuple[Path
     assert set(result["alone"]["served_by"]["alone"]) == {"device"}
     assert result["alone"]["latency_ratio_alone_over_peers"] > 0
     assert all(cosine_like(r["cosine"]) for r in result["rows"] if "cosine" in r)
+
+
+def test_prompt_eval_compares_the_layouts(tiny_model: Path, world: World, tmp_path: Path) -> None:
+    out = tmp_path / "layouts.json"
+    run_tool(world, "prompt_eval.py", "--model", tiny_model, "--questions", 6, "--tokens", 6, "--threads", 1,
+             "--unguarded", "--examples", 1, "--out", out)
+    reports = json.loads(out.read_text())["layouts"]
+    assert [r["layout"] for r in reports] == ["point", "outline"]
+    for r in reports:
+        # Both layouts expand the same sketches' points.
+        assert (r["answers"], r["points"]) == (reports[0]["answers"], reports[0]["points"])
+        assert r["answers"] > 0
+        assert sum(r["guard"].values()) == r["points"]
+        assert cosine_like(r["cosine"])
+        assert cosine_like(r["relevance"])
+        assert 0.0 <= r["rouge_l"] <= 1.0
+        assert 0.0 <= r["opening_repeat"] <= 1.0
+        assert len(r["examples"]) == 1
