@@ -6,17 +6,19 @@ model with the exact context the edge saw.
 
 A fixed system turn, then the question and the point, and not the rest of the outline. Given
 the whole outline (the layout until December 2026: question, numbered outline, "Expand point
-3, ...") SmolLM2-135M fixed on its first point: a later point opened like an earlier one (first
-sentences sharing half their content words) 41% and 38% of the time on two slices of 24
-held-out alpaca_eval questions, against 20% and 15% with the question and the point alone, whose
-answers were also closer to GPT-4-Turbo's (MiniLM cosine 0.658 / 0.620 against 0.623 / 0.577,
-ROUGE-L 0.166 / 0.159 against 0.153 / 0.147; `tools/prompt_eval.py`,
-tools/results/prompt_layouts.json). Telling the model to keep to its point, or to start with it,
-with the outline shown, did worse than either. The points of a request still share a prefix
-(system turn and question) that prefix caching can reuse, and their prompts are shorter. With
-the outline in the system turn the model parroted the prompt back on some points; with a
-role-setting system turn it expanded every point.
+3, ...") SmolLM2-135M fixed on its first point. `tools/prompt_eval.py` (54 held-out alpaca_eval
+questions, 48 sketches, 256 points, greedy; tools/results/prompt_layouts.json), outline against
+point only: a later point opened like an earlier one 39% against 17% of the time, the
+expansion guard passed 184 against 228 of the 256 expansions (51 against 20 refused as a repeat
+of another point), and the answers were closer to GPT-4-Turbo's (MiniLM cosine 0.600 against
+0.639, ROUGE-L 0.150 against 0.162, relevance to question and heading 0.552 against 0.619).
+Telling the model to keep to its point, or to start with it, with the outline shown, did worse
+than the outline alone (24 questions). The points of a request still share a prefix (system turn
+and question) that prefix caching can reuse, and their prompts are shorter. With the outline in
+the system turn the model parroted the prompt back on some points; with a role-setting system
+turn it expanded every point.
 """
+
 from __future__ import annotations
 
 import functools
