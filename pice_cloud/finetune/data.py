@@ -2,7 +2,7 @@
 
 Each answer is split into points, the points get short headings (the outline), and the outline
 becomes one **sketcher** example (question -> outline) and one **expander** example per point
-(question + outline + point -> that point's text). The prompts are the serving prompts
+(question + point -> that point's text). The prompts are the serving prompts
 (`pice_cloud.sketch.sketch_messages` with the ``"1."`` pre-fill, `pice_edge.prompts.expansion_messages`),
 so a change to a prompt changes the training data with it.
 

@@ -106,7 +106,7 @@ class TensorRTEdgeLLMRuntime:
         max_batch: the engine's maximum batch size.
         engine_dir: where built engine bundles are cached (the LLM's ``cache_dir``; the
             profile's ``engine_cache_dir``); default: the engine's own cache.
-        max_input_len: longest prompt in tokens the engine accepts (question + outline + point).
+        max_input_len: longest prompt in tokens the engine accepts (system turn, question and point).
         threads: ignored (GPU runtime); accepted for a uniform constructor.
         repetition_penalty, no_repeat_ngram_size: the repetition control the edge will ask for
             (its profile's); refused at start when the engine has none.
