@@ -409,12 +409,12 @@ def drop_repeated_opening(text: str, earlier_texts: Sequence[str]) -> str:
     to delegate." after a point that began "In addition to setting clear goals, ..." becomes
     "It's also important to delegate."); otherwise ``text`` unchanged.
 
-    Small expansion models, given the whole outline, often open every later point with a
-    clause about the first one; each point is written alone, so no guard sees the frame repeat
-    until the answer is put together. Only a clause of at least `MIN_REPEATED_OPENING_WORDS`
-    words, ending in a comma, colon or dash, is dropped, and only when what follows reads as a
-    sentence (it starts with a subject or a determiner and has as many words); its first letter
-    is capitalised.
+    Small expansion models often open a later point with the clause an earlier one opened with
+    (most often when shown the whole outline: `pice_edge.prompts`); each point is written alone,
+    so no guard sees the frame repeat until the answer is put together. Only a clause of at
+    least `MIN_REPEATED_OPENING_WORDS` words, ending in a comma, colon or dash, is dropped, and
+    only when what follows reads as a sentence (it starts with a subject or a determiner and has
+    as many words); its first letter is capitalised.
     """
     end = _CLAUSE_END.search(text)
     if end is None or any(stop in text[:end.start()] for stop in ".!?\n"):
