@@ -31,7 +31,7 @@ from typing import Any, Literal, get_args
 import numpy as np
 
 from pice_edge.prompts import SALUTATION, SIGN_OFF, asks_for_letter
-from pice_edge.text import split_sentences, strip_marker
+from pice_edge.text import OutlineFormat, split_sentences, strip_marker
 
 SketchReason = Literal["too_few_points", "duplicate_points", "meta_heading", "cut_heading", "restates_question",
                        "too_long"]
@@ -283,6 +283,16 @@ def _near_duplicate(a: set[str], b: set[str]) -> bool:
     if (a < b or b < a) and min(len(a), len(b)) >= 2:
         return True
     return len(a & b) / len(a | b) >= DUPLICATE_JACCARD
+
+
+def sketch_outline(max_points: int, max_words: int) -> OutlineFormat:
+    """The form a sketch of ``max_points`` headings of ``max_words`` words is decoded under
+    (`pice_edge.text.OutlineFormat`): at least `MIN_POINTS` headings (fewer when ``max_points``
+    is), each of the prompt's length, or up to `MAX_HEADING_WORDS` to finish a phrase that would
+    otherwise be cut (`is_cut_heading`: a cut heading is refused)."""
+    return OutlineFormat(min_points=min(MIN_POINTS, max_points), max_points=max_points, max_words=max_words,
+                         extra_words=max(0, MAX_HEADING_WORDS - max_words),
+                         can_end=lambda heading: not is_cut_heading(heading))
 
 
 def check_sketch(question: str, points: Sequence[str], *, min_points: int = MIN_POINTS,
@@ -583,5 +593,6 @@ __all__ = [
     "repeated_sentence_rate",
     "repetition_signals",
     "sentences",
+    "sketch_outline",
     "sketch_rejection_reason",
 ]

@@ -47,13 +47,12 @@ from pice_cloud.events import (
 )
 from pice_cloud.fleet import Fleet
 from pice_cloud.guards import (
-    MAX_HEADING_WORDS,
     MIN_POINTS,
     Embed,
     check_sketch,
     drop_repeated_opening,
-    is_cut_heading,
     repair_sketch,
+    sketch_outline,
     sketch_rejection_reason,
 )
 from pice_cloud.llm.base import ChatRequest, Completion, LLMBackend, TextRequest
@@ -91,7 +90,6 @@ from pice_edge.protocol import (
 )
 from pice_edge.rejects import Rejections
 from pice_edge.runtimes.base import ChatMessage
-from pice_edge.text import OutlineFormat
 from pice_edge.transport import Message, MqttTransport
 
 if TYPE_CHECKING:
@@ -274,11 +272,7 @@ class PiceService:
         base = self._sampling(options)
         attempts = 2 if self.config.sketch_guard else 1
         # The form a sketch must have, decoded under where the engine can (`sketch_format`).
-        # Headings of the prompt's length, or up to the guards' limit to finish a phrase that
-        # would otherwise be cut (a cut heading is refused).
-        outline = (OutlineFormat(min_points=min(MIN_POINTS, budget.max_points), max_points=budget.max_points,
-                                 max_words=budget.max_words, extra_words=max(0, MAX_HEADING_WORDS - budget.max_words),
-                                 can_end=lambda heading: not is_cut_heading(heading))
+        outline = (sketch_outline(budget.max_points, budget.max_words)
                    if self.config.sketch_format == "constrained" else None)
         for attempt in range(attempts):
             sampling = base if attempt == 0 else resampled(

@@ -3,8 +3,9 @@
 For alpaca_eval's held-out fifth (`tools/vicuna.py read_alpaca("calibration")`; never
 Vicuna-bench), the model writes each sketch as the service does (greedy, under the outline
 format, refused headings left out by the guards' repair); then every point is expanded once per
-layout, greedily, with the edge's repetition penalty, and the answer is put together as the
-service renders it. Per layout:
+layout, greedily, with the edge's repetition penalty and the service's budget (`ServiceConfig`
+defaults: sketch shape and tokens, each point's tokens by the sketch's length), and the answer is
+put together as the service renders it. Per layout:
 
 - ``cosine`` / ``rouge_l``: the answer against GPT-4-Turbo's (MiniLM cosine, ROUGE-L F);
 - ``relevance``: mean MiniLM cosine of an expansion to "question + its heading";
@@ -37,8 +38,10 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 from vicuna import read_alpaca  # noqa: E402
 
-from pice_cloud import SKETCH_PREFILL, SketchError, check_sketch, parse_sketch, repair_sketch  # noqa: E402
-from pice_cloud.guards import MAX_HEADING_WORDS, check_expansion, content_words, is_cut_heading  # noqa: E402
+from pice_cloud import SKETCH_PREFILL, ServiceConfig, SketchError, check_sketch, parse_sketch, repair_sketch  # noqa: E402
+from pice_cloud.guards import check_expansion, content_words, sketch_outline  # noqa: E402
+from pice_cloud.scheduler import Budget  # noqa: E402
+from pice_cloud.sketch import sketch_messages  # noqa: E402
 from pice_edge import GenerationRequest, clean_expansion  # noqa: E402
 from pice_edge.prompts import (  # noqa: E402
     EXPANSION_REPETITION_PENALTY,
@@ -47,14 +50,12 @@ from pice_edge.prompts import (  # noqa: E402
     outline_expansion_messages,
 )
 from pice_edge.runtimes.base import ChatMessage  # noqa: E402
-from pice_edge.text import OutlineFormat, format_point, split_sentences  # noqa: E402
+from pice_edge.text import format_point, split_sentences  # noqa: E402
 
 LAYOUTS: dict[str, Callable[[str, Sequence[str], int], list[ChatMessage]]] = {
     "point": expansion_messages,
     "outline": outline_expansion_messages,
 }
-#: Sketch shape: the service's defaults.
-MAX_POINTS, MAX_WORDS, SKETCH_TOKENS = 6, 6, 90
 
 
 def _first_sentence_words(text: str) -> set[str]:
@@ -86,8 +87,8 @@ def main() -> None:
     parser.add_argument("--layouts", default="point,outline", help=f"some of {sorted(LAYOUTS)}")
     parser.add_argument("--questions", type=int, default=54, help="held-out questions taken, in file order")
     parser.add_argument("--offset", type=int, default=0)
-    parser.add_argument("--tokens", type=int, default=100,
-                        help="expansion budget (a point gets 80 tokens, up to 160 in a short sketch)")
+    parser.add_argument("--tokens", type=int, default=None,
+                        help="expansion budget of every point (default: the service's, by the sketch's length)")
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--examples", type=int, default=3, help="answers kept in the report per layout")
@@ -109,19 +110,19 @@ def main() -> None:
     runtime = TransformersRuntime(args.model, threads=args.threads)
     embedder = Embedder()
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    form = OutlineFormat(min_points=3, max_points=MAX_POINTS, max_words=MAX_WORDS,
-                         extra_words=MAX_HEADING_WORDS - MAX_WORDS, can_end=lambda h: not is_cut_heading(h))
+    # The service's own budget (an idle system's): sketch shape, and each point's tokens.
+    budget = Budget.from_config(ServiceConfig())
 
     # Sketches, as the service writes and repairs them (one greedy try).
-    from pice_cloud.sketch import sketch_messages
-
-    sketch_prompts = [runtime.format_chat(sketch_messages(q["question"], max_points=MAX_POINTS, max_words=MAX_WORDS),
-                                          SKETCH_PREFILL) for q in questions]
-    sketches = decode(runtime, [GenerationRequest(p, SKETCH_TOKENS, outline=form) for p in sketch_prompts])
+    form = sketch_outline(budget.max_points, budget.max_words)
+    sketch_prompts = [runtime.format_chat(sketch_messages(q["question"], max_points=budget.max_points,
+                                                          max_words=budget.max_words), SKETCH_PREFILL)
+                      for q in questions]
+    sketches = decode(runtime, [GenerationRequest(p, budget.sketch_tokens, outline=form) for p in sketch_prompts])
     items: list[tuple[dict[str, Any], list[str]]] = []
     for q, result in zip(questions, sketches, strict=True):
         try:
-            points = parse_sketch(result.text, max_points=MAX_POINTS)
+            points = parse_sketch(result.text, max_points=budget.max_points)
         except SketchError:
             continue
         problems = [] if args.unguarded else check_sketch(q["question"], points, embed=embedder.encode)
@@ -134,17 +135,19 @@ def main() -> None:
     reports: list[dict[str, Any]] = []
     for layout in layouts:
         build = LAYOUTS[layout]
-        jobs = [(k, i, runtime.format_chat(build(q["question"], points, i)))
+        # (answer, point, prompt, the point's token budget)
+        jobs = [(k, i, runtime.format_chat(build(q["question"], points, i)),
+                 args.tokens or budget.point_tokens(len(points)))
                 for k, (q, points) in enumerate(items) for i in range(len(points))]
         started = time.perf_counter()
         penalty = EXPANSION_REPETITION_PENALTY
-        results = decode(runtime, [GenerationRequest(prompt, args.tokens, repetition_penalty=penalty)
-                                   for _, _, prompt in jobs])
+        results = decode(runtime, [GenerationRequest(prompt, tokens, repetition_penalty=penalty)
+                                   for _, _, prompt, tokens in jobs])
         elapsed = time.perf_counter() - started
         texts: dict[tuple[int, int], str] = {}
-        for (k, i, _), r in zip(jobs, results, strict=True):
+        for (k, i, _, tokens), r in zip(jobs, results, strict=True):
             q, points = items[k]
-            texts[k, i] = clean_expansion(r.text, truncated=r.token_count >= args.tokens, point=points[i],
+            texts[k, i] = clean_expansion(r.text, truncated=r.token_count >= tokens, point=points[i],
                                           question=q["question"])
         cosines, rouges, relevances, repeats, words = [], [], [], [], []
         verdicts: Counter[str] = Counter()
@@ -168,7 +171,10 @@ def main() -> None:
                 examples.append({"question": q["question"], "answer": answer})
         report = {
             "layout": layout, "model": str(args.model), "questions": len(questions), "answers": len(items),
-            "points": len(jobs), "tokens": args.tokens,
+            "points": len(jobs), "tokens": args.tokens or "service",
+            "budget": {"max_points": budget.max_points, "max_words": budget.max_words,
+                       "sketch_tokens": budget.sketch_tokens, "tokens_per_point": budget.tokens_per_point,
+                       "point_stretch": budget.point_stretch},
             "cosine": statistics.fmean(cosines), "rouge_l": statistics.fmean(rouges),
             "relevance": statistics.fmean(relevances), "opening_repeat": statistics.fmean(repeats),
             "words": statistics.fmean(words), "guard": dict(verdicts), "expand_s": round(elapsed, 1),

@@ -41,9 +41,8 @@ from pice_cloud import (  # noqa: E402
     sketch_messages,
     sketch_rejection_reason,
 )
-from pice_cloud.guards import MAX_HEADING_WORDS, MIN_POINTS, is_cut_heading  # noqa: E402
+from pice_cloud.guards import sketch_outline  # noqa: E402
 from pice_edge import ChatMessage, GenerationRequest  # noqa: E402
-from pice_edge.text import OutlineFormat  # noqa: E402
 
 MAX_POINTS = 6
 MAX_WORDS = 6
@@ -126,10 +125,7 @@ def main() -> None:
     started = time.perf_counter()
     # --outline: decoded under the outline format as the service does (`service.sketch_format`),
     # through the step batch that the embedded cloud backend runs.
-    outline = (OutlineFormat(min_points=MIN_POINTS, max_points=MAX_POINTS, max_words=MAX_WORDS,
-                             extra_words=max(0, MAX_HEADING_WORDS - MAX_WORDS),
-                             can_end=lambda heading: not is_cut_heading(heading))
-               if args.outline else None)
+    outline = sketch_outline(MAX_POINTS, MAX_WORDS) if args.outline else None
     generate = runtime.new_batch().run if args.outline else runtime.generate
     greedy = generate([GenerationRequest(p, SKETCH_TOKENS, outline=outline) for p in prompts])
     sampled = generate([GenerationRequest(p, SKETCH_TOKENS, temperature=args.temperature, seed=args.seed,

@@ -118,19 +118,16 @@ class OutlineGuide:
                 # answer is 2"), which the guards refuse as duplicates.
                 opened = np.fromiter(self.openings, dtype=np.int64)
                 head[opened[opened < size]] = -np.inf
-        elif at_cap:
-            eos = scores[self._eos]  # (a copy) ending the text stays as allowed above
-            head[~self.vocab.line_end[:size]] = -np.inf
-            scores[self._eos] = eos
-        elif words >= self.form.max_words and not unfinished:
-            best = int(np.argmax(scores))
-            if best < size and self.vocab.word_start[best]:
-                # The model wants another word: the heading ends here. Banning only the word's
-                # leading space would have it glue the word on ("computerscience").
-                eos = scores[self._eos]
+        else:
+            past_limit = words >= self.form.max_words and not unfinished
+            best = int(np.argmax(scores)) if past_limit and not at_cap else size
+            # Past its word limit, a heading whose model wants another word ends here: banning
+            # only the word's leading space would have it glue the word on ("computerscience").
+            if at_cap or (best < size and self.vocab.word_start[best]):
+                eos = scores[self._eos]  # (a copy) ending the text stays as allowed above
                 head[~self.vocab.line_end[:size]] = -np.inf
                 scores[self._eos] = eos
-            else:
+            elif past_limit:
                 head[self.vocab.word_start[:size]] = -np.inf  # no new word past the limit
         if not np.isfinite(scores).any():  # nothing left (a tiny vocabulary): end the text
             scores[self._eos] = 0.0
