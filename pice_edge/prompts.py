@@ -7,11 +7,11 @@ model with the exact context the edge saw.
 A fixed system turn, then the question and the point, and not the rest of the outline. Given
 the whole outline (the layout until December 2026: question, numbered outline, "Expand point
 3, ...") SmolLM2-135M fixed on its first point. `tools/prompt_eval.py` (54 held-out alpaca_eval
-questions, 48 sketches, 256 points, greedy; tools/results/prompt_layouts.json), outline against
-point only: a later point opened like an earlier one 39% against 17% of the time, the
-expansion guard passed 184 against 228 of the 256 expansions (51 against 20 refused as a repeat
-of another point), and the answers were closer to GPT-4-Turbo's (MiniLM cosine 0.600 against
-0.639, ROUGE-L 0.150 against 0.162, relevance to question and heading 0.552 against 0.619).
+questions, 48 sketches, 255 points, greedy, the service's budget; tools/results/prompt_layouts.json),
+outline against point only: a later point opened like an earlier one 40% against 17% of the time,
+the expansion guard passed 187 against 229 of the 255 expansions (48 against 20 refused as a
+repeat of another point), and the answers were closer to GPT-4-Turbo's (MiniLM cosine 0.605
+against 0.638, ROUGE-L 0.151 against 0.162, relevance to question and heading 0.555 against 0.621).
 Telling the model to keep to its point, or to start with it, with the outline shown, did worse
 than the outline alone (24 questions). The points of a request still share a prefix (system turn
 and question) that prefix caching can reuse, and their prompts are shorter. With the outline in

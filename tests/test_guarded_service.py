@@ -266,7 +266,7 @@ async def test_a_sketch_model_writes_the_sketches_and_nothing_else(
 
 class FramedExpansions:
     """A cloud whose sketch is scripted and whose expansions all open with the same frame, as
-    small models often write them (each point alone, with the whole outline in view)."""
+    small models often write them (each point written alone)."""
 
     name = model_id = "framed"
     streams = False
