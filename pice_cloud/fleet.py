@@ -83,6 +83,9 @@ class EdgeInfo:
     #: The edge refused a task since its last status (it is full: another replica's tasks
     #: fill it); the scheduler sees it full until the next status says otherwise.
     saturated: bool = False
+    #: Candidates received from it since its last status: tasks that status may still count in
+    #: its queue although they are done (the status that says so follows the candidate).
+    answered: int = 0
     #: Live at least until then (fleet clock), whatever its last status: the grace it gets to
     #: re-announce itself after the cloud reconnected to the broker.
     grace_until: float = 0.0
@@ -192,6 +195,7 @@ class Fleet:
             previous.status = status
             previous.last_seen = max(previous.last_seen, seen)
             previous.saturated = False
+            previous.answered = 0
             self._note_empty_queue(previous, status)
 
     def _note_empty_queue(self, info: EdgeInfo | None, status: EdgeStatus) -> None:
@@ -371,7 +375,8 @@ class Fleet:
             return []
         return [
             EdgeView(device_id=e.device_id, max_batch=e.status.max_batch,
-                     queue_depth=max(e.status.queue_depth, e.status.max_batch) if e.saturated else e.status.queue_depth,
+                     queue_depth=max(e.status.queue_depth, e.status.max_batch) if e.saturated
+                     else max(0, e.status.queue_depth - e.answered),
                      outstanding=e.outstanding, tokens_per_s=e.status.tokens_per_s, link_delay_s=e.link_delay_s,
                      model_id=e.status.model_id)
             for e in self.live() if accept is None or accept(e.status)
@@ -395,6 +400,7 @@ class Fleet:
             return
         if info.outstanding > 0:
             info.outstanding -= 1
+        info.answered += 1
         if sent is not None:
             delay = max(0.0, self._clock() - sent - candidate.latency_s)
             self.round_trips += 1

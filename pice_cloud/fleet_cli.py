@@ -111,6 +111,11 @@ class _RolloutListener:
             self.rollout = None
 
 
+# Finding the broker is not part of --wait (the listening time): a cloud's zeroconf answer can take a few
+# seconds on a busy host, and find_cloud returns as soon as it comes.
+FIND_CLOUD_S = 10.0
+
+
 @contextlib.asynccontextmanager
 async def listening(broker_url: str | None, *, credentials: dict[str, Any] | None = None,
                     fleet_name: str = DEFAULT_FLEET, interfaces: Any = "all", zeroconf: bool = True,
@@ -135,7 +140,7 @@ async def listening(broker_url: str | None, *, credentials: dict[str, Any] | Non
             await discovery.start()
             fleet.watch_zeroconf(discovery, fleet_name)
             if broker_url is None:
-                broker_url = (await discovery.find_cloud(fleet_name, timeout=max(timeout, 1.0))).broker_url()
+                broker_url = (await discovery.find_cloud(fleet_name, timeout=max(timeout, FIND_CLOUD_S))).broker_url()
         assert broker_url is not None
         transport = MqttTransport(BrokerSettings(url=broker_url, **(credentials or {})),
                                   client_id=f"pice-fleet-{uuid.uuid4().hex[:8]}",

@@ -332,7 +332,9 @@ async def test_frozen_edge_points_are_replaced_at_once(mosquitto: Mosquitto, tin
     its heartbeats stop (3 x 0.5 s), not wait for the 30 s point deadline."""
     delay = ("--delay", "2")  # each batch takes 2 s more: a device with real work to do
     frozen = start_edge(edges, "frozen", mosquitto, tiny_model, tmp_path, fault=delay)
-    start_edge(edges, "steady", mosquitto, tiny_model, tmp_path, fault=delay)
+    # Its heartbeat is slower: on a loaded host a 0.5 s one can miss its 1.5 s expiry, and a
+    # steady edge taken for dead sends its points to the cloud (not what these tests are about).
+    start_edge(edges, "steady", mosquitto, tiny_model, tmp_path, fault=delay, heartbeat=2.0)
     watcher, frozen_tasks = await spy(mosquitto.url, edge_tasks_topic("frozen"))
     try:
         async with start_system(cloud_config(mosquitto.url, edges=0, service=settings(30)), llm=tiny_llm) as system:
@@ -363,7 +365,9 @@ async def test_frozen_edge_costs_nothing_when_replicas_cover_its_points(
     as the survivor's candidates do (measured ~1.0x normal; the target is 1.5x)."""
     delay = ("--delay", "2")
     frozen = start_edge(edges, "frozen", mosquitto, tiny_model, tmp_path, fault=delay)
-    start_edge(edges, "steady", mosquitto, tiny_model, tmp_path, fault=delay)
+    # Its heartbeat is slower: on a loaded host a 0.5 s one can miss its 1.5 s expiry, and a
+    # steady edge taken for dead sends its points to the cloud (not what these tests are about).
+    start_edge(edges, "steady", mosquitto, tiny_model, tmp_path, fault=delay, heartbeat=2.0)
     watcher, frozen_tasks = await spy(mosquitto.url, edge_tasks_topic("frozen"))
     steady_watcher, steady_tasks = await spy(mosquitto.url, edge_tasks_topic("steady"))
     try:

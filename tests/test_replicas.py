@@ -145,6 +145,28 @@ def _refusal(request_id: str, point: int, device: str) -> Message:
     return Message(refusal_topic("cloud-a", request_id, device), encode(refusal), retain=False)
 
 
+def test_a_candidate_frees_its_slot_before_the_edges_next_status() -> None:
+    """An edge's status that follows its candidate may arrive after the next request is placed:
+    the queue that status reported no longer holds the answered task, so the next request sees
+    the slot free instead of a full edge (which would send the point to the cloud)."""
+    from pice_cloud.fleet import Fleet
+
+    fleet = Fleet()
+    fleet.update(EdgeStatus(device_id="e1", online=True, max_batch=2, free_slots=0, queue_depth=2))
+    for point in (0, 1):
+        fleet.task_sent("r1", point, "e1")
+    assert [v.free_slots for v in fleet.views()] == [0]
+    fleet.candidate_received(Candidate(request_id="r1", point_index=0, device_id="e1", text="x", token_count=1,
+                                       mean_logprob=-1.0, latency_s=0.1))
+    assert [v.free_slots for v in fleet.views()] == [1]
+    fleet.candidate_received(Candidate(request_id="r1", point_index=1, device_id="e1", text="x", token_count=1,
+                                       mean_logprob=-1.0, latency_s=0.1))
+    assert [v.free_slots for v in fleet.views()] == [2]
+    # The edge's own word wins again once it speaks: another replica's tasks fill it.
+    fleet.update(EdgeStatus(device_id="e1", online=True, max_batch=2, free_slots=1, queue_depth=1))
+    assert [v.free_slots for v in fleet.views()] == [1]
+
+
 def test_a_refused_point_is_placed_on_another_edge_at_once() -> None:
     clock = FakeClock()
     fleet = live_fleet(clock, "a", "b")
