@@ -413,6 +413,12 @@ _SUBJECT_STARTS = _wordset("""
 """)
 
 
+_CONNECTIVES = _wordset("""
+    however though therefore thus hence also and but or so yet then still instead otherwise moreover
+    furthermore additionally meanwhile which who whom whose where when while if because since as
+""")
+
+
 def drop_repeated_opening(text: str, earlier_texts: Sequence[str]) -> str:
     """``text`` without the opening clause of its first sentence when an earlier point of the
     answer opened with the same words ("In addition to setting clear goals, it's also important
@@ -423,8 +429,9 @@ def drop_repeated_opening(text: str, earlier_texts: Sequence[str]) -> str:
     (most often when shown the whole outline: `pice_edge.prompts`); each point is written alone,
     so no guard sees the frame repeat until the answer is put together. Only a clause of at
     least `MIN_REPEATED_OPENING_WORDS` words, ending in a comma, colon or dash, is dropped, and
-    only when what follows reads as a sentence (it starts with a subject or a determiner and has
-    as many words); its first letter is capitalised.
+    only when what follows reads as a sentence (it starts with a subject or a determiner, or after
+    a purpose clause, "To ...,", with an imperative too, and has as many words); its first letter
+    is capitalised.
     """
     end = _CLAUSE_END.search(text)
     if end is None or any(stop in text[:end.start()] for stop in ".!?\n"):
@@ -435,7 +442,11 @@ def drop_repeated_opening(text: str, earlier_texts: Sequence[str]) -> str:
     if len(opening) < MIN_REPEATED_OPENING_WORDS or not first_sentence \
             or len(_words(first_sentence[0])) < MIN_REPEATED_OPENING_WORDS:
         return text
-    if _words(rest)[0] not in _SUBJECT_STARTS:
+    first = _words(rest)[0]
+    # After a purpose clause ("To manage your time better, consider a planner.") the rest may
+    # also be an imperative; a connective ("however, ...") would leave half a sentence.
+    purpose = opening[0] == "to" or opening[:3] == ["in", "order", "to"]
+    if first in _CONNECTIVES or (first not in _SUBJECT_STARTS and not purpose):
         return text
     if not any(_words(strip_marker(other))[:len(opening)] == opening for other in earlier_texts):
         return text

@@ -320,6 +320,7 @@ def test_drop_repeated_sentences_keeps_the_rest_verbatim() -> None:
 
 
 FRAME = "In addition to setting clear goals and prioritizing tasks, "
+PURPOSE = "To enhance your time management skills, "
 
 
 @pytest.mark.parametrize(
@@ -345,6 +346,14 @@ FRAME = "In addition to setting clear goals and prioritizing tasks, "
         ("Goals matter a great deal. " + FRAME + "it is key.", [FRAME + "it is key."],
          "Goals matter a great deal. " + FRAME + "it is key."),
         (FRAME + "it works.", [FRAME + "it's wise to plan."], FRAME + "it works."),
+        # After a repeated purpose clause an imperative is a sentence too; a connective is not.
+        (PURPOSE + "consider using a planner every day.", [PURPOSE + "set clear goals for each week."],
+         "Consider using a planner every day."),
+        (PURPOSE + "however, most people never plan at all.", [PURPOSE + "set clear goals for each week."],
+         PURPOSE + "however, most people never plan at all."),
+        # A frame that is not a purpose clause still needs a subject after it.
+        (FRAME + "consider using a planner every day.", [FRAME + "it's wise."],
+         FRAME + "consider using a planner every day."),
     ],
 )
 def test_drop_repeated_opening(text: str, earlier: list[str], expected: str) -> None:
