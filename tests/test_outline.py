@@ -52,15 +52,18 @@ def test_a_random_model_writes_a_well_formed_outline_under_the_mask(tiny_model: 
     try:
         prompt = runtime.format_chat([ChatMessage("user", "How can I sleep better?")], SKETCH_PREFILL)
         temperature = 0.0 if seed is None else 1.0
-        free, guided = runtime.new_batch().run([
-            GenerationRequest(prompt, 60, temperature=temperature, seed=seed),
-            GenerationRequest(prompt, 60, temperature=temperature, seed=seed, outline=FORMAT),
-        ])
+        requests = [GenerationRequest(prompt, 60, temperature=temperature, seed=seed),
+                    GenerationRequest(prompt, 60, temperature=temperature, seed=seed, outline=FORMAT)]
+        free, guided = runtime.new_batch().run(requests)
+        # The plain generate() (Hugging Face's, for unconstrained requests) decodes an outlined
+        # request under the mask too.
+        _, generated = runtime.generate(requests)
     finally:
         runtime.close()
     assert not re.fullmatch(FORMAT.regex(), free.text), "the random model alone does not write an outline"
     # The last heading's line break ends the text (so it may end with one).
     assert re.fullmatch(FORMAT.regex() + r"\n?", guided.text), guided.text
+    assert re.fullmatch(FORMAT.regex() + r"\n?", generated.text), generated.text
     assert 3 <= len(guided.text.splitlines()) <= 5
     openings = [line.removeprefix(f"{i + 1}.").split()[0] for i, line in enumerate(guided.text.splitlines())]
     assert len(set(openings)) == len(openings), "no two headings open with the same word"

@@ -74,8 +74,8 @@ def opening_repeat(texts: Sequence[str]) -> float:
 
 
 def decode(runtime: Any, requests: Sequence[GenerationRequest], batch: int = 16) -> list[Any]:
-    """``requests`` through the engine the service and the edges run (continuous batching, the
-    outline mask: `generate` alone ignores a request's outline)."""
+    """``requests`` through the engine the service and the edges run (continuous batching and the
+    outline mask; Hugging Face's `generate` would decode the unconstrained ones differently)."""
     out: list[Any] = []
     for i in range(0, len(requests), batch):
         out += runtime.new_batch().run(requests[i:i + batch])

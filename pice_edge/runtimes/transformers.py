@@ -141,6 +141,11 @@ class TransformersRuntime:
     @torch.inference_mode()
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         results: dict[int, GenerationResult] = {}
+        # Hugging Face generate() has no outline mask: requests that carry an outline format
+        # decode through our own loop, which applies it (as the service and the edges do).
+        outlined = [i for i, r in enumerate(requests) if r.outline is not None]
+        if outlined:
+            results.update(zip(outlined, self.new_batch().run([requests[i] for i in outlined]), strict=True))
 
         def setting(i: int) -> tuple[float, float, float, int]:
             r = requests[i]
@@ -149,7 +154,7 @@ class TransformersRuntime:
                     -1 if r.no_repeat_ngram_size is None else r.no_repeat_ngram_size)
 
         # One generate() call per sampling setting; in practice a batch shares one.
-        order = sorted(range(len(requests)), key=setting)
+        order = sorted((i for i in range(len(requests)) if i not in results), key=setting)
         for _, group in groupby(order, key=setting):
             idx = list(group)
             for i, res in zip(idx, self._generate_group([requests[i] for i in idx]), strict=False):
