@@ -174,7 +174,7 @@ async def test_three_edges_and_cloud_discover_each_other_and_a_killed_edge_leave
 
             # `pice-edge discover` lists the three edges and the cloud (with its broker).
             rc, out, err = await run_cli("pice_edge.cli", "discover", "--interfaces", "127.0.0.1",
-                                         "--fleet", fleet_name, "--timeout", "2", "--json")
+                                         "--fleet", fleet_name, "--timeout", "4", "--json")
             assert rc == 0, err
             peers = json.loads(out)
             assert sorted(p["id"] for p in peers if p["kind"] == "edge") == ids
