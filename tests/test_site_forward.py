@@ -11,6 +11,7 @@ import contextlib
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -22,12 +23,15 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from pice_cloud.bootstrap import start_system
+from pice_cloud.cloud_meter import CloudMeter
 from pice_cloud.config import SiteConfig
+from pice_cloud.llm.base import ChatRequest, Completion
 from pice_cloud.llm.transformers import TransformersBackend
 from pice_cloud.server import bind, create_app, running, url_of
 from pice_cloud.site import Uplink, site_role
-from pice_cloud.site.forward import _cut_at_stop
+from pice_cloud.site.forward import SiteForwarder, _cut_at_stop
 from pice_edge.protocol import CloudStatus, cloud_status_topic, encode
+from pice_edge.runtimes.base import ChatMessage
 from pice_edge.transport import Message
 from tests.conftest import SMALL, cloud_config
 
@@ -175,6 +179,58 @@ async def test_crlf_events_and_a_stream_without_text_are_relayed_whole(tiny_mode
             finishes = [p.choices[0].finish_reason async for p in stream if p.choices and p.choices[0].finish_reason]
         assert finishes == ["stop"]
         assert uplink.route == "cloud"
+
+
+class _Pieces:
+    """A streaming LLM that writes the given pieces (the hold-back logic's input, exactly)."""
+
+    name = model_id = "pieces"
+
+    def __init__(self, pieces: list[str]) -> None:
+        self.pieces = pieces
+
+    async def complete(self, requests: Any) -> list[Completion]:
+        return [Completion("".join(self.pieces), len(self.pieces)) for _ in requests]
+
+    async def close(self) -> None:
+        return None
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[str | Completion]:
+        for piece in self.pieces:
+            yield piece
+        yield Completion("".join(self.pieces), len(self.pieces))
+
+
+async def _streamed_rest(pieces: list[str], sent: str, stops: tuple[str, ...],
+                         left: int = 10) -> tuple[str, str, list[str]]:
+    emitted: list[str] = []
+
+    async def emit(piece: str) -> None:
+        emitted.append(piece)
+
+    llm = _Pieces(pieces)
+    meter = CloudMeter(llm)
+    forwarder = SimpleNamespace(_meter=meter, llm=llm)
+    request = ChatRequest([ChatMessage("user", "q")], max_tokens=left, prefill=sent)
+    added, finish = await SiteForwarder._stream_rest(forwarder, request, sent, stops, left, emit)  # type: ignore[arg-type]
+    # On the site LLM's ledger as a cloud-only answer, also when a stop string closed it early.
+    assert meter.ledger.by_purpose["cloud_answer"].calls == 1
+    return added, finish, emitted
+
+
+async def test_a_continuation_streams_and_holds_back_only_what_could_open_a_stop_string() -> None:
+    # Without stop strings each piece goes out as it comes.
+    assert await _streamed_rest([" Step", " two.", " Done."], "Step one.", ()) == (
+        " Step two. Done.", "stop", [" Step", " two.", " Done."])
+    # "END" ends it: the text before it goes out, none of "EN" ever does.
+    added, finish, emitted = await _streamed_rest([" Step", " two.", " EN", "D more", " text"], "Step one.", ("END",))
+    assert (added, finish) == (" Step two. ", "stop")
+    assert "".join(emitted) == added
+    assert len(emitted) >= 2
+    # A stop string that began in what the client already has ends the answer at once.
+    assert await _streamed_rest(["D of it"], "Step one. EN", ("END",)) == ("", "stop", [])
+    # Every token the budget allowed, no stop: cut by the length.
+    assert (await _streamed_rest([" a", " b"], "x", (), left=2))[:2] == (" a b", "length")
 
 
 def test_stop_strings_cut_a_continuation_even_across_what_was_already_sent() -> None:

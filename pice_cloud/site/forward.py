@@ -13,8 +13,8 @@ What happens when the cloud fails a forwarded request depends on what the client
   that never came, a stream that broke before its first text): the same request is answered by
   the site app, as if it had come in while the route was ``"site"``. The client sees one answer.
 - **Part of a streamed answer**: the site's LLM continues the text the client already has
-  (its prefill) and the stream ends normally, ``pice.served_by = "cloud+site"``. Nothing is
-  sent twice and nothing is lost.
+  (its prefill), streamed as it is written, and the stream ends normally,
+  ``pice.served_by = "cloud+site"``. Nothing is sent twice and nothing is lost.
 
 A forwarded request gives up on the cloud when the uplink goes down (`Uplink.down`, set by the
 probes or another request's failure), when the connection takes ``connect_timeout_s``, when a
@@ -42,7 +42,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from pice_cloud.cloud_meter import CloudMeter
 from pice_cloud.config import CloudConfig
 from pice_cloud.errors import CloudError
-from pice_cloud.llm.base import ChatRequest, LLMBackend, TextRequest, count_tokens
+from pice_cloud.llm.base import ChatRequest, Completion, LLMBackend, TextRequest, count_tokens
 from pice_cloud.openai_schema import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -402,13 +402,16 @@ class SiteForwarder:
             # Refused (the site is full or shutting down): the error event below says so.
             await self._admission.acquire()
             admitted = True
-            added, finish = await self._rest(chat, request, sent.text)
             info = {"served_by": "cloud+site", "mode": "cloud", "continued_at_chars": len(sent.text)}
+
+            async def emit(piece: str) -> None:
+                # The rest of a chat answer streams as the site's LLM writes it, like the cloud's did.
+                await send({"type": "http.response.body", "more_body": True, "body": sse(
+                    chunk(ident["request_id"], ident["model"], ident["created"], {"content": piece}))})
+
+            added, finish = await self._rest(chat, request, sent.text, emit if chat else None)
             if chat:
-                events: list[dict[str, Any]] = []
-                if added:
-                    events.append(chunk(ident["request_id"], ident["model"], ident["created"], {"content": added}))
-                events.append(chunk(ident["request_id"], ident["model"], ident["created"], {}, finish, pice=info))
+                events = [chunk(ident["request_id"], ident["model"], ident["created"], {}, finish, pice=info)]
             else:
                 events = [text_chunk(ident["request_id"], ident["model"], ident["created"], added, finish, pice=info)]
             options = request.get("stream_options")
@@ -428,9 +431,12 @@ class SiteForwarder:
                 self._admission.release()
         await send({"type": "http.response.body", "body": sse("[DONE]"), "more_body": False})
 
-    async def _rest(self, chat: bool, request: dict[str, Any], text: str) -> tuple[str, FinishReason]:
+    async def _rest(self, chat: bool, request: dict[str, Any], text: str,
+                    emit: Callable[[str], Awaitable[None]] | None = None) -> tuple[str, FinishReason]:
         """The site LLM's continuation of ``text`` (the answer so far) and its finish reason, with
-        the request's own sampling settings and stop strings.
+        the request's own sampling settings and stop strings. With ``emit`` (chat only) the
+        continuation is also handed over piece by piece as it is written, when the site's LLM
+        streams (a tail that could open a stop string is held until it cannot).
 
         Raises:
             CloudError: the site's LLM cannot continue this kind of request.
@@ -446,9 +452,11 @@ class SiteForwarder:
             chat_request = ChatRequest(messages=messages, max_tokens=left, prefill=text,
                                        temperature=req.temperature or 0.0,
                                        top_p=req.top_p if req.top_p is not None else 1.0, seed=req.seed)
+            stops = req.stop_strings
+            if emit is not None and self._meter.streams:
+                return await self._stream_rest(chat_request, text, stops, left, emit)
             # The rest of a cloud-only answer: on the site's ledger as one.
             done = (await self._meter.complete([chat_request], purpose="cloud_answer"))[0]
-            stops = req.stop_strings
         else:
             raw = CompletionRequest.model_validate(request)
             if getattr(self.llm, "complete_raw", None) is None:
@@ -465,7 +473,35 @@ class SiteForwarder:
             done = (await self._meter.complete_raw([text_request], purpose="completion"))[0]
             stops = stop_strings(raw.stop)
         added, stopped = _cut_at_stop(text, done.text, stops)
+        if emit is not None and added:
+            await emit(added)
         return added, ("stop" if stopped or done.tokens < left else "length")
+
+    async def _stream_rest(self, request: ChatRequest, text: str, stops: tuple[str, ...], left: int,
+                           emit: Callable[[str], Awaitable[None]]) -> tuple[str, FinishReason]:
+        """`_rest` for a chat answer, streamed: each new piece goes to ``emit`` at once."""
+        hold = max((len(stop) for stop in stops), default=1) - 1
+        raw, shown, tokens, stopped = "", "", None, False
+        # The rest of a cloud-only answer: on the site's ledger as one (the meter records it,
+        # also when a stop string ends the stream early).
+        async with contextlib.aclosing(self._meter.stream(request, purpose="cloud_answer")) as pieces:
+            async for piece in pieces:
+                if isinstance(piece, Completion):
+                    tokens = piece.tokens
+                    continue
+                raw += piece
+                cut, stopped = _cut_at_stop(text, raw, stops)
+                visible = cut if stopped or not hold else cut[: max(0, len(cut) - hold)]
+                if len(visible) > len(shown):
+                    await emit(visible[len(shown):])
+                    shown = visible
+                if stopped:
+                    break  # closing the stream stops the generation
+        added, stopped = _cut_at_stop(text, raw, stops)
+        if len(added) > len(shown):
+            await emit(added[len(shown):])
+        decoded = tokens if tokens is not None else count_tokens(self.llm, raw)
+        return added, ("stop" if stopped or decoded < left else "length")
 
 
 def _cut_at_stop(before: str, added: str, stops: tuple[str, ...]) -> tuple[str, bool]:
