@@ -162,6 +162,24 @@ def test_a_full_fleet_sends_points_to_the_cloud() -> None:
     assert result["cloud_point_share"] > 0.5, "one slow edge cannot take 20 points at once"
 
 
+def test_a_queued_cloud_writes_shorter_sketches_as_the_service_does() -> None:
+    """`plan_budget`: with requests queued at a one-sequence cloud a sketch has fewer, shorter
+    headings (its measured decode scaled), and fewer points go to the edges."""
+    work = mix(progressive=[{"sketch": (0, 52)}])
+
+    def loaded(**kw: Any) -> dict[str, Any]:
+        return simulate.closed_loop(fleet(cloud_max_batch=1, mix=work, **kw), "progressive", concurrency=6,
+                                    duration=20)
+
+    idle = alone(fleet(cloud_max_batch=1, mix=work))
+    assert idle["cloud_work_per_request"]["sketch"]["decode_tokens"] == 52
+    busy, fixed = loaded(), loaded(adaptive_budget=False)
+    assert fixed["cloud_work_per_request"]["sketch"]["decode_tokens"] == 52
+    # Five queued: 3 points of 4 words instead of 5 of 6, 3 x 7.6 / (5 x 10.4) of the tokens.
+    assert busy["cloud_work_per_request"]["sketch"]["decode_tokens"] < 40
+    assert busy["requests_per_s"] > fixed["requests_per_s"]
+
+
 def test_budgets_are_the_services_defaults() -> None:
     service = ServiceConfig()
     config = simulate.Config(cloud_rate=1.0, cloud_batch_cost=0.0, cloud_max_batch=1, edges=[])

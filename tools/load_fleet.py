@@ -408,8 +408,11 @@ def main() -> int:
     print(table(rows))
     if args.json:
         report = {"command": " ".join(sys.argv), "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-                  "settings": {k: v for k, v in vars(args).items()
-                               if k not in {"json", "host_edges", "first_edge", "broker"}},
+                  "settings": {**{k: v for k, v in vars(args).items()
+                                  if k not in {"json", "host_edges", "first_edge", "broker"}},
+                               # The simulated cloud writes every sketch at full length: the
+                               # budget does not adapt to load here (see `cloud`).
+                               "adaptive_budget": False},
                   "rows": rows}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -34,9 +34,11 @@ What a fleet of many edges would do for one cloud, without the fleet. Modelled:
 
 Budgets (points, tokens per point, cloud-only answer length, ensemble width, deadlines) are the
 service's own defaults (`pice_cloud.config.ServiceConfig`); the edges' batch and queue are
-`EdgeNode`'s and their device profile's. Not modelled: re-placing a refused point on another edge
-(the cloud takes it), `plan_budget`'s shorter sketches and expansions under load (a short sketch's
-points are stretched as `Budget.point_tokens` does at an idle fleet), the HTTP and MQTT hosts' CPU,
+`EdgeNode`'s and their device profile's; each progressive request gets `plan_budget`'s budget
+under the load at its start, as the service does (a queued cloud writes shorter sketches: the
+measured sketch's decode tokens scale with its points and words; a fleet short of free slots
+gets shorter points). Not modelled: re-placing a refused point on another edge (the cloud takes
+it), the HTTP and MQTT hosts' CPU,
 prefix caching (every prompt is prefilled in full, as the ledger counts it: an engine that reuses
 the KV cache of the sketch prompt's fixed instructions and examples, most of that prompt, would
 compute less).
@@ -78,6 +80,7 @@ from load_fleet import percentile  # noqa: E402
 from pice_cloud import Budget, CloudView, EdgeView, GenerationOptions, ServiceConfig  # noqa: E402
 from pice_cloud.cloud_ledger import EMBEDDING_PURPOSES, PURPOSES  # noqa: E402
 from pice_cloud.progressive import PointSampling, plan_request  # noqa: E402
+from pice_cloud.scheduler import plan_budget  # noqa: E402
 from pice_edge import finish_s, per_sequence_rate  # noqa: E402
 from pice_edge.node import EdgeNode  # noqa: E402
 from pice_edge.profiles import load_profile  # noqa: E402
@@ -514,12 +517,15 @@ class Config:
     prefill_chunk: int = 8192
     #: What each request's cloud work is; None: `assumed_mix` at these budgets.
     mix: Mix | None = None
+    #: `plan_budget` under load, as the service's ``adaptive_budget`` (on by default).
+    adaptive_budget: bool = SERVICE.adaptive_budget
 
     @functools.cached_property
     def service(self) -> ServiceConfig:
         """The service settings the planner runs with: the defaults, with these budgets."""
         return ServiceConfig(max_points=self.points, tokens_per_point=self.tokens_per_point,
-                             max_answer_tokens=self.answer_tokens, ensemble_width=self.ensemble_width)
+                             max_answer_tokens=self.answer_tokens, ensemble_width=self.ensemble_width,
+                             adaptive_budget=self.adaptive_budget)
 
     @property
     def full_batch_s(self) -> tuple[float, float]:
@@ -533,6 +539,16 @@ class Config:
     def workload(self) -> Mix:
         return self.mix if self.mix is not None else assumed_mix(self.points, self.answer_tokens,
                                                                  self.tokens_per_point)
+
+
+def shortened(work: Work, base: Budget, budget: Budget) -> Work:
+    """A measured sketch's work at a shorter budget (`plan_budget` under load): its decode
+    scales as `plan_budget`'s cost model, points x (words x 1.4 + 2) tokens; its prompt stays."""
+    def size(b: Budget) -> float:
+        return b.max_points * (b.max_words * 1.4 + 2)
+
+    scale = min(1.0, size(budget) / size(base))
+    return work if scale >= 1.0 else Work(work.sequences, work.prefill, work.decode * scale, work.seconds)
 
 
 @dataclass(eq=False)
@@ -560,6 +576,8 @@ class Request:
     gpu: dict[str, float] = field(default_factory=dict)
     #: The cloud work modelled for this request, by purpose: [prefill tokens, decode tokens].
     tokens: dict[str, list[float]] = field(default_factory=dict)
+    #: The sketch and expansion budget `plan_budget` gave it at its start (progressive).
+    budget: Budget | None = None
 
     def charge(self, purpose: str, seconds: float) -> None:
         self.gpu[purpose] = self.gpu.get(purpose, 0.0) + seconds
@@ -586,7 +604,12 @@ class Request:
             self.served = "cloud"
             self.chain([("cloud_answer", answer)], self.finish)
             return
-        steps = [(p, w) for p in ("sketch", "resketch") if (w := s.get(p)) is not None]
+        # As the service: the budget under the load at the request's start (shorter sketches
+        # when the cloud is queued, shorter points when the fleet lacks free slots).
+        base = Budget.from_config(cfg.service)
+        views = [e.view(cfg.link_delay_s) for e in self.system.edges]
+        self.budget = plan_budget(base, self.system.cloud.view(), views) if cfg.service.adaptive_budget else base
+        steps = [(p, shortened(w, base, self.budget)) for p in ("sketch", "resketch") if (w := s.get(p)) is not None]
         if s.served == "cloud":
             # The guards refused the sketches: the cloud answers alone.
             self.served = "cloud"
@@ -597,10 +620,11 @@ class Request:
     def sketched(self) -> None:
         sys_, cfg, s = self.system, self.system.config, self.sample
         self.sketched_at = sys_.sim.now
-        self.n_points = n = max(1, min(s.points or cfg.points, cfg.points))
+        budget = self.budget or Budget.from_config(cfg.service)
+        self.n_points = n = max(1, min(s.points or cfg.points, budget.max_points))
         first = s.get("first_point")
         views = [e.view(cfg.link_delay_s) for e in sys_.edges]
-        tokens = Budget.from_config(cfg.service).point_tokens(n)  # as the service: a short sketch's points are longer
+        tokens = budget.point_tokens(n)  # as the service: a short sketch's points are longer
         plan = plan_request(n, views, config=cfg.service, tokens_per_point=tokens,
                             sampling=PointSampling.of(cfg.service, GenerationOptions()), cloud=sys_.cloud.view(),
                             first_in_cloud=first is not None)
@@ -856,6 +880,8 @@ def validate(path: Path) -> dict[str, Any]:
                         edges=[(float(s["edge_rate"]), float(s["edge_batch_cost"]), int(s["edge_batch"]))]
                         * row["edges"], points=s["points"], tokens_per_point=s["tokens"],
                         ensemble_width=int(s.get("ensemble_width", 1)),
+                        # load_fleet runs the service with a fixed budget (older runs did not say so).
+                        adaptive_budget=bool(s.get("adaptive_budget", False)),
                         link_delay_s=row["throughput"].get("round_trip_overhead_s") or VALIDATION_LINK_DELAY_S,
                         mix=validation_mix(s, row, path))
         measured = row["throughput"]
