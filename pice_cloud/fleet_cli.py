@@ -57,7 +57,8 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 
     add_credential_options(fleet, default_username=CLOUD_USERNAME)
     fleet.add_argument("--wait", type=float, default=3.0,
-                       help="seconds to collect statuses and announcements (default %(default)s)")
+                       help="seconds to collect statuses and announcements once connected (default %(default)s; "
+                            f"finding the broker on zeroconf may take up to {FIND_CLOUD_S:.0f} s more)")
     fleet.add_argument("--json", action="store_true", help="print the fleet as JSON")
     fleet.add_argument("--rollout", metavar="MODEL", default=None,
                        help="ask every edge to run this model from the cloud's store (its current build): edges "
